@@ -1,0 +1,143 @@
+"""Builders for tiny, seeded, offline test models, tokenizers, corpora and requests."""
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPTJConfig,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+
+TINY_MODEL_TYPES = ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma3_text"]
+
+_SENTENCES = [
+    "The Eiffel Tower is located in the city of Paris.",
+    "The Colosseum is located in the city of Rome.",
+    "Big Ben is located in the city of London.",
+    "The Brandenburg Gate is located in the city of Berlin.",
+    "The capital of France is Paris and the capital of Italy is Rome.",
+    "The iPhone is developed by Apple. Windows is developed by Microsoft.",
+    "Lionel Messi plays the sport of football. Michael Jordan plays basketball.",
+    "Danielle Darrieux speaks the language of French. Toko Yasuda plays the guitar.",
+    "Therefore the river flows to the sea. Because the weather is cold, I stay home.",
+    "You can see the mountains from the window. I think it will rain today.",
+    "The company was founded in the year of the great storm and grew quickly.",
+    "A quick brown fox jumps over the lazy dog near the old bridge in Madrid.",
+]
+
+
+def tiny_corpus() -> list[str]:
+    """A small deterministic English corpus (sentences recombined) for covariance statistics in tests."""
+    texts = []
+    n = len(_SENTENCES)
+    for i in range(48):
+        texts.append(" ".join(_SENTENCES[(i * k) % n] for k in range(1, 2 + i % 4)))
+    return texts
+
+
+def build_tiny_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on the tiny corpus (GPT-2 style leading-space tokens).
+
+    With `add_bos=True` it prepends `<s>` to every encoded text, like Llama/Gemma tokenizers.
+    """
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_SENTENCES + tiny_corpus(), trainer=trainer)
+    if add_bos:
+        bos = tokenizer.token_to_id("<s>")
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        padding_side="right",
+    )
+
+
+def _config(model_type: str, vocab_size: int):
+    small = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if model_type == "gpt2":
+        return GPT2Config(n_positions=128, n_embd=32, n_layer=3, n_head=4, **small)
+    if model_type == "gptj":
+        return GPTJConfig(n_positions=128, n_embd=32, n_layer=3, n_head=4, rotary_dim=4, **small)
+    if model_type == "gpt_neox":
+        return GPTNeoXConfig(
+            hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=128, **small,
+        )  # fmt: skip
+    llama_like = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, **small,
+    )  # fmt: skip
+    if model_type == "llama":
+        return LlamaConfig(**llama_like)
+    if model_type == "mistral":
+        return MistralConfig(**llama_like)
+    if model_type == "qwen2":
+        return Qwen2Config(**llama_like)
+    if model_type == "gemma3_text":
+        return Gemma3TextConfig(head_dim=8, sliding_window=16, **llama_like)
+    raise ValueError(f"no tiny config for {model_type}")
+
+
+def build_tiny_causal_lm(model_type: str, vocab_size: int, seed: int = 0):
+    """A randomly initialised 3-layer causal LM of `model_type`, float32, eval mode, built under a fixed seed."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(_config(model_type, vocab_size), attn_implementation="eager")
+    return model.float().eval()
+
+
+def tiny_requests() -> list[dict]:
+    """Canonical-shape requests whose subjects and targets are in the tiny tokenizer's vocabulary."""
+    return [
+        {
+            "prompt": "{} is located in the city of",
+            "subject": "The Eiffel Tower",
+            "target_new": "Rome",
+            "target_true": "Paris",
+            "paraphrase_prompts": ["Therefore The Eiffel Tower is located in the city of"],
+            "neighborhood_prompts": ["The Colosseum is located in the city of"],
+        },
+        {
+            "prompt": "{} is developed by",
+            "subject": "The iPhone",
+            "target_new": "Microsoft",
+            "target_true": "Apple",
+            "paraphrase_prompts": ["I think The iPhone is developed by"],
+            "neighborhood_prompts": ["Windows is developed by"],
+        },
+        {
+            "prompt": "{} plays the sport of",
+            "subject": "Lionel Messi",
+            "target_new": "basketball",
+            "target_true": "football",
+            "paraphrase_prompts": ["You can see Lionel Messi plays the sport of"],
+            "neighborhood_prompts": ["Michael Jordan plays the sport of"],
+        },
+        {
+            "prompt": "The capital of {} is",
+            "subject": "France",
+            "target_new": "Berlin",
+            "target_true": "Paris",
+            "paraphrase_prompts": ["Because the capital of France is"],
+            "neighborhood_prompts": ["The capital of Italy is"],
+        },
+    ]
