@@ -15,6 +15,7 @@ from transformers import (
 )
 
 
+INIT_RANGE = 0.02
 TINY_MODEL_TYPES = ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma3_text"]
 
 _SENTENCES = [
@@ -72,7 +73,7 @@ def build_tiny_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
 
 
 def _config(model_type: str, vocab_size: int):
-    small = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    small = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=INIT_RANGE)
     if model_type == "gpt2":
         return GPT2Config(n_positions=128, n_embd=32, n_layer=3, n_head=4, **small)
     if model_type == "gptj":

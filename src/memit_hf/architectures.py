@@ -1,0 +1,132 @@
+"""Where MEMIT looks inside each architecture: one table keyed by `config.model_type`."""
+
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import PreTrainedModel
+
+from .arguments import EditingArguments
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """Module names of one architecture.
+
+    Args:
+        layer_template (`str`):
+            Name of decoder block `i`, e.g. `"model.layers.{}"`; its output is the residual stream edited by z.
+        edit_template (`str`):
+            Name of the MLP down-projection of block `i`, whose input is the key and whose weight is edited.
+        layers_attr (`str`):
+            Name of the `ModuleList` holding the blocks.
+    """
+
+    layer_template: str
+    edit_template: str
+    layers_attr: str
+
+    def layer_name(self, layer: int) -> str:
+        return self.layer_template.format(layer)
+
+    def edit_name(self, layer: int) -> str:
+        return self.edit_template.format(layer)
+
+
+def _layout(prefix: str, down_proj: str) -> ModelLayout:
+    return ModelLayout(f"{prefix}.{{}}", f"{prefix}.{{}}.{down_proj}", prefix)
+
+
+MODEL_TYPE_TO_LAYOUT: dict[str, ModelLayout] = {
+    "gpt2": _layout("transformer.h", "mlp.c_proj"),
+    "gptj": _layout("transformer.h", "mlp.fc_out"),
+    "gpt_neo": _layout("transformer.h", "mlp.c_proj"),
+    "gpt_neox": _layout("gpt_neox.layers", "mlp.dense_4h_to_h"),
+    "llama": _layout("model.layers", "mlp.down_proj"),
+    "mistral": _layout("model.layers", "mlp.down_proj"),
+    "qwen2": _layout("model.layers", "mlp.down_proj"),
+    "qwen3": _layout("model.layers", "mlp.down_proj"),
+    "gemma": _layout("model.layers", "mlp.down_proj"),
+    "gemma2": _layout("model.layers", "mlp.down_proj"),
+    "gemma3_text": _layout("model.layers", "mlp.down_proj"),
+    "gemma3": _layout("model.language_model.layers", "mlp.down_proj"),
+    "phi3": _layout("model.layers", "mlp.down_proj"),
+    "olmo2": _layout("model.layers", "mlp.down_proj"),
+}
+
+# Hyperparameters used when the user leaves a field at None. The reference's GPT-2 XL / GPT-J / Llama-3 defaults are
+# kept for the models they were tuned on (algorithm.md section 7); every other model gets the values measured on
+# SmolLM2-135M (benchmarks/README.md), which suit small and mid-size Llama-style models.
+_REFERENCE_DEFAULTS = {
+    "gptj": dict(mom2_update_weight=15000.0, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=0.75),
+    "gpt2": dict(mom2_update_weight=20000.0, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=0.75),
+}
+_GENERIC_DEFAULTS = dict(mom2_update_weight=1500.0, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=0.75)
+
+
+def get_layout(model: PreTrainedModel, args: EditingArguments | None = None) -> ModelLayout:
+    """Resolve the module layout of `model` by `config.model_type`, honouring the override fields of `args`.
+
+    Raises:
+        ValueError: if the model type has no layout and no overrides are given, or a named module does not exist.
+    """
+    overrides = args is not None and args.edit_module_template is not None
+    if overrides:
+        if args.layer_module_template is None:
+            raise ValueError("`edit_module_template` needs `layer_module_template` as well (e.g. `model.layers.{}`).")
+        layout = ModelLayout(
+            args.layer_module_template, args.edit_module_template, args.layer_module_template.rsplit(".", 1)[0]
+        )
+    else:
+        model_type = model.config.model_type
+        if model_type not in MODEL_TYPE_TO_LAYOUT:
+            raise ValueError(
+                f"Model type `{model_type}` has no layout in memit-hf; pass `edit_module_template=...` "
+                "(e.g. `model.layers.{}.mlp.down_proj`) and `layer_module_template=...` (e.g. `model.layers.{}`) "
+                f"in `EditingArguments`. Known types: {sorted(MODEL_TYPE_TO_LAYOUT)}."
+            )
+        layout = MODEL_TYPE_TO_LAYOUT[model_type]
+    modules = dict(model.named_modules())
+    for name in (layout.layer_name(0), layout.edit_name(0), layout.layers_attr):
+        if name not in modules:
+            raise ValueError(f"Module `{name}` not found in `{type(model).__name__}`; check the layout templates.")
+    return layout
+
+
+def num_layers(model: PreTrainedModel, layout: ModelLayout) -> int:
+    return len(model.get_submodule(layout.layers_attr))
+
+
+def default_layers(n_layers: int, algorithm: str = "memit") -> list[int]:
+    """The default edited layers for a model of `n_layers` blocks.
+
+    MEMIT edits five consecutive early-middle layers starting at 10 % of the depth (GPT-J 28 layers -> 2..6,
+    SmolLM2 30 -> 3..7, Llama-3-8B 32 -> 3..7); shallower models get as many as fit. ROME edits the layer at 20 %.
+    """
+    if algorithm == "rome":
+        return [min(n_layers - 1, int(0.2 * n_layers))]
+    start = min(int(0.1 * n_layers), max(0, n_layers - 5))
+    return list(range(start, min(start + 5, n_layers)))
+
+
+def resolve_arguments(model: PreTrainedModel, args: EditingArguments, layout: ModelLayout) -> EditingArguments:
+    """A copy of `args` with every `None` hyperparameter replaced by the model's default.
+
+    Raises:
+        ValueError: if a layer index is out of range.
+    """
+    from dataclasses import replace
+
+    n_layers = num_layers(model, layout)
+    values = dict(_REFERENCE_DEFAULTS.get(model.config.model_type, _GENERIC_DEFAULTS))
+    updates = {key: value for key, value in values.items() if getattr(args, key) is None}
+    layers = args.layers if args.layers is not None else default_layers(n_layers, args.algorithm)
+    for layer in layers:
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"`layers` has {layer}, outside the model's {n_layers} layers (0..{n_layers - 1}).")
+    updates["layers"] = layers
+    return replace(args, **updates)
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """Whether the module stores its weight as (in, out), like GPT-2's `Conv1D`."""
+    return type(module).__name__ == "Conv1D"

@@ -1,0 +1,178 @@
+"""EditingArguments: every knob of an edit, usable with `HfArgumentParser` and YAML recipes."""
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import yaml
+
+
+ALGORITHM_NAMES = ("memit", "rome")
+
+
+@dataclass
+class EditingArguments:
+    """Arguments of [`Editor`], in the style of [`~transformers.TrainingArguments`].
+
+    Every field is also a command-line flag (`HfArgumentParser(EditingArguments)`) and a YAML key
+    (`EditingArguments.from_yaml`). Fields left at `None` are filled per model by
+    [`~memit_hf.architectures.default_hyperparameters`].
+
+    > Parameters that control the algorithm
+
+    Args:
+        algorithm (`str`, *optional*, defaults to `"memit"`):
+            `"memit"` (least squares spread over `layers`) or `"rome"` (rank-one update of a single layer).
+        layers (`list[int]`, *optional*):
+            Decoder layers whose MLP down-projection is edited, ascending. Defaults to five layers starting at 10 % of
+            the depth (see `default_layers`).
+        mom2_update_weight (`float`, *optional*):
+            MEMIT's lambda, the weight of the preserved-key covariance against the new keys. Default per model.
+        fact_token (`str`, *optional*, defaults to `"subject_last"`):
+            Token whose key and value are edited. Only `"subject_last"` (the reference's choice) is supported.
+
+    > Parameters that control the target-value optimisation
+
+    Args:
+        v_num_grad_steps (`int`, *optional*, defaults to `25`):
+            Maximum number of optimisation iterations (the last one takes no step, as in the reference).
+        v_lr (`float`, *optional*):
+            Adam learning rate for the residual delta.
+        v_weight_decay (`float`, *optional*):
+            Weight of `||delta|| / ||h||^2`.
+        clamp_norm_factor (`float`, *optional*):
+            Maximum `||delta||` as a multiple of `||h||` at the subject token.
+        kl_factor (`float`, *optional*, defaults to `0.0625`):
+            Weight of the KL term keeping "{subject} is a" unchanged.
+        v_early_stop_loss (`float`, *optional*, defaults to `0.05`):
+            A request stops optimising once its loss falls below this value.
+        v_batch_size (`int`, *optional*, defaults to `64`):
+            Requests optimised together in one chunk; lower it to bound memory.
+        num_context_templates (`int`, *optional*, defaults to `5`):
+            Sampled prefixes added to the bare prompt.
+        context_template_length (`int`, *optional*, defaults to `10`):
+            Token length of each sampled prefix, the start word included.
+
+    > Parameters that control the covariance statistics
+
+    Args:
+        stats_num_tokens (`int`, *optional*, defaults to `100000`):
+            Token budget of the second-moment statistics.
+        stats_max_length (`int`, *optional*, defaults to `512`):
+            Texts are cut into pieces of at most this many tokens.
+        stats_batch_tokens (`int`, *optional*, defaults to `4096`):
+            Padded tokens per forward pass while collecting statistics.
+        stats_cache_dir (`str`, *optional*):
+            Where statistics are cached. Defaults to `$HF_HOME/memit_hf/stats`.
+        stats_sample_texts (`int`, *optional*, defaults to `64`):
+            When no corpus is given, the number of texts sampled from the model itself (offline default source).
+        stats_sample_length (`int`, *optional*, defaults to `128`):
+            Token length of each model-sampled text.
+
+    > Parameters that control the run
+
+    Args:
+        output_dir (`str`, *optional*):
+            Where the CLI writes edit outputs.
+        seed (`int`, *optional*, defaults to `42`):
+            Seed of the context templates and the model-sampled statistics corpus.
+        model_init_kwargs (`dict`, *optional*):
+            Keyword arguments of `AutoModelForCausalLM.from_pretrained` when `Editor` is given a model id or path.
+        edit_module_template, layer_module_template (`str`, *optional*):
+            Overrides for architectures missing from the layout table, e.g. `"model.layers.{}.mlp.down_proj"` and
+            `"model.layers.{}"`.
+    """
+
+    # algorithm
+    algorithm: str = field(default="memit", metadata={"help": "Editing algorithm: `memit` or `rome`."})
+    layers: list[int] | None = field(default=None, metadata={"help": "Edited decoder layers, ascending."})
+    mom2_update_weight: float | None = field(default=None, metadata={"help": "MEMIT lambda (covariance weight)."})
+    fact_token: str = field(default="subject_last", metadata={"help": "Edited token; only `subject_last`."})
+    # target values
+    v_num_grad_steps: int = field(default=25, metadata={"help": "Maximum optimisation iterations for z."})
+    v_lr: float | None = field(default=None, metadata={"help": "Adam learning rate for z."})
+    v_weight_decay: float | None = field(default=None, metadata={"help": "Weight of ||delta||/||h||^2."})
+    clamp_norm_factor: float | None = field(default=None, metadata={"help": "Max ||delta|| / ||h||."})
+    kl_factor: float = field(default=0.0625, metadata={"help": "Weight of the KL essence term."})
+    v_early_stop_loss: float = field(default=0.05, metadata={"help": "Per-request early-stop loss."})
+    v_batch_size: int = field(default=64, metadata={"help": "Requests optimised together per chunk."})
+    num_context_templates: int = field(default=5, metadata={"help": "Number of sampled context prefixes."})
+    context_template_length: int = field(default=10, metadata={"help": "Token length of each context prefix."})
+    # statistics
+    stats_num_tokens: int = field(default=100_000, metadata={"help": "Token budget of the covariance statistics."})
+    stats_max_length: int = field(default=512, metadata={"help": "Max tokens per statistics text piece."})
+    stats_batch_tokens: int = field(default=4096, metadata={"help": "Padded tokens per statistics forward."})
+    stats_cache_dir: str | None = field(default=None, metadata={"help": "Statistics cache directory."})
+    stats_sample_texts: int = field(default=64, metadata={"help": "Model-sampled texts when no corpus is given."})
+    stats_sample_length: int = field(default=128, metadata={"help": "Tokens per model-sampled text."})
+    # run
+    output_dir: str | None = field(default=None, metadata={"help": "Output directory of the CLI."})
+    seed: int = field(default=42, metadata={"help": "Seed for templates and sampled statistics text."})
+    model_init_kwargs: dict[str, Any] | None = field(
+        default=None, metadata={"help": "Kwargs of from_pretrained when `model` is a string."}
+    )
+    edit_module_template: str | None = field(default=None, metadata={"help": "Override, e.g. `h.{}.mlp.proj`."})
+    layer_module_template: str | None = field(default=None, metadata={"help": "Override, e.g. `h.{}`."})
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHM_NAMES:
+            raise ValueError(f"`algorithm` must be one of {ALGORITHM_NAMES}, got `{self.algorithm}`.")
+        if self.fact_token != "subject_last":
+            raise ValueError(f"`fact_token` must be `subject_last`, got `{self.fact_token}`.")
+        if self.layers is not None:
+            self.layers = [int(layer) for layer in self.layers]
+            if not self.layers:
+                raise ValueError("`layers` must name at least one layer (or be None for the default).")
+            if sorted(set(self.layers)) != self.layers:
+                raise ValueError(f"`layers` must be strictly ascending without repeats, got {self.layers}.")
+            if self.algorithm == "rome" and len(self.layers) != 1:
+                raise ValueError(f"`algorithm='rome'` edits exactly one layer, got `layers={self.layers}`.")
+        positive = {
+            "v_num_grad_steps": self.v_num_grad_steps,
+            "v_batch_size": self.v_batch_size,
+            "stats_num_tokens": self.stats_num_tokens,
+            "stats_max_length": self.stats_max_length,
+            "stats_batch_tokens": self.stats_batch_tokens,
+            "stats_sample_texts": self.stats_sample_texts,
+            "stats_sample_length": self.stats_sample_length,
+            "context_template_length": self.context_template_length,
+        }
+        for name, value in positive.items():
+            if value is None or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value}.")
+        if self.num_context_templates < 0:
+            raise ValueError(f"`num_context_templates` must be >= 0, got {self.num_context_templates}.")
+        for name in ("mom2_update_weight", "v_lr", "v_weight_decay", "clamp_norm_factor"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"`{name}` must be non-negative, got {value}.")
+        if self.stats_batch_tokens < self.stats_max_length:
+            raise ValueError(
+                f"`stats_batch_tokens` ({self.stats_batch_tokens}) must be at least `stats_max_length` "
+                f"({self.stats_max_length})."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The arguments as a plain JSON/YAML-serialisable dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "EditingArguments":
+        """Load arguments from a YAML recipe whose keys are field names; `overrides` win over the file.
+
+        Raises:
+            ValueError: if the file has keys that are not fields of `EditingArguments`.
+        """
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle) or {}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown `EditingArguments` keys in {path}: {unknown}.")
+        values.update(overrides)
+        return cls(**values)
+
+    def to_yaml(self, path: str | os.PathLike) -> None:
+        """Write the arguments as a YAML recipe."""
+        with open(path, "w", encoding="utf-8") as handle:
+            yaml.safe_dump(self.to_dict(), handle, sort_keys=False)

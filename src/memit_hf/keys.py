@@ -1,0 +1,115 @@
+"""Keys: the input of the edited MLP down-projection at the subject's last token, averaged over context templates.
+
+Also owns the context templates (algorithm.md section 2) and the subject-last index (section 1.3).
+"""
+
+import unicodedata
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .architectures import ModelLayout
+from .requests import EditRequest
+from .tokenization import encode_texts, last_token_indices, pad_batch, pad_token_id
+from .tracing import capture, run_until_stopped
+
+
+CONTEXT_STARTERS = ("The", "Therefore", "Because", "I", "You")
+
+
+@torch.no_grad()
+def generate_context_templates(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    num_templates: int = 5,
+    length: int = 10,
+    seed: int = 42,
+) -> list[list[str]]:
+    """Sample the context templates `[["{}"], [t_1, ..., t_k]]` used to average keys and to optimise z.
+
+    Each prefix starts from one of "The", "Therefore", "Because", "I", "You" (cycled) and is sampled with top-k = 5
+    up to `length` tokens in total; braces become spaces and `". {}"` is appended, as in the reference. Unlike the
+    reference, sampling is seeded (a private `torch.Generator`), so templates are reproducible, and special tokens
+    (a BOS string) never leak into the text.
+
+    Returns:
+        `list[list[str]]`: the bare template group and the sampled group.
+    """
+    if num_templates == 0:
+        return [["{}"]]
+    device = model.device
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    templates = []
+    for i in range(num_templates):
+        starter = CONTEXT_STARTERS[i % len(CONTEXT_STARTERS)]
+        ids = encode_texts(tokenizer, [starter])[0]
+        n_special = len(ids) - len(tokenizer(starter, add_special_tokens=False)["input_ids"])
+        input_ids = torch.tensor([ids], device=device)
+        for _ in range(max(0, length - (len(ids) - n_special))):
+            logits = model(input_ids=input_ids).logits[0, -1].float().cpu()
+            top = torch.topk(logits, k=min(5, logits.numel()))
+            choice = torch.multinomial(torch.softmax(top.values, dim=-1), 1, generator=generator)
+            next_id = top.indices[choice].to(device)
+            input_ids = torch.cat([input_ids, next_id[None]], dim=1)
+        text = tokenizer.decode(input_ids[0, n_special:], skip_special_tokens=True)
+        text = unicodedata.normalize("NFKD", text).replace("\n\n", " ").replace("{", " ").replace("}", " ")
+        templates.append(text + ". {}")
+    return [["{}"], templates]
+
+
+def fill(template: str, request: EditRequest) -> tuple[str, int]:
+    """`template` with the request's prompt and subject filled in, and the character end of the subject."""
+    prompt = template.replace("{}", request.prompt, 1)
+    start = prompt.index("{}")
+    return prompt[:start] + request.subject + prompt[start + 2 :], start + len(request.subject)
+
+
+def contextualise(
+    tokenizer: PreTrainedTokenizerBase, requests: list[EditRequest], templates: list[str]
+) -> tuple[list[list[int]], list[int]]:
+    """Token ids of every (request, template) text, request-major, and the subject-last index in each."""
+    texts, ends = zip(*(fill(t, r) for r in requests for t in templates))
+    return encode_texts(tokenizer, list(texts)), last_token_indices(tokenizer, list(texts), list(ends))
+
+
+def template_weights(templates: list[list[str]]) -> torch.Tensor:
+    """Weights averaging keys within each template group, then across groups (bare prompt 1/2, prefixes 1/2k)."""
+    weights = [1.0 / (len(group) * len(templates)) for group in templates for _ in group]
+    return torch.tensor(weights, dtype=torch.float64)
+
+
+@torch.no_grad()
+def compute_keys_and_outputs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    layout: ModelLayout,
+    requests: list[EditRequest],
+    templates: list[list[str]],
+    layer: int,
+    z_layer: int,
+    batch_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys at `layer` and the residual stream at `z_layer`, in one pass stopped after block `z_layer`.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: keys `(n, d_in)` (input of the edited projection at the subject-last
+        token, averaged over templates) and outputs `(n, d_model)` (block `z_layer` output at the subject-last token
+        of the bare prompt), both float64 on the CPU.
+    """
+    flat = [t for group in templates for t in group]
+    ids, idx = contextualise(tokenizer, requests, flat)
+    weights = template_weights(templates)
+    edit_name, layer_name = layout.edit_name(layer), layout.layer_name(z_layer)
+    pad = pad_token_id(tokenizer)
+    key_rows, out_rows = [], []
+    for start in range(0, len(ids), batch_size):
+        input_ids, mask = pad_batch(ids[start : start + batch_size], pad, model.device)
+        positions = torch.tensor(idx[start : start + batch_size], device=model.device)
+        rows = torch.arange(len(positions), device=model.device)
+        with capture(model, inputs=[edit_name], outputs=[layer_name], stop_after=layer_name) as store:
+            run_until_stopped(lambda: model(input_ids=input_ids, attention_mask=mask, use_cache=False))
+        key_rows.append(store["in:" + edit_name][rows, positions].double().cpu())
+        out_rows.append(store["out:" + layer_name][rows, positions].double().cpu())
+    keys = torch.cat(key_rows).view(len(requests), len(flat), -1)
+    outputs = torch.cat(out_rows).view(len(requests), len(flat), -1)
+    return torch.einsum("t,ntd->nd", weights, keys), outputs[:, 0]

@@ -1,0 +1,129 @@
+"""Forward hooks: capture module inputs/outputs, stop a forward early, run the model from a given block on.
+
+This is the only module that registers hooks or swaps a module's forward.
+"""
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once everything needed has been captured."""
+
+
+def hidden_of(output: Any) -> torch.Tensor:
+    """The hidden-state tensor of a block's output (a tensor, or a tuple whose first item is the tensor)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    """`output` with its hidden-state tensor replaced by `hidden`, keeping the container type."""
+    return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+
+@contextlib.contextmanager
+def capture(
+    model: nn.Module,
+    inputs: list[str] = (),
+    outputs: list[str] = (),
+    stop_after: str | None = None,
+    stop_before: str | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the first positional input of the modules named in `inputs` and the (hidden) output of those in
+    `outputs`, keyed by module name; optionally stop the forward right before or after a module.
+
+    Run the forward inside `run_until_stopped` (or catch [`StopForward`]) when a stop module is given.
+    """
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+    try:
+        for name in inputs:
+
+            def pre_hook(module, args, kwargs, name=name):
+                store["in:" + name] = args[0] if args else next(iter(kwargs.values()))
+                if name == stop_before:
+                    raise StopForward
+
+            handles.append(model.get_submodule(name).register_forward_pre_hook(pre_hook, with_kwargs=True))
+        if stop_before is not None and stop_before not in inputs:
+
+            def stop_pre_hook(module, args):
+                raise StopForward
+
+            handles.append(model.get_submodule(stop_before).register_forward_pre_hook(stop_pre_hook))
+        for name in outputs:
+
+            def hook(module, args, output, name=name):
+                store["out:" + name] = hidden_of(output)
+                if name == stop_after:
+                    raise StopForward
+
+            handles.append(model.get_submodule(name).register_forward_hook(hook))
+        if stop_after is not None and stop_after not in outputs:
+
+            def stop_hook(module, args, output):
+                raise StopForward
+
+            handles.append(model.get_submodule(stop_after).register_forward_hook(stop_hook))
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run_until_stopped(forward: Callable[[], Any]) -> Any:
+    """Call `forward()`, treating [`StopForward`] as a normal end."""
+    try:
+        return forward()
+    except StopForward:
+        return None
+
+
+@contextlib.contextmanager
+def add_at_positions(module: nn.Module, rows: torch.Tensor, cols: torch.Tensor, values: Callable[[], torch.Tensor]):
+    """Add `values()` (shape `(len(rows), d)`) to the module's hidden output at `[rows, cols]`."""
+
+    def hook(mod, args, output):
+        hidden = hidden_of(output)
+        delta = torch.zeros_like(hidden)
+        delta = delta.index_put((rows, cols), values().to(hidden.dtype))
+        return with_hidden(output, hidden + delta)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def skip_blocks(blocks: list[nn.Module], last_output: Callable[[], torch.Tensor], template_output: Any):
+    """Replace the forward of `blocks` (the first blocks of the stack, in order) so they do no work: every block but
+    the last passes its input through, and the last returns `last_output()` in the container type of
+    `template_output`. The rest of the model then runs normally from the block after them.
+    """
+    had_instance_forward = ["forward" in vars(block) for block in blocks]
+    originals = [block.forward for block in blocks]
+
+    def passthrough(*args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return with_hidden(template_output, hidden)
+
+    def last(*args, **kwargs):
+        return with_hidden(template_output, last_output())
+
+    try:
+        for block in blocks[:-1]:
+            block.forward = passthrough
+        blocks[-1].forward = last
+        yield
+    finally:
+        for block, original, had in zip(blocks, originals, had_instance_forward):
+            if had:
+                block.forward = original
+            else:
+                del block.forward
