@@ -142,3 +142,56 @@ def tiny_requests() -> list[dict]:
             "neighborhood_prompts": ["The capital of Italy is"],
         },
     ]
+
+
+def subject_final_requests() -> list[dict]:
+    """Canonical-shape requests whose subject ends the prompt: random tiny models respond strongly to an edit there,
+    so after a MEMIT edit each target's first token is the argmax continuation on every tiny architecture."""
+    return [
+        {"prompt": "The city of {}", "subject": "the Eiffel Tower", "target_new": "Rome", "target_true": "Paris"},
+        {"prompt": "I think {}", "subject": "the iPhone", "target_new": "Microsoft", "target_true": "Apple"},
+        {"prompt": "Therefore {}", "subject": "Lionel Messi", "target_new": "basketball", "target_true": "football"},
+        {"prompt": "The capital of {}", "subject": "France", "target_new": "Berlin", "target_true": "Paris"},
+    ]
+
+
+def tiny_editing_arguments(cache_dir, **overrides):
+    """`EditingArguments` that make MEMIT edits succeed on the tiny models (layers 0 and 1, small lambda, strong z
+    optimisation), with statistics cached under `cache_dir` so tests never write to the user's cache."""
+    from memit_hf.arguments import EditingArguments
+
+    values = dict(
+        layers=[0, 1],
+        mom2_update_weight=1.0,
+        v_num_grad_steps=40,
+        v_lr=0.5,
+        clamp_norm_factor=4.0,
+        v_weight_decay=0.001,
+        stats_cache_dir=str(cache_dir),
+    )
+    values.update(overrides)
+    return EditingArguments(**values)
+
+
+def next_token_argmax(model, tokenizer, prompts: list[str]) -> list[int]:
+    """The argmax of the next-token logits after each full prompt (encoded with the tokenizer's special tokens)."""
+    from memit_hf.tokenization import encode_texts
+
+    result = []
+    with torch.no_grad():
+        for ids in encode_texts(tokenizer, prompts):
+            result.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return result
+
+
+def parameters_snapshot(model) -> dict[str, torch.Tensor]:
+    """A detached copy of every named parameter and buffer, for bit-exact comparisons."""
+    state = {name: p.detach().clone() for name, p in model.named_parameters()}
+    state.update({"buffer:" + name: b.detach().clone() for name, b in model.named_buffers()})
+    return state
+
+
+def changed_tensors(model, snapshot: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the parameters and buffers of `model` that are not bit-identical to `snapshot`."""
+    current = parameters_snapshot(model)
+    return sorted(name for name, tensor in snapshot.items() if not torch.equal(current[name], tensor))

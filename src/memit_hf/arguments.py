@@ -46,7 +46,7 @@ class EditingArguments:
             Weight of the KL term keeping "{subject} is a" unchanged.
         v_early_stop_loss (`float`, *optional*, defaults to `0.05`):
             A request stops optimising once its loss falls below this value.
-        v_batch_size (`int`, *optional*, defaults to `64`):
+        v_batch_size (`int`, *optional*, defaults to `32`):
             Requests optimised together in one chunk; lower it to bound memory.
         num_context_templates (`int`, *optional*, defaults to `5`):
             Sampled prefixes added to the bare prompt.
@@ -95,7 +95,7 @@ class EditingArguments:
     clamp_norm_factor: float | None = field(default=None, metadata={"help": "Max ||delta|| / ||h||."})
     kl_factor: float = field(default=0.0625, metadata={"help": "Weight of the KL essence term."})
     v_early_stop_loss: float = field(default=0.05, metadata={"help": "Per-request early-stop loss."})
-    v_batch_size: int = field(default=64, metadata={"help": "Requests optimised together per chunk."})
+    v_batch_size: int = field(default=32, metadata={"help": "Requests optimised together per chunk."})
     num_context_templates: int = field(default=5, metadata={"help": "Number of sampled context prefixes."})
     context_template_length: int = field(default=10, metadata={"help": "Token length of each context prefix."})
     # statistics

@@ -210,6 +210,21 @@ def _batches(pieces: list[list[int]], batch_tokens: int) -> list[list[list[int]]
     return batches
 
 
+def add_gram(total: torch.Tensor, keys: torch.Tensor, blocks: int = 4) -> None:
+    """`total += keys^T keys` (float64 accumulator, float32 products), computing only the upper block triangle of
+    the symmetric product and mirroring it: about 40 % fewer FLOPs than a full matrix product."""
+    dim = keys.shape[1]
+    edges = [dim * i // blocks for i in range(blocks + 1)]
+    for i in range(blocks):
+        rows = slice(edges[i], edges[i + 1])
+        for j in range(i, blocks):
+            cols = slice(edges[j], edges[j + 1])
+            block = (keys[:, rows].T @ keys[:, cols]).double().cpu()
+            total[rows, cols] += block
+            if i != j:
+                total[cols, rows] += block.T
+
+
 def _input_dim(module: torch.nn.Module) -> int:
     from .architectures import is_transposed
 
@@ -240,12 +255,15 @@ def collect_second_moments(
         for index in progress:
             input_ids, mask = pad_batch(batches[index], pad, model.device)
             with capture(model, inputs=modules, stop_before=modules[-1]) as store:
-                run_until_stopped(lambda: model(input_ids=input_ids, attention_mask=mask, use_cache=False))
+                run_until_stopped(
+                    lambda ids=input_ids, m=mask: model(input_ids=ids, attention_mask=m, use_cache=False)
+                )
             keep = mask.bool()
             for name in modules:
                 keys = store["in:" + name][keep].float()  # (tokens, d_in)
-                product = (keys.T @ keys).double().cpu()
-                totals[name] = totals[name] + product if name in totals else product
+                if name not in totals:
+                    totals[name] = torch.zeros(keys.shape[1], keys.shape[1], dtype=torch.float64)
+                add_gram(totals[name], keys)
             count += int(keep.sum())
     for name in modules:
         if name not in totals:  # this rank got no batch

@@ -208,7 +208,7 @@ class Editor:
         prefix_lengths = [
             len(ids)
             for ids in encode_texts(
-                self.tokenizer, [t[: e - len(r.subject)] for (t, e), r in zip(texts_ends, requests)]
+                self.tokenizer, [t[: e - len(r.subject)].rstrip() for (t, e), r in zip(texts_ends, requests)]
             )
         ]
         subject_lengths = [len(ids) for ids in encode_texts(self.tokenizer, [t[:e] for t, e in texts_ends])]

@@ -107,7 +107,7 @@ def compute_keys_and_outputs(
         positions = torch.tensor(idx[start : start + batch_size], device=model.device)
         rows = torch.arange(len(positions), device=model.device)
         with capture(model, inputs=[edit_name], outputs=[layer_name], stop_after=layer_name) as store:
-            run_until_stopped(lambda: model(input_ids=input_ids, attention_mask=mask, use_cache=False))
+            run_until_stopped(lambda ids=input_ids, m=mask: model(input_ids=ids, attention_mask=m, use_cache=False))
         key_rows.append(store["in:" + edit_name][rows, positions].double().cpu())
         out_rows.append(store["out:" + layer_name][rows, positions].double().cpu())
     keys = torch.cat(key_rows).view(len(requests), len(flat), -1)

@@ -1,0 +1,326 @@
+"""Tests of `memit_hf.evaluation`: teacher-forced target NLLs and the CounterFact probability metrics."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from memit_hf import evaluation
+from memit_hf.evaluation import METRIC_KEYS, counterfact_scores, evaluate_counterfact, target_nlls
+from memit_hf.requests import EditRequest, load_requests
+from memit_hf.tokenization import encode_targets, encode_texts
+from tests.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer
+
+
+PROMPTS = [
+    "The Eiffel Tower is located in the city of",
+    "Big Ben is located in the city of",
+    "The iPhone is developed by",
+    "I think it will",
+    "Lionel Messi plays the sport of",
+    "The capital of France is",
+    "A quick brown fox jumps over the lazy dog near the old bridge in",
+]
+TARGETS = ["Paris", "London", "Apple Microsoft", "rain today", "football", "Paris and the capital of Italy", "Madrid"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny models run fastest on one thread; several threads thrash when the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def reference_nlls(model, tokenizer, prompts, targets):
+    """Each pair run alone, unpadded, with a full log-softmax over every position."""
+    nlls, correct = [], []
+    with torch.no_grad():
+        for prompt, target in zip(prompts, targets):
+            prompt_ids = encode_texts(tokenizer, [prompt])[0]
+            target_ids = encode_targets(tokenizer, [target])[0]
+            input_ids = torch.tensor([prompt_ids + target_ids])
+            log_probs = torch.log_softmax(model(input_ids=input_ids).logits[0].float(), dim=-1)
+            token_nlls, token_ok = [], []
+            for j, token in enumerate(target_ids):
+                position = len(prompt_ids) + j - 1
+                token_nlls.append(-log_probs[position, token].item())
+                token_ok.append(log_probs[position].argmax().item() == token)
+            nlls.append(sum(token_nlls) / len(token_nlls))
+            correct.append(all(token_ok))
+    return torch.tensor(nlls), torch.tensor(correct)
+
+
+class OracleLM(nn.Module):
+    """A fake causal LM whose logits put `margin` on the next input token (or on `fixed`), 0 elsewhere."""
+
+    def __init__(self, vocab_size: int, margin: float = 5.0, fixed: int | None = None):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.margin = margin
+        self.fixed = fixed
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    def forward(self, input_ids, attention_mask=None):
+        following = (
+            torch.roll(input_ids, shifts=-1, dims=1) if self.fixed is None else torch.full_like(input_ids, self.fixed)
+        )
+        logits = nn.functional.one_hot(following, self.vocab_size).float() * self.margin
+        return type("Output", (), {"logits": logits})()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# counterfact_scores
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _made_up_case():
+    """Two cases, prompts interleaved; per-case averages differ from flat ones for PS and NS."""
+    rows = [
+        # (case, kind, nll_new, nll_true, new_correct, true_correct)
+        (10, "rewrite", 1.0, 2.0, True, False),
+        (10, "paraphrase", 0.5, 1.0, True, False),
+        (3, "rewrite", 2.0, 1.5, False, True),
+        (10, "paraphrase", 2.0, 1.0, False, True),
+        (10, "neighborhood", 3.0, 1.0, False, True),
+        (3, "paraphrase", 0.1, 0.2, True, False),
+        (3, "neighborhood", 1.0, 2.0, True, False),
+        (3, "neighborhood", 2.0, 1.0, False, True),
+        (3, "neighborhood", 0.5, 0.5, False, False),
+    ]
+    groups = [(case, kind) for case, kind, *_ in rows]
+    nll_new = torch.tensor([r[2] for r in rows])
+    nll_true = torch.tensor([r[3] for r in rows])
+    new_correct = torch.tensor([r[4] for r in rows])
+    true_correct = torch.tensor([r[5] for r in rows])
+    return nll_new, nll_true, new_correct, true_correct, groups
+
+
+def test_counterfact_scores_hand_computed():
+    scores = counterfact_scores(*_made_up_case())
+    assert list(scores) == list(METRIC_KEYS)
+    e = math.exp
+
+    # ES: case 10 succeeds, case 3 fails.
+    assert scores["efficacy_success"] == pytest.approx(50.0)
+    # PS: case 10 has 1/2, case 3 has 1/1 -> (0.5 + 1) / 2 = 75 (a flat average would give 2/3).
+    assert scores["paraphrase_success"] == pytest.approx(75.0)
+    # NS (nll_true < nll_new): case 10 has 1/1, case 3 has 1/3 (a tie is not a success) -> 2/3 (flat: 1/2).
+    assert scores["neighborhood_success"] == pytest.approx(200.0 / 3)
+
+    assert scores["efficacy_magnitude"] == pytest.approx(100 * ((e(-1) - e(-2)) + (e(-2) - e(-1.5))) / 2)
+    pm_10 = ((e(-0.5) - e(-1)) + (e(-2) - e(-1))) / 2
+    pm_3 = e(-0.1) - e(-0.2)
+    assert scores["paraphrase_magnitude"] == pytest.approx(100 * (pm_10 + pm_3) / 2)
+    nm_10 = e(-1) - e(-3)
+    nm_3 = ((e(-2) - e(-1)) + (e(-1) - e(-2)) + 0.0) / 3
+    assert scores["neighborhood_magnitude"] == pytest.approx(100 * (nm_10 + nm_3) / 2)
+
+    # Accuracy: target_new for rewrite/paraphrase, target_true for neighborhood.
+    assert scores["efficacy_accuracy"] == pytest.approx(50.0)
+    assert scores["paraphrase_accuracy"] == pytest.approx(100 * (0.5 + 1.0) / 2)
+    assert scores["neighborhood_accuracy"] == pytest.approx(100 * (1.0 + 1 / 3) / 2)
+
+    expected_score = 3 / (1 / 50 + 1 / 75 + 1 / (200 / 3))
+    assert scores["score"] == pytest.approx(expected_score)
+    assert scores["score"] == pytest.approx(62.0689655, rel=1e-6)
+
+
+def test_counterfact_scores_accepts_lists_and_order_does_not_matter():
+    nll_new, nll_true, new_correct, true_correct, groups = _made_up_case()
+    reference = counterfact_scores(nll_new, nll_true, new_correct, true_correct, groups)
+    permutation = [8, 2, 5, 0, 7, 1, 4, 6, 3]
+    shuffled = counterfact_scores(
+        [nll_new[i].item() for i in permutation],
+        [nll_true[i].item() for i in permutation],
+        [bool(new_correct[i]) for i in permutation],
+        [bool(true_correct[i]) for i in permutation],
+        [groups[i] for i in permutation],
+    )
+    assert shuffled == pytest.approx(reference)
+
+
+def test_counterfact_scores_zero_component_gives_zero_score():
+    groups = [(0, "rewrite"), (0, "paraphrase"), (0, "neighborhood")]
+    scores = counterfact_scores([2.0, 0.5, 2.0], [1.0, 1.0, 1.0], [False] * 3, [False] * 3, groups)
+    assert scores["efficacy_success"] == 0.0
+    assert scores["paraphrase_success"] == 100.0
+    assert scores["neighborhood_success"] == 100.0
+    assert scores["score"] == 0.0
+
+
+def test_counterfact_scores_missing_kind_is_nan():
+    # Case 1 has no paraphrase: PS averages over case 0 only. No case has a neighborhood prompt: NS and score are NaN.
+    groups = [(0, "rewrite"), (0, "paraphrase"), (1, "rewrite")]
+    scores = counterfact_scores([0.5, 0.5, 0.5], [1.0, 1.0, 1.0], [True, True, True], [False] * 3, groups)
+    assert scores["efficacy_success"] == 100.0
+    assert scores["paraphrase_success"] == 100.0
+    for key in ("neighborhood_success", "neighborhood_magnitude", "neighborhood_accuracy", "score"):
+        assert math.isnan(scores[key]), key
+
+
+def test_counterfact_scores_validates_inputs():
+    with pytest.raises(ValueError, match="same length"):
+        counterfact_scores([1.0], [1.0, 2.0], [True], [True], [(0, "rewrite")])
+    with pytest.raises(ValueError, match=r"groups\[1\]"):
+        counterfact_scores([1.0, 1.0], [1.0, 1.0], [True] * 2, [True] * 2, [(0, "rewrite"), (0, "locality")])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# target_nlls
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_target_nlls_matches_per_pair_loop(model_type, tiny_tokenizer):
+    model = build_tiny_causal_lm(model_type, vocab_size=len(tiny_tokenizer))
+    expected_nll, expected_ok = reference_nlls(model, tiny_tokenizer, PROMPTS, TARGETS)
+    for batch_size in (1, 3, 64):
+        nll, ok = target_nlls(model, tiny_tokenizer, PROMPTS, TARGETS, batch_size=batch_size)
+        assert nll.shape == ok.shape == (len(PROMPTS),)
+        assert nll.dtype == torch.float32 and ok.dtype == torch.bool
+        torch.testing.assert_close(nll, expected_nll, atol=1e-6, rtol=0)
+        assert torch.equal(ok, expected_ok)
+
+
+def test_target_nlls_padding_side_independent(tiny_tokenizer, tiny_llama):
+    left = build_tiny_tokenizer()
+    left.padding_side = "left"
+    right_nll, right_ok = target_nlls(tiny_llama, tiny_tokenizer, PROMPTS, TARGETS, batch_size=4)
+    left_nll, left_ok = target_nlls(tiny_llama, left, PROMPTS, TARGETS, batch_size=4)
+    assert torch.equal(left_nll, right_nll)
+    assert torch.equal(left_ok, right_ok)
+
+
+def test_target_nlls_with_bos_tokenizer(tiny_bos_tokenizer):
+    bos = tiny_bos_tokenizer.bos_token_id
+    assert encode_texts(tiny_bos_tokenizer, PROMPTS[:1])[0][0] == bos
+    assert bos not in encode_targets(tiny_bos_tokenizer, TARGETS)[0]
+    model = build_tiny_causal_lm("llama", vocab_size=len(tiny_bos_tokenizer))
+    expected_nll, expected_ok = reference_nlls(model, tiny_bos_tokenizer, PROMPTS, TARGETS)
+    nll, ok = target_nlls(model, tiny_bos_tokenizer, PROMPTS, TARGETS, batch_size=3)
+    torch.testing.assert_close(nll, expected_nll, atol=1e-6, rtol=0)
+    assert torch.equal(ok, expected_ok)
+    # The BOS changes what the model sees, so the numbers differ from the BOS-free encoding.
+    plain = build_tiny_tokenizer()
+    assert not torch.allclose(target_nlls(model, plain, PROMPTS, TARGETS)[0], nll)
+
+
+def test_target_nlls_argmax_and_closed_form(tiny_tokenizer):
+    vocab, margin = len(tiny_tokenizer), 5.0
+    # Every target token is the argmax: the NLL of each token is log(e^m + V - 1) - m.
+    nll, ok = target_nlls(OracleLM(vocab, margin), tiny_tokenizer, PROMPTS, TARGETS, batch_size=2)
+    assert ok.all()
+    expected = math.log(math.exp(margin) + vocab - 1) - margin
+    torch.testing.assert_close(nll, torch.full_like(nll, expected), atol=1e-6, rtol=0)
+    # A model that always predicts token 3: no target is all-argmax, every token has NLL log(e^m + V - 1).
+    nll, ok = target_nlls(OracleLM(vocab, margin, fixed=3), tiny_tokenizer, PROMPTS, TARGETS, batch_size=2)
+    assert not ok.any()
+    torch.testing.assert_close(nll, torch.full_like(nll, expected + margin), atol=1e-5, rtol=0)
+
+
+def test_target_nlls_restores_training_mode_and_validates(tiny_tokenizer, tiny_gpt2):
+    tiny_gpt2.train()
+    eval_nll, _ = target_nlls(tiny_gpt2.eval(), tiny_tokenizer, PROMPTS[:2], TARGETS[:2])
+    tiny_gpt2.train()
+    train_nll, _ = target_nlls(tiny_gpt2, tiny_tokenizer, PROMPTS[:2], TARGETS[:2])
+    assert tiny_gpt2.training
+    assert torch.equal(train_nll, eval_nll)
+
+    empty_nll, empty_ok = target_nlls(tiny_gpt2, tiny_tokenizer, [], [])
+    assert empty_nll.shape == empty_ok.shape == (0,)
+    with pytest.raises(ValueError, match="same length"):
+        target_nlls(tiny_gpt2, tiny_tokenizer, PROMPTS[:2], TARGETS[:1])
+    with pytest.raises(ValueError, match="batch_size"):
+        target_nlls(tiny_gpt2, tiny_tokenizer, PROMPTS[:1], TARGETS[:1], batch_size=0)
+    with pytest.raises(ValueError, match="Pair 0: the prompt"):
+        target_nlls(tiny_gpt2, tiny_tokenizer, [""], ["Paris"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# evaluate_counterfact
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_counterfact_on_tiny_requests(tiny_tokenizer, tiny_llama, requests_list, monkeypatch):
+    requests = load_requests(requests_list)
+    calls = []
+    original = evaluation.target_nlls
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "target_nlls", spy)
+    scores = evaluate_counterfact(tiny_llama, tiny_tokenizer, requests, batch_size=5)
+    assert len(calls) == 1
+    assert list(scores) == list(METRIC_KEYS)
+    for key, value in scores.items():
+        assert not math.isnan(value), key
+        low = -100.0 if key.endswith("_magnitude") else 0.0
+        assert low <= value <= 100.0, (key, value)
+
+    # Same numbers as scoring every prompt by hand and aggregating per case.
+    rows = []  # (prompt, target_new, target_true, (case, kind))
+    for case, request in enumerate(requests):
+        rows.append((request.text, request.target_new, request.target_true, (case, "rewrite")))
+        for prompt in request.paraphrase_prompts:
+            rows.append((prompt, request.target_new, request.target_true, (case, "paraphrase")))
+        for prompt in request.neighborhood_prompts:
+            rows.append((prompt, request.target_new, request.target_true, (case, "neighborhood")))
+    prompts, news, trues, groups = map(list, zip(*rows))
+    nll_new, ok_new = reference_nlls(tiny_llama, tiny_tokenizer, prompts, news)
+    nll_true, ok_true = reference_nlls(tiny_llama, tiny_tokenizer, prompts, trues)
+    expected = counterfact_scores(nll_new, nll_true, ok_new, ok_true, groups)
+    assert scores == pytest.approx(expected, abs=1e-4)
+
+
+def test_evaluate_counterfact_uses_neighborhood_target(tiny_tokenizer, tiny_llama, monkeypatch):
+    request = EditRequest(
+        prompt="{} is developed by",
+        subject="The iPhone",
+        target_new="Microsoft",
+        target_true="Apple",
+        paraphrase_prompts=["I think The iPhone is developed by"],
+        neighborhood_prompts=["Windows is developed by"],
+        neighborhood_target="Microsoft",
+    )
+    seen = {}
+    original = evaluation.target_nlls
+
+    def spy(model, tokenizer, prompts, targets, batch_size=64):
+        seen["pairs"] = list(zip(prompts, targets))
+        return original(model, tokenizer, prompts, targets, batch_size)
+
+    monkeypatch.setattr(evaluation, "target_nlls", spy)
+    evaluate_counterfact(tiny_llama, tiny_tokenizer, [request])
+    assert ("The iPhone is developed by", "Apple") in seen["pairs"]
+    assert ("I think The iPhone is developed by", "Apple") in seen["pairs"]
+    assert ("Windows is developed by", "Microsoft") in seen["pairs"]
+    assert ("Windows is developed by", "Apple") not in seen["pairs"]
+
+
+def test_evaluate_counterfact_without_paraphrases_or_neighbors(tiny_tokenizer, tiny_gpt2):
+    requests = [
+        EditRequest(prompt="{} is located in the city of", subject="Big Ben", target_new="Rome", target_true="London")
+    ]
+    scores = evaluate_counterfact(tiny_gpt2, tiny_tokenizer, requests)
+    assert scores["efficacy_success"] in (0.0, 100.0)
+    assert math.isnan(scores["paraphrase_success"]) and math.isnan(scores["neighborhood_success"])
+    assert math.isnan(scores["score"])
+
+
+def test_evaluate_counterfact_requires_target_true(tiny_tokenizer, tiny_gpt2, requests_list):
+    requests = load_requests(requests_list)
+    requests[2].target_true = None
+    requests[2].record_index = 7
+    with pytest.raises(ValueError, match=r"Request 7: field `target_true`"):
+        evaluate_counterfact(tiny_gpt2, tiny_tokenizer, requests)
+    with pytest.raises(ValueError, match="at least one request"):
+        evaluate_counterfact(tiny_gpt2, tiny_tokenizer, [])
