@@ -1,3 +1,48 @@
-"""memit-hf: mass-edit the factual knowledge of Hugging Face causal language models."""
+"""memit-hf: mass-edit the factual knowledge of Hugging Face causal language models.
+
+The public names are imported on first access, so that `import memit_hf` (and the `memit-hf --help` command) stays
+fast and has no side effects: torch and transformers load only when `Editor` or `load_requests` is used.
+"""
+
+from typing import TYPE_CHECKING
+
 
 __version__ = "0.1.0.dev0"
+
+_EXPORTS = {
+    "EditOutput": "editor",
+    "Editor": "editor",
+    "EditorCallback": "editor",
+    "EditingArguments": "arguments",
+    "EditRequest": "requests",
+    "load_requests": "requests",
+}
+
+__all__ = [
+    "EditOutput",
+    "EditRequest",
+    "EditingArguments",
+    "Editor",
+    "EditorCallback",
+    "__version__",
+    "load_requests",
+]
+
+if TYPE_CHECKING:
+    from .arguments import EditingArguments
+    from .editor import Editor, EditorCallback, EditOutput
+    from .requests import EditRequest, load_requests
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

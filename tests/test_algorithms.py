@@ -1,0 +1,189 @@
+"""Tests of `memit_hf.algorithms`: the defining equations of the MEMIT and ROME solves, and their failure modes."""
+
+import pytest
+import torch
+
+from memit_hf.algorithms import ALGORITHMS, MEMIT, ROME, IllConditionedError, cholesky_factor, get_algorithm
+
+
+def random_problem(n: int, d_in: int, d_out: int, seed: int = 0, tokens: int | None = None):
+    """Float64 keys `(n, d_in)`, residuals `(n, d_out)` and a well-conditioned covariance `(d_in, d_in)`."""
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(n, d_in, generator=generator, dtype=torch.float64)
+    residuals = torch.randn(n, d_out, generator=generator, dtype=torch.float64)
+    samples = torch.randn(tokens or 4 * d_in, d_in, generator=generator, dtype=torch.float64)
+    covariance = samples.T @ samples / samples.shape[0]
+    return keys, residuals, covariance
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).norm() / expected.norm())
+
+
+def test_registry():
+    assert set(ALGORITHMS) == {"memit", "rome"}
+    assert isinstance(get_algorithm("memit"), MEMIT)
+    assert isinstance(get_algorithm("rome"), ROME)
+    with pytest.raises(ValueError, match=r"Unknown algorithm `alphaedit`; choose one of \['memit', 'rome'\]"):
+        get_algorithm("alphaedit")
+
+
+@pytest.mark.parametrize("n, d_in, d_out", [(1, 12, 7), (5, 16, 9), (20, 16, 6), (40, 24, 10)])
+@pytest.mark.parametrize("lam", [0.5, 1500.0])
+def test_memit_satisfies_normal_equation(n, d_in, d_out, lam):
+    keys, residuals, covariance = random_problem(n, d_in, d_out, seed=n)
+    lora_B, lora_A = MEMIT().solve(keys, residuals, covariance, lam)
+    assert lora_B.shape == (d_out, n) and lora_A.shape == (n, d_in)
+    assert lora_B.dtype == lora_A.dtype == torch.float64
+    delta = lora_B @ lora_A
+    # MEMIT Eq. 14 in its normal-equation form: Delta (lam C + K K^T) = R K^T, with K^T = keys and R^T = residuals.
+    lhs = delta @ (lam * covariance + keys.T @ keys)
+    rhs = residuals.T @ keys
+    assert relative_error(lhs, rhs) < 1e-6
+    # The factors are the reference's `resid` and `adj`: B = R, A^T = (lam C + K K^T)^-1 K.
+    torch.testing.assert_close(lora_B, residuals.T, rtol=0, atol=0)
+    explicit = residuals.T @ keys @ torch.linalg.inv(lam * covariance + keys.T @ keys)
+    assert relative_error(delta, explicit) < 1e-6
+    assert torch.linalg.matrix_rank(delta) <= min(n, d_in, d_out)
+
+
+def test_memit_least_squares_optimality():
+    """Delta minimises lam * tr(D C D^T) + ||D K - R||^2: perturbing it in any direction raises the objective."""
+    keys, residuals, covariance = random_problem(6, 10, 5, seed=3)
+    lam = 2.0
+    lora_B, lora_A = MEMIT().solve(keys, residuals, covariance, lam)
+    delta = lora_B @ lora_A
+
+    def objective(d):
+        return lam * torch.trace(d @ covariance @ d.T) + ((d @ keys.T - residuals.T) ** 2).sum()
+
+    best = objective(delta)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        direction = torch.randn(delta.shape, generator=generator, dtype=torch.float64)
+        assert objective(delta + 1e-3 * direction) > best
+
+
+def test_memit_large_lambda_shrinks_update():
+    keys, residuals, covariance = random_problem(3, 8, 4, seed=5)
+    norms = []
+    for lam in (1.0, 10.0, 100.0, 1000.0):
+        lora_B, lora_A = MEMIT().solve(keys, residuals, covariance, lam)
+        norms.append(float((lora_B @ lora_A).norm()))
+    assert norms == sorted(norms, reverse=True)
+    assert norms[-1] < 0.05 * norms[0]
+
+
+@pytest.mark.parametrize("n, d_in, d_out", [(1, 12, 7), (4, 16, 9), (10, 16, 6)])
+def test_rome_writes_every_residual_exactly(n, d_in, d_out):
+    keys, residuals, covariance = random_problem(n, d_in, d_out, seed=10 + n)
+    lora_B, lora_A = ROME().solve(keys, residuals, covariance, 1500.0)
+    assert lora_B.shape == (d_out, n) and lora_A.shape == (n, d_in)
+    delta = lora_B @ lora_A
+    # Delta k_i = r_i for every request.
+    assert relative_error(keys @ delta.T, residuals) < 1e-9
+    assert torch.linalg.matrix_rank(delta) <= n
+    # Minimum disturbance w.r.t. C: the row space of Delta C is spanned by the keys, i.e. Delta = M K^T C^-1.
+    c_inv_k = torch.linalg.solve(covariance, keys.T)  # (d_in, n)
+    coefficients = torch.linalg.lstsq(c_inv_k, delta.T).solution  # (n, d_out)
+    assert relative_error(c_inv_k @ coefficients, delta.T) < 1e-9
+
+
+def test_rome_single_request_is_the_rank_one_formula():
+    keys, residuals, covariance = random_problem(1, 14, 8, seed=21)
+    lora_B, lora_A = ROME().solve(keys, residuals, covariance, 0.0)
+    k, r = keys[0], residuals[0]
+    c_inv_k = torch.linalg.solve(covariance, k)
+    expected = torch.outer(r, c_inv_k) / (k @ c_inv_k)
+    assert relative_error(lora_B @ lora_A, expected) < 1e-10
+
+
+def test_rome_ignores_lambda():
+    keys, residuals, covariance = random_problem(3, 10, 4, seed=2)
+    d1 = torch.matmul(*ROME().solve(keys, residuals, covariance, 1.0))
+    d2 = torch.matmul(*ROME().solve(keys, residuals, covariance, 12345.0))
+    torch.testing.assert_close(d1, d2, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
+def test_rome_duplicate_keys_are_ill_conditioned(seed):
+    """Two requests with the same key (e.g. the same subject) and different residuals cannot both be written."""
+    keys, residuals, covariance = random_problem(2, 10, 4, seed=seed)
+    keys[1] = keys[0]
+    with pytest.raises(
+        IllConditionedError,
+        match=r"K\^T C\^-1 K \(are two requests' keys identical\?\) is not numerically positive definite",
+    ):
+        ROME().solve(keys, residuals, covariance, 1.0)
+
+
+def singular_covariance(d: int = 10, rank: int = 4) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(7)
+    samples = torch.randn(rank, d, generator=generator, dtype=torch.float64)
+    return samples.T @ samples
+
+
+def indefinite_covariance(d: int = 10) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(8)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))
+    eigenvalues = torch.linspace(-1.0, 2.0, d, dtype=torch.float64)
+    return q @ torch.diag(eigenvalues) @ q.T
+
+
+@pytest.mark.parametrize("algorithm", [MEMIT(), ROME()], ids=["memit", "rome"])
+@pytest.mark.parametrize("make", [singular_covariance, indefinite_covariance], ids=["singular", "indefinite"])
+def test_check_covariance_rejects_bad_covariance(algorithm, make):
+    covariance = make()
+    with pytest.raises(IllConditionedError, match=r"The system for `m` is not numerically positive definite"):
+        algorithm.check_covariance(covariance, 1.0, "The system for `m`")
+
+
+def test_memit_solve_rejects_singular_system():
+    """A singular covariance with fewer keys than its null space cannot be solved (lam C + K K^T is singular)."""
+    covariance = singular_covariance(d=10, rank=4)
+    keys = torch.randn(2, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    residuals = torch.randn(2, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with pytest.raises(IllConditionedError, match=r"lambda \* C \+ K K\^T is not numerically positive definite"):
+        MEMIT().solve(keys, residuals, covariance, 1.0)
+
+
+def test_memit_solve_with_enough_keys_tolerates_singular_covariance():
+    """MEMIT only needs lam C + K K^T to be definite: keys spanning C's null space make the system solvable."""
+    covariance = singular_covariance(d=6, rank=3)
+    keys, residuals, _ = random_problem(8, 6, 3, seed=9)
+    lora_B, lora_A = MEMIT().solve(keys, residuals, covariance, 1.0)
+    lhs = lora_B @ lora_A @ (covariance + keys.T @ keys)
+    assert relative_error(lhs, residuals.T @ keys) < 1e-6
+
+
+def test_check_covariance_memit_zero_lambda():
+    _, _, covariance = random_problem(1, 8, 2)
+    MEMIT().check_covariance(covariance, 1.0, "C")  # passes
+    with pytest.raises(IllConditionedError, match="is not numerically positive definite"):
+        MEMIT().check_covariance(covariance, 0.0, "C")
+    ROME().check_covariance(covariance, 0.0, "C")  # ROME does not use lambda
+
+
+@pytest.mark.parametrize("algorithm", [MEMIT(), ROME()], ids=["memit", "rome"])
+@pytest.mark.parametrize("where", ["covariance", "keys"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_input_is_rejected(algorithm, where, value):
+    keys, residuals, covariance = random_problem(3, 8, 4)
+    if where == "covariance":
+        covariance[2, 5] = value
+        with pytest.raises(IllConditionedError, match="has non-finite entries"):
+            algorithm.check_covariance(covariance, 1.0, "C")
+    else:
+        keys[1, 3] = value
+    with pytest.raises(IllConditionedError, match="has non-finite entries; the statistics or keys are corrupted"):
+        algorithm.solve(keys, residuals, covariance, 1.0)
+
+
+def test_cholesky_factor():
+    _, _, covariance = random_problem(1, 9, 2, seed=11)
+    factor = cholesky_factor(covariance, "C")
+    torch.testing.assert_close(factor @ factor.T, covariance, rtol=1e-12, atol=1e-12)
+    assert torch.equal(factor, torch.tril(factor))
+    assert issubclass(IllConditionedError, ValueError)
+    with pytest.raises(IllConditionedError, match=r"^X is not numerically positive definite"):
+        cholesky_factor(torch.tensor([[0.0, 0.0], [0.0, 1.0]], dtype=torch.float64), "X")

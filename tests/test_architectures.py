@@ -1,0 +1,253 @@
+"""Tests of `memit_hf.architectures`: the layout table, default layers and hyperparameter resolution."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from memit_hf.architectures import (
+    MODEL_TYPE_TO_LAYOUT,
+    ModelLayout,
+    default_layers,
+    get_layout,
+    is_transposed,
+    num_layers,
+    resolve_arguments,
+)
+from memit_hf.arguments import EditingArguments
+from memit_hf.editor import Editor
+from memit_hf.tokenization import encode_targets, encode_texts
+from tests.testing_utils import (
+    build_tiny_causal_lm,
+    build_tiny_tokenizer,
+    subject_final_requests,
+    tiny_corpus,
+    tiny_editing_arguments,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+HIDDEN, INTERMEDIATE, LAYERS = 32, 64, 3
+_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.02)
+
+
+def _llama_like(vocab_size: int) -> dict:
+    return dict(
+        vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, head_dim=8, **_IDS,
+    )  # fmt: skip
+
+
+def tiny_config(model_type: str, vocab_size: int):
+    """A 3-layer config of `model_type` with d_model 32 and an MLP hidden size of 64 (4 * d_model for GPT-style)."""
+    if model_type in ("gpt2", "gptj"):
+        extra = {"rotary_dim": 4} if model_type == "gptj" else {}
+        return AutoConfig.for_model(
+            model_type, vocab_size=vocab_size, n_embd=HIDDEN, n_inner=INTERMEDIATE, n_layer=LAYERS, n_head=4,
+            n_positions=128, **extra, **_IDS,
+        )  # fmt: skip
+    if model_type == "gpt_neo":
+        return AutoConfig.for_model(
+            model_type, vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_layers=LAYERS,
+            num_heads=4, attention_types=[[["global", "local"], 1], [["global"], 1]], max_position_embeddings=128,
+            **_IDS,
+        )  # fmt: skip
+    if model_type == "gpt_neox":
+        return AutoConfig.for_model(
+            model_type, vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+            num_hidden_layers=LAYERS, num_attention_heads=4, max_position_embeddings=128, **_IDS,
+        )  # fmt: skip
+    if model_type == "gemma3":
+        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28)
+        return AutoConfig.for_model(
+            model_type, text_config=_llama_like(vocab_size), vision_config=dict(vision, patch_size=14),
+            mm_tokens_per_image=4, **_IDS,
+        )  # fmt: skip
+    if model_type == "gemma3_text":
+        return AutoConfig.for_model(model_type, sliding_window=16, **_llama_like(vocab_size))
+    return AutoConfig.for_model(model_type, **_llama_like(vocab_size))
+
+
+def build_model(model_type: str, vocab_size: int = 64):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config(model_type, vocab_size), attn_implementation="eager")
+    return model.float().eval()
+
+
+@pytest.mark.parametrize("model_type", sorted(MODEL_TYPE_TO_LAYOUT))
+def test_every_layout_resolves_to_the_mlp_down_projection(model_type):
+    model = build_model(model_type)
+    layout = get_layout(model)
+    assert layout is MODEL_TYPE_TO_LAYOUT[model_type]
+    assert num_layers(model, layout) == LAYERS
+    stack = model.get_submodule(layout.layers_attr)
+    assert isinstance(stack, nn.ModuleList)
+    for layer in range(LAYERS):
+        assert model.get_submodule(layout.layer_name(layer)) is stack[layer]
+        module = model.get_submodule(layout.edit_name(layer))
+        assert layout.edit_name(layer).startswith(layout.layer_name(layer) + ".")
+        # The key is the MLP hidden activation (d_ff) and the output lands in the residual stream (d_model).
+        d_in, d_out = module.weight.shape if is_transposed(module) else module.weight.shape[::-1]
+        assert (d_in, d_out) == (INTERMEDIATE, HIDDEN), (model_type, tuple(module.weight.shape))
+    assert is_transposed(model.get_submodule(layout.edit_name(0))) == (model_type == "gpt2")
+
+
+def test_edit_module_input_is_the_mlp_activation():
+    """For Llama the key is act(gate(x)) * up(x) and the block output is the residual stream after the MLP."""
+    model = build_model("llama")
+    layout = get_layout(model)
+    mlp = model.model.layers[1].mlp
+    seen = {}
+    hooks = [
+        mlp.register_forward_pre_hook(lambda m, a: seen.__setitem__("mlp_in", a[0])),
+        model.get_submodule(layout.edit_name(1)).register_forward_pre_hook(lambda m, a: seen.__setitem__("key", a[0])),
+    ]
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[3, 4, 5, 6]]))
+    for hook in hooks:
+        hook.remove()
+    expected = mlp.act_fn(mlp.gate_proj(seen["mlp_in"])) * mlp.up_proj(seen["mlp_in"])
+    torch.testing.assert_close(seen["key"], expected, rtol=0, atol=0)
+
+
+EXTRA_TYPES = sorted(
+    set(MODEL_TYPE_TO_LAYOUT) - {"gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma3_text"}
+)
+
+
+@pytest.mark.parametrize("model_type", EXTRA_TYPES)
+def test_edit_runs_on_every_other_layout(model_type, tmp_path):
+    """Architectures outside the tiny fixture set: a full MEMIT edit runs and raises every target's probability."""
+    tokenizer = build_tiny_tokenizer()
+    model = build_model(model_type, vocab_size=len(tokenizer))
+    requests = subject_final_requests()
+    prompts = [r["prompt"].format(r["subject"]) for r in requests]
+    first_target = [ids[0] for ids in encode_targets(tokenizer, [r["target_new"] for r in requests])]
+
+    def target_log_probs():
+        with torch.no_grad():
+            return torch.stack(
+                [
+                    torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1], -1)[token]
+                    for ids, token in zip(encode_texts(tokenizer, prompts), first_target)
+                ]
+            )
+
+    before = target_log_probs()
+    args = tiny_editing_arguments(tmp_path, v_num_grad_steps=8)
+    output = Editor(model, args=args, processing_class=tokenizer, stats_dataset=tiny_corpus()).edit(requests)
+    after = target_log_probs()
+    assert len(output.deltas) == 2
+    assert (after > before + 0.05).all(), (before, after)
+    assert 0.1 < output.metrics["residual_achieved"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    "n_layers, expected",
+    [
+        (1, [0]),
+        (2, [0, 1]),
+        (3, [0, 1, 2]),
+        (5, [0, 1, 2, 3, 4]),
+        (6, [0, 1, 2, 3, 4]),
+        (12, [1, 2, 3, 4, 5]),
+        (28, [2, 3, 4, 5, 6]),
+        (30, [3, 4, 5, 6, 7]),
+        (32, [3, 4, 5, 6, 7]),
+        (48, [4, 5, 6, 7, 8]),
+        (80, [8, 9, 10, 11, 12]),
+    ],
+)
+def test_default_layers_memit(n_layers, expected):
+    assert default_layers(n_layers) == expected
+    assert default_layers(n_layers, "memit") == expected
+
+
+@pytest.mark.parametrize("n_layers, expected", [(1, 0), (2, 0), (3, 0), (12, 2), (28, 5), (30, 6), (32, 6), (48, 9)])
+def test_default_layers_rome(n_layers, expected):
+    assert default_layers(n_layers, "rome") == [expected]
+
+
+def test_default_layers_are_valid_for_every_depth():
+    for n_layers in range(1, 129):
+        layers = default_layers(n_layers)
+        assert layers == list(range(layers[0], layers[0] + len(layers))), n_layers
+        assert len(layers) == min(5, n_layers), n_layers
+        assert 0 <= layers[0] <= n_layers // 10 and layers[-1] < n_layers, n_layers
+        (rome,) = default_layers(n_layers, "rome")
+        assert 0 <= rome < n_layers, n_layers
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+def test_resolve_arguments_fills_per_model_defaults(tokenizer):
+    gpt2 = build_tiny_causal_lm("gpt2", len(tokenizer))
+    resolved = resolve_arguments(gpt2, EditingArguments(), get_layout(gpt2))
+    assert resolved.layers == [0, 1, 2]
+    assert resolved.mom2_update_weight == 20000.0 and resolved.clamp_norm_factor == 0.75
+    assert resolved.v_lr == 0.5 and resolved.v_weight_decay == 0.5
+    llama = build_tiny_causal_lm("llama", len(tokenizer))
+    user = EditingArguments(layers=[2], mom2_update_weight=7.0, v_lr=0.1)
+    resolved = resolve_arguments(llama, user, get_layout(llama))
+    assert resolved.layers == [2] and resolved.mom2_update_weight == 7.0 and resolved.v_lr == 0.1
+    assert resolved.clamp_norm_factor == 0.75 and resolved.v_weight_decay == 0.5
+    # The user's arguments are left untouched.
+    assert user.clamp_norm_factor is None and user.v_weight_decay is None
+    rome = resolve_arguments(llama, EditingArguments(algorithm="rome"), get_layout(llama))
+    assert rome.layers == [0]
+
+
+@pytest.mark.parametrize("layers", [[3], [0, 3], [-1], [1, 2, 7]])
+def test_resolve_arguments_rejects_out_of_range_layers(tokenizer, layers):
+    model = build_tiny_causal_lm("llama", len(tokenizer))
+    bad = next(layer for layer in layers if not 0 <= layer < 3)
+    with pytest.raises(ValueError, match=rf"`layers` has {bad}, outside the model's 3 layers \(0\.\.2\)"):
+        resolve_arguments(model, EditingArguments(layers=layers), get_layout(model))
+
+
+def test_unknown_model_type_error_names_the_overrides(tokenizer):
+    model = build_tiny_causal_lm("llama", len(tokenizer))
+    model.config.model_type = "mystery"
+    with pytest.raises(
+        ValueError, match=r"Model type `mystery` has no layout in memit-hf; pass `edit_module_template"
+    ):
+        get_layout(model)
+    with pytest.raises(ValueError, match=r"`layer_module_template=\.\.\.` \(e\.g\. `model\.layers\.\{\}`\)"):
+        get_layout(model, EditingArguments())
+    args = EditingArguments(
+        edit_module_template="model.layers.{}.mlp.down_proj", layer_module_template="model.layers.{}"
+    )
+    layout = get_layout(model, args)
+    assert layout == ModelLayout("model.layers.{}", "model.layers.{}.mlp.down_proj", "model.layers")
+
+
+def test_override_errors(tokenizer):
+    model = build_tiny_causal_lm("llama", len(tokenizer))
+    with pytest.raises(ValueError, match=r"`edit_module_template` needs `layer_module_template` as well"):
+        get_layout(model, EditingArguments(edit_module_template="model.layers.{}.mlp.down_proj"))
+    args = EditingArguments(edit_module_template="model.layers.{}.mlp.c_proj", layer_module_template="model.layers.{}")
+    with pytest.raises(ValueError, match=r"Module `model\.layers\.0\.mlp\.c_proj` not found in `LlamaForCausalLM`"):
+        get_layout(model, args)
+    # Overrides win over the table, even for a known model type.
+    args = EditingArguments(
+        edit_module_template="model.layers.{}.mlp.up_proj", layer_module_template="model.layers.{}"
+    )
+    assert get_layout(model, args).edit_name(1) == "model.layers.1.mlp.up_proj"
+
+
+def test_layout_of_wrong_architecture_is_detected(tokenizer):
+    model = build_tiny_causal_lm("gpt2", len(tokenizer))
+    model.config.model_type = "llama"
+    with pytest.raises(ValueError, match=r"Module `model\.layers\.0` not found in `GPT2LMHeadModel`"):
+        get_layout(model)

@@ -1,0 +1,122 @@
+"""Tests of `memit_hf.arguments.EditingArguments`: validation, YAML recipes and command-line parsing."""
+
+from dataclasses import fields
+
+import pytest
+import yaml
+from transformers import HfArgumentParser
+
+from memit_hf.arguments import ALGORITHM_NAMES, EditingArguments
+
+
+def test_defaults_leave_per_model_fields_unset():
+    args = EditingArguments()
+    assert args.algorithm == "memit"
+    assert args.fact_token == "subject_last"
+    for name in ("layers", "mom2_update_weight", "v_lr", "v_weight_decay", "clamp_norm_factor", "stats_cache_dir"):
+        assert getattr(args, name) is None, name
+    assert args.kl_factor == 0.0625
+    assert args.v_early_stop_loss == 0.05
+    assert args.num_context_templates == 5 and args.context_template_length == 10
+    assert ALGORITHM_NAMES == ("memit", "rome")
+
+
+def test_layers_are_normalised_to_ints():
+    args = EditingArguments(layers=["3", 4.0, 5])
+    assert args.layers == [3, 4, 5]
+    assert all(type(layer) is int for layer in args.layers)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"algorithm": "alphaedit"}, r"`algorithm` must be one of \('memit', 'rome'\), got `alphaedit`"),
+        ({"fact_token": "last"}, r"`fact_token` must be `subject_last`, got `last`"),
+        ({"layers": []}, r"`layers` must name at least one layer"),
+        ({"layers": [4, 3]}, r"`layers` must be strictly ascending without repeats, got \[4, 3\]"),
+        ({"layers": [3, 3, 4]}, r"strictly ascending without repeats, got \[3, 3, 4\]"),
+        (
+            {"algorithm": "rome", "layers": [3, 4]},
+            r"`algorithm='rome'` edits exactly one layer, got `layers=\[3, 4\]`",
+        ),
+        ({"v_num_grad_steps": 0}, r"`v_num_grad_steps` must be a positive integer, got 0"),
+        ({"v_batch_size": -1}, r"`v_batch_size` must be a positive integer, got -1"),
+        ({"stats_num_tokens": 0}, r"`stats_num_tokens` must be a positive integer, got 0"),
+        ({"stats_sample_texts": 0}, r"`stats_sample_texts` must be a positive integer"),
+        ({"context_template_length": 0}, r"`context_template_length` must be a positive integer"),
+        ({"num_context_templates": -1}, r"`num_context_templates` must be >= 0, got -1"),
+        ({"mom2_update_weight": -1.0}, r"`mom2_update_weight` must be non-negative, got -1.0"),
+        ({"v_lr": -0.5}, r"`v_lr` must be non-negative, got -0.5"),
+        ({"clamp_norm_factor": -2.0}, r"`clamp_norm_factor` must be non-negative"),
+        ({"v_weight_decay": -1e-3}, r"`v_weight_decay` must be non-negative"),
+        (
+            {"stats_max_length": 1024, "stats_batch_tokens": 512},
+            r"`stats_batch_tokens` \(512\) must be at least `stats_max_length` \(1024\)",
+        ),
+    ],
+)
+def test_invalid_arguments_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EditingArguments(**kwargs)
+
+
+def test_valid_edge_values_are_accepted():
+    args = EditingArguments(
+        algorithm="rome", layers=[0], num_context_templates=0, mom2_update_weight=0.0, stats_max_length=64,
+        stats_batch_tokens=64,
+    )  # fmt: skip
+    assert args.layers == [0] and args.num_context_templates == 0
+
+
+def test_yaml_round_trip(tmp_path):
+    args = EditingArguments(
+        layers=[2, 3], mom2_update_weight=15000.0, v_lr=0.1, seed=7, stats_cache_dir=str(tmp_path / "stats"),
+        model_init_kwargs={"dtype": "float32"},
+    )  # fmt: skip
+    path = tmp_path / "recipe.yaml"
+    args.to_yaml(path)
+    content = yaml.safe_load(path.read_text())
+    assert list(content) == [f.name for f in fields(EditingArguments)]
+    loaded = EditingArguments.from_yaml(path)
+    assert loaded == args
+    assert loaded.to_dict() == args.to_dict()
+
+
+def test_from_yaml_overrides_and_validation(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("layers: [1, 2]\nv_lr: 0.25\n")
+    args = EditingArguments.from_yaml(path, v_lr=0.5, seed=3)
+    assert args.layers == [1, 2] and args.v_lr == 0.5 and args.seed == 3
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert EditingArguments.from_yaml(empty) == EditingArguments()
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("layers: [1]\nlearning_rate: 0.1\nzeta: 1\n")
+    with pytest.raises(
+        ValueError, match=r"Unknown `EditingArguments` keys in .*bad\.yaml: \['learning_rate', 'zeta'\]"
+    ):
+        EditingArguments.from_yaml(bad)
+
+    invalid = tmp_path / "invalid.yaml"
+    invalid.write_text("layers: [3, 2]\n")
+    with pytest.raises(ValueError, match="strictly ascending"):
+        EditingArguments.from_yaml(invalid)
+
+
+def test_hf_argument_parser_command_line():
+    parser = HfArgumentParser(EditingArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--layers", "3", "4", "5", "--algorithm", "memit", "--v_lr", "0.1", "--seed", "1", "--stats_num_tokens", "50"]
+    )
+    assert args.layers == [3, 4, 5]
+    assert args.v_lr == 0.1 and args.seed == 1 and args.stats_num_tokens == 50
+    assert args.mom2_update_weight is None
+    (args,) = parser.parse_dict({"layers": [1], "algorithm": "rome", "model_init_kwargs": {"dtype": "float32"}})
+    assert args.algorithm == "rome" and args.model_init_kwargs == {"dtype": "float32"}
+
+
+def test_every_field_has_help():
+    for f in fields(EditingArguments):
+        assert f.metadata.get("help"), f.name

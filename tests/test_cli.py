@@ -1,0 +1,179 @@
+"""The `memit-hf` command: argument parsing (flags, YAML recipes) and an end-to-end `edit` on a tiny saved model."""
+
+import argparse
+import json
+from dataclasses import fields
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from memit_hf import cli
+from memit_hf.arguments import EditingArguments
+from tests.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer, tiny_corpus, tiny_requests
+
+
+FIELD_NAMES = [f.name for f in fields(EditingArguments)]
+
+
+def _subparser(command: str) -> argparse.ArgumentParser:
+    return cli._subparser(cli.make_parser(), command)
+
+
+@pytest.mark.parametrize("command", cli.COMMANDS)
+def test_every_editing_field_is_a_flag(command):
+    options = {option for action in _subparser(command)._actions for option in action.option_strings}
+    missing = [name for name in FIELD_NAMES if f"--{name}" not in options]
+    assert not missing
+    assert "--config" in options and "--corpus" in options
+
+
+def test_flags_parse_into_editing_arguments():
+    namespace, args = cli.parse_args(
+        [
+            "edit", "--requests", "r.jsonl", "--output-dir", "out", "--layers", "1", "2", "--v_lr", "0.25",
+            "--mom2-update-weight", "300", "--algorithm", "memit", "--model_init_kwargs", '{"revision": "main"}',
+            "--stats_cache_dir", "cache",
+        ]
+    )  # fmt: skip
+    assert namespace.command == "edit" and namespace.requests == "r.jsonl" and namespace.model is None
+    assert isinstance(args, EditingArguments)
+    assert args.output_dir == "out"
+    assert args.layers == [1, 2]
+    assert args.v_lr == 0.25 and args.mom2_update_weight == 300.0
+    assert args.model_init_kwargs == {"revision": "main"}
+    assert args.stats_cache_dir == "cache"
+    # untouched fields keep the dataclass defaults
+    assert args.v_num_grad_steps == EditingArguments().v_num_grad_steps
+
+
+def test_config_yaml_merges_and_flags_win(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"layers": [2, 3, 4], "v_lr": 0.1, "stats_num_tokens": 5000, "seed": 7}))
+    _, args = cli.parse_args(["stats", "--config", str(recipe), "--v_lr", "0.9", "--seed", "1"])
+    assert args.layers == [2, 3, 4]
+    assert args.stats_num_tokens == 5000
+    assert args.v_lr == 0.9 and args.seed == 1  # command-line flags win over the file
+
+
+def test_config_yaml_overrides_demo_defaults(tmp_path):
+    _, args = cli.parse_args(["demo"])
+    assert args.stats_sample_texts == cli.DEMO_DEFAULTS["stats_sample_texts"]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("stats_sample_texts: 8\n")
+    _, args = cli.parse_args(["demo", "--config", str(recipe)])
+    assert args.stats_sample_texts == 8
+    _, args = cli.parse_args(["demo", "--config", str(recipe), "--stats-sample-texts", "4"])
+    assert args.stats_sample_texts == 4
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("layers: [1]\nlearning_rate: 0.1\n")
+    with pytest.raises(SystemExit) as error:
+        cli.parse_args(["edit", "--requests", "r.json", "--config", str(recipe)])
+    assert error.value.code == 2
+    assert "learning_rate" in capsys.readouterr().err
+
+
+def test_non_mapping_yaml_is_an_error(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("- 1\n- 2\n")
+    with pytest.raises(SystemExit):
+        cli.parse_args(["stats", "--config", str(recipe)])
+    assert "mapping" in capsys.readouterr().err
+
+
+def test_invalid_argument_values_are_errors(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["stats", "--algorithm", "sgd"])
+    assert "algorithm" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.parse_args(["stats", "--model_init_kwargs", "[1, 2]"])
+    assert "JSON object" in capsys.readouterr().err
+
+
+def test_missing_command_and_missing_requests_are_errors():
+    with pytest.raises(SystemExit):
+        cli.parse_args([])
+    with pytest.raises(SystemExit):
+        cli.parse_args(["edit", "--output-dir", "out"])
+
+
+def test_edit_requires_output_dir_and_existing_corpus(tmp_path):
+    requests = tmp_path / "requests.json"
+    requests.write_text(json.dumps(tiny_requests()))
+    with pytest.raises(SystemExit, match="output-dir"):
+        cli.main(["edit", "--requests", str(requests)])
+    with pytest.raises(SystemExit, match="not found"):
+        cli.main(["edit", "--requests", str(requests), "--output-dir", str(tmp_path / "o"), "--corpus", "nope.txt"])
+
+
+@pytest.fixture
+def saved_tiny_llama(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    model_dir = tmp_path / "tiny-llama"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+def test_edit_end_to_end_on_a_saved_tiny_model(saved_tiny_llama, tmp_path, capsys):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps(r) + "\n" for r in tiny_requests()))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(tiny_corpus()))
+    output_dir = tmp_path / "out"
+    stats_dir = tmp_path / "stats"
+
+    code = cli.main(
+        [
+            "edit", "--model", str(saved_tiny_llama), "--requests", str(requests), "--corpus", str(corpus),
+            "--output-dir", str(output_dir), "--layers", "0", "1", "--stats_cache_dir", str(stats_dir),
+            "--mom2_update_weight", "1.0", "--v_lr", "0.5", "--clamp_norm_factor", "4.0",
+            "--v_weight_decay", "0.001", "--v_num_grad_steps", "20", "--evaluate",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Edited 4 facts" in printed and "efficacy" in printed
+
+    metrics = json.loads((output_dir / "edit_metrics.json").read_text())
+    assert metrics["num_requests"] == 4
+    assert metrics["args"]["layers"] == [0, 1]
+    assert metrics["args"]["mom2_update_weight"] == 1.0
+    for key in ("total_seconds", "statistics_seconds", "values_seconds", "residual_achieved", "efficacy_success"):
+        assert key in metrics["metrics"]
+
+    config = json.loads((output_dir / "edit_config.json").read_text())
+    assert config["model"] == str(saved_tiny_llama)
+    assert config["model_type"] == "llama"
+    assert config["corpus"] == [str(corpus)]
+    assert [m["module_name"] for m in config["modules"]] == [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)]
+
+    deltas = load_file(output_dir / "deltas.safetensors")
+    assert sorted(deltas) == sorted(
+        f"model.layers.{i}.mlp.down_proj.lora_{ab}" for i in (0, 1) for ab in ("A", "B")
+    )  # fmt: skip
+    for i in (0, 1):
+        lora_A = deltas[f"model.layers.{i}.mlp.down_proj.lora_A"]
+        lora_B = deltas[f"model.layers.{i}.mlp.down_proj.lora_B"]
+        assert lora_A.shape == (lora_A.shape[0], 64) and lora_B.shape == (32, lora_A.shape[0])
+        assert 1 <= lora_A.shape[0] <= 4
+        update = lora_B @ lora_A
+        assert torch.isfinite(update).all() and update.abs().max() > 0
+    with safe_open(output_dir / "deltas.safetensors", "pt") as handle:
+        assert handle.metadata()["format"] == "memit_hf.deltas"
+
+    # the statistics were cached: `stats` on the same model, corpus and budget reads them back
+    cached = sorted(stats_dir.rglob("*"))
+    assert any(path.suffix == ".safetensors" for path in cached)
+    stats_argv = ["stats", "--model", str(saved_tiny_llama), "--corpus", str(corpus), "--layers", "0", "1"]
+    counts = cli.run_stats(*cli.parse_args([*stats_argv, "--stats_cache_dir", str(stats_dir)]))
+    assert list(counts) == [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)]
+    assert all(count > 0 for count in counts.values())
+    assert sorted(stats_dir.rglob("*")) == cached  # nothing recomputed
+    assert "tokens" in capsys.readouterr().out

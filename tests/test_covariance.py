@@ -1,0 +1,322 @@
+"""Tests of `memit_hf.covariance`: second moments against an explicit sum, one pass for several modules, the disk
+cache (reuse, damage detection, fingerprint), token pieces, corpus inputs and the model-sampled corpus."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+
+import memit_hf.editor as editor_module
+from memit_hf.architectures import get_layout
+from memit_hf.covariance import (
+    SecondMoment,
+    _batches,
+    _cache_paths,
+    add_gram,
+    collect_second_moments,
+    corpus_texts,
+    load_cached,
+    sample_corpus,
+    save_cached,
+    statistics_fingerprint,
+    token_pieces,
+)
+from memit_hf.editor import Editor
+from tests.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer, tiny_corpus, tiny_editing_arguments
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer(add_bos=True)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).norm() / expected.norm())
+
+
+def explicit_moments(model, modules, pieces):
+    """Each piece alone, unpadded, through a plain forward; `sum k k^T` in float64 from hooks."""
+    totals = dict.fromkeys(modules, 0)
+    count = 0
+    for piece in pieces:
+        seen = {}
+        hooks = [
+            model.get_submodule(name).register_forward_pre_hook(
+                lambda m, a, name=name, seen=seen: seen.__setitem__(name, a[0])
+            )
+            for name in modules
+        ]
+        with torch.no_grad():
+            model(input_ids=torch.tensor([piece]))
+        for hook in hooks:
+            hook.remove()
+        for name in modules:
+            keys = seen[name][0].double()
+            totals[name] = totals[name] + keys.T @ keys
+        count += len(piece)
+    return totals, count
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gpt_neox"])
+def test_second_moments_equal_explicit_sum(model_type, tokenizer):
+    model = build_tiny_causal_lm(model_type, vocab_size=len(tokenizer))
+    layout = get_layout(model)
+    modules = [layout.edit_name(0), layout.edit_name(2)]
+    pieces = token_pieces(tokenizer, tiny_corpus(), num_tokens=600, max_length=24, seed=0)
+    assert len({len(p) for p in pieces}) > 1  # padding is exercised
+    moments = collect_second_moments(model, tokenizer, modules, pieces, batch_tokens=100, show_progress=False)
+    expected, count = explicit_moments(model, modules, pieces)
+    assert count == 600
+    for name in modules:
+        moment = moments[name]
+        assert isinstance(moment, SecondMoment) and moment.count == count
+        assert moment.total.dtype == torch.float64
+        assert relative_error(moment.total, expected[name]) < 1e-6
+        torch.testing.assert_close(moment.mean(), expected[name] / count, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(moment.total, moment.total.T, rtol=0, atol=1e-9 * float(moment.total.abs().max()))
+        assert torch.linalg.eigvalsh(moment.mean()).min() > -1e-9
+
+
+def test_one_pass_equals_separate_passes_and_stops_early(tokenizer):
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    layout = get_layout(model)
+    names = [layout.edit_name(layer) for layer in (0, 1, 2)]
+    pieces = token_pieces(tokenizer, tiny_corpus(), num_tokens=400, max_length=32, seed=1)
+    calls = []
+    hook = model.lm_head.register_forward_hook(lambda *a: calls.append("head"))
+    after = model.model.layers[1].mlp.down_proj.register_forward_hook(lambda *a: calls.append("layer1"))
+    together = collect_second_moments(model, tokenizer, [names[1], names[0]], pieces, 256, show_progress=False)
+    assert calls == []  # the pass stops right before the last edited module: neither it nor the head ran
+    hook.remove()
+    after.remove()
+    assert list(together) == [names[0], names[1]]  # sorted in execution order
+    for name in names[:2]:
+        alone = collect_second_moments(model, tokenizer, [name], pieces, 256, show_progress=False)[name]
+        torch.testing.assert_close(together[name].total, alone.total, rtol=1e-12, atol=0)
+        assert together[name].count == alone.count == 400
+    # Different batching changes only float rounding.
+    rebatched = collect_second_moments(model, tokenizer, names, pieces, 64, show_progress=False)
+    for name in names[:2]:
+        assert relative_error(rebatched[name].total, together[name].total) < 1e-6
+
+
+@pytest.mark.parametrize("dim", [7, 16, 33])
+def test_add_gram_is_the_full_product(dim):
+    keys = torch.randn(50, dim, generator=torch.Generator().manual_seed(dim))
+    total = torch.full((dim, dim), 2.0, dtype=torch.float64)
+    add_gram(total, keys)
+    expected = 2.0 + keys.double().T @ keys.double()
+    assert relative_error(total, expected) < 1e-6
+    torch.testing.assert_close(total, total.T, rtol=0, atol=1e-6 * float(total.abs().max()))
+
+
+def test_batches_respect_the_token_budget():
+    pieces = [[1] * n for n in (5, 9, 3, 9, 1, 7, 2, 8, 4, 6)]
+    batches = _batches(pieces, batch_tokens=20)
+    assert sorted(map(len, (p for b in batches for p in b))) == sorted(map(len, pieces))
+    for batch in batches:
+        assert max(map(len, batch)) * len(batch) <= 20
+    assert _batches([[1] * 30], batch_tokens=20) == [[[1] * 30]]
+
+
+def test_token_pieces_budget_and_max_length(tokenizer):
+    texts = tiny_corpus()
+    pieces = token_pieces(tokenizer, texts, num_tokens=500, max_length=16, seed=0)
+    assert sum(map(len, pieces)) == 500
+    assert all(1 <= len(p) <= 16 for p in pieces)
+    # Every piece is a contiguous slice of some text's encoding.
+    encodings = [tokenizer(t)["input_ids"] for t in texts]
+    for piece in pieces[:20]:
+        assert any(enc[i : i + len(piece)] == piece for enc in encodings for i in range(0, len(enc), 16)), piece
+    # Seeded order: the same seed gives the same pieces, another seed another order.
+    assert token_pieces(tokenizer, texts, 500, 16, seed=0) == pieces
+    assert token_pieces(tokenizer, texts, 500, 16, seed=1) != pieces
+    # A budget larger than the corpus takes every token once (one-token tails of long texts are dropped).
+    total = sum(len(enc) for enc in encodings)
+    everything = token_pieces(tokenizer, texts, 10**9, 16, seed=0)
+    tails = sum(1 for enc in encodings if len(enc) > 16 and len(enc) % 16 == 1)
+    assert sum(map(len, everything)) == total - tails
+    assert all(len(p) <= 16 for p in everything)
+
+
+def test_corpus_texts_accepts_every_input(tmp_path):
+    assert corpus_texts(["a b", "  ", "", " c "]) == ["a b", "c"]
+    assert corpus_texts(Dataset.from_dict({"text": ["x y", "", "z"], "id": [1, 2, 3]})) == ["x y", "z"]
+    first = tmp_path / "one.txt"
+    first.write_text("First doc line one\nline two\n\nSecond doc\n\n\n", encoding="utf-8")
+    second = tmp_path / "two.txt"
+    second.write_text("Third doc", encoding="utf-8")
+    assert corpus_texts(str(first)) == ["First doc line one\nline two", "Second doc"]
+    assert corpus_texts(first) == ["First doc line one\nline two", "Second doc"]
+    assert corpus_texts([first, str(second), "inline text"]) == [
+        "First doc line one\nline two",
+        "Second doc",
+        "Third doc",
+        "inline text",
+    ]
+
+
+def test_corpus_texts_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"`stats_dataset` must have a `text` column, found \['content'\]"):
+        corpus_texts(Dataset.from_dict({"content": ["a"]}))
+    with pytest.raises(ValueError, match=r"`stats_dataset` items must be strings or paths, got int"):
+        corpus_texts(["a", 3])
+    with pytest.raises(ValueError, match=r"`stats_dataset` holds no non-empty text"):
+        corpus_texts(["", "   "])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="holds no non-empty text"):
+        corpus_texts([empty])
+
+
+def test_sample_corpus_is_seeded(tokenizer):
+    model = build_tiny_causal_lm("gpt2", vocab_size=len(tokenizer))
+    rng = torch.random.get_rng_state()
+    first = sample_corpus(model, tokenizer, num_texts=3, length=6, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the global generator is untouched
+    assert len(first) == 3 and all(isinstance(t, str) and t for t in first)
+    assert first[0].startswith("The") and first[1].startswith("In") and first[2].startswith("A")
+    assert sample_corpus(model, tokenizer, num_texts=3, length=6, seed=0) == first
+    assert sample_corpus(model, tokenizer, num_texts=3, length=6, seed=1) != first
+    for text in first:  # starter plus exactly `length` sampled tokens
+        assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= 6
+    many = sample_corpus(model, tokenizer, num_texts=34, length=2, seed=0)
+    assert len(many) == 34
+
+
+# ------------------------------------------------------------------------------------------------- the disk cache
+@pytest.fixture
+def model(tokenizer):
+    return build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+
+
+def make_editor(model, tokenizer, cache_dir, **overrides):
+    args = tiny_editing_arguments(cache_dir, stats_num_tokens=800, stats_max_length=64, stats_batch_tokens=256)
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return Editor(model, args=args, processing_class=tokenizer, stats_dataset=tiny_corpus())
+
+
+def counting_collect(monkeypatch):
+    calls = []
+    original = editor_module.collect_second_moments
+
+    def wrapper(model, tokenizer, modules, *args, **kwargs):
+        calls.append(list(modules))
+        return original(model, tokenizer, modules, *args, **kwargs)
+
+    monkeypatch.setattr(editor_module, "collect_second_moments", wrapper)
+    return calls
+
+
+def forbid_collect(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("statistics were recomputed instead of read from the cache")
+
+    monkeypatch.setattr(editor_module, "collect_second_moments", fail)
+
+
+def test_cache_is_written_and_reused(model, tokenizer, tmp_path, monkeypatch):
+    calls = counting_collect(monkeypatch)
+    first = make_editor(model, tokenizer, tmp_path).get_statistics([0, 1])
+    assert calls == [["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]]
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2 and len(list(tmp_path.glob("*.json"))) == 2
+    assert not list(tmp_path.glob("*.tmp"))
+    assert first["model.layers.0.mlp.down_proj"].count == 800
+    forbid_collect(monkeypatch)
+    second = make_editor(model, tokenizer, tmp_path).get_statistics([0, 1])
+    for name, moment in first.items():
+        assert torch.equal(second[name].total, moment.total) and second[name].count == moment.count
+    # A subset of the cached layers is served from the cache as well.
+    assert torch.equal(make_editor(model, tokenizer, tmp_path).get_statistics([1])[name].total, first[name].total)
+
+
+def damage_truncate(path: Path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def damage_flip(path: Path):
+    data = bytearray(path.read_bytes())
+    data[len(data) - 17] ^= 0x01  # one bit inside the tensor data
+    path.write_bytes(bytes(data))
+
+
+def damage_meta(path: Path):
+    meta_path = path.with_suffix(".json")
+    meta_path.write_text(meta_path.read_text()[:-10])
+
+
+@pytest.mark.parametrize("damage", [damage_truncate, damage_flip, damage_meta], ids=["truncated", "flipped", "meta"])
+def test_damaged_cache_is_detected_and_recomputed(model, tokenizer, tmp_path, monkeypatch, caplog, damage):
+    editor = make_editor(model, tokenizer, tmp_path)
+    original = editor.get_statistics([0, 1])
+    name = "model.layers.1.mlp.down_proj"
+    fingerprint = statistics_fingerprint(model, tokenizer, name, editor._corpus_id_and_texts()[0], editor.args)
+    tensor_path, _ = _cache_paths(tmp_path, fingerprint)
+    assert tensor_path.exists()
+    damage(tensor_path)
+    with caplog.at_level("WARNING", logger="memit_hf.covariance"):
+        assert load_cached(tmp_path, fingerprint) is None
+    assert "Ignoring damaged statistics cache" in caplog.text
+    calls = counting_collect(monkeypatch)
+    recomputed = make_editor(model, tokenizer, tmp_path).get_statistics([0, 1])
+    assert calls == [[name]]  # only the damaged module is recomputed
+    for key, moment in original.items():
+        assert torch.equal(recomputed[key].total, moment.total) and recomputed[key].count == moment.count
+    # The cache is repaired.
+    repaired = load_cached(tmp_path, fingerprint)
+    assert repaired is not None and torch.equal(repaired.total, original[name].total)
+
+
+def test_fingerprint_tracks_what_determines_the_statistics(model, tokenizer, tmp_path, monkeypatch):
+    editor = make_editor(model, tokenizer, tmp_path)
+    corpus_id = editor._corpus_id_and_texts()[0]
+    name = "model.layers.0.mlp.down_proj"
+    base = statistics_fingerprint(model, tokenizer, name, corpus_id, editor.args)
+    for field, value in [("stats_num_tokens", 801), ("stats_max_length", 32), ("seed", 1)]:
+        changed = make_editor(model, tokenizer, tmp_path, **{field: value})
+        other = statistics_fingerprint(model, tokenizer, name, corpus_id, changed.args)
+        assert other != base, field
+        assert _cache_paths(tmp_path, other) != _cache_paths(tmp_path, base), field
+    assert statistics_fingerprint(model, tokenizer, "model.layers.1.mlp.down_proj", corpus_id, editor.args) != base
+    assert statistics_fingerprint(model, tokenizer, name, "texts:other", editor.args) != base
+    other_model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=1)
+    assert statistics_fingerprint(other_model, tokenizer, name, corpus_id, editor.args) != base
+    # The batch size does not change the statistics and is not part of the fingerprint.
+    batched = make_editor(model, tokenizer, tmp_path, stats_batch_tokens=512)
+    assert statistics_fingerprint(model, tokenizer, name, corpus_id, batched.args) == base
+    # End to end: a different token budget is recomputed, into new files.
+    editor.get_statistics([0])
+    calls = counting_collect(monkeypatch)
+    more = make_editor(model, tokenizer, tmp_path, stats_num_tokens=600).get_statistics([0])
+    assert calls == [[name]] and more[name].count == 600
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    # A different corpus is another cache entry too.
+    calls.clear()
+    other_corpus = Editor(model, args=editor.args, processing_class=tokenizer, stats_dataset=tiny_corpus()[:40])
+    other_corpus.get_statistics([0])
+    assert calls == [[name]]
+
+
+def test_save_and_load_cached_round_trip(tmp_path):
+    fingerprint = {"module": "m.0", "format_version": 1, "x": 1}
+    total = torch.randn(4, 4, dtype=torch.float64)
+    path = save_cached(tmp_path / "sub", fingerprint, SecondMoment(total, 12))
+    assert path.exists() and path.suffix == ".safetensors"
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["fingerprint"] == fingerprint and meta["count"] == 12 and len(meta["sha256"]) == 64
+    loaded = load_cached(tmp_path / "sub", fingerprint)
+    assert torch.equal(loaded.total, total) and loaded.count == 12
+    assert load_cached(tmp_path / "sub", {**fingerprint, "x": 2}) is None
+    assert load_cached(tmp_path / "missing", fingerprint) is None

@@ -1,0 +1,456 @@
+"""End-to-end tests of `memit_hf.editor.Editor` on every tiny architecture: edit success, locality of the change in
+parameter space, MEMIT's defining equation per layer, atomicity, validation, determinism, composition and restore."""
+
+import pytest
+import torch
+
+import memit_hf.editor as editor_module
+from memit_hf.algorithms import MEMIT, IllConditionedError
+from memit_hf.deltas import LayerDelta, add_delta
+from memit_hf.editor import Editor, EditorCallback, EditOutput
+from memit_hf.keys import compute_keys_and_outputs
+from memit_hf.tokenization import encode_targets
+from tests.testing_utils import (
+    TINY_MODEL_TYPES,
+    build_tiny_causal_lm,
+    build_tiny_tokenizer,
+    changed_tensors,
+    next_token_argmax,
+    parameters_snapshot,
+    subject_final_requests,
+    tiny_corpus,
+    tiny_editing_arguments,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+def prompts_of(requests):
+    return [r["prompt"].format(r["subject"]) for r in requests]
+
+
+def first_target_ids(tokenizer, requests):
+    return [ids[0] for ids in encode_targets(tokenizer, [r["target_new"] for r in requests])]
+
+
+def target_log_probs(model, tokenizer, requests) -> torch.Tensor:
+    """Log-probability of each request's first target token right after its prompt."""
+    result = []
+    with torch.no_grad():
+        for prompt, target in zip(prompts_of(requests), first_target_ids(tokenizer, requests)):
+            ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+            result.append(torch.log_softmax(model(input_ids=ids).logits[0, -1], -1)[target])
+    return torch.stack(result)
+
+
+def has_post_mlp_norm(layout) -> bool:
+    """Whether the layout maps residuals through an RMS norm after the MLP (Gemma 2/3, OLMo 2)."""
+    return getattr(layout, "post_mlp_norm_template", None) is not None
+
+
+def edited_names(model_type: str) -> list[str]:
+    template = {
+        "gpt2": "transformer.h.{}.mlp.c_proj",
+        "gptj": "transformer.h.{}.mlp.fc_out",
+        "gpt_neox": "gpt_neox.layers.{}.mlp.dense_4h_to_h",
+    }.get(model_type, "model.layers.{}.mlp.down_proj")
+    return [template.format(layer) for layer in (0, 1)]
+
+
+def make_editor(model, tokenizer, cache_dir, callbacks=None, **overrides):
+    args = tiny_editing_arguments(cache_dir, **overrides)
+    return Editor(model, args=args, processing_class=tokenizer, stats_dataset=tiny_corpus(), callbacks=callbacks)
+
+
+class Edited:
+    """One edit of a fresh tiny model, shared by the read-only tests of an architecture."""
+
+    def __init__(self, model_type, tokenizer, cache_dir):
+        self.model_type = model_type
+        self.cache_dir = cache_dir
+        self.model = build_tiny_causal_lm(model_type, vocab_size=len(tokenizer))
+        self.before = parameters_snapshot(self.model)
+        self.editor = make_editor(self.model, tokenizer, cache_dir)
+        self.requests = subject_final_requests()
+        self.output = self.editor.edit(self.requests)
+        self.after = parameters_snapshot(self.model)
+
+
+@pytest.fixture(scope="module", params=TINY_MODEL_TYPES)
+def edited(request, tokenizer, tmp_path_factory):
+    return Edited(request.param, tokenizer, tmp_path_factory.mktemp(f"stats-{request.param}"))
+
+
+# --------------------------------------------------------------------------------------- properties of one edit
+def test_every_target_becomes_the_argmax(edited, tokenizer):
+    got = next_token_argmax(edited.model, tokenizer, prompts_of(edited.requests))
+    assert got == first_target_ids(tokenizer, edited.requests)
+    with edited.editor.unedited():
+        before = next_token_argmax(edited.model, tokenizer, prompts_of(edited.requests))
+    assert before != got
+
+
+def test_only_edited_weights_change(edited):
+    names = [name + ".weight" for name in edited_names(edited.model_type)]
+    changed = sorted(name for name in edited.before if not torch.equal(edited.before[name], edited.after[name]))
+    assert changed == names
+    assert [d.module_name for d in edited.output.deltas] == edited_names(edited.model_type)
+
+
+def test_deltas_are_the_memit_solution(edited, tokenizer):
+    """Per layer, recompute K and R as MEMIT defines them (keys with the earlier layers' updates applied, residual
+    spread over the remaining layers) and check Delta (lam C + K K^T) = R K^T."""
+    model = build_tiny_causal_lm(edited.model_type, vocab_size=len(tokenizer))
+    editor, output = edited.editor, edited.output
+    targets = output.values.targets.double()
+    layers = [0, 1]
+    n = len(edited.requests)
+    for i, (layer, delta) in enumerate(zip(layers, output.deltas)):
+        assert isinstance(delta, LayerDelta)
+        weight = delta.module_name + ".weight"
+        # The stored factors are exactly what was added to the weight.
+        difference = edited.after[weight].double() - edited.before[weight].double()
+        torch.testing.assert_close(
+            difference, delta.dense().double(), rtol=0, atol=1e-6 * float(difference.abs().max())
+        )
+        assert delta.rank == n and delta.lora_B.shape[1] == delta.lora_A.shape[0] == n
+        singular_values = torch.linalg.svdvals(difference)  # rank <= n up to float32 rounding of the weights
+        assert float(singular_values[n] / singular_values[0]) < 1e-5
+        keys, current = compute_keys_and_outputs(
+            model, tokenizer, editor.layout, output.requests, editor.context_templates, layer, layers[-1]
+        )
+        residuals = (targets - current) / (len(layers) - i)  # what is left, spread over the remaining layers
+        if has_post_mlp_norm(editor.layout):
+            # The block-output residual is first mapped through the post-MLP norm; check the solve with the
+            # residual the update actually writes, B^T.
+            residuals = delta.lora_B.double().T
+        else:
+            torch.testing.assert_close(delta.lora_B.double(), residuals.T, rtol=1e-5, atol=1e-7)
+        covariance = editor.get_statistics([layer])[delta.module_name].mean()
+        system = 1.0 * covariance + keys.T @ keys
+        stored = delta.lora_B.double() @ delta.lora_A.double()  # (d_out, d_in)
+        rhs = residuals.T @ keys
+        assert float((stored @ system - rhs).norm() / rhs.norm()) < 5e-6
+        exact = torch.matmul(*MEMIT().solve(keys, residuals, covariance, 1.0))
+        assert float((exact @ system - rhs).norm() / rhs.norm()) < 1e-9
+        assert float((stored - exact).norm() / exact.norm()) < 1e-6
+        add_delta(model, delta)
+    # Replaying the deltas on a fresh copy reproduces the edited weights bit for bit.
+    assert changed_tensors(model, edited.after) == []
+
+
+def test_metrics(edited, tokenizer):
+    metrics, values = edited.output.metrics, edited.output.values
+    assert metrics["num_requests"] == 4.0 and metrics["num_layers"] == 2.0
+    stages = ["templates_seconds", "statistics_seconds", "values_seconds", "update_seconds"]
+    for key in stages + ["total_seconds"]:
+        assert 0.0 <= metrics[key] < 120.0, key
+    assert metrics["total_seconds"] >= sum(metrics[key] for key in stages)
+    assert metrics["z_initial_loss"] == pytest.approx(float(values.initial_loss.mean()))
+    assert metrics["z_final_loss"] == pytest.approx(float(values.final_loss.mean()))
+    assert metrics["z_final_nll"] == pytest.approx(float(values.final_nll.mean()))
+    assert metrics["z_final_loss"] < metrics["z_initial_loss"] < 7.0
+    assert 0.0 <= metrics["z_mean_steps"] <= 39.0
+    # residual_achieved = mean(1 - ||z - h_after|| / ||z - h_before||) at the last edited layer, bare prompts.
+    editor = edited.editor
+    _, after = compute_keys_and_outputs(edited.model, tokenizer, editor.layout, edited.output.requests, [["{}"]], 1, 1)
+    with editor.unedited():
+        _, before = compute_keys_and_outputs(
+            edited.model, tokenizer, editor.layout, edited.output.requests, [["{}"]], 1, 1
+        )
+    targets = values.targets.double()
+    expected = float((1 - (targets - after).norm(dim=1) / (targets - before).norm(dim=1)).mean())
+    assert metrics["residual_achieved"] == pytest.approx(expected, abs=1e-5)
+    assert 0.2 < metrics["residual_achieved"] <= 1.0
+    assert edited.editor.history[-1] is edited.output
+
+
+def test_unedited_context_is_bit_exact(edited):
+    with edited.editor.unedited() as model:
+        assert changed_tensors(model, edited.before) == []
+    assert changed_tensors(edited.model, edited.after) == []
+
+
+def test_override_layout_for_unknown_model_type(edited, tokenizer, tmp_path):
+    model = build_tiny_causal_lm(edited.model_type, vocab_size=len(tokenizer))
+    model.config.model_type = "mystery"
+    with pytest.raises(
+        ValueError, match=r"Model type `mystery` has no layout in memit-hf; pass `edit_module_template"
+    ):
+        make_editor(model, tokenizer, tmp_path)
+    edit_template = edited_names(edited.model_type)[0].replace(".0.", ".{}.")
+    layer_template = edit_template.split(".mlp.")[0]
+    editor = make_editor(
+        model, tokenizer, tmp_path, edit_module_template=edit_template, layer_module_template=layer_template
+    )
+    output = editor.edit(subject_final_requests())
+    assert [d.module_name for d in output.deltas] == edited_names(edited.model_type)
+    if has_post_mlp_norm(edited.editor.layout):
+        # The override templates cannot name a post-MLP norm: the edit is the plain one, but it still succeeds.
+        assert changed_tensors(model, edited.before) == [name + ".weight" for name in edited_names(edited.model_type)]
+        requests = subject_final_requests()
+        assert next_token_argmax(model, tokenizer, prompts_of(requests)) == first_target_ids(tokenizer, requests)
+        return
+    # The same edit as through the layout table, bit for bit.
+    assert changed_tensors(model, edited.after) == []
+    for ours, theirs in zip(output.deltas, edited.output.deltas):
+        assert torch.equal(ours.lora_B, theirs.lora_B) and torch.equal(ours.lora_A, theirs.lora_A)
+
+
+# ---------------------------------------------------------------------------------- behaviour across edit calls
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_second_edit_composes_and_restore_is_bit_exact(model_type, tokenizer, tmp_path):
+    model = build_tiny_causal_lm(model_type, vocab_size=len(tokenizer))
+    original = parameters_snapshot(model)
+    editor = make_editor(model, tokenizer, tmp_path, v_num_grad_steps=8)
+    requests = subject_final_requests()
+    first = editor.edit(requests[:2])
+    after_first = parameters_snapshot(model)
+    before_second = target_log_probs(model, tokenizer, requests[2:])
+    second = editor.edit(requests[2:])
+    assert (target_log_probs(model, tokenizer, requests[2:]) > before_second + 0.1).all()
+    assert len(editor.history) == 2 and editor.history == [first, second]
+    for name in edited_names(model_type):
+        weight = model.get_submodule(name).weight.detach().double()
+        first_delta, second_delta = (
+            next(d for d in out.deltas if d.module_name == name).dense().double() for out in (first, second)
+        )
+        tolerance = 1e-6 * float(weight.abs().max())  # float32 rounding of the stored weights
+        torch.testing.assert_close(
+            weight - after_first[name + ".weight"].double(), second_delta, rtol=0, atol=tolerance
+        )
+        torch.testing.assert_close(
+            weight - original[name + ".weight"].double(), first_delta + second_delta, rtol=0, atol=2 * tolerance
+        )
+    editor.restore()
+    assert changed_tensors(model, original) == []
+    assert editor.history == []
+    editor.restore()  # idempotent
+    assert changed_tensors(model, original) == []
+
+
+def test_same_seed_gives_bitwise_identical_edits(edited, tokenizer, tmp_path):
+    """A second editor with the same arguments, on a second copy of the model, with its own statistics and a
+    different global RNG state, produces the same weights bit for bit."""
+    model = build_tiny_causal_lm(edited.model_type, vocab_size=len(tokenizer))
+    torch.manual_seed(1234)  # the global generator must not matter
+    editor = make_editor(model, tokenizer, tmp_path)
+    output = editor.edit(subject_final_requests())
+    assert changed_tensors(model, edited.after) == []
+    assert editor.context_templates == edited.editor.context_templates
+    torch.testing.assert_close(output.values.targets, edited.output.values.targets, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------- atomicity
+class FailAtLayer(EditorCallback):
+    def __init__(self, layer: int, error: type[BaseException] = RuntimeError):
+        self.layer, self.error, self.events = layer, error, []
+
+    def on_edit_begin(self, editor, requests):
+        self.events.append(("begin", len(requests)))
+
+    def on_layer_end(self, editor, layer, delta):
+        self.events.append(("layer", layer))
+        if layer == self.layer:
+            raise self.error(f"callback failed at layer {layer}")
+
+    def on_edit_end(self, editor, output):
+        self.events.append(("end", len(output.deltas)))
+
+
+@pytest.mark.parametrize(
+    "model_type, error",
+    [(model_type, RuntimeError) for model_type in TINY_MODEL_TYPES] + [("llama", KeyboardInterrupt)],
+)
+def test_exception_mid_edit_leaves_weights_unchanged(model_type, error, tokenizer, tmp_path):
+    model = build_tiny_causal_lm(model_type, vocab_size=len(tokenizer))
+    original = parameters_snapshot(model)
+    callback = FailAtLayer(1, error)
+    editor = make_editor(model, tokenizer, tmp_path, callbacks=[callback], v_num_grad_steps=3)
+    with pytest.raises(error, match="callback failed at layer 1"):
+        editor.edit(subject_final_requests())
+    assert callback.events == [("begin", 4), ("layer", 0), ("layer", 1)]
+    assert changed_tensors(model, original) == []
+    assert editor.history == []
+    editor.restore()  # nothing to restore: still the original
+    assert changed_tensors(model, original) == []
+    # The editor stays usable and its later restore returns to the original weights.
+    editor.callbacks = []
+    editor.edit(subject_final_requests())
+    assert changed_tensors(model, original) != []
+    editor.restore()
+    assert changed_tensors(model, original) == []
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_solver_failure_at_second_layer_leaves_weights_unchanged(model_type, tokenizer, tmp_path, monkeypatch):
+    model = build_tiny_causal_lm(model_type, vocab_size=len(tokenizer))
+    original = parameters_snapshot(model)
+    calls = []
+    solve = MEMIT.solve
+
+    def failing_solve(self, keys, residuals, covariance, mom2_update_weight):
+        calls.append(keys.shape)
+        if len(calls) == 2:
+            raise IllConditionedError("solver failed at the second layer")
+        return solve(self, keys, residuals, covariance, mom2_update_weight)
+
+    monkeypatch.setattr(MEMIT, "solve", failing_solve)
+    editor = make_editor(model, tokenizer, tmp_path, v_num_grad_steps=3)
+    with pytest.raises(IllConditionedError, match="solver failed at the second layer"):
+        editor.edit(subject_final_requests())
+    assert len(calls) == 2
+    assert changed_tensors(model, original) == []
+
+
+def test_non_finite_update_is_rejected(tokenizer, tmp_path, monkeypatch):
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    original = parameters_snapshot(model)
+    solve = MEMIT.solve
+    calls = []
+
+    def nan_second_layer(self, *args):
+        lora_B, lora_A = solve(self, *args)
+        calls.append(1)
+        if len(calls) == 2:
+            lora_B = lora_B.clone()
+            lora_B[0, 0] = float("nan")
+        return lora_B, lora_A
+
+    monkeypatch.setattr(MEMIT, "solve", nan_second_layer)
+    editor = make_editor(model, tokenizer, tmp_path, v_num_grad_steps=3)
+    with pytest.raises(ValueError, match=r"The update of `model\.layers\.1\.mlp\.down_proj` is not finite"):
+        editor.edit(subject_final_requests())
+    assert changed_tensors(model, original) == []
+
+
+def test_non_finite_target_values_are_rejected(tokenizer, tmp_path, monkeypatch):
+    model = build_tiny_causal_lm("gpt2", vocab_size=len(tokenizer))
+    original = parameters_snapshot(model)
+    compute = editor_module.compute_target_values
+
+    def nan_values(*args, **kwargs):
+        result = compute(*args, **kwargs)
+        result.targets[2, 5] = float("inf")
+        return result
+
+    monkeypatch.setattr(editor_module, "compute_target_values", nan_values)
+    with pytest.raises(ValueError, match=r"Target values are not finite for requests \[2\]"):
+        make_editor(model, tokenizer, tmp_path, v_num_grad_steps=2).edit(subject_final_requests())
+    assert changed_tensors(model, original) == []
+
+
+def test_ill_conditioned_covariance_fails_before_the_z_optimisation(tokenizer, tmp_path, monkeypatch):
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    original = parameters_snapshot(model)
+
+    def never(*args, **kwargs):
+        raise AssertionError("z optimisation must not start")
+
+    monkeypatch.setattr(editor_module, "compute_target_values", never)
+    editor = make_editor(model, tokenizer, tmp_path, mom2_update_weight=0.0)
+    with pytest.raises(
+        IllConditionedError, match=r"The system for `model\.layers\.0\.mlp\.down_proj` is not numerically positive"
+    ):
+        editor.edit(subject_final_requests())
+    assert changed_tensors(model, original) == []
+
+
+# ------------------------------------------------------------------------------------------------ validation
+BAD_REQUESTS = [
+    (
+        1,
+        {"prompt": "The city of", "subject": "the Eiffel Tower", "target_new": "Rome"},
+        r"^Request 1: field `prompt` must contain exactly one `\{\}` placeholder",
+    ),
+    (
+        2,
+        {"prompt": "The city of {}", "subject": "the Eiffel Tower", "target_new": "   "},
+        r"^Request 2: field `target_new` must be .* \(got the empty target '   '\)",
+    ),
+    (
+        3,
+        {"prompt": "The capital of France", "subject": "Italy", "target_new": "Rome", "ground_truth": "Paris"},
+        r"^Request 3: field `prompt` must contain the subject 'Italy' to be turned into a template",
+    ),
+    (
+        0,
+        {"prompt": "The city of {} {}", "subject": "Rome", "target_new": "Paris"},
+        r"^Request 0: field `prompt` must contain exactly one `\{\}`",
+    ),
+    (2, {"prompt": "I think {}", "subject": " ", "target_new": "Paris"}, r"^Request 2: field `subject` must be"),
+    (
+        1,
+        {"prompt": "The cit{} of", "subject": "y", "target_new": "Rome"},  # " city" is one token
+        r"^Request 1: field `subject` \('y'\) is not found as its own tokens in the prompt 'The city of'",
+    ),
+]
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+@pytest.mark.parametrize(
+    "index, bad, message", BAD_REQUESTS, ids=["no_braces", "empty_target", "subject", "two", "blank", "merged"]
+)
+def test_bad_requests_fail_before_any_work(model_type, index, bad, message, tokenizer, tmp_path, monkeypatch):
+    model = build_tiny_causal_lm(model_type, vocab_size=len(tokenizer))
+    original = parameters_snapshot(model)
+
+    def never(*args, **kwargs):
+        raise AssertionError("no work may start before validation")
+
+    for name in ("compute_target_values", "collect_second_moments", "generate_context_templates"):
+        monkeypatch.setattr(editor_module, name, never)
+    requests = subject_final_requests()
+    requests.insert(index, bad)
+    editor = make_editor(model, tokenizer, tmp_path)
+    with pytest.raises(ValueError, match=message):
+        editor.edit(requests)
+    assert changed_tensors(model, original) == []
+    assert not list(tmp_path.iterdir())  # no statistics were written
+
+
+def test_empty_requests_and_missing_tokenizer(tokenizer, tmp_path):
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    with pytest.raises(ValueError, match=r"`requests` is empty"):
+        make_editor(model, tokenizer, tmp_path).edit([])
+    with pytest.raises(ValueError, match=r"`processing_class` \(the tokenizer\) is required"):
+        Editor(model, args=tiny_editing_arguments(tmp_path))
+    with pytest.raises(TypeError, match=r"`model` must be a `PreTrainedModel` or a model id/path, got Linear"):
+        Editor(torch.nn.Linear(2, 2), args=tiny_editing_arguments(tmp_path), processing_class=tokenizer)
+    with pytest.raises(ValueError, match=r"`layers` has 3, outside the model's 3 layers"):
+        make_editor(model, tokenizer, tmp_path, layers=[2, 3]).edit(subject_final_requests())
+
+
+def test_callbacks_see_every_event(tokenizer, tmp_path):
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    callback = FailAtLayer(layer=-1)
+    output = make_editor(model, tokenizer, tmp_path, callbacks=[callback], v_num_grad_steps=2).edit(
+        subject_final_requests()
+    )
+    assert isinstance(output, EditOutput)
+    assert callback.events == [("begin", 4), ("layer", 0), ("layer", 1), ("end", 2)]
+
+
+# -------------------------------------------------------------------------------------------- statistics guard
+def test_statistics_after_an_edit_are_those_of_the_original_model(tokenizer, tmp_path):
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    editor = make_editor(model, tokenizer, tmp_path / "edited")
+    editor.edit(subject_final_requests())
+    try:
+        after_edit = editor.get_statistics([2])["model.layers.2.mlp.down_proj"]
+    except RuntimeError:
+        return  # refusing is an acceptable answer too
+    pristine = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    reference = make_editor(pristine, tokenizer, tmp_path / "pristine").get_statistics([2])
+    torch.testing.assert_close(after_edit.total, reference["model.layers.2.mlp.down_proj"].total, rtol=1e-6, atol=0)

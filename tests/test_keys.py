@@ -1,0 +1,192 @@
+"""Tests of `memit_hf.keys`: context templates, the subject-last index, template weights and the keys themselves."""
+
+import copy
+
+import pytest
+import torch
+
+from memit_hf.architectures import get_layout
+from memit_hf.keys import (
+    CONTEXT_STARTERS,
+    compute_keys_and_outputs,
+    contextualise,
+    fill,
+    generate_context_templates,
+    template_weights,
+)
+from memit_hf.requests import load_requests
+from memit_hf.tokenization import last_token_indices
+from tests.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer, tiny_requests
+
+
+TEMPLATES = [["{}"], ["The river flows. {}", "Because it is cold. {}", "I think. {}"]]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def requests():
+    return load_requests(tiny_requests())
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["no_bos", "bos"])
+def tokenizer(request):
+    return build_tiny_tokenizer(add_bos=request.param)
+
+
+def test_fill(requests):
+    text, end = fill("The river flows. {}", requests[0])
+    assert text == "The river flows. The Eiffel Tower is located in the city of"
+    assert text[:end] == "The river flows. The Eiffel Tower"
+    text, end = fill("{}", requests[3])
+    assert text == "The capital of France is" and text[:end] == "The capital of France"
+
+
+def test_subject_last_index(tokenizer, requests):
+    bos = 1 if tokenizer("x")["input_ids"][0] == tokenizer.bos_token_id else 0
+    flat = [t for group in TEMPLATES for t in group]
+    ids, idx = contextualise(tokenizer, requests, flat)
+    assert len(ids) == len(idx) == len(requests) * len(flat)
+    for row, (request, template) in enumerate((r, t) for r in requests for t in flat):
+        text, end = fill(template, request)
+        assert ids[row] == tokenizer(text)["input_ids"]
+        assert ids[row][0] == tokenizer.bos_token_id if bos else ids[row][0] != tokenizer.bos_token_id
+        # The tokens up to the index spell the text up to the end of the subject, and no further.
+        assert tokenizer.decode(ids[row][: idx[row] + 1], skip_special_tokens=True) == text[:end]
+        assert tokenizer.decode(ids[row][: idx[row]], skip_special_tokens=True) != text[:end]
+        assert text[:end].endswith(tokenizer.decode(ids[row][idx[row]]).strip())
+    # Bare prompts with the subject first: the index is the subject's token count, minus one without BOS.
+    n_subject = len(tokenizer("The Eiffel Tower", add_special_tokens=False)["input_ids"])
+    assert idx[0] == n_subject - 1 + bos
+    # "The capital of {} is": the subject's last token sits right before " is".
+    france = 3 * len(flat)
+    assert tokenizer.decode(ids[france][idx[france] + 1]) == " is"
+
+
+def test_last_token_indices_counts_bos_once():
+    plain, with_bos = build_tiny_tokenizer(), build_tiny_tokenizer(add_bos=True)
+    texts, ends = ["The capital of France is", "Big Ben is"], [21, 7]
+    assert [i + 1 for i in last_token_indices(plain, texts, ends)] == last_token_indices(with_bos, texts, ends)
+    assert last_token_indices(plain, ["Big Ben"], [7]) == [len(plain("Big Ben")["input_ids"]) - 1]
+
+
+def test_template_weights():
+    weights = template_weights(TEMPLATES)
+    assert weights.dtype == torch.float64
+    torch.testing.assert_close(weights, torch.tensor([1 / 2, 1 / 6, 1 / 6, 1 / 6], dtype=torch.float64))
+    five = template_weights([["{}"], ["a {}"] * 5])
+    torch.testing.assert_close(five, torch.tensor([0.5] + [0.1] * 5, dtype=torch.float64))
+    assert float(five.sum()) == pytest.approx(1.0, abs=1e-15)
+    torch.testing.assert_close(template_weights([["{}"]]), torch.tensor([1.0], dtype=torch.float64))
+
+
+def explicit_keys(model, tokenizer, requests, templates, layer, z_layer):
+    """Each text run alone (unpadded) through a plain forward, keys taken with a hook and averaged by hand."""
+    layout = get_layout(model)
+    flat = [t for group in templates for t in group]
+    weights = [1 / (len(group) * len(templates)) for group in templates for _ in group]
+    keys, outputs = [], []
+    for request in requests:
+        key = 0
+        for j, (template, weight) in enumerate(zip(flat, weights)):
+            text, end = fill(template, request)
+            ids = torch.tensor([tokenizer(text)["input_ids"]])
+            position = len(tokenizer(text[:end])["input_ids"]) - 1
+            seen = {}
+            hooks = [
+                model.get_submodule(layout.edit_name(layer)).register_forward_pre_hook(
+                    lambda m, a, seen=seen: seen.__setitem__("key", a[0])
+                ),
+                model.get_submodule(layout.layer_name(z_layer)).register_forward_hook(
+                    lambda m, a, o, seen=seen: seen.__setitem__("out", o[0] if isinstance(o, tuple) else o)
+                ),
+            ]
+            with torch.no_grad():
+                model(input_ids=ids)
+            for hook in hooks:
+                hook.remove()
+            key = key + weight * seen["key"][0, position].double()
+            if j == 0:
+                outputs.append(seen["out"][0, position].double())
+        keys.append(key)
+    return torch.stack(keys), torch.stack(outputs)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gemma3_text"])
+def test_keys_match_explicit_forward(model_type, tokenizer, requests):
+    model = build_tiny_causal_lm(model_type, vocab_size=len(tokenizer))
+    layout = get_layout(model)
+    keys, outputs = compute_keys_and_outputs(model, tokenizer, layout, requests, TEMPLATES, 0, 1)
+    d_in = model.get_submodule(layout.edit_name(0)).weight.shape[0 if model_type == "gpt2" else 1]
+    assert keys.shape == (len(requests), d_in) and outputs.shape == (len(requests), model.config.hidden_size)
+    assert keys.dtype == outputs.dtype == torch.float64
+    expected_keys, expected_outputs = explicit_keys(model, tokenizer, requests, TEMPLATES, 0, 1)
+    torch.testing.assert_close(keys, expected_keys, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outputs, expected_outputs, rtol=1e-5, atol=1e-6)
+
+
+def test_keys_do_not_depend_on_padding_side_or_batch_size(requests):
+    right = build_tiny_tokenizer(add_bos=True)
+    left = copy.deepcopy(right)
+    left.padding_side = "left"
+    model = build_tiny_causal_lm("llama", vocab_size=len(right))
+    layout = get_layout(model)
+    reference = compute_keys_and_outputs(model, right, layout, requests, TEMPLATES, 1, 2)
+    mirrored = compute_keys_and_outputs(model, left, layout, requests, TEMPLATES, 1, 2)
+    assert torch.equal(reference[0], mirrored[0]) and torch.equal(reference[1], mirrored[1])
+    small_batches = compute_keys_and_outputs(model, right, layout, requests, TEMPLATES, 1, 2, batch_size=3)
+    torch.testing.assert_close(small_batches[0], reference[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(small_batches[1], reference[1], rtol=1e-5, atol=1e-7)
+
+
+def test_keys_of_one_request_do_not_depend_on_the_others(requests):
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_causal_lm("gpt2", vocab_size=len(tokenizer))
+    layout = get_layout(model)
+    together, _ = compute_keys_and_outputs(model, tokenizer, layout, requests, TEMPLATES, 1, 1)
+    alone = torch.cat([compute_keys_and_outputs(model, tokenizer, layout, [r], TEMPLATES, 1, 1)[0] for r in requests])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def template_model():
+    tokenizer = build_tiny_tokenizer(add_bos=True)
+    return build_tiny_causal_lm("llama", vocab_size=len(tokenizer)), tokenizer
+
+
+def test_context_templates_shape_and_text(template_model):
+    model, tokenizer = template_model
+    rng_state = torch.random.get_rng_state()
+    templates = generate_context_templates(model, tokenizer, num_templates=7, length=6, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), rng_state)  # sampling uses a private generator
+    assert len(templates) == 2 and templates[0] == ["{}"]
+    assert len(templates[1]) == 7
+    for i, template in enumerate(templates[1]):
+        assert template.endswith(". {}") and template.count("{}") == 1
+        assert template.startswith(CONTEXT_STARTERS[i % len(CONTEXT_STARTERS)])
+        assert tokenizer.bos_token not in template and tokenizer.eos_token not in template
+    # `length` counts the starter's tokens: a length of 1 samples nothing.
+    bare = generate_context_templates(model, tokenizer, num_templates=5, length=1, seed=3)
+    assert bare == [["{}"], [f"{starter}. {{}}" for starter in CONTEXT_STARTERS]]
+
+
+def test_context_templates_are_seeded(template_model):
+    model, tokenizer = template_model
+    first = generate_context_templates(model, tokenizer, num_templates=5, length=8, seed=0)
+    again = generate_context_templates(model, tokenizer, num_templates=5, length=8, seed=0)
+    other = generate_context_templates(model, tokenizer, num_templates=5, length=8, seed=1)
+    assert first == again
+    assert first != other
+    for i, starter in enumerate(CONTEXT_STARTERS):
+        assert first[1][i].startswith(starter) and other[1][i].startswith(starter)
+
+
+def test_zero_context_templates(template_model):
+    model, tokenizer = template_model
+    assert generate_context_templates(model, tokenizer, num_templates=0) == [["{}"]]

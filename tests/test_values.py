@@ -1,0 +1,169 @@
+"""Tests of `memit_hf.values`: the batched z optimisation against one-request-at-a-time runs, its loss at the first
+step against a plain forward, early stopping and the norm clamp."""
+
+import pytest
+import torch
+
+from memit_hf.architectures import get_layout
+from memit_hf.keys import compute_keys_and_outputs, fill
+from memit_hf.requests import load_requests
+from memit_hf.tokenization import encode_targets
+from memit_hf.values import compute_target_values
+from tests.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer, subject_final_requests, tiny_requests
+
+
+TEMPLATES = [["{}"], ["The river. {}", "I think it will. {}"]]
+SETTINGS = dict(lr=0.5, weight_decay=0.001, clamp_norm_factor=4.0, kl_factor=0.0625, show_progress=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+def max_relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float(((actual - expected).norm(dim=1) / expected.norm(dim=1)).max())
+
+
+def run(model, tokenizer, requests, z_layer=1, **kwargs):
+    settings = dict(SETTINGS, num_steps=6, early_stop_loss=0.05)
+    settings.update(kwargs)
+    return compute_target_values(model, tokenizer, get_layout(model), requests, TEMPLATES, z_layer, **settings)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gpt_neox", "gemma3_text"])
+def test_batched_equals_one_at_a_time(model_type, tokenizer):
+    model = build_tiny_causal_lm(model_type, vocab_size=len(tokenizer))
+    requests = load_requests(tiny_requests())  # multi-token targets and subjects in the middle of the prompt
+    batched = run(model, tokenizer, requests)
+    singles = [run(model, tokenizer, [r]) for r in requests]
+    assert batched.targets.shape == (4, model.config.hidden_size) and batched.targets.dtype == torch.float32
+    assert max_relative(batched.targets, torch.cat([s.targets for s in singles])) < 1e-4
+    assert max_relative(batched.initial, torch.cat([s.initial for s in singles])) < 1e-5
+    for field in ("initial_loss", "final_loss", "final_nll"):
+        expected = torch.cat([getattr(s, field) for s in singles])
+        torch.testing.assert_close(getattr(batched, field), expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(batched.steps, torch.cat([s.steps for s in singles]))
+    # Chunking is a memory knob only.
+    chunked = run(model, tokenizer, requests, batch_size=3)
+    assert max_relative(chunked.targets, batched.targets) < 1e-4
+    assert torch.equal(chunked.steps, batched.steps)
+
+
+def test_initial_matches_keys_module_and_initial_loss_is_the_nll(tokenizer):
+    """At step 0 (delta = 0) the loss is the mean over prompts of the mean target-token NLL, from a plain forward."""
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    requests = load_requests(tiny_requests())
+    result = run(model, tokenizer, requests, num_steps=1)
+    assert result.steps.tolist() == [0, 0, 0, 0]
+    _, outputs = compute_keys_and_outputs(model, tokenizer, get_layout(model), requests, TEMPLATES, 1, 1)
+    torch.testing.assert_close(result.initial.double(), outputs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(result.targets, result.initial, rtol=0, atol=0)
+    flat = [t for group in TEMPLATES for t in group]
+    for i, request in enumerate(requests):
+        target = encode_targets(tokenizer, [request.target_new])[0]
+        nlls = []
+        for template in flat:
+            prompt = tokenizer(fill(template, request)[0])["input_ids"]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([prompt + target])).logits[0]
+            log_probs = torch.log_softmax(logits[len(prompt) - 1 : len(prompt) - 1 + len(target)], -1)
+            nlls.append(-log_probs[torch.arange(len(target)), torch.tensor(target)].mean())
+        expected = torch.stack(nlls).mean()
+        torch.testing.assert_close(result.initial_loss[i], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(result.final_nll[i], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(result.final_loss, result.initial_loss, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_optimisation_lowers_the_loss(model_type, tokenizer):
+    model = build_tiny_causal_lm(model_type, vocab_size=len(tokenizer))
+    result = run(model, tokenizer, load_requests(subject_final_requests()), num_steps=8)
+    assert result.steps.tolist() == [7, 7, 7, 7]  # the last iteration takes no step
+    assert (result.final_loss < result.initial_loss).all(), (result.initial_loss, result.final_loss)
+    assert float((result.initial_loss - result.final_loss).mean()) > 0.2
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_early_stop(model_type, tokenizer):
+    model = build_tiny_causal_lm(model_type, vocab_size=len(tokenizer))
+    requests = load_requests(subject_final_requests())
+    num_steps, threshold = 6, 5.6
+    result = run(model, tokenizer, requests, num_steps=num_steps, early_stop_loss=threshold)
+    assert (result.steps <= num_steps - 1).all()
+    stopped = result.steps < num_steps - 1
+    assert stopped.any() and not stopped.all(), result.steps  # the threshold splits the requests
+    assert (result.final_loss[stopped] < threshold).all()
+    assert (result.final_loss[~stopped] >= threshold).all()
+    # A stopped request stopped at the first iteration whose loss fell below the threshold, and its z is exactly the
+    # one reached after that many steps: freezing it did not disturb the others.
+    for i in stopped.nonzero().squeeze(1).tolist():
+        steps = int(result.steps[i])
+        capped = run(model, tokenizer, [requests[i]], num_steps=steps + 1, early_stop_loss=0.0)
+        assert max_relative(result.targets[i : i + 1], capped.targets) < 1e-4
+        if steps > 0:
+            before = run(model, tokenizer, [requests[i]], num_steps=steps, early_stop_loss=0.0)
+            assert before.final_loss[0] >= threshold
+    singles = [run(model, tokenizer, [r], num_steps=num_steps, early_stop_loss=threshold) for r in requests]
+    assert torch.equal(result.steps, torch.cat([s.steps for s in singles]))
+    assert max_relative(result.targets, torch.cat([s.targets for s in singles])) < 1e-4
+
+
+def test_all_requests_stop_immediately(tokenizer):
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    result = run(model, tokenizer, load_requests(subject_final_requests()), early_stop_loss=100.0)
+    assert result.steps.tolist() == [0, 0, 0, 0]
+    torch.testing.assert_close(result.targets, result.initial, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("clamp", [0.05, 0.5])
+def test_clamp(clamp, tokenizer):
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    requests = load_requests(subject_final_requests())
+    result = run(model, tokenizer, requests, num_steps=6, clamp_norm_factor=clamp)
+    shift = (result.targets - result.initial).norm(dim=1)
+    bound = clamp * result.initial.norm(dim=1)
+    assert (shift <= bound + 1e-5).all(), (shift, bound)
+    # With lr 0.5 on a tiny model every delta hits the clamp.
+    torch.testing.assert_close(shift, bound, rtol=1e-4, atol=1e-6)
+
+
+def test_schedule_shrinks_as_requests_stop(tokenizer):
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    requests = load_requests(subject_final_requests())
+    result = run(model, tokenizer, requests, num_steps=6, early_stop_loss=5.6, batch_size=3)
+    assert len(result.schedule) == 2  # one schedule per chunk
+    assert [len(chunk) for chunk in result.schedule] == [int(result.steps[:3].max()) + 1, int(result.steps[3]) + 1]
+    first = result.schedule[0]
+    assert first[0] == [0, 1, 2]
+    for earlier, later in zip(first, first[1:]):
+        assert set(later) <= set(earlier)
+    # Request i is active at iteration `it` exactly while it <= steps[i].
+    for chunk_start, chunk in zip((0, 3), result.schedule):
+        for it, active in enumerate(chunk):
+            expected = [i for i in range(len(chunk[0])) if result.steps[chunk_start + i] >= it]
+            assert active == expected, (it, active, result.steps)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma3_text"])
+def test_prefix_cache_is_exact(model_type, tokenizer, caplog):
+    """The KV-cache shortcut (only tokens from the subject on are re-run) gives the plain forward's result, and
+    passes its own self-check on every tiny architecture (no fallback warning)."""
+    model = build_tiny_causal_lm(model_type, vocab_size=len(tokenizer))
+    requests = load_requests(tiny_requests())
+    with caplog.at_level("WARNING", logger="memit_hf.values"):
+        cached = run(model, tokenizer, requests, num_steps=5, use_prefix_cache=True)
+    assert not [r for r in caplog.records if "KV-cache shortcut" in r.getMessage()]
+    plain = run(model, tokenizer, requests, num_steps=5, use_prefix_cache=False)
+    assert max_relative(cached.targets, plain.targets) < 1e-4
+    torch.testing.assert_close(cached.initial_loss, plain.initial_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached.final_loss, plain.final_loss, rtol=1e-4, atol=1e-5)
+    assert torch.equal(cached.steps, plain.steps)
