@@ -127,7 +127,7 @@ def main(argv=None):
         run = {
             "num_edits": n,
             "edit_seconds": edit_seconds,
-            **{k: v for k, v in output.metrics.items()},
+            **output.metrics,
             "z_seconds_per_edit": output.metrics["values_seconds"] / n,
             **metrics,
             "peak_rss_gb": peak_rss_gb(),
