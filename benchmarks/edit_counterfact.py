@@ -39,6 +39,7 @@ def parse_args(argv=None):
     parser.add_argument("--layers", type=int, nargs="+", default=None)
     parser.add_argument("--mom2-update-weight", type=float, default=None)
     parser.add_argument("--bare-compute", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--bare-compute-max-edits", type=int, default=100, help="Time bare compute up to this size.")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "edit_counterfact.json"))
     return parser.parse_args(argv)
 
@@ -133,7 +134,7 @@ def main(argv=None):
             "peak_rss_gb": peak_rss_gb(),
         }
         editor.restore()
-        if options.bare_compute:
+        if options.bare_compute and n <= options.bare_compute_max_edits:
             bare = bare_compute_seconds(editor, output.requests, output.values)
             run["bare_compute_seconds"] = bare
             run["z_over_bare"] = output.metrics["values_seconds"] / bare

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import re
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -73,7 +74,7 @@ def corpus_texts(corpus) -> list[str]:
         texts = []
         for item in items:
             if isinstance(item, os.PathLike) or (isinstance(item, str) and "\n" not in item and os.path.isfile(item)):
-                texts.extend(Path(item).read_text(encoding="utf-8").split("\n\n"))
+                texts.extend(re.split(r"\n[ \t]*\n", Path(item).read_text(encoding="utf-8")))
             elif isinstance(item, str):
                 texts.append(item)
             else:
