@@ -30,7 +30,10 @@ def parse_args(argv=None):
     parser.add_argument(
         "--corpus",
         nargs="+",
-        default=[str(SHARED / "corpus" / "wikitext-2-raw.valid.txt"), str(SHARED / "corpus" / "wikitext-2-raw.test.txt")],
+        default=[
+            str(SHARED / "corpus" / "wikitext-2-raw.valid.txt"),
+            str(SHARED / "corpus" / "wikitext-2-raw.test.txt"),
+        ],
         help="Statistics corpus text files (split at blank lines). Use `none` for the offline model-sampled source.",
     )
     parser.add_argument("--num-edits", type=int, nargs="+", default=[100, 400])

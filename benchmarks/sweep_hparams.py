@@ -25,7 +25,10 @@ def parse_args(argv=None):
     parser.add_argument(
         "--corpus",
         nargs="+",
-        default=[str(SHARED / "corpus" / "wikitext-2-raw.valid.txt"), str(SHARED / "corpus" / "wikitext-2-raw.test.txt")],
+        default=[
+            str(SHARED / "corpus" / "wikitext-2-raw.valid.txt"),
+            str(SHARED / "corpus" / "wikitext-2-raw.test.txt"),
+        ],
     )
     parser.add_argument("--num-edits", type=int, default=100)
     parser.add_argument("--stats-tokens", type=int, default=408_567)

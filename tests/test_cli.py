@@ -177,3 +177,19 @@ def test_edit_end_to_end_on_a_saved_tiny_model(saved_tiny_llama, tmp_path, capsy
     assert all(count > 0 for count in counts.values())
     assert sorted(stats_dir.rglob("*")) == cached  # nothing recomputed
     assert "tokens" in capsys.readouterr().out
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model(monkeypatch, tmp_path, capsys):
+    import memit_hf.models
+
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    monkeypatch.setattr(memit_hf.models, "load_default_model", lambda: (model, tokenizer))
+    demo_argv = ["demo", "--layers", "0", "1", "--stats_sample_texts", "4", "--stats_sample_length", "16"]
+    demo_argv += ["--mom2_update_weight", "1.0", "--v_num_grad_steps", "5", "--stats_cache_dir", str(tmp_path)]
+    result = cli.run_demo(*cli.parse_args(demo_argv))
+    printed = capsys.readouterr().out
+    for heading in ("Before the edit:", "After the edit:", "CounterFact metrics", "After editor.restore():"):
+        assert heading in printed
+    assert result["restored"][0] == result["before"][0]
+    assert "original answer back: True" in printed

