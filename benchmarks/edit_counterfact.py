@@ -60,6 +60,13 @@ def bare_compute_seconds(editor, requests, values) -> float:
     flat = [t for group in editor.context_templates for t in group]
     runner = V._Runner(editor.model, editor.layout, z_layer)
     pad = V.pad_token_id(editor.tokenizer)
+    from memit_hf.values import frozen_parameters
+
+    with frozen_parameters(editor.model):
+        return _bare_compute_seconds(editor, requests, values, args, z_layer, flat, runner, pad, V)
+
+
+def _bare_compute_seconds(editor, requests, values, args, z_layer, flat, runner, pad, V) -> float:
     total = 0.0
     for chunk_index, start in enumerate(range(0, len(requests), args.v_batch_size)):
         rows = V._rows(editor.tokenizer, requests[start : start + args.v_batch_size], flat)
@@ -77,7 +84,7 @@ def bare_compute_seconds(editor, requests, values) -> float:
             label_hidden, kl_hidden = state.forward(delta)
             loss = V._logits(editor.model, label_hidden).sum() + V._logits(editor.model, kl_hidden).sum()
             if step < len(schedule) - 1:  # the last iteration takes no step, as in the optimisation
-                loss.backward()
+                torch.autograd.grad(loss, delta)
             total += time.perf_counter() - tick
     return total
 
@@ -95,6 +102,7 @@ def main(argv=None):
     records = load_requests(options.data)
     corpus = None if options.corpus == ["none"] else options.corpus
     cache_dir = options.stats_cache_dir or tempfile.mkdtemp(prefix="memit-stats-")
+    had_cache = any(Path(cache_dir).glob("*.safetensors"))
     model, tokenizer = load_default_model()
     args = EditingArguments(
         stats_num_tokens=options.stats_tokens,
@@ -118,7 +126,7 @@ def main(argv=None):
             "seconds": stats_seconds,
             "tokens": stats_tokens,
             "layers": resolved.layers,
-            "from_cache": options.stats_cache_dir is not None,
+            "from_cache": had_cache,
         },
         "runs": [],
     }

@@ -14,6 +14,7 @@ The KV-cache shortcut is checked against a plain forward on the first chunk and 
 architecture's cache handling does not reproduce it.
 """
 
+import contextlib
 import copy
 import logging
 import math
@@ -325,6 +326,31 @@ def compute_target_values(
     Returns:
         [`ValueResult`]
     """
+    with frozen_parameters(model):
+        return _compute_target_values(
+            model, tokenizer, layout, requests, templates, z_layer, num_steps, lr, weight_decay, clamp_norm_factor,
+            kl_factor, early_stop_loss, batch_size, use_prefix_cache, show_progress,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: PreTrainedModel):
+    """Temporarily set `requires_grad=False` on every parameter, so backward passes compute only the gradient of
+    the delta (no weight gradients, no saved activations for them)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _compute_target_values(
+    model, tokenizer, layout, requests, templates, z_layer, num_steps, lr, weight_decay, clamp_norm_factor,
+    kl_factor, early_stop_loss, batch_size, use_prefix_cache, show_progress,
+) -> ValueResult:  # fmt: skip
     flat = [t for group in templates for t in group]
     runner = _Runner(model, layout, z_layer)
     pad = pad_token_id(tokenizer)
@@ -419,10 +445,10 @@ def _optimise_chunk(state, num_steps, lr, weight_decay, clamp_norm_factor, kl_fa
         if it == num_steps - 1 or done.all():
             break
         continuing = ~done
-        (loss * continuing.to(device)).sum().backward()
+        (grad,) = torch.autograd.grad((loss * continuing.to(device)).sum(), delta_active)
         moving = active[continuing].to(device)
         d, m, v = delta[moving], exp_avg[moving], exp_avg_sq[moving]
-        _adam_update(d, delta_active.grad[continuing.to(device)], m, v, it + 1, lr)
+        _adam_update(d, grad[continuing.to(device)], m, v, it + 1, lr)
         # Project each delta back into its ball ||d|| <= clamp * ||h||.
         scale = (clamp_norm_factor * h_norm[moving] / d.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
         delta[moving], exp_avg[moving], exp_avg_sq[moving] = d * scale[:, None], m, v
