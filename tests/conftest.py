@@ -63,6 +63,19 @@ def requests_list():
     return tiny_requests()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread_for_tiny_models(request):
+    """Tiny models run fastest on one thread (several threads thrash on a shared 2-core machine); the real-model
+    integration tests keep torch's default."""
+    if request.node.get_closest_marker("integration") or request.node.get_closest_marker("slow"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -26,14 +26,6 @@ from tests.testing_utils import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 HIDDEN, INTERMEDIATE, LAYERS = 32, 64, 3
 _IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.02)
 

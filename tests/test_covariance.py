@@ -27,14 +27,6 @@ from memit_hf.editor import Editor
 from tests.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer, tiny_corpus, tiny_editing_arguments
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tiny_tokenizer(add_bos=True)

@@ -25,15 +25,6 @@ PROMPTS = [
 TARGETS = ["Paris", "London", "Apple Microsoft", "rain today", "football", "Paris and the capital of Italy", "Madrid"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models run fastest on one thread; several threads thrash when the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def reference_nlls(model, tokenizer, prompts, targets):
     """Each pair run alone, unpadded, with a full log-softmax over every position."""
     nlls, correct = [], []

@@ -22,14 +22,6 @@ from tests.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer, tiny
 TEMPLATES = [["{}"], ["The river flows. {}", "Because it is cold. {}", "I think. {}"]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def requests():
     return load_requests(tiny_requests())

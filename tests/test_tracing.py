@@ -22,14 +22,6 @@ VOCAB = 64
 INPUT_IDS = torch.tensor([[5, 9, 13, 17, 21, 25], [30, 31, 32, 33, 34, 35]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def hook_state(model: nn.Module) -> dict:
     """Every hook and instance-level forward override of every submodule."""
     return {

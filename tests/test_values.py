@@ -16,14 +16,6 @@ TEMPLATES = [["{}"], ["The river. {}", "I think it will. {}"]]
 SETTINGS = dict(lr=0.5, weight_decay=0.001, clamp_norm_factor=4.0, kl_factor=0.0625, show_progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tiny_tokenizer()
