@@ -68,7 +68,7 @@ _REFERENCE_DEFAULTS = {
     "gptj": dict(mom2_update_weight=15000.0, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=0.75),
     "gpt2": dict(mom2_update_weight=20000.0, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=0.75),
 }
-_GENERIC_DEFAULTS = dict(mom2_update_weight=1500.0, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=0.75)
+_GENERIC_DEFAULTS = dict(mom2_update_weight=1000.0, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=0.75)
 
 
 def get_layout(model: PreTrainedModel, args: EditingArguments | None = None) -> ModelLayout:
