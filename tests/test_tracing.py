@@ -8,7 +8,6 @@ from torch import nn
 from memit_hf.architectures import get_layout
 from memit_hf.tracing import (
     StopForward,
-    add_at_positions,
     capture,
     hidden_of,
     run_until_stopped,
@@ -131,27 +130,6 @@ def test_run_until_stopped_passes_other_errors():
 
     with pytest.raises(KeyError, match="other"):
         run_until_stopped(fail)
-
-
-def test_add_at_positions(model):
-    layout = get_layout(model)
-    block = model.get_submodule(layout.layer_name(1))
-    rows, cols = torch.tensor([0, 1, 1]), torch.tensor([2, 0, 5])
-    values = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    with capture(model, outputs=[layout.layer_name(1)]) as plain, torch.no_grad():
-        before = model(input_ids=INPUT_IDS).logits
-    with add_at_positions(block, rows, cols, lambda: values), torch.no_grad():
-        with capture(model, outputs=[layout.layer_name(1)]) as edited:
-            after = model(input_ids=INPUT_IDS).logits
-    expected = plain["out:" + layout.layer_name(1)].clone()
-    expected[rows, cols] += values
-    torch.testing.assert_close(edited["out:" + layout.layer_name(1)], expected, rtol=0, atol=0)
-    # Causality: positions before the first edited one in each row are unchanged, later ones change.
-    torch.testing.assert_close(after[0, :2], before[0, :2], rtol=0, atol=0)
-    assert not torch.allclose(after[0, 2:], before[0, 2:])
-    assert no_hooks(model)
-    with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=INPUT_IDS).logits, before, rtol=0, atol=0)
 
 
 def test_skip_blocks_reproduces_the_forward_and_restores(model):

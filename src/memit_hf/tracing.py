@@ -84,23 +84,6 @@ def run_until_stopped(forward: Callable[[], Any]) -> Any:
 
 
 @contextlib.contextmanager
-def add_at_positions(module: nn.Module, rows: torch.Tensor, cols: torch.Tensor, values: Callable[[], torch.Tensor]):
-    """Add `values()` (shape `(len(rows), d)`) to the module's hidden output at `[rows, cols]`."""
-
-    def hook(mod, args, output):
-        hidden = hidden_of(output)
-        delta = torch.zeros_like(hidden)
-        delta = delta.index_put((rows, cols), values().to(hidden.dtype))
-        return with_hidden(output, hidden + delta)
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@contextlib.contextmanager
 def skip_blocks(blocks: list[nn.Module], last_output: Callable[[], torch.Tensor], template_output: Any):
     """Replace the forward of `blocks` (the first blocks of the stack, in order) so they do no work: every block but
     the last passes its input through, and the last returns `last_output()` in the container type of
