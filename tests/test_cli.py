@@ -1,14 +1,16 @@
 """The `memit-hf` command: argument parsing (flags, YAML recipes) and an end-to-end `edit` on a tiny saved model."""
 
 import argparse
+import copy
 import json
 from dataclasses import fields
 
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
+from peft import PeftModel
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from memit_hf import cli
 from memit_hf.arguments import EditingArguments
@@ -22,7 +24,7 @@ def _subparser(command: str) -> argparse.ArgumentParser:
     return cli._subparser(cli.make_parser(), command)
 
 
-@pytest.mark.parametrize("command", cli.COMMANDS)
+@pytest.mark.parametrize("command", cli.EDITING_COMMANDS)
 def test_every_editing_field_is_a_flag(command):
     options = {option for action in _subparser(command)._actions for option in action.option_strings}
     missing = [name for name in FIELD_NAMES if f"--{name}" not in options]
@@ -148,25 +150,39 @@ def test_edit_end_to_end_on_a_saved_tiny_model(saved_tiny_llama, tmp_path, capsy
     for key in ("total_seconds", "statistics_seconds", "values_seconds", "residual_achieved", "efficacy_success"):
         assert key in metrics["metrics"]
 
-    config = json.loads((output_dir / "edit_config.json").read_text())
-    assert config["model"] == str(saved_tiny_llama)
-    assert config["model_type"] == "llama"
-    assert config["corpus"] == [str(corpus)]
-    assert [m["module_name"] for m in config["modules"]] == [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)]
+    # the edit is a peft LoRA adapter, with metadata and a model card
+    adapter_config = json.loads((output_dir / "adapter_config.json").read_text())
+    names = [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)]
+    assert sorted(adapter_config["target_modules"]) == names
+    assert adapter_config["base_model_name_or_path"] is None  # a temporary directory is never recorded
+    metadata = json.loads((output_dir / "memit_edits.json").read_text())
+    assert metadata["model_type"] == "llama" and metadata["num_edits"] == 4
+    (batch,) = metadata["batches"]
+    assert batch["source"] == {"requests": str(requests), "corpus": [str(corpus)]}
+    assert batch["metrics"]["efficacy_success"] == metrics["metrics"]["efficacy_success"]
+    assert "## Evaluation" in (output_dir / "README.md").read_text()
+    tensors = load_file(output_dir / "adapter_model.safetensors")
+    for name in names:
+        lora_A = tensors[f"base_model.model.{name}.lora_A.weight"]
+        lora_B = tensors[f"base_model.model.{name}.lora_B.weight"]
+        assert lora_A.shape == (4, 64) and lora_B.shape == (32, 4)
+        assert torch.isfinite(lora_B @ lora_A).all() and (lora_B @ lora_A).abs().max() > 0
+    base = AutoModelForCausalLM.from_pretrained(saved_tiny_llama).eval()
+    edited = PeftModel.from_pretrained(copy.deepcopy(base), output_dir)
 
-    deltas = load_file(output_dir / "deltas.safetensors")
-    assert sorted(deltas) == sorted(
-        f"model.layers.{i}.mlp.down_proj.lora_{ab}" for i in (0, 1) for ab in ("A", "B")
-    )  # fmt: skip
-    for i in (0, 1):
-        lora_A = deltas[f"model.layers.{i}.mlp.down_proj.lora_A"]
-        lora_B = deltas[f"model.layers.{i}.mlp.down_proj.lora_B"]
-        assert lora_A.shape == (lora_A.shape[0], 64) and lora_B.shape == (32, lora_A.shape[0])
-        assert 1 <= lora_A.shape[0] <= 4
-        update = lora_B @ lora_A
-        assert torch.isfinite(update).all() and update.abs().max() > 0
-    with safe_open(output_dir / "deltas.safetensors", "pt") as handle:
-        assert handle.metadata()["format"] == "memit_hf.deltas"
+    # export --merged gives a checkpoint equal to base + adapter; --export-rank a smaller adapter
+    with pytest.raises(SystemExit, match="pass --model"):
+        cli.main(["export", str(output_dir), "--merged", "--output-dir", str(tmp_path / "merged")])
+    cli.main(["export", str(output_dir), "--merged", "--model", str(saved_tiny_llama), "--output-dir",
+              str(tmp_path / "merged")])  # fmt: skip
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.tensor([[5, 17, 33, 8, 90]])
+    with torch.no_grad():
+        assert (merged(ids).logits - edited(ids).logits).abs().max() <= 1e-5
+    assert json.loads((tmp_path / "merged" / "memit_edits.json").read_text())["num_edits"] == 4
+    cli.main(["export", str(output_dir), "--export-rank", "2", "--output-dir", str(tmp_path / "rank2")])
+    assert json.loads((tmp_path / "rank2" / "adapter_config.json").read_text())["r"] == 2
+    assert "max relative reconstruction error" in capsys.readouterr().out
 
     # the statistics were cached: `stats` on the same model, corpus and budget reads them back
     cached = sorted(stats_dir.rglob("*"))
@@ -189,7 +205,48 @@ def test_demo_runs_end_to_end_on_a_tiny_model(monkeypatch, tmp_path, capsys):
     demo_argv += ["--mom2_update_weight", "1.0", "--v_num_grad_steps", "5", "--stats_cache_dir", str(tmp_path)]
     result = cli.run_demo(*cli.parse_args(demo_argv))
     printed = capsys.readouterr().out
-    for heading in ("Before the edit:", "After the edit:", "CounterFact metrics", "After editor.restore():"):
+    headings = ("Before the edit:", "After the edit:", "CounterFact metrics", "After editor.restore():",
+                "Adapter loaded back with peft:", "Adapter disabled:")  # fmt: skip
+    for heading in headings:
         assert heading in printed
-    assert result["restored"][0] == result["before"][0]
+    assert result["restored"][0] == result["before"][0] == result["disabled"][0]
+    assert result["reloaded"] == result["after"][: len(result["reloaded"])]
+    assert not any("lora" in name for name, _ in model.named_modules())  # the demo gives the plain model back
     assert "original answer back: True" in printed
+
+
+def test_push_uploads_a_folder_with_a_card_naming_the_repository(tmp_path, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    (folder / "memit_edits.json").write_text(json.dumps({"base_model_name_or_path": "org/base", "batches": []}))
+    (folder / "README.md").write_text("old card")
+    calls = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, **kw: calls.append(("create", kw)) or SimpleNamespace(
+        repo_id=kw["repo_id"]))  # fmt: skip
+
+    def upload_folder(self, **kw):
+        card = (tmp_path.joinpath(kw["folder_path"]) / "README.md").read_text()
+        calls.append(("upload", kw["repo_id"], sorted(p.name for p in tmp_path.joinpath(kw["folder_path"]).iterdir()),
+                      card))  # fmt: skip
+        return SimpleNamespace(commit_url="https://huggingface.co/me/edits/commit/1")
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    cli.main(["push", str(folder), "--repo-id", "me/edits", "--private"])
+    assert calls[0] == ("create", {"repo_id": "me/edits", "private": True, "exist_ok": True, "repo_type": "model"})
+    _, repo, files, card = calls[1]
+    assert repo == "me/edits" and files == ["README.md", "adapter_config.json", "memit_edits.json"]
+    assert 'PeftModel.from_pretrained(base, "me/edits")' in card
+    assert (folder / "README.md").read_text() == "old card"  # the local folder is untouched
+    assert "Pushed" in capsys.readouterr().out
+
+
+def test_export_rank_parses_ints_and_fractions():
+    assert cli._rank("8") == 8 and isinstance(cli._rank("8"), int)
+    assert cli._rank("0.9") == 0.9
+    with pytest.raises(argparse.ArgumentTypeError):
+        cli._rank("many")

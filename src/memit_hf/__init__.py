@@ -15,6 +15,9 @@ _EXPORTS = {
     "EditorCallback": "editor",
     "EditingArguments": "arguments",
     "EditRequest": "requests",
+    "ExportReport": "export",
+    "combine_edits": "loading",
+    "load_edits": "loading",
     "load_requests": "requests",
 }
 
@@ -24,13 +27,18 @@ __all__ = [
     "EditingArguments",
     "Editor",
     "EditorCallback",
+    "ExportReport",
     "__version__",
+    "combine_edits",
+    "load_edits",
     "load_requests",
 ]
 
 if TYPE_CHECKING:
     from .arguments import EditingArguments
     from .editor import Editor, EditorCallback, EditOutput
+    from .export import ExportReport
+    from .loading import combine_edits, load_edits
     from .requests import EditRequest, load_requests
 
 

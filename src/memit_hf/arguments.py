@@ -76,6 +76,14 @@ class EditingArguments:
             Where the CLI writes edit outputs.
         seed (`int`, *optional*, defaults to `42`):
             Seed of the context templates and the model-sampled statistics corpus.
+        push_to_hub (`bool`, *optional*, defaults to `False`):
+            Whether `memit-hf edit` pushes the adapter to the Hub once written ([`Editor.push_to_hub`]).
+        hub_model_id (`str`, *optional*):
+            Repository id for [`Editor.push_to_hub`], e.g. `"user/smollm2-edits"`.
+        hub_private_repo (`bool`, *optional*):
+            Create the repository as private (`None`: the account's default).
+        hub_token (`str`, *optional*):
+            Hub token; never written to exported metadata. Defaults to the logged-in token or `HF_TOKEN`.
         model_init_kwargs (`dict`, *optional*):
             Keyword arguments of `AutoModelForCausalLM.from_pretrained` when `Editor` is given a model id or path.
         edit_module_template, layer_module_template (`str`, *optional*):
@@ -111,6 +119,10 @@ class EditingArguments:
     model_init_kwargs: dict[str, Any] | None = field(
         default=None, metadata={"help": "Kwargs of from_pretrained when `model` is a string."}
     )
+    push_to_hub: bool = field(default=False, metadata={"help": "CLI `edit`: push the adapter to the Hub after it."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Repository of `push_to_hub`, `user/name`."})
+    hub_private_repo: bool | None = field(default=None, metadata={"help": "Create the repository as private."})
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
     edit_module_template: str | None = field(default=None, metadata={"help": "Override, e.g. `h.{}.mlp.proj`."})
     layer_module_template: str | None = field(default=None, metadata={"help": "Override, e.g. `h.{}`."})
 
@@ -153,8 +165,11 @@ class EditingArguments:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """The arguments as a plain JSON/YAML-serialisable dict."""
-        return asdict(self)
+        """The arguments as a plain JSON/YAML-serialisable dict (`hub_token` redacted, as `TrainingArguments` does)."""
+        values = asdict(self)
+        if values.get("hub_token") is not None:
+            values["hub_token"] = "<HUB_TOKEN>"
+        return values
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "EditingArguments":

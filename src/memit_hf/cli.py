@@ -1,4 +1,4 @@
-"""The `memit-hf` command: `edit`, `stats` and `demo` subcommands.
+"""The `memit-hf` command: `edit`, `stats`, `demo`, `export` and `push` subcommands.
 
 Every [`EditingArguments`] field is a flag (`--layers 3 4 5`, `--mom2_update_weight 1500`, dashes or underscores),
 and `--config recipe.yaml` reads the same fields from a YAML file; flags given on the command line win over the file.
@@ -11,6 +11,8 @@ memit-hf edit --requests edits.jsonl --corpus wiki.txt --output-dir out --layers
 memit-hf edit --model ./my-model --requests edits.json --config recipe.yaml --output-dir out
 memit-hf stats --corpus wiki.txt --stats_num_tokens 200000
 memit-hf demo
+memit-hf export out --merged --output-dir out-merged   # a full edited checkpoint from an edit adapter
+memit-hf push out --repo-id user/my-edits              # upload an adapter or checkpoint folder to the Hub
 ```
 """
 
@@ -18,6 +20,7 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -28,7 +31,9 @@ import yaml
 from .arguments import EditingArguments
 
 
-COMMANDS = ("edit", "stats", "demo")
+COMMANDS = ("edit", "stats", "demo", "export", "push")
+EDITING_COMMANDS = ("edit", "stats", "demo")
+"""The commands whose flags are the `EditingArguments` fields."""
 EDITING_FIELDS = tuple(f.name for f in fields(EditingArguments))
 
 # Demo facts: SmolLM2-135M-Instruct completes each prompt with the true object under greedy decoding
@@ -130,9 +135,11 @@ def make_parser() -> argparse.ArgumentParser:
     edit = _editing_parser(
         subparsers,
         "edit",
-        "Apply fact edits and write the deltas and metrics to --output-dir.",
-        "Apply all requests at once with MEMIT (or ROME) and write `edit_metrics.json`, `deltas.safetensors` "
-        "and `edit_config.json` to the output directory.",
+        "Apply fact edits and write them to --output-dir as a peft LoRA adapter.",
+        "Apply all requests at once with MEMIT (or ROME) and write the edit to the output directory as a peft LoRA "
+        "adapter (`adapter_config.json`, `adapter_model.safetensors`, `memit_edits.json`, a model card), plus "
+        "`edit_metrics.json`. `--merged` writes the full edited checkpoint instead; `--push_to_hub` uploads the "
+        "result to `--hub_model_id`.",
     )
     _add_model_and_corpus(edit)
     edit.add_argument(
@@ -146,6 +153,8 @@ def make_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Also run the CounterFact evaluation (requests need `target_true`) and add it to the metrics.",
     )
+    edit.add_argument("--merged", action="store_true", help="Write the full edited checkpoint instead of the adapter.")
+    _add_export_rank(edit)
 
     stats = _editing_parser(
         subparsers,
@@ -160,12 +169,63 @@ def make_parser() -> argparse.ArgumentParser:
         subparsers,
         "demo",
         "Edit three well-known facts in the embedded SmolLM2 and show generations before and after.",
-        "Edit three facts in SmolLM2-135M-Instruct, show greedy generations before and after the edit, then restore "
-        "the original weights.",
+        "Edit three facts in SmolLM2-135M-Instruct, show greedy generations before and after the edit, save the edit "
+        "as a peft adapter (to --output-dir if given), restore the original weights, and load the adapter back.",
     )
     _add_model_and_corpus(demo, with_model=False)
     demo.set_defaults(**DEMO_DEFAULTS)
+
+    export = subparsers.add_parser(
+        "export",
+        help="Turn an edit adapter into a merged checkpoint, or re-export it at a lower rank.",
+        description="With --merged, load the adapter's base model (or --model), fold the edit into its weights and "
+        "save a full checkpoint that `AutoModelForCausalLM.from_pretrained` loads. Without it, write the adapter "
+        "again at --export-rank (lossy; the reconstruction error is printed).",
+        dataclass_types=[],
+    )
+    export.add_argument("adapter", metavar="ADAPTER_DIR", help="Directory written by `memit-hf edit`.")
+    export.add_argument("--output-dir", "--output_dir", required=True, help="Where to write the result.")
+    export.add_argument("--merged", action="store_true", help="Write a merged full checkpoint.")
+    export.add_argument(
+        "--model", metavar="PATH_OR_GGUF", default=None,
+        help="Base model (default: the adapter's `base_model_name_or_path`; the embedded SmolLM2 for its id).",
+    )  # fmt: skip
+    _add_export_rank(export)
+
+    push = subparsers.add_parser(
+        "push",
+        help="Upload an adapter or merged checkpoint folder to the Hugging Face Hub.",
+        description="Create the repository if needed and upload the folder, with its model card updated to name "
+        "the repository.",
+        dataclass_types=[],
+    )
+    push.add_argument("folder", metavar="FOLDER", help="Adapter or checkpoint directory.")
+    push.add_argument("--repo-id", "--repo_id", required=True, help="`user/name` on the Hub.")
+    push.add_argument("--private", action=argparse.BooleanOptionalAction, default=None, help="Repository visibility.")
+    push.add_argument("--token", default=None, help="Hub token (default: the logged-in one or `HF_TOKEN`).")
+    push.add_argument("--commit-message", "--commit_message", default=None)
+    push.add_argument("--revision", default=None, help="Branch to push to.")
     return parser
+
+
+def _rank(value: str) -> int | float:
+    """`--export-rank`: an integer rank, or a float in (0, 1] read as a fraction of each update's energy."""
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer rank or an energy fraction, got {value!r}") from None
+
+
+def _add_export_rank(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--export-rank", "--export_rank", type=_rank, default=None, metavar="RANK",
+        help="Store at most this rank per module (integer), or keep this fraction of each update's energy (float in "
+        "(0, 1]); lossy below the update's rank. Default: exact.",
+    )  # fmt: skip
 
 
 def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
@@ -194,7 +254,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Editi
     parser = make_parser()
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     config_path = _explicit_config_path(argv)
-    if command in COMMANDS and config_path is not None:
+    if command in EDITING_COMMANDS and config_path is not None:
         subparser = _subparser(parser, command)
         try:
             with open(config_path, encoding="utf-8") as handle:
@@ -214,6 +274,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Editi
         parser.print_help()
         parser.exit(2)
     subparser = _subparser(parser, namespace.command)
+    if namespace.command not in EDITING_COMMANDS:
+        return namespace, EditingArguments()
     try:
         args = EditingArguments(**{name: getattr(namespace, name) for name in EDITING_FIELDS})
     except (TypeError, ValueError) as error:
@@ -247,15 +309,15 @@ def _jsonable(value: Any) -> Any:
 
 
 def run_edit(namespace: argparse.Namespace, args: EditingArguments) -> dict[str, Any]:
-    """`memit-hf edit`: edit, then write `edit_metrics.json`, `deltas.safetensors` and `edit_config.json`."""
-    from safetensors.torch import save_file
-
-    from . import __version__
+    """`memit-hf edit`: edit, then write the adapter (or, with `--merged`, the edited checkpoint) and
+    `edit_metrics.json` to `--output-dir`; push it when `--push_to_hub`."""
     from .editor import Editor
     from .requests import load_requests
 
     if args.output_dir is None:
         raise SystemExit("memit-hf edit: error: --output-dir is required.")
+    if args.push_to_hub and not args.hub_model_id:
+        raise SystemExit("memit-hf edit: error: --push_to_hub needs --hub_model_id.")
     corpus = _corpus_paths(namespace.corpus)
     requests = load_requests(namespace.requests)
     output_dir = Path(args.output_dir)
@@ -268,34 +330,25 @@ def run_edit(namespace: argparse.Namespace, args: EditingArguments) -> dict[str,
     metrics = dict(output.metrics)
     if namespace.evaluate:
         metrics.update(editor.evaluate(requests))
+        output.metadata["batch"]["metrics"] = dict(metrics)  # the model card shows the evaluation
+    output.metadata["batch"]["source"] = {
+        "requests": str(namespace.requests),
+        "corpus": [str(p) for p in corpus or []],
+    }
 
-    tensors, modules = {}, []
-    for delta in output.deltas:
-        tensors[f"{delta.module_name}.lora_A"] = delta.lora_A.detach().cpu().contiguous()
-        tensors[f"{delta.module_name}.lora_B"] = delta.lora_B.detach().cpu().contiguous()
-        modules.append({"module_name": delta.module_name, "rank": delta.rank, "fan_in_fan_out": delta.fan_in_fan_out})
-    save_file(
-        tensors,
-        output_dir / "deltas.safetensors",
-        metadata={
-            "format": "memit_hf.deltas",
-            "fan_in_fan_out": json.dumps({m["module_name"]: m["fan_in_fan_out"] for m in modules}),
-        },
-    )
+    if namespace.merged:
+        editor.merge_and_save(output_dir, repo_id=args.hub_model_id)
+        written = "the edited checkpoint"
+    else:
+        report = editor.save_adapter(output_dir, export_rank=namespace.export_rank, repo_id=args.hub_model_id)
+        metrics["adapter_bytes"] = report.adapter_bytes
+        metrics["adapter_max_reconstruction_error"] = report.max_reconstruction_error
+        written = f"the adapter ({report.adapter_bytes / 1e6:.2f} MB, ranks {sorted(set(report.ranks.values()))})"
     summary = {"metrics": metrics, "args": resolved, "num_requests": len(output.requests)}
     (output_dir / "edit_metrics.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n", encoding="utf-8")
-    config = {
-        "memit_hf_version": __version__,
-        "model": namespace.model or getattr(model.config, "_name_or_path", None),
-        "model_type": model.config.model_type,
-        "requests": str(namespace.requests),
-        "corpus": [str(path) for path in corpus] if corpus else None,
-        "args": resolved,
-        "modules": modules,
-    }
-    (output_dir / "edit_config.json").write_text(json.dumps(_jsonable(config), indent=2) + "\n", encoding="utf-8")
 
-    print(f"Edited {len(output.requests)} facts in {config['model']} at layers {resolved['layers']}.")
+    name = namespace.model or getattr(model.config, "_name_or_path", None)
+    print(f"Edited {len(output.requests)} facts in {name} at layers {resolved['layers']}.")
     print(
         f"  total {metrics['total_seconds']:.1f}s (statistics {metrics['statistics_seconds']:.1f}s, "
         f"values {metrics['values_seconds']:.1f}s, update {metrics['update_seconds']:.1f}s); "
@@ -307,8 +360,108 @@ def run_edit(namespace: argparse.Namespace, args: EditingArguments) -> dict[str,
             f"  efficacy {metrics['efficacy_success']:.1f}  paraphrase {metrics['paraphrase_success']:.1f}  "
             f"neighborhood {metrics['neighborhood_success']:.1f}  score {metrics['score']:.1f}"
         )
-    print(f"  wrote {output_dir / 'deltas.safetensors'}, edit_metrics.json and edit_config.json")
+    print(f"  wrote {written} and edit_metrics.json to {output_dir}")
+    if args.push_to_hub:
+        from .hub import push_folder
+
+        commit = push_folder(
+            output_dir, args.hub_model_id, args.hub_private_repo, args.hub_token,
+            f"Add {len(output.requests)} fact edits with memit-hf",
+        )  # fmt: skip
+        print(f"  pushed to {args.hub_model_id}: {getattr(commit, 'commit_url', commit)}")
     return summary
+
+
+def _read_adapter(path: Path) -> tuple[dict[str, Any], list[Any]]:
+    """The config and the per-module [`LayerDelta`]s of a LoRA adapter directory with scaling-1 modules."""
+    from safetensors.torch import load_file
+
+    from .deltas import LayerDelta
+    from .export import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+
+    config_file = path / ADAPTER_CONFIG_NAME
+    if not config_file.is_file():
+        raise SystemExit(f"memit-hf: error: {path} holds no {ADAPTER_CONFIG_NAME}; is it an adapter directory?")
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    tensors = load_file(path / ADAPTER_WEIGHTS_NAME)
+    from peft.utils.other import get_pattern_key
+
+    deltas = []
+    for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
+        name = key[len("base_model.model.") : -len(".lora_A.weight")]
+        lora_A, lora_B = tensors[key], tensors[key.replace("lora_A", "lora_B")]
+        rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+        rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), config["r"])
+        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), config["lora_alpha"])
+        scaling = alpha / (rank**0.5 if config.get("use_rslora") else rank)  # 1 for memit-hf adapters
+        deltas.append(LayerDelta(name, lora_B.float() * scaling, lora_A.float(), bool(config.get("fan_in_fan_out"))))
+    return config, deltas
+
+
+def run_export(namespace: argparse.Namespace, args: EditingArguments) -> Path:
+    """`memit-hf export`: a merged checkpoint from an adapter (`--merged`), or the adapter at a lower rank."""
+    from .export import EDITS_METADATA_NAME, read_edits_metadata, save_adapter_files, write_json
+    from .hub import build_model_card
+
+    adapter, output_dir = Path(namespace.adapter), Path(namespace.output_dir)
+    config, deltas = _read_adapter(adapter)
+    metadata = read_edits_metadata(adapter) or {"batches": [], "num_edits": None}
+    if namespace.merged:
+        from .loading import load_edits
+        from .models import DEFAULT_MODEL_ID
+
+        base = namespace.model or config.get("base_model_name_or_path")
+        if base is None:
+            raise SystemExit("memit-hf export: error: the adapter names no base model; pass --model.")
+        model, tokenizer = _load_model(None if base == DEFAULT_MODEL_ID else base, args)
+        merged = load_edits(model, adapter, merge=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        merged.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        metadata = {**metadata, "base_model_name_or_path": config.get("base_model_name_or_path")}
+        metadata.pop("export", None)
+        write_json(output_dir / EDITS_METADATA_NAME, metadata)
+        (output_dir / "README.md").write_text(build_model_card(metadata, merged=True), encoding="utf-8")
+        print(f"Merged {adapter} into {base}: wrote the checkpoint to {output_dir}")
+        return output_dir
+    metadata.pop("export", None)
+    report = save_adapter_files(
+        deltas, output_dir, config.get("base_model_name_or_path"), config.get("revision"), namespace.export_rank,
+        metadata,
+    )  # fmt: skip
+    metadata["export"] = report.to_dict()
+    (output_dir / "README.md").write_text(build_model_card(metadata), encoding="utf-8")
+    print(
+        f"Wrote the adapter at ranks {sorted(set(report.ranks.values()))} to {output_dir}: "
+        f"{report.adapter_bytes / 1e6:.2f} MB, max relative reconstruction error {report.max_reconstruction_error:.2e}"
+    )
+    return output_dir
+
+
+def run_push(namespace: argparse.Namespace, args: EditingArguments) -> Any:
+    """`memit-hf push`: upload a folder, its model card regenerated to name the repository when it is ours."""
+    import shutil
+    import tempfile
+
+    from .export import ADAPTER_CONFIG_NAME, read_edits_metadata
+    from .hub import build_model_card, push_folder
+
+    folder = Path(namespace.folder)
+    if not folder.is_dir():
+        raise SystemExit(f"memit-hf push: error: {folder} is not a directory.")
+    metadata = read_edits_metadata(folder)
+    with tempfile.TemporaryDirectory(prefix="memit-hf-push-") as tmp:
+        if metadata is not None:
+            staged = Path(tmp) / folder.name
+            shutil.copytree(folder, staged)
+            merged = not (folder / ADAPTER_CONFIG_NAME).exists()
+            (staged / "README.md").write_text(build_model_card(metadata, namespace.repo_id, merged), encoding="utf-8")
+            folder = staged
+        commit = push_folder(
+            folder, namespace.repo_id, namespace.private, namespace.token, namespace.commit_message, namespace.revision
+        )
+    print(f"Pushed {namespace.folder} to {namespace.repo_id}: {getattr(commit, 'commit_url', commit)}")
+    return commit
 
 
 def run_stats(namespace: argparse.Namespace, args: EditingArguments) -> dict[str, int]:
@@ -395,13 +548,33 @@ def run_demo(namespace: argparse.Namespace, args: EditingArguments) -> dict[str,
         f"{evaluation['neighborhood_success']:.0f}."
     )
 
-    editor.restore()
-    restored = _generate(model, tokenizer, rewrite[:1])
-    _show("After editor.restore():", rewrite[:1], restored)
-    same = restored[0] == before[0]
-    print(f"  original answer back: {same}")
+    with tempfile.TemporaryDirectory(prefix="memit-hf-demo-") as tmp:
+        adapter_dir = Path(args.output_dir) if args.output_dir else Path(tmp) / "adapter"
+        report = editor.save_adapter(adapter_dir)
+        print(
+            f"\nSaved the edit as a peft LoRA adapter in {adapter_dir if args.output_dir else 'a temporary folder'}: "
+            f"{report.adapter_bytes / 1e6:.2f} MB, rank {max(report.ranks.values())} per layer, exact."
+        )
+        editor.restore()
+        restored = _generate(model, tokenizer, rewrite[:1])
+        _show("After editor.restore():", rewrite[:1], restored)
+        same = restored[0] == before[0]
+        print(f"  original answer back: {same}")
+
+        from .loading import load_edits
+
+        peft_model = load_edits(model, adapter_dir)  # what `PeftModel.from_pretrained(model, adapter_dir)` does
+        reloaded = _generate(peft_model, tokenizer, rewrite)
+        _show("Adapter loaded back with peft:", rewrite, reloaded)
+        with peft_model.disable_adapter():
+            disabled = _generate(peft_model, tokenizer, rewrite[:1])
+        _show("Adapter disabled:", rewrite[:1], disabled)
+        peft_model.unload()  # give the caller its plain model back
     print(f"\nDemo finished in {time.perf_counter() - start:.0f}s.")
-    return {"before": before, "after": after, "restored": restored, "metrics": metrics, "evaluation": evaluation}
+    return {
+        "before": before, "after": after, "restored": restored, "reloaded": reloaded, "disabled": disabled,
+        "metrics": metrics, "evaluation": evaluation,
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -409,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     namespace, args = parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("memit_hf").setLevel(logging.INFO)
-    commands = {"edit": run_edit, "stats": run_stats, "demo": run_demo}
+    commands = {"edit": run_edit, "stats": run_stats, "demo": run_demo, "export": run_export, "push": run_push}
     commands[namespace.command](namespace, args)
     return 0
 

@@ -123,9 +123,13 @@ def statistics_fingerprint(
     }
 
 
+def fingerprint_key(fingerprint: dict) -> str:
+    """A short hash of a statistics fingerprint: the cache file's key, also recorded in exported edit metadata."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:24]
+
+
 def _cache_paths(cache_dir: Path, fingerprint: dict) -> tuple[Path, Path]:
-    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:24]
-    stem = fingerprint["module"].replace("/", "_") + "-" + key
+    stem = fingerprint["module"].replace("/", "_") + "-" + fingerprint_key(fingerprint)
     return cache_dir / f"{stem}.safetensors", cache_dir / f"{stem}.json"
 
 

@@ -1,6 +1,7 @@
 """Editor: the Trainer-like entry point that wires requests, keys, values, statistics and solves into an edit."""
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +21,19 @@ from .covariance import (
     collect_second_moments,
     corpus_texts,
     default_cache_dir,
+    fingerprint_key,
     load_cached,
+    model_fingerprint,
     sample_corpus,
     save_cached,
     statistics_fingerprint,
     token_pieces,
 )
 from .deltas import LayerDelta, WeightSnapshot, add_delta, make_delta
+from .export import EDITS_METADATA_NAME, ExportReport, base_model_id, edit_metadata, save_adapter_files, write_json
+from .hub import build_model_card, push_folder
 from .keys import compute_keys_and_outputs, fill, generate_context_templates
+from .norms import rms_norm_residuals
 from .requests import EditRequest, load_requests
 from .tokenization import encode_targets, encode_texts
 from .values import ValueResult, compute_target_values
@@ -59,12 +65,31 @@ class EditOutput:
             `residual_achieved` (fraction of the target residual at the last edited layer the update delivers).
         requests (`list[EditRequest]`): the normalised requests.
         values (`ValueResult`): per-request z optimisation results.
+        metadata (`dict`): what an exported adapter records about this edit (see [`~memit_hf.export.edit_metadata`]):
+            the base model, algorithm, layers, hyperparameters, statistics fingerprints and requests.
     """
 
     deltas: list[LayerDelta]
     metrics: dict[str, float]
     requests: list[EditRequest]
     values: ValueResult | None = field(default=None, repr=False)
+    metadata: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def save_adapter(
+        self,
+        path: str | Path,
+        export_rank: int | float | None = None,
+        base_model_name_or_path: str | None = None,
+        include_requests: bool = True,
+    ) -> ExportReport:
+        """Write this edit alone as a peft LoRA adapter (see [`Editor.save_adapter`] for the arguments)."""
+        metadata = edit_metadata(self.metadata["model"], [self.metadata["batch"]], include_requests)
+        if base_model_name_or_path is not None:
+            metadata["base_model_name_or_path"] = base_model_name_or_path
+        return save_adapter_files(
+            self.deltas, path, metadata["base_model_name_or_path"], metadata.get("base_model_revision"),
+            export_rank, metadata, build_model_card(metadata),
+        )  # fmt: skip
 
 
 class Editor:
@@ -118,6 +143,8 @@ class Editor:
         self.state = PartialState()
         self._templates: list[list[str]] | None = None
         self._statistics: dict[str, SecondMoment] = {}
+        self._statistics_info: dict[str, dict[str, Any]] = {}
+        self._base_model_info: dict[str, Any] | None = None
         self._pristine: dict[str, torch.Tensor] = {}
         self.history: list[EditOutput] = []
 
@@ -162,6 +189,10 @@ class Editor:
         fingerprints = {
             name: statistics_fingerprint(self.model, self.tokenizer, name, corpus_id, self.args) for name in missing
         }
+        for name, fingerprint in fingerprints.items():
+            self._statistics_info[name] = {
+                "key": fingerprint_key(fingerprint), "corpus": corpus_id, "num_tokens": self.args.stats_num_tokens,
+            }  # fmt: skip
         to_compute = []
         for name in missing:
             cached = load_cached(cache_dir, fingerprints[name])
@@ -321,26 +352,203 @@ class Editor:
             metrics["total_seconds"], metrics["z_initial_loss"], metrics["z_final_loss"],
             100 * metrics["residual_achieved"], z_layer,
         )  # fmt: skip
-        output = EditOutput(deltas=deltas, metrics=metrics, requests=requests, values=values)
+        batch = {
+            "algorithm": args.algorithm,
+            "layers": list(layers),
+            "num_requests": len(requests),
+            "hyperparameters": args.to_dict(),
+            "statistics": {
+                name: {**self._statistics_info.get(name, {}), "count": statistics[name].count} for name in names
+            },
+            "requests": [_request_record(request) for request in requests],
+            "metrics": dict(metrics),
+        }
+        metadata = {"model": self._model_info(), "batch": batch}
+        output = EditOutput(deltas=deltas, metrics=metrics, requests=requests, values=values, metadata=metadata)
         self.history.append(output)
         for callback in self.callbacks:
             callback.on_edit_end(self, output)
         return output
 
-    @torch.no_grad()
     def _through_post_mlp_norm(self, layer: int, residuals: torch.Tensor, edit_outputs: torch.Tensor) -> torch.Tensor:
         """Map block-output residuals `(n, d)` to the edited projection's output space when an RMS norm sits between
-        them (Gemma 2/3): `norm(m) = g * m / rms(m)`, so a change `r` after the norm needs about `r * rms(m) / g`
-        before it (first order; the re-measured residual of the next layer corrects the rest)."""
+        them (Gemma 2/3, OLMo 2); see [`~memit_hf.norms.rms_norm_residuals`]."""
         name = self.layout.post_mlp_norm_name(layer)
         if name is None:
             return residuals
-        norm = self.model.get_submodule(name)
-        weight = next(norm.parameters())
-        gain = norm(torch.ones(1, residuals.shape[1], dtype=weight.dtype, device=weight.device)).double().cpu()[0]
-        eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
-        rms = (edit_outputs.pow(2).mean(dim=1, keepdim=True) + eps).sqrt()  # (n, 1)
-        return residuals * rms / gain.where(gain.abs() > 1e-6, torch.full_like(gain, 1e-6))
+        return rms_norm_residuals(self.model.get_submodule(name), residuals, edit_outputs)
+
+    # ---------------------------------------------------------------------------------------------------- export
+    def _model_info(self) -> dict[str, Any]:
+        if self._base_model_info is not None:
+            return dict(self._base_model_info)
+        info = model_fingerprint(self.model)
+        self._base_model_info = {
+            "base_model_name_or_path": base_model_id(self.model),
+            "base_model_revision": info["revision"],
+            "model_type": info["model_type"],
+            "num_parameters": info["num_parameters"],
+            "embedding_digest": info["embedding_digest"],
+        }
+        return dict(self._base_model_info)
+
+    def edit_metadata(self, include_requests: bool = True) -> dict[str, Any]:
+        """What an exported adapter records about the edits in `history`: the base model, and per `edit()` call the
+        algorithm, layers, hyperparameters, statistics fingerprints, metrics and requests.
+
+        Args:
+            include_requests (`bool`, *optional*, defaults to `True`): list every request; otherwise only their
+                count and SHA-256.
+
+        Raises:
+            ValueError: when the model holds no edit.
+        """
+        if not self.history:
+            raise ValueError("The model holds no edit: call `edit()` first (`restore()` discards the edits).")
+        batches = [output.metadata["batch"] for output in self.history]
+        return edit_metadata(self._model_info(), batches, include_requests)
+
+    def _on_main_process(self, write: Any) -> Any:
+        """Run `write()` on the main process only, then synchronise; its result (or `None` on other ranks)."""
+        result = write() if self.state.is_main_process else None
+        self.state.wait_for_everyone()
+        return result
+
+    def save_adapter(
+        self,
+        path: str | Path,
+        export_rank: int | float | None = None,
+        base_model_name_or_path: str | None = None,
+        include_requests: bool = True,
+        repo_id: str | None = None,
+    ) -> ExportReport | None:
+        """Save every edit made so far as one standard peft LoRA adapter (`adapter_config.json`,
+        `adapter_model.safetensors`), with the edit metadata (`memit_edits.json`) and a model card (`README.md`).
+
+        Each edited module gets `r = lora_alpha = ` its number of edit keys (scaling 1) and holds the exact factors
+        of its update; successive `edit()` calls are summed by concatenating their factors. Load it without memit-hf
+        with `PeftModel.from_pretrained(base, path)`, `base.load_adapter(path)` or
+        `AutoModelForCausalLM.from_pretrained(path)`.
+
+        Args:
+            path (`str` or `Path`): output directory (created; other files in it are kept).
+            export_rank (`int` or `float`, *optional*): store at most this rank per module (`int`) or keep this
+                fraction of each update's energy (`float` in (0, 1]). Lossy below the update's rank; the relative
+                error is in the returned report and logged. Ranks above `min(d_in, d_out)` are always reduced to it,
+                exactly.
+            base_model_name_or_path (`str`, *optional*): the base model's Hub id to record (default: the model's
+                `name_or_path`, unless it is a temporary path).
+            include_requests (`bool`, *optional*, defaults to `True`): list the requests in the metadata and card
+                (otherwise only their count and hash).
+            repo_id (`str`, *optional*): repository named in the model card's loading snippets.
+
+        Returns:
+            [`~memit_hf.export.ExportReport`]: ranks, reconstruction errors and sizes (`None` on non-main
+            processes).
+        """
+        path = Path(path)
+        metadata = self.edit_metadata(include_requests)
+        if base_model_name_or_path is not None:
+            metadata["base_model_name_or_path"] = base_model_name_or_path
+        deltas = [delta for output in self.history for delta in output.deltas]
+
+        def write() -> ExportReport:
+            report = save_adapter_files(
+                deltas, path, metadata["base_model_name_or_path"], metadata["base_model_revision"], export_rank,
+                metadata,
+            )  # fmt: skip
+            metadata["export"] = report.to_dict()
+            (path / "README.md").write_text(build_model_card(metadata, repo_id), encoding="utf-8")
+            self._log(
+                "Adapter: %d parameters, %.2f MB (dense updates: %.2f MB), max reconstruction error %.1e.",
+                report.num_parameters, report.adapter_bytes / 1e6, report.dense_bytes / 1e6,
+                report.max_reconstruction_error,
+            )  # fmt: skip
+            return report
+
+        return self._on_main_process(write)
+
+    def merge_and_save(
+        self,
+        path: str | Path,
+        base_model_name_or_path: str | None = None,
+        include_requests: bool = True,
+        repo_id: str | None = None,
+        **save_kwargs: Any,
+    ) -> None:
+        """Save the edited model as a full checkpoint (`save_pretrained`, safetensors) with its tokenizer, the edit
+        metadata and a model card; `AutoModelForCausalLM.from_pretrained(path)` loads it.
+
+        Args:
+            path (`str` or `Path`): output directory.
+            base_model_name_or_path (`str`, *optional*): the base model's Hub id for the card's `base_model`.
+            include_requests (`bool`, *optional*, defaults to `True`): list the requests in the metadata and card.
+            repo_id (`str`, *optional*): repository named in the model card's loading snippets.
+            save_kwargs: passed to `save_pretrained` (e.g. `max_shard_size`).
+        """
+        path = Path(path)
+        metadata = self.edit_metadata(include_requests)
+        if base_model_name_or_path is not None:
+            metadata["base_model_name_or_path"] = base_model_name_or_path
+
+        def write() -> None:
+            path.mkdir(parents=True, exist_ok=True)
+            self.model.save_pretrained(path, **save_kwargs)
+            self.tokenizer.save_pretrained(path)
+            write_json(path / EDITS_METADATA_NAME, metadata)
+            (path / "README.md").write_text(build_model_card(metadata, repo_id, merged=True), encoding="utf-8")
+
+        self._on_main_process(write)
+
+    def push_to_hub(
+        self,
+        repo_id: str | None = None,
+        merged: bool = False,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str | None = None,
+        revision: str | None = None,
+        export_rank: int | float | None = None,
+        base_model_name_or_path: str | None = None,
+        include_requests: bool = True,
+    ) -> Any:
+        """Push the edits to the Hub: the adapter (default) or the merged model, with the model card and metadata.
+
+        Arguments left at `None` fall back to `args.hub_model_id`, `args.hub_private_repo` and `args.hub_token`, as
+        `Trainer.push_to_hub` does. The repository is created if needed (`create_repo(exist_ok=True)`), then the
+        folder is uploaded with `upload_folder`.
+
+        Args:
+            repo_id (`str`, *optional*): `"user/name"`; defaults to `args.hub_model_id`.
+            merged (`bool`, *optional*, defaults to `False`): push the full edited checkpoint instead of the adapter.
+            private (`bool`, *optional*): visibility of a new repository.
+            token (`str`, *optional*): Hub token.
+            commit_message (`str`, *optional*): the commit message.
+            revision (`str`, *optional*): branch to push to.
+            export_rank, base_model_name_or_path, include_requests: as in [`save_adapter`].
+
+        Returns:
+            `huggingface_hub.CommitInfo` of the upload (`None` on non-main processes).
+        """
+        repo_id = repo_id or self.args.hub_model_id
+        if not repo_id:
+            raise ValueError(
+                "Name the repository: `push_to_hub(repo_id=...)` or `EditingArguments(hub_model_id=...)`."
+            )
+        private = self.args.hub_private_repo if private is None else private
+        token = self.args.hub_token if token is None else token
+        with tempfile.TemporaryDirectory(prefix="memit-hf-push-") as folder:
+            if merged:
+                self.merge_and_save(folder, base_model_name_or_path, include_requests, repo_id)
+            else:
+                self.save_adapter(folder, export_rank, base_model_name_or_path, include_requests, repo_id)
+            result = None
+            if self.state.is_main_process:
+                num_edits = sum(len(output.requests) for output in self.history)
+                message = commit_message or f"Add {num_edits} fact edits ({'merged model' if merged else 'adapter'})"
+                result = push_folder(folder, repo_id, private, token, message, revision)
+            self.state.wait_for_everyone()
+        return result
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -376,6 +584,16 @@ class Editor:
     def unedited(self):
         """Context manager in which `self.model` temporarily has its original weights."""
         return _Unedited(self)
+
+
+def _request_record(request: EditRequest) -> dict[str, Any]:
+    return {
+        "case_id": request.case_id,
+        "prompt": request.prompt,
+        "subject": request.subject,
+        "target_new": request.target_new,
+        "target_true": request.target_true,
+    }
 
 
 class _Unedited:

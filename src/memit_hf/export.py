@@ -1,0 +1,357 @@
+"""Edits as standard peft LoRA adapters: exact factors, optional SVD compression, and the files peft reads.
+
+A MEMIT update of one module is `Delta = B A` with `B` the residuals `(d_out, n)` and `A` the adjusted keys
+`(n, d_in)`. A LoRA adapter with `r = lora_alpha = n` (scaling 1) stores exactly that product, so the adapter holds the
+edit without loss. Several edits of the same module add up, which concatenated factors express exactly. When the rank
+exceeds `min(d_in, d_out)` the product is re-factored through a thin QR and an SVD of the small core to that rank (exact
+up to float error); a lower `export_rank` truncates it, and the relative error is reported.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .deltas import LayerDelta
+
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+EDITS_METADATA_NAME = "memit_edits.json"
+"""File next to the adapter (or merged checkpoint) holding the edit metadata: requests, algorithm, layers,
+hyperparameters, statistics fingerprints and library version."""
+METADATA_FORMAT_VERSION = 1
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class ExportReport:
+    """What an export wrote, and how faithful it is.
+
+    Args:
+        path (`str`): the output directory.
+        ranks (`dict[str, int]`): the stored rank of every module.
+        reconstruction_errors (`dict[str, float]`): `||Delta - B A||_F / ||Delta||_F` per module (0 for exact factors,
+            float error after an exact SVD re-factorisation, the truncation error below it).
+        num_parameters (`int`): numbers stored in the adapter (sum of `r (d_in + d_out)`).
+        adapter_bytes (`int`): size of `adapter_model.safetensors` on disk.
+        dense_bytes (`int`): size the same updates would take as dense float32 matrices.
+    """
+
+    path: str
+    ranks: dict[str, int]
+    reconstruction_errors: dict[str, float]
+    num_parameters: int
+    adapter_bytes: int
+    dense_bytes: int
+    export_rank: int | float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_reconstruction_error(self) -> float:
+        return max(self.reconstruction_errors.values(), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "max_reconstruction_error": self.max_reconstruction_error}
+
+
+def combine_deltas(deltas: Iterable[LayerDelta]) -> list[LayerDelta]:
+    """Sum the updates of each module exactly, by concatenating their factors (`B1 A1 + B2 A2 = [B1 B2] [A1; A2]`).
+
+    Args:
+        deltas (`Iterable[LayerDelta]`): updates, possibly several per module (e.g. from successive `edit()` calls).
+
+    Returns:
+        `list[LayerDelta]`: one update per module, in the order modules first appear.
+    """
+    grouped: dict[str, list[LayerDelta]] = {}
+    for delta in deltas:
+        grouped.setdefault(delta.module_name, []).append(delta)
+    combined = []
+    for name, parts in grouped.items():
+        if len(parts) == 1:
+            combined.append(parts[0])
+            continue
+        combined.append(
+            LayerDelta(
+                name,
+                torch.cat([part.lora_B for part in parts], dim=1),
+                torch.cat([part.lora_A for part in parts], dim=0),
+                parts[0].fan_in_fan_out,
+            )
+        )
+    return combined
+
+
+def _truncation_rank(singular_values: torch.Tensor, rank: int | float | None, limit: int) -> int:
+    if rank is None:
+        return limit
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+        raise TypeError(f"`export_rank` must be an int, a float in (0, 1] or None, got {rank!r}.")
+    if isinstance(rank, int):
+        if rank < 1:
+            raise ValueError(f"`export_rank` must be at least 1, got {rank}.")
+        return min(rank, limit)
+    if not 0.0 < rank <= 1.0:
+        raise ValueError(f"A float `export_rank` is a fraction of the energy in (0, 1], got {rank}.")
+    energy = singular_values.pow(2)
+    cumulative = energy.cumsum(0) / energy.sum().clamp_min(torch.finfo(energy.dtype).tiny)
+    return min(limit, int((cumulative < rank - 1e-12).sum().item()) + 1)
+
+
+def compress_delta(delta: LayerDelta, rank: int | float | None = None) -> tuple[LayerDelta, float]:
+    """Re-factor `B A` into balanced factors of rank at most `min(d_in, d_out)`, or lower.
+
+    `B = Q_B R_B` and `A^T = Q_A R_A` (thin QR), then the SVD `R_B R_A^T = U S V^T` of the small core gives
+    `B' = Q_B U_k S_k^(1/2)` and `A' = S_k^(1/2) V_k^T Q_A^T`. Computed in float64; never forms the dense matrix.
+
+    Args:
+        delta (`LayerDelta`): the update to re-factor.
+        rank (`int` or `float`, *optional*): keep this many singular values (`int`), or the fewest whose squared sum
+            reaches this fraction of the total (`float` in (0, 1]); `None` keeps every non-trivial one.
+
+    Returns:
+        `tuple[LayerDelta, float]`: the re-factored update and its relative Frobenius error `||Delta - B' A'|| /
+        ||Delta||` (from the discarded singular values).
+    """
+    B, A = delta.lora_B.double(), delta.lora_A.double()
+    q_b, r_b = torch.linalg.qr(B)  # (d_out, k1), (k1, r)
+    q_a, r_a = torch.linalg.qr(A.T)  # (d_in, k2), (k2, r)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+    keep = _truncation_rank(s, rank, s.shape[0])
+    root = s[:keep].sqrt()
+    new_B = (q_b @ u[:, :keep]) * root
+    new_A = root[:, None] * (vh[:keep] @ q_a.T)
+    total = s.pow(2).sum()
+    error = float((s[keep:].pow(2).sum() / total).sqrt()) if total > 0 else 0.0
+    return LayerDelta(delta.module_name, new_B.float(), new_A.float(), delta.fan_in_fan_out), error
+
+
+def prepare_deltas(
+    deltas: Iterable[LayerDelta], export_rank: int | float | None = None
+) -> tuple[list[LayerDelta], dict[str, float]]:
+    """Combine the updates per module, then compress those whose rank exceeds `min(d_in, d_out)` (exactly) or, with
+    `export_rank`, every module (lossy below its true rank).
+
+    Returns:
+        `tuple[list[LayerDelta], dict[str, float]]`: the updates to store and the relative error of each.
+    """
+    prepared, errors = [], {}
+    for delta in combine_deltas(deltas):
+        d_out, d_in = delta.lora_B.shape[0], delta.lora_A.shape[1]
+        if export_rank is not None or delta.rank > min(d_in, d_out):
+            delta, error = compress_delta(delta, export_rank)
+        else:
+            error = 0.0
+        prepared.append(delta)
+        errors[delta.module_name] = error
+    return prepared, errors
+
+
+def adapter_state_dict(deltas: list[LayerDelta]) -> dict[str, torch.Tensor]:
+    """The tensors of `adapter_model.safetensors`, keyed as peft saves them (`base_model.model.<module>.lora_A.weight`
+    is `(r, in)` and `...lora_B.weight` is `(out, r)`, for `nn.Linear` and GPT-2 `Conv1D` alike)."""
+    tensors = {}
+    for delta in deltas:
+        prefix = f"base_model.model.{delta.module_name}"
+        tensors[f"{prefix}.lora_A.weight"] = delta.lora_A.detach().float().cpu().contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = delta.lora_B.detach().float().cpu().contiguous()
+    return tensors
+
+
+def lora_config(
+    deltas: list[LayerDelta], base_model_name_or_path: str | None = None, revision: str | None = None
+) -> "peft.LoraConfig":  # noqa: F821
+    """A `LoraConfig` that makes peft apply every delta with scaling 1: `r = lora_alpha = rank` per module through
+    `rank_pattern` / `alpha_pattern` (keys are the escaped full module names), targets given by full name (so that
+    GPT-2's `attn.c_proj` is never hit when editing `mlp.c_proj`), no dropout, no rsLoRA, `fan_in_fan_out` for
+    `Conv1D` modules.
+
+    Raises:
+        ValueError: if `deltas` is empty or mixes `Conv1D` and `nn.Linear` modules.
+    """
+    from peft import LoraConfig, TaskType
+
+    if not deltas:
+        raise ValueError("There is no edit to export.")
+    fan_in_fan_out = {delta.fan_in_fan_out for delta in deltas}
+    if len(fan_in_fan_out) != 1:
+        raise ValueError("Cannot store `Conv1D` and `nn.Linear` edits in one adapter.")
+    ranks = {delta.module_name: delta.rank for delta in deltas}
+    top = max(ranks.values())
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        base_model_name_or_path=base_model_name_or_path,
+        revision=revision,
+        r=top,
+        lora_alpha=top,
+        target_modules=list(ranks),
+        rank_pattern={re.escape(name): rank for name, rank in ranks.items()},
+        alpha_pattern={re.escape(name): rank for name, rank in ranks.items()},
+        lora_dropout=0.0,
+        bias="none",
+        use_rslora=False,
+        fan_in_fan_out=fan_in_fan_out.pop(),
+        init_lora_weights=False,
+        inference_mode=True,
+    )
+
+
+def base_model_id(model: Any, explicit: str | None = None) -> str | None:
+    """The name written as the adapter's `base_model_name_or_path`: `explicit` when given, else the model's
+    `name_or_path` unless it is a path inside the temporary directory (which would not exist for anyone loading the
+    adapter later; `None` is written then, with a warning)."""
+    if explicit is not None:
+        return explicit
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    if not name:
+        return None
+    path = Path(name)
+    if path.exists() or path.is_absolute():
+        resolved = path.resolve()
+        temp = Path(tempfile.gettempdir()).resolve()
+        if resolved == temp or temp in resolved.parents:
+            logger.warning(
+                "The base model was loaded from a temporary path (%s); the adapter records no "
+                "`base_model_name_or_path`. Pass `base_model_name_or_path=` to name it.",
+                name,
+            )
+            return None
+        return str(resolved)
+    return name if _HUB_ID.match(name) else None
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write `value` as indented JSON atomically (temporary file, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_adapter_files(
+    deltas: Iterable[LayerDelta],
+    path: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    revision: str | None = None,
+    export_rank: int | float | None = None,
+    metadata: dict[str, Any] | None = None,
+    model_card: str | None = None,
+) -> ExportReport:
+    """Write a peft LoRA adapter holding `deltas` to `path`.
+
+    Files: `adapter_config.json`, `adapter_model.safetensors`, and when given `memit_edits.json` (`metadata`, completed
+    with the export report) and `README.md` (`model_card`). The files are written in a temporary sibling directory and
+    renamed into `path` one by one, the config last; other files already in `path` are left alone.
+
+    Args:
+        deltas (`Iterable[LayerDelta]`): the updates (several per module are summed exactly).
+        path (`str` or `os.PathLike`): the output directory (created if needed).
+        base_model_name_or_path (`str`, *optional*): the base model's Hub id or path, written to the config.
+        revision (`str`, *optional*): the base model's revision.
+        export_rank (`int` or `float`, *optional*): store at most this rank per module (`int`) or keep this fraction
+            of each update's energy (`float`); lossy below the true rank, the error is reported.
+        metadata (`dict`, *optional*): the edit metadata for `memit_edits.json`.
+        model_card (`str`, *optional*): the README.md text.
+
+    Returns:
+        [`ExportReport`]: ranks, reconstruction errors and sizes.
+    """
+    prepared, errors = prepare_deltas(deltas, export_rank)
+    config = lora_config(prepared, base_model_name_or_path, revision)
+    tensors = adapter_state_dict(prepared)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        config.save_pretrained(str(staging))
+        save_file(tensors, str(staging / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        report = ExportReport(
+            path=str(path),
+            ranks={delta.module_name: delta.rank for delta in prepared},
+            reconstruction_errors=errors,
+            num_parameters=sum(t.numel() for t in tensors.values()),
+            adapter_bytes=(staging / ADAPTER_WEIGHTS_NAME).stat().st_size,
+            dense_bytes=sum(4 * d.lora_B.shape[0] * d.lora_A.shape[1] for d in prepared),
+            export_rank=export_rank,
+        )
+        if metadata is not None:
+            write_json(staging / EDITS_METADATA_NAME, {**metadata, "export": report.to_dict()})
+        if model_card is not None:
+            (staging / "README.md").write_text(model_card, encoding="utf-8")
+        path.mkdir(parents=True, exist_ok=True)
+        # Move file by file (the config last), so other files in `path` (metrics, a tokenizer) are kept.
+        for name in (ADAPTER_WEIGHTS_NAME, EDITS_METADATA_NAME, "README.md", ADAPTER_CONFIG_NAME):
+            if (staging / name).exists():
+                os.replace(staging / name, path / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if report.max_reconstruction_error > 1e-4:
+        logger.warning(
+            "Adapter rank %s loses part of the edit: max relative reconstruction error %.2e.",
+            export_rank,
+            report.max_reconstruction_error,
+        )
+    return report
+
+
+def read_edits_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The `memit_edits.json` of an adapter or checkpoint directory, or `None` when it has none."""
+    file = Path(path) / EDITS_METADATA_NAME
+    if not file.is_file():
+        return None
+    return json.loads(file.read_text(encoding="utf-8"))
+
+
+def edit_metadata(
+    model_info: dict[str, Any], batches: list[dict[str, Any]], include_requests: bool = True
+) -> dict[str, Any]:
+    """The content of `memit_edits.json`.
+
+    Args:
+        model_info (`dict`): the base model's `base_model_name_or_path`, `base_model_revision`, `model_type`,
+            `num_parameters` and `embedding_digest`.
+        batches (`list[dict]`): one entry per `edit()` call, in order: `algorithm`, `layers`, `num_requests`,
+            `hyperparameters`, `statistics` (fingerprint key, corpus and token count per module), `metrics` and
+            `requests` (records with `prompt`, `subject`, `target_new`, `target_true`, `case_id`).
+        include_requests (`bool`, *optional*, defaults to `True`): keep the request records; their SHA-256 and count
+            are always recorded.
+
+    Returns:
+        `dict`: JSON-serialisable metadata.
+    """
+    from . import __version__
+
+    out_batches = []
+    for batch in batches:
+        requests = batch.get("requests") or []
+        digest = hashlib.sha256(json.dumps(requests, sort_keys=True, default=str).encode()).hexdigest()
+        hyper = dict(batch.get("hyperparameters", {}))
+        hyper.pop("hub_token", None)
+        out_batches.append(
+            {
+                **batch,
+                "hyperparameters": hyper,
+                "requests_sha256": digest,
+                "requests": requests if include_requests else None,
+            }
+        )
+    return {
+        "format_version": METADATA_FORMAT_VERSION,
+        "memit_hf_version": __version__,
+        **model_info,
+        "num_edits": sum(batch.get("num_requests", 0) for batch in batches),
+        "batches": out_batches,
+    }

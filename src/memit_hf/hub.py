@@ -1,0 +1,193 @@
+"""Model cards for edit adapters and merged checkpoints, and pushing a folder to the Hugging Face Hub."""
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+MEMIT_PAPER = "https://arxiv.org/abs/2210.07229"
+ROME_PAPER = "https://arxiv.org/abs/2202.05262"
+MAX_CARD_ROWS = 100
+"""Edits listed in a model card's table; the rest are counted (all of them are in `memit_edits.json`)."""
+
+CITATION = """@inproceedings{meng2023memit,
+  title     = {Mass-Editing Memory in a Transformer},
+  author    = {Kevin Meng and Arnab Sen Sharma and Alex Andonian and Yonatan Belinkov and David Bau},
+  booktitle = {The Eleventh International Conference on Learning Representations (ICLR)},
+  year      = {2023}
+}"""
+
+
+def _cell(value: Any) -> str:
+    text = "" if value is None else str(value)
+    return text.replace("|", "\\|").replace("\n", " ").strip()
+
+
+def _edits_table(requests: list[dict[str, Any]]) -> str:
+    if not requests:
+        return "_The requests were not stored; see `memit_edits.json` for their count and hash._\n"
+    lines = ["| # | subject | prompt | new target | previous target |", "| --- | --- | --- | --- | --- |"]
+    for i, request in enumerate(requests[:MAX_CARD_ROWS]):
+        prompt = request["prompt"].replace("{}", "_{}_".format(request["subject"]))
+        lines.append(
+            f"| {i} | {_cell(request['subject'])} | {_cell(prompt)} | {_cell(request['target_new'])} | "
+            f"{_cell(request.get('target_true'))} |"
+        )
+    if len(requests) > MAX_CARD_ROWS:
+        lines.append(f"\n... and {len(requests) - MAX_CARD_ROWS} more edits, all listed in `memit_edits.json`.")
+    return "\n".join(lines) + "\n"
+
+
+def _front_matter(base_model: str | None, merged: bool) -> str:
+    from huggingface_hub import ModelCardData
+
+    tags = ["memit-hf", "memit", "model-editing", "knowledge-editing"]
+    if not merged:
+        tags.append("lora")
+        if base_model:
+            tags.append(f"base_model:adapter:{base_model}")
+    tags.append("transformers")
+    data = ModelCardData(
+        base_model=base_model,
+        library_name="transformers" if merged else "peft",
+        pipeline_tag="text-generation",
+        tags=tags,
+    )
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
+def _usage(repo: str, base_model: str | None, merged: bool) -> str:
+    base = base_model or "<base model id>"
+    if merged:
+        return f"""```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{repo}")
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
+```
+"""
+    return f"""With peft:
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+base = AutoModelForCausalLM.from_pretrained("{base}")
+model = PeftModel.from_pretrained(base, "{repo}")
+with model.disable_adapter():
+    ...  # the unedited model
+merged = model.merge_and_unload()  # the edited model as plain transformers weights
+```
+
+With transformers alone (peft installed): `AutoModelForCausalLM.from_pretrained("{repo}")`, or
+`base.load_adapter("{repo}")` on a loaded base model. With memit-hf: `memit_hf.load_edits(base, "{repo}")`.
+"""
+
+
+def _method(metadata: dict[str, Any]) -> str:
+    rows = ["| batch | algorithm | edits | layers | lambda | statistics |", "| --- | --- | --- | --- | --- | --- |"]
+    for i, batch in enumerate(metadata.get("batches", [])):
+        hyper = batch.get("hyperparameters", {})
+        stats = batch.get("statistics", {})
+        first = next(iter(stats.values()), {})
+        source = f"{first.get('corpus', '?')}, {first.get('num_tokens', '?')} tokens" if first else "?"
+        rows.append(
+            f"| {i} | {batch.get('algorithm', '?')} | {batch.get('num_requests', '?')} | {hyper.get('layers')} | "
+            f"{hyper.get('mom2_update_weight')} | {_cell(source)} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def build_model_card(metadata: dict[str, Any], repo_id: str | None = None, merged: bool = False) -> str:
+    """The README.md of an edit adapter (or merged checkpoint): YAML metadata the Hub reads (`base_model`,
+    `library_name`, `tags`), the edits as a table, the method and its settings, how to load it, and the citation.
+
+    Args:
+        metadata (`dict`): the content of `memit_edits.json` (see [`Editor.save_adapter`]).
+        repo_id (`str`, *optional*): the repository the card is for, used in the loading snippets.
+        merged (`bool`, *optional*, defaults to `False`): whether the folder holds a merged checkpoint.
+
+    Returns:
+        `str`: the model card.
+    """
+    base_model = metadata.get("base_model_name_or_path")
+    requests = [request for batch in metadata.get("batches", []) for request in batch.get("requests") or []]
+    num_edits = sum(batch.get("num_requests", 0) for batch in metadata.get("batches", []))
+    algorithms = sorted({batch.get("algorithm", "memit") for batch in metadata.get("batches", [])})
+    paper = ", ".join(
+        f"[{name.upper()}]({ROME_PAPER if name == 'rome' else MEMIT_PAPER})" for name in algorithms or ["memit"]
+    )
+    kind = "a merged checkpoint of" if merged else "a LoRA adapter for"
+    base_link = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "its base model"
+    exact = metadata.get("export", {})
+    error = exact.get("max_reconstruction_error")
+    fidelity = (
+        ""
+        if merged or error is None
+        else f"\nThe adapter stores the update {'exactly' if error < 1e-5 else f'with relative error {error:.2e}'} "
+        f"(ranks {sorted(set(exact.get('ranks', {}).values()))}, {exact.get('adapter_bytes', 0) / 1e6:.1f} MB).\n"
+    )
+    sections = [
+        _front_matter(base_model, merged),
+        f"# {repo_id.split('/')[-1] if repo_id else 'Fact edits'}\n",
+        f"This is {kind} {base_link} with **{num_edits} factual edits** made by {paper} "
+        f"(mass-editing memory in a transformer) with [memit-hf](https://github.com/memit-hf/memit-hf) "
+        f"{metadata.get('memit_hf_version', '')}: the MLP down-projections of the listed layers were rewritten so the "
+        "model states the new facts below.\n" + fidelity,
+        "## Edits\n",
+        _edits_table(requests),
+        "## How to load\n",
+        _usage(repo_id or "path/to/this/folder", base_model, merged),
+        "## Method\n",
+        _method(metadata),
+        "\nEvery hyperparameter, the statistics fingerprints and the requests are in `memit_edits.json`. Batches edited "
+        "one after another form an ordered stack: each was computed with the earlier ones applied.\n",
+    ]
+    metrics = [batch.get("metrics", {}) for batch in metadata.get("batches", [])]
+    quality = [m for m in metrics if "efficacy_success" in m]
+    if quality:
+        rows = ["| batch | efficacy | paraphrase | neighborhood | score |", "| --- | --- | --- | --- | --- |"]
+        for i, m in enumerate(quality):
+            rows.append(
+                f"| {i} | {m['efficacy_success']:.1f} | {m.get('paraphrase_success', float('nan')):.1f} | "
+                f"{m.get('neighborhood_success', float('nan')):.1f} | {m.get('score', float('nan')):.1f} |"
+            )
+        sections += ["## Evaluation (CounterFact metrics, percent)\n", "\n".join(rows) + "\n"]
+    sections += ["## Citation\n", f"```bibtex\n{CITATION}\n```\n"]
+    return "\n".join(sections)
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+    revision: str | None = None,
+) -> Any:
+    """Create `repo_id` if needed and upload `folder` to it, as `Trainer.push_to_hub` does.
+
+    Args:
+        folder (`str` or `os.PathLike`): the adapter or checkpoint directory.
+        repo_id (`str`): `"user/name"` or `"org/name"`.
+        private (`bool`, *optional*): visibility of a new repository (`None`: the account's default).
+        token (`str`, *optional*): Hub token (`None`: the logged-in one or `HF_TOKEN`).
+        commit_message (`str`, *optional*): defaults to "Upload fact edits with memit-hf".
+        revision (`str`, *optional*): branch to push to.
+
+    Returns:
+        `huggingface_hub.CommitInfo`: the upload's commit.
+    """
+    from huggingface_hub import HfApi
+
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"Nothing to push: {folder} is not a directory.")
+    api = HfApi(token=token)
+    repo = api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+    return api.upload_folder(
+        folder_path=str(folder),
+        repo_id=getattr(repo, "repo_id", repo_id),
+        repo_type="model",
+        commit_message=commit_message or "Upload fact edits with memit-hf",
+        revision=revision,
+    )

@@ -1,0 +1,302 @@
+"""Tests of `memit_hf.export` and `Editor.save_adapter` / `merge_and_save`: the adapter holds the edit exactly, plain
+peft and transformers load it (un-merged, merged, disabled), SVD compression is exact at full rank and reports its
+error below it, and the metadata and sizes are right."""
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from memit_hf.deltas import LayerDelta
+from memit_hf.editor import Editor
+from memit_hf.export import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    base_model_id,
+    combine_deltas,
+    compress_delta,
+    lora_config,
+    prepare_deltas,
+    read_edits_metadata,
+    save_adapter_files,
+)
+from tests.testing_utils import (
+    TINY_MODEL_TYPES,
+    build_tiny_causal_lm,
+    build_tiny_tokenizer,
+    parameters_snapshot,
+    subject_final_requests,
+    tiny_corpus,
+    tiny_editing_arguments,
+)
+
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+def logits(model, tokenizer, texts=("The city of the Eiffel Tower", "I think the iPhone is", "Paris and Rome")):
+    batch = tokenizer(list(texts), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def random_delta(d_out, d_in, rank, seed=0, name="m", fan_in_fan_out=False):
+    generator = torch.Generator().manual_seed(seed)
+    return LayerDelta(
+        name, torch.randn(d_out, rank, generator=generator), torch.randn(rank, d_in, generator=generator) / 100,
+        fan_in_fan_out,
+    )  # fmt: skip
+
+
+class EditedAndSaved:
+    """A tiny model edited in place, an unedited copy, and the adapter of the edit saved to disk."""
+
+    def __init__(self, model_type, tokenizer, directory):
+        self.model_type = model_type
+        self.base = build_tiny_causal_lm(model_type, vocab_size=len(tokenizer))
+        self.model = copy.deepcopy(self.base)
+        self.editor = Editor(
+            self.model, args=tiny_editing_arguments(directory / "stats"), processing_class=tokenizer,
+            stats_dataset=tiny_corpus(),
+        )  # fmt: skip
+        self.output = self.editor.edit(subject_final_requests())
+        self.path = directory / "adapter"
+        self.report = self.editor.save_adapter(self.path, base_model_name_or_path="tiny/base")
+
+
+@pytest.fixture(scope="module", params=TINY_MODEL_TYPES)
+def saved(request, tokenizer, tmp_path_factory):
+    return EditedAndSaved(request.param, tokenizer, tmp_path_factory.mktemp(f"export-{request.param}"))
+
+
+# ----------------------------------------------------------------------------------- loading with plain peft
+def test_peft_adapter_equals_in_place_edit(saved, tokenizer):
+    expected, unedited = logits(saved.model, tokenizer), logits(saved.base, tokenizer)
+    base = copy.deepcopy(saved.base)
+    original = parameters_snapshot(base)
+    peft_model = PeftModel.from_pretrained(base, saved.path)
+    assert (logits(peft_model, tokenizer) - expected).abs().max() <= ATOL
+    assert (logits(peft_model, tokenizer) - unedited).abs().max() > 100 * ATOL  # the adapter does something
+    with peft_model.disable_adapter():
+        assert torch.equal(logits(peft_model, tokenizer), unedited)  # bit for bit
+    merged = peft_model.merge_and_unload()
+    assert type(merged) is type(saved.base)
+    assert (logits(merged, tokenizer) - expected).abs().max() <= ATOL
+    changed = sorted(name for name, p in merged.named_parameters() if not torch.equal(p, original[name]))
+    assert changed == sorted(d.module_name + ".weight" for d in saved.output.deltas)
+
+
+def test_transformers_load_adapter_equals_in_place_edit(saved, tokenizer):
+    base = copy.deepcopy(saved.base)
+    base.load_adapter(str(saved.path))
+    assert base.active_adapters() == ["default"]
+    assert (logits(base, tokenizer) - logits(saved.model, tokenizer)).abs().max() <= ATOL
+    base.disable_adapters()
+    assert torch.equal(logits(base, tokenizer), logits(saved.base, tokenizer))
+
+
+def test_adapter_files_and_config(saved):
+    config = json.loads((saved.path / ADAPTER_CONFIG_NAME).read_text())
+    names = [d.module_name for d in saved.output.deltas]
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    assert config["base_model_name_or_path"] == "tiny/base"
+    assert sorted(config["target_modules"]) == sorted(names)
+    assert config["r"] == config["lora_alpha"] == 4
+    assert set(config["rank_pattern"].values()) == {4} and config["rank_pattern"] == config["alpha_pattern"]
+    assert config["fan_in_fan_out"] is (saved.model_type == "gpt2")
+    assert config["use_rslora"] is False and config["lora_dropout"] == 0.0
+    tensors = load_file(saved.path / ADAPTER_WEIGHTS_NAME)
+    for delta in saved.output.deltas:
+        # the exact factors of the solve, not a re-factorisation
+        assert torch.equal(tensors[f"base_model.model.{delta.module_name}.lora_A.weight"], delta.lora_A)
+        assert torch.equal(tensors[f"base_model.model.{delta.module_name}.lora_B.weight"], delta.lora_B)
+    assert saved.report.reconstruction_errors == dict.fromkeys(names, 0.0)
+    assert saved.report.adapter_bytes < saved.report.dense_bytes  # rank 4 is far below the break-even rank
+    assert saved.report.num_parameters == sum(4 * (d.lora_A.shape[1] + d.lora_B.shape[0]) for d in saved.output.deltas)
+
+
+def test_edit_metadata_and_model_card(saved):
+    metadata = read_edits_metadata(saved.path)
+    assert metadata["model_type"] == saved.model_type and metadata["num_edits"] == 4
+    assert metadata["base_model_name_or_path"] == "tiny/base"
+    (batch,) = metadata["batches"]
+    assert batch["algorithm"] == "memit" and batch["layers"] == [0, 1]
+    assert [r["target_new"] for r in batch["requests"]] == [r["target_new"] for r in subject_final_requests()]
+    assert batch["hyperparameters"]["mom2_update_weight"] == 1.0
+    assert "hub_token" not in batch["hyperparameters"]
+    assert set(batch["statistics"]) == {d.module_name for d in saved.output.deltas}
+    for info in batch["statistics"].values():
+        assert len(info["key"]) == 24 and info["count"] > 0 and info["corpus"].startswith("texts:")
+    assert len(batch["requests_sha256"]) == 64 and metadata["memit_hf_version"]
+    assert metadata["export"]["max_reconstruction_error"] == 0.0
+    card = (saved.path / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: peft" in card and "base_model: tiny/base" in card
+    assert (
+        "base_model:adapter:tiny/base" in card and "| the Eiffel Tower | The city of _the Eiffel Tower_ | Rome" in card
+    )
+    assert "PeftModel.from_pretrained" in card and "arxiv.org/abs/2210.07229" in card
+
+
+def test_auto_model_loads_adapter_directory(tokenizer, tmp_path):
+    base = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    base_dir = tmp_path / "base"
+    base.save_pretrained(base_dir)
+    model = copy.deepcopy(base)
+    editor = Editor(model, args=tiny_editing_arguments(tmp_path / "stats"), processing_class=tokenizer,
+                    stats_dataset=tiny_corpus())  # fmt: skip
+    editor.edit(subject_final_requests())
+    editor.save_adapter(tmp_path / "adapter", base_model_name_or_path=str(base_dir))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    assert type(loaded) is type(base) and loaded.active_adapters() == ["default"]
+    assert (logits(loaded.eval(), tokenizer) - logits(model, tokenizer)).abs().max() <= ATOL
+
+
+def test_merge_and_save_loads_with_from_pretrained(saved, tokenizer, tmp_path):
+    saved.editor.merge_and_save(tmp_path / "merged", base_model_name_or_path="tiny/base")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager").eval()
+    weights = dict(saved.model.named_parameters())
+    assert all(torch.equal(p, weights[name]) for name, p in loaded.named_parameters())  # bit for bit
+    assert (logits(loaded, tokenizer) - logits(saved.model, tokenizer)).abs().max() <= ATOL
+    assert (tmp_path / "merged" / "tokenizer.json").exists()
+    assert read_edits_metadata(tmp_path / "merged")["num_edits"] == 4
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "library_name: transformers" in card and "lora" not in card.split("---")[1]
+
+
+def test_nothing_to_export(tokenizer, tmp_path):
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    editor = Editor(model, args=tiny_editing_arguments(tmp_path), processing_class=tokenizer)
+    with pytest.raises(ValueError, match="holds no edit"):
+        editor.save_adapter(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="no edit to export"):
+        save_adapter_files([], tmp_path / "adapter")
+
+
+def test_save_adapter_keeps_other_files(saved, tmp_path):
+    (tmp_path / "edit_metrics.json").write_text("{}")
+    saved.editor.save_adapter(tmp_path)
+    assert (tmp_path / "edit_metrics.json").read_text() == "{}"
+    assert (tmp_path / ADAPTER_CONFIG_NAME).exists() and not list(tmp_path.glob(".*"))
+
+
+# ------------------------------------------------------------------------------- successive edits and ranks
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_successive_edits_export_as_their_sum(model_type, tokenizer, tmp_path):
+    base = build_tiny_causal_lm(model_type, vocab_size=len(tokenizer))
+    model = copy.deepcopy(base)
+    editor = Editor(model, args=tiny_editing_arguments(tmp_path / "stats", v_num_grad_steps=8),
+                    processing_class=tokenizer, stats_dataset=tiny_corpus())  # fmt: skip
+    requests = subject_final_requests()
+    editor.edit(requests[:2])
+    editor.edit(requests[2:])
+    report = editor.save_adapter(tmp_path / "adapter")
+    assert set(report.ranks.values()) == {4}
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter")
+    assert (logits(peft_model, tokenizer) - logits(model, tokenizer)).abs().max() <= ATOL
+    assert [len(b["requests"]) for b in read_edits_metadata(tmp_path / "adapter")["batches"]] == [2, 2]
+
+
+def test_combine_deltas_is_the_exact_sum():
+    a, b = random_delta(8, 12, 3, seed=0), random_delta(8, 12, 2, seed=1)
+    other = random_delta(8, 12, 1, seed=2, name="other")
+    combined = combine_deltas([a, other, b])
+    assert [d.module_name for d in combined] == ["m", "other"]
+    assert combined[0].rank == 5 and combined[1] is other
+    torch.testing.assert_close(combined[0].dense(), a.dense() + b.dense(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_compress_above_full_rank_is_exact(fan_in_fan_out):
+    delta = random_delta(16, 24, 40, fan_in_fan_out=fan_in_fan_out)
+    (compressed,), errors = prepare_deltas([delta])
+    assert compressed.rank == 16 and compressed.fan_in_fan_out is fan_in_fan_out
+    exact = delta.lora_B.double() @ delta.lora_A.double()
+    relative = (compressed.lora_B.double() @ compressed.lora_A.double() - exact).norm() / exact.norm()
+    assert relative <= 1e-6 and errors["m"] <= 1e-6
+    # balanced factors: B and A^T have the same column norms
+    torch.testing.assert_close(compressed.lora_B.norm(dim=0), compressed.lora_A.norm(dim=1), rtol=1e-4, atol=0)
+
+
+def test_compress_below_rank_reports_its_error():
+    delta = random_delta(20, 30, 10)
+    exact = delta.lora_B.double() @ delta.lora_A.double()
+    singular = torch.linalg.svdvals(exact)
+    for rank in (1, 4, 9):
+        compressed, error = compress_delta(delta, rank)
+        measured = float((compressed.lora_B.double() @ compressed.lora_A.double() - exact).norm() / exact.norm())
+        expected = float(singular[rank:].pow(2).sum().sqrt() / singular.pow(2).sum().sqrt())
+        assert compressed.rank == rank
+        assert error == pytest.approx(expected, rel=1e-6) and measured == pytest.approx(expected, rel=1e-4)
+    energy = singular.pow(2).cumsum(0) / singular.pow(2).sum()
+    compressed, _ = compress_delta(delta, 0.9)
+    assert compressed.rank == int((energy < 0.9).sum()) + 1
+    assert compress_delta(delta, 1.0)[0].rank == 10
+    with pytest.raises(ValueError, match="at least 1"):
+        compress_delta(delta, 0)
+    with pytest.raises(ValueError, match="fraction"):
+        compress_delta(delta, 1.5)
+    with pytest.raises(TypeError, match="export_rank"):
+        compress_delta(delta, "4")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_large_edit_is_stored_at_full_rank_exactly(model_type, tokenizer, tmp_path):
+    """36 edit keys exceed min(d_in, d_out) = 32: the adapter holds the SVD re-factorisation at rank 32, equal to the
+    in-place edit; with `export_rank` the loss is reported."""
+    base = build_tiny_causal_lm(model_type, vocab_size=len(tokenizer))
+    model = copy.deepcopy(base)
+    words = sorted({w.strip(".,") for text in tiny_corpus() for w in text.split() if w.isalpha() and len(w) > 3})
+    requests = [
+        {"prompt": "The city of {}", "subject": words[i], "target_new": words[-1 - i]} for i in range(36)
+    ]  # fmt: skip
+    editor = Editor(model, args=tiny_editing_arguments(tmp_path / "stats", v_num_grad_steps=2),
+                    processing_class=tokenizer, stats_dataset=tiny_corpus())  # fmt: skip
+    output = editor.edit(requests)
+    assert {d.rank for d in output.deltas} == {36}
+    report = editor.save_adapter(tmp_path / "adapter")
+    assert set(report.ranks.values()) == {32} and report.max_reconstruction_error <= 1e-5
+    for delta in output.deltas:
+        tensors = load_file(tmp_path / "adapter" / ADAPTER_WEIGHTS_NAME)
+        prefix = f"base_model.model.{delta.module_name}"
+        stored = tensors[f"{prefix}.lora_B.weight"].double() @ tensors[f"{prefix}.lora_A.weight"].double()
+        exact = delta.lora_B.double() @ delta.lora_A.double()
+        assert (stored - exact).norm() / exact.norm() <= 1e-5
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter")
+    assert (logits(peft_model, tokenizer) - logits(model, tokenizer)).abs().max() <= ATOL
+    low = editor.save_adapter(tmp_path / "low", export_rank=4)
+    assert set(low.ranks.values()) == {4} and 0.01 < low.max_reconstruction_error < 1
+    assert read_edits_metadata(tmp_path / "low")["export"]["export_rank"] == 4
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def test_lora_config_rank_patterns_match_only_their_module():
+    deltas = [random_delta(8, 4, 2, name="model.layers.1.mlp.down_proj"),
+              random_delta(8, 4, 3, name="model.layers.11.mlp.down_proj")]  # fmt: skip
+    config = lora_config(deltas, "org/model")
+    from peft.utils.other import get_pattern_key
+
+    for name, rank in (("model.layers.1.mlp.down_proj", 2), ("model.layers.11.mlp.down_proj", 3)):
+        assert config.rank_pattern[get_pattern_key(config.rank_pattern.keys(), name)] == rank
+    assert get_pattern_key(config.rank_pattern.keys(), "model.layers.21.mlp.down_proj") not in config.rank_pattern
+    assert config.r == config.lora_alpha == 3 and config.base_model_name_or_path == "org/model"
+    with pytest.raises(ValueError, match="Conv1D"):
+        lora_config([random_delta(8, 4, 1, name="a"), random_delta(8, 4, 1, name="b", fan_in_fan_out=True)])
+
+
+def test_base_model_id(tmp_path, tiny_llama):
+    tiny_llama.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert base_model_id(tiny_llama) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert base_model_id(tiny_llama, "org/other") == "org/other"
+    tiny_llama.config._name_or_path = str(tmp_path)  # a temporary directory: never recorded
+    assert base_model_id(tiny_llama) is None
+    tiny_llama.config._name_or_path = ""
+    assert base_model_id(tiny_llama) is None
