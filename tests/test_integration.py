@@ -9,11 +9,13 @@ One module-scoped fixture loads the model once and runs evaluate -> edit -> eval
 tests below check its results.
 """
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
 
 from memit_hf.arguments import EditingArguments
 from memit_hf.editor import Editor
@@ -30,6 +32,11 @@ CORPUS_FILE = DATA / "stats_corpus.txt"
 MIN_EFFICACY = 95.0
 MIN_PARAPHRASE = 60.0
 MAX_NEIGHBORHOOD_DROP = 10.0
+
+
+def _logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits.float()
 
 
 def _rounded(metrics: dict[str, float]) -> dict[str, float]:
@@ -53,13 +60,33 @@ def run(tmp_path_factory):
     names = [editor.layout.edit_name(layer) for layer in layers]
     original = {name: model.get_submodule(name).weight.detach().clone() for name in names}
 
+    probes = tokenizer([r.text for r in requests[:8]], return_tensors="pt", padding=True)
     pre = editor.evaluate(requests)
+    unedited_logits = _logits(model, probes)
     output = editor.edit(requests)
     post = editor.evaluate(requests, include_pre=False)
+    edited_logits = _logits(model, probes)
+    adapter_dir = tmp_path_factory.mktemp("adapter")
+    report = editor.save_adapter(adapter_dir)
     editor.restore()
     restored_weights = {name: model.get_submodule(name).weight.detach().clone() for name in names}
     restored = editor.evaluate(requests)
+
+    peft_model = PeftModel.from_pretrained(model, adapter_dir)  # the plain peft path, on the restored model
+    adapter_logits = _logits(peft_model, probes)
+    with peft_model.disable_adapter():
+        disabled_logits = _logits(peft_model, probes)
+    merged_logits = _logits(peft_model.merge_and_unload(), probes)
     return {
+        "adapter": {
+            "report": report,
+            "config": json.loads((adapter_dir / "adapter_config.json").read_text()),
+            "unedited": unedited_logits,
+            "edited": edited_logits,
+            "adapter": adapter_logits,
+            "disabled": disabled_logits,
+            "merged": merged_logits,
+        },  # fmt: skip
         "requests": requests,
         "layers": layers,
         "output": output,
@@ -113,3 +140,18 @@ def test_restore_brings_back_the_unedited_model_exactly(run):
     for name, weight in run["original_weights"].items():
         assert torch.equal(run["restored_weights"][name], weight), name
     assert run["restored"] == run["pre"]
+
+
+def test_adapter_reproduces_the_edit_with_plain_peft(run):
+    """The saved adapter, loaded with `PeftModel.from_pretrained` on the unedited SmolLM2, gives the in-place edited
+    model's logits (float32); disabled it gives the unedited logits bit for bit; merged, the edited ones again."""
+    adapter = run["adapter"]
+    assert (adapter["adapter"] - adapter["edited"]).abs().max() <= 1e-4  # logits of size ~20, float32
+    assert (adapter["merged"] - adapter["edited"]).abs().max() <= 1e-4
+    assert torch.equal(adapter["disabled"], adapter["unedited"])
+    assert (adapter["edited"] - adapter["unedited"]).abs().max() > 1.0
+    config, report = adapter["config"], adapter["report"]
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert config["r"] == config["lora_alpha"] == 20 and len(config["target_modules"]) == 5
+    assert report.max_reconstruction_error == 0.0
+    assert report.adapter_bytes < report.dense_bytes / 10  # 20 * (576 + 1536) vs 576 * 1536 numbers per layer
