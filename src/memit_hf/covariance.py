@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from accelerate.utils import reduce
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .distributed import process_state
 from .tokenization import pad_batch, pad_token_id
 from .tracing import capture, run_until_stopped
 
@@ -248,7 +248,7 @@ def collect_second_moments(
     """Sum `k k^T` of the inputs of `modules` over every token of `pieces`, in one forward pass per batch that stops
     right before the last module in execution order. Batches are split between accelerate processes and summed.
     """
-    state = PartialState()
+    state = process_state()
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     modules = sorted(modules, key=order.__getitem__)
     batches = _batches(pieces, batch_tokens)

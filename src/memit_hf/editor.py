@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .algorithms import get_algorithm
@@ -30,6 +29,7 @@ from .covariance import (
     token_pieces,
 )
 from .deltas import LayerDelta, WeightSnapshot, add_delta, make_delta
+from .distributed import process_state
 from .export import EDITS_METADATA_NAME, ExportReport, base_model_id, edit_metadata, save_adapter_files, write_json
 from .hub import build_model_card, push_folder
 from .keys import compute_keys_and_outputs, fill, generate_context_templates
@@ -140,7 +140,7 @@ class Editor:
         self.stats_dataset = stats_dataset
         self.callbacks = list(callbacks or [])
         self.layout = get_layout(model, self.args)
-        self.state = PartialState()
+        self.state = process_state()
         self._templates: list[list[str]] | None = None
         self._statistics: dict[str, SecondMoment] = {}
         self._statistics_info: dict[str, dict[str, Any]] = {}
@@ -288,13 +288,7 @@ class Editor:
         timings["statistics_seconds"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        values = compute_target_values(
-            self.model, self.tokenizer, self.layout, requests, templates, z_layer,
-            num_steps=args.v_num_grad_steps, lr=args.v_lr, weight_decay=args.v_weight_decay,
-            clamp_norm_factor=args.clamp_norm_factor, kl_factor=args.kl_factor,
-            early_stop_loss=args.v_early_stop_loss, batch_size=args.v_batch_size,
-            show_progress=self.state.is_main_process,
-        )  # fmt: skip
+        values = self._target_values(requests, templates, z_layer, args)
         timings["values_seconds"] = time.perf_counter() - tick
         if not torch.isfinite(values.targets).all():
             bad = (~torch.isfinite(values.targets).all(1)).nonzero().squeeze(1).tolist()
@@ -369,6 +363,37 @@ class Editor:
         for callback in self.callbacks:
             callback.on_edit_end(self, output)
         return output
+
+    def _target_values(
+        self, requests: list[EditRequest], templates: list[list[str]], z_layer: int, args: EditingArguments
+    ) -> ValueResult:
+        """The z optimisation of `requests`; with several processes each optimises its share of the requests and the
+        results are gathered, so every process continues with all of them (in the original order)."""
+
+        def optimise(shard: list[EditRequest]) -> ValueResult:
+            return compute_target_values(
+                self.model, self.tokenizer, self.layout, shard, templates, z_layer,
+                num_steps=args.v_num_grad_steps, lr=args.v_lr, weight_decay=args.v_weight_decay,
+                clamp_norm_factor=args.clamp_norm_factor, kl_factor=args.kl_factor,
+                early_stop_loss=args.v_early_stop_loss, batch_size=args.v_batch_size,
+                show_progress=self.state.is_main_process,
+            )  # fmt: skip
+
+        if self.state.num_processes == 1 or len(requests) < self.state.num_processes:
+            return optimise(requests)
+        from accelerate.utils import gather
+
+        with self.state.split_between_processes(list(range(len(requests))), apply_padding=True) as indices:
+            local = optimise([requests[i] for i in indices])
+        device = self.state.device if self.state.backend == "nccl" else torch.device("cpu")
+        fields = ("targets", "initial", "initial_loss", "final_loss", "final_nll", "steps")
+        gathered = {
+            name: gather(getattr(local, name).to(device))[: len(requests)].to(getattr(local, name).device)
+            for name in fields
+        }
+        self._log("Optimised the target values of %d requests on %d processes.", len(requests),
+                  self.state.num_processes)  # fmt: skip
+        return ValueResult(**gathered, schedule=local.schedule)
 
     def _through_post_mlp_norm(self, layer: int, residuals: torch.Tensor, edit_outputs: torch.Tensor) -> torch.Tensor:
         """Map block-output residuals `(n, d)` to the edited projection's output space when an RMS norm sits between
