@@ -144,10 +144,13 @@ def test_restore_brings_back_the_unedited_model_exactly(run):
 
 def test_adapter_reproduces_the_edit_with_plain_peft(run):
     """The saved adapter, loaded with `PeftModel.from_pretrained` on the unedited SmolLM2, gives the in-place edited
-    model's logits (float32); disabled it gives the unedited logits bit for bit; merged, the edited ones again."""
+    model's logits (float32 rounding apart); disabled it gives the unedited logits and merged the edited ones, bit for
+    bit."""
     adapter = run["adapter"]
-    assert (adapter["adapter"] - adapter["edited"]).abs().max() <= 1e-4  # logits of size ~20, float32
-    assert (adapter["merged"] - adapter["edited"]).abs().max() <= 1e-4
+    # Un-merged, peft computes W x + B (A x) while the in-place edit rounds W + B A to float32 once: on logits up to
+    # ~36 the two differ by about 7e-5 (2e-6 relative). Merged, peft forms W + B A exactly as the edit did.
+    assert (adapter["adapter"] - adapter["edited"]).abs().max() <= 2e-4
+    assert torch.equal(adapter["merged"], adapter["edited"])
     assert torch.equal(adapter["disabled"], adapter["unedited"])
     assert (adapter["edited"] - adapter["unedited"]).abs().max() > 1.0
     config, report = adapter["config"], adapter["report"]
