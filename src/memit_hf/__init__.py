@@ -15,6 +15,7 @@ _EXPORTS = {
     "EditorCallback": "editor",
     "EditingArguments": "arguments",
     "EditRequest": "requests",
+    "load_metric": "metrics",
     "load_requests": "requests",
 }
 
@@ -25,12 +26,14 @@ __all__ = [
     "Editor",
     "EditorCallback",
     "__version__",
+    "load_metric",
     "load_requests",
 ]
 
 if TYPE_CHECKING:
     from .arguments import EditingArguments
     from .editor import Editor, EditorCallback, EditOutput
+    from .metrics import load_metric
     from .requests import EditRequest, load_requests
 
 
