@@ -260,7 +260,9 @@ def generate_texts(
     texts: list[str] = []
     was_training = model.training
     model.eval()
-    devices = [device] if device.type == "cuda" else []
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    )
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
@@ -270,10 +272,12 @@ def generate_texts(
                 input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
                 mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
                 new_tokens = max_length - min(len(ids) for ids in batch)
+                # Explicit values override the model's own generation defaults (temperature, top-p, repetition
+                # penalty), so this is the reference's plain top-k sampling; `eos_token_id=None` never stops early.
                 output = model.generate(
                     input_ids=input_ids, attention_mask=mask, do_sample=True, top_k=top_k, top_p=1.0,
-                    temperature=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad,
-                    eos_token_id=None,
+                    temperature=1.0, repetition_penalty=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                    pad_token_id=pad, eos_token_id=None,
                 )  # fmt: skip
                 for row, ids in enumerate(batch):
                     keep = output[row, width : width + max_length - len(ids)].tolist()
