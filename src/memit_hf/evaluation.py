@@ -419,7 +419,8 @@ def evaluate_model(
         requests (`list[EditRequest]`):
             The requests whose prompts are scored.
         metrics (`Sequence[str]`, *optional*, defaults to `("counterfact",)`):
-            Families from `EVALUATION_METRICS`. `"perplexity"` is added when `perplexity_texts` is given.
+            Families from `EVALUATION_METRICS` (or one name). `"perplexity"` is added when `perplexity_texts` is
+            given.
         batch_size (`int`, *optional*, defaults to 64):
             Sequences per forward pass (prompts per `generate` call for `"generation"`).
         perplexity_texts (`list[str]`, `datasets.Dataset` or text file paths, *optional*):
@@ -439,7 +440,7 @@ def evaluate_model(
     Raises:
         ValueError: for an unknown family, or `"perplexity"` without `perplexity_texts`.
     """
-    chosen = list(dict.fromkeys(metrics))
+    chosen = list(dict.fromkeys([metrics] if isinstance(metrics, str) else metrics))
     if perplexity_texts is not None and "perplexity" not in chosen:
         chosen.append("perplexity")
     unknown = [name for name in chosen if name not in EVALUATION_METRICS]
