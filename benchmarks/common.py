@@ -85,6 +85,15 @@ def write_json(path: str, data: Any) -> None:
     Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
 
 
+def previous_runs(path: str, append: bool, replaced: set[int]) -> list[dict]:
+    """With `append`, the runs already in the JSON at `path` whose `num_edits` is not in `replaced` (so that sizes can
+    be measured in separate calls, e.g. within a time limit per command); otherwise none."""
+    if not append or not Path(path).exists():
+        return []
+    runs = json.loads(Path(path).read_text(encoding="utf-8")).get("runs", [])
+    return [run for run in runs if run["num_edits"] not in replaced]
+
+
 def pyplot():
     """matplotlib's pyplot with the non-interactive Agg backend (`pip install memit-hf[benchmarks]`)."""
     import matplotlib

@@ -54,6 +54,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output", default=str(common.REPO / "benchmarks" / "results" / "quality_vs_edits.json"))
     parser.add_argument("--plot", default=None, help="Write a PNG of the quality curves here.")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="Keep the runs of other sizes already in --output (measure sizes in separate calls).",
+    )
     return parser.parse_args(argv)
 
 
@@ -135,6 +140,8 @@ def main(argv=None) -> dict:
         results["runs"].append(run)
         print(f"{n} edits: {_summary(run)}", flush=True)
 
+    previous = common.previous_runs(options.output, options.append, set(sizes))
+    results["runs"] = sorted(previous + results["runs"], key=lambda run: run["num_edits"])
     common.write_json(options.output, results)
     print()
     print(table(results))

@@ -47,6 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output", default=str(common.REPO / "benchmarks" / "results" / "stats_source.json"))
     parser.add_argument("--plot", default=None, help="Write a PNG bar chart here.")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="Keep the runs of other sizes already in --output (measure sizes in separate calls).",
+    )
     return parser.parse_args(argv)
 
 
@@ -132,6 +137,8 @@ def main(argv=None) -> dict:
                 flush=True,
             )
 
+    previous = common.previous_runs(options.output, options.append, set(options.num_edits))
+    results["runs"] = sorted(previous + results["runs"], key=lambda run: run["num_edits"])
     common.write_json(options.output, results)
     print()
     print(table(results))
