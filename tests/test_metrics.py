@@ -35,10 +35,12 @@ INPUTS = {
 
 @pytest.fixture(scope="module", autouse=True)
 def _modules_cache(tmp_path_factory):
-    """`evaluate` copies local scripts into its modules cache: keep that out of the user's cache."""
+    """`evaluate` copies local scripts into its modules cache and makes a data folder per metric: keep both out of
+    the user's cache."""
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # set by conftest: loading must not need the Hub
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(evaluate.config, "HF_MODULES_CACHE", str(tmp_path_factory.mktemp("modules")))
+        patch.setattr(evaluate.config, "HF_METRICS_CACHE", str(tmp_path_factory.mktemp("metrics")))
         yield
 
 
