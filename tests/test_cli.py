@@ -195,6 +195,71 @@ def test_edit_end_to_end_on_a_saved_tiny_model(saved_tiny_llama, tmp_path, capsy
     assert "tokens" in capsys.readouterr().out
 
 
+def test_evaluate_choices_match_the_library():
+    from memit_hf.evaluation import EVALUATION_METRICS
+
+    assert cli.EVALUATION_CHOICES == EVALUATION_METRICS
+
+
+def test_markdown_table():
+    assert cli.markdown_table({"score": 50.0, "perplexity": 12.345}) == (
+        "| metric | value |\n| --- | --- |\n| score | 50.00 |\n| perplexity | 12.35 |\n"
+    )
+    table = cli.markdown_table({"score": 83.66, "pre_score": 40.7, "perplexity": 20.0})
+    assert table.splitlines() == [
+        "| metric | unedited | edited |",
+        "| --- | --- | --- |",
+        "| score | 40.70 | 83.66 |",
+        "| perplexity |  | 20.00 |",
+    ]
+
+
+def test_evaluate_end_to_end_on_a_saved_tiny_model(saved_tiny_llama, tmp_path, capsys):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps(r) + "\n" for r in tiny_requests()))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(tiny_corpus()))
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("\n\n".join(tiny_corpus()[:8]))
+    common = ["--model", str(saved_tiny_llama), "--requests", str(requests), "--num-requests", "3"]
+
+    plain = cli.run_evaluate(
+        *cli.parse_args(
+            ["evaluate", *common, "--output-dir", str(tmp_path / "plain"), "--metrics", "counterfact", "zsre"]
+        )
+    )
+    assert plain["num_requests"] == 3 and not plain["edited"]
+    assert {"efficacy_success", "score", "zsre_score"} <= set(plain["metrics"])
+    assert not any(key.startswith("pre_") for key in plain["metrics"])
+    assert "| metric | value |" in (tmp_path / "plain" / "evaluation.md").read_text()
+
+    code = cli.main(
+        [
+            "evaluate", *common, "--edit", "--corpus", str(corpus), "--perplexity-corpus", str(held_out),
+            "--output-dir", str(tmp_path / "edited"), "--layers", "0", "1", "--stats_cache_dir", str(tmp_path / "s"),
+            "--mom2_update_weight", "1.0", "--v_num_grad_steps", "5",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    summary = json.loads((tmp_path / "edited" / "evaluation.json").read_text())
+    assert summary["edited"] and summary["args"]["layers"] == [0, 1] and summary["num_requests"] == 3
+    metrics = summary["metrics"]
+    assert {"score", "pre_score", "perplexity", "pre_perplexity"} <= set(metrics)
+    # the unedited figures are those of the plain run on the same model
+    for key, value in plain["metrics"].items():
+        if not key.startswith("zsre"):
+            assert metrics[f"pre_{key}"] == pytest.approx(value, nan_ok=True), key
+    assert "values_seconds" in summary["edit_metrics"]
+    markdown = (tmp_path / "edited" / "evaluation.md").read_text()
+    assert "| metric | unedited | edited |" in markdown and "| perplexity |" in markdown
+    assert "| metric | unedited | edited |" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit, match="output-dir"):
+        cli.main(["evaluate", *common])
+    with pytest.raises(SystemExit, match="perplexity-corpus files not found"):
+        cli.main(["evaluate", *common, "--output-dir", str(tmp_path / "x"), "--perplexity-corpus", "nope.txt"])
+
+
 def test_demo_runs_end_to_end_on_a_tiny_model(monkeypatch, tmp_path, capsys):
     import memit_hf.models
 

@@ -1,16 +1,35 @@
-"""Tests of `memit_hf.evaluation`: teacher-forced target NLLs and the CounterFact probability metrics."""
+"""Tests of `memit_hf.evaluation`: teacher-forced target NLLs and hits, the CounterFact probability metrics, the
+aggregation helpers, `evaluate_model` and `Editor.evaluate`."""
 
 import math
 
 import pytest
 import torch
-from torch import nn
 
 from memit_hf import evaluation
-from memit_hf.evaluation import METRIC_KEYS, counterfact_scores, evaluate_counterfact, target_nlls
+from memit_hf.editor import Editor
+from memit_hf.evaluation import (
+    EVALUATION_METRICS,
+    METRIC_KEYS,
+    counterfact_scores,
+    evaluate_counterfact,
+    evaluate_model,
+    harmonic_mean,
+    per_case_mean,
+    target_nlls,
+    target_token_hits,
+)
 from memit_hf.requests import EditRequest, load_requests
 from memit_hf.tokenization import encode_targets, encode_texts
-from tests.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer
+from memit_hf.zsre_metrics import ZSRE_METRIC_KEYS
+from tests.testing_utils import (
+    OracleLM,
+    build_tiny_causal_lm,
+    build_tiny_tokenizer,
+    subject_final_requests,
+    tiny_corpus,
+    tiny_editing_arguments,
+)
 
 
 PROMPTS = [
@@ -25,7 +44,7 @@ PROMPTS = [
 TARGETS = ["Paris", "London", "Apple Microsoft", "rain today", "football", "Paris and the capital of Italy", "Madrid"]
 
 
-def reference_nlls(model, tokenizer, prompts, targets):
+def reference_nlls(model, tokenizer, prompts, targets, dtype=torch.float32):
     """Each pair run alone, unpadded, with a full log-softmax over every position."""
     nlls, correct = [], []
     with torch.no_grad():
@@ -33,7 +52,7 @@ def reference_nlls(model, tokenizer, prompts, targets):
             prompt_ids = encode_texts(tokenizer, [prompt])[0]
             target_ids = encode_targets(tokenizer, [target])[0]
             input_ids = torch.tensor([prompt_ids + target_ids])
-            log_probs = torch.log_softmax(model(input_ids=input_ids).logits[0].float(), dim=-1)
+            log_probs = torch.log_softmax(model(input_ids=input_ids).logits[0].to(dtype), dim=-1)
             token_nlls, token_ok = [], []
             for j, token in enumerate(target_ids):
                 position = len(prompt_ids) + j - 1
@@ -41,29 +60,7 @@ def reference_nlls(model, tokenizer, prompts, targets):
                 token_ok.append(log_probs[position].argmax().item() == token)
             nlls.append(sum(token_nlls) / len(token_nlls))
             correct.append(all(token_ok))
-    return torch.tensor(nlls), torch.tensor(correct)
-
-
-class OracleLM(nn.Module):
-    """A fake causal LM whose logits put `margin` on the next input token (or on `fixed`), 0 elsewhere."""
-
-    def __init__(self, vocab_size: int, margin: float = 5.0, fixed: int | None = None):
-        super().__init__()
-        self.vocab_size = vocab_size
-        self.margin = margin
-        self.fixed = fixed
-        self.anchor = nn.Parameter(torch.zeros(1))
-
-    @property
-    def device(self) -> torch.device:
-        return self.anchor.device
-
-    def forward(self, input_ids, attention_mask=None):
-        following = (
-            torch.roll(input_ids, shifts=-1, dims=1) if self.fixed is None else torch.full_like(input_ids, self.fixed)
-        )
-        logits = nn.functional.one_hot(following, self.vocab_size).float() * self.margin
-        return type("Output", (), {"logits": logits})()
+    return torch.tensor(nlls, dtype=dtype), torch.tensor(correct)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -315,3 +312,134 @@ def test_evaluate_counterfact_requires_target_true(tiny_tokenizer, tiny_gpt2, re
         evaluate_counterfact(tiny_gpt2, tiny_tokenizer, requests)
     with pytest.raises(ValueError, match="at least one request"):
         evaluate_counterfact(tiny_gpt2, tiny_tokenizer, [])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# float64 models, per-token hits
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_target_nlls_keeps_float64_for_a_float64_model(tiny_tokenizer):
+    model = build_tiny_causal_lm("llama", vocab_size=len(tiny_tokenizer)).double()
+    expected_nll, expected_ok = reference_nlls(model, tiny_tokenizer, PROMPTS, TARGETS, dtype=torch.float64)
+    nll, ok = target_nlls(model, tiny_tokenizer, PROMPTS, TARGETS, batch_size=3)
+    assert nll.dtype == torch.float64
+    torch.testing.assert_close(nll, expected_nll, atol=1e-12, rtol=0)
+    assert torch.equal(ok, expected_ok)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_target_token_hits_match_a_per_token_loop(model_type, tiny_tokenizer):
+    model = build_tiny_causal_lm(model_type, vocab_size=len(tiny_tokenizer))
+    hits = target_token_hits(model, tiny_tokenizer, PROMPTS, TARGETS, batch_size=3)
+    assert len(hits) == len(PROMPTS)
+    with torch.no_grad():
+        for prompt, target, got in zip(PROMPTS, TARGETS, hits):
+            prompt_ids = encode_texts(tiny_tokenizer, [prompt])[0]
+            target_ids = encode_targets(tiny_tokenizer, [target])[0]
+            expected = []
+            for i, token in enumerate(target_ids):  # the reference: one sequence per target token
+                logits = model(input_ids=torch.tensor([prompt_ids + target_ids[:i]])).logits[0, -1]
+                expected.append(int(logits.argmax()) == token)
+            assert got.dtype == torch.bool and got.tolist() == expected
+    _, all_ok = target_nlls(model, tiny_tokenizer, PROMPTS, TARGETS)
+    assert [bool(h.all()) for h in hits] == all_ok.tolist()
+
+
+def test_target_token_hits_closed_form(tiny_tokenizer):
+    # An LM that always predicts one token hits exactly the target tokens equal to it.
+    rome = encode_targets(tiny_tokenizer, ["Rome"])[0]
+    assert len(rome) == 1
+    targets = ["Rome", "Rome Rome", "Paris", "Paris Rome"]
+    hits = target_token_hits(OracleLM(len(tiny_tokenizer), fixed=rome[0]), tiny_tokenizer, PROMPTS[:4], targets)
+    expected = [[token == rome[0] for token in ids] for ids in encode_targets(tiny_tokenizer, targets)]
+    assert [h.tolist() for h in hits] == expected
+    assert expected[0] == [True] and expected[2] == [False] * len(expected[2])
+    with pytest.raises(ValueError, match="same length"):
+        target_token_hits(OracleLM(10), tiny_tokenizer, PROMPTS[:2], TARGETS[:1])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# aggregation helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_per_case_mean_weighs_cases_equally():
+    # case "a": (1 + 0 + 0) / 3, case 7: 1, case "b": 0.5 -> (1/3 + 1 + 0.5) / 3
+    assert per_case_mean([1.0, 0.0, 1.0, 0.0, 0.5], ["a", "a", 7, "a", "b"]) == pytest.approx((1 / 3 + 1 + 0.5) / 3)
+    assert per_case_mean(torch.tensor([2.0, 4.0]), [0, 0]) == pytest.approx(3.0)
+    assert math.isnan(per_case_mean([], []))
+    with pytest.raises(ValueError, match="same length"):
+        per_case_mean([1.0], [0, 1])
+
+
+def test_harmonic_mean():
+    assert harmonic_mean([50.0, 75.0, 200.0 / 3]) == pytest.approx(62.0689655, rel=1e-6)
+    assert harmonic_mean([40.0, 40.0]) == pytest.approx(40.0)
+    assert harmonic_mean([0.0, 90.0]) == 0.0
+    assert math.isnan(harmonic_mean([math.nan, 90.0])) and math.isnan(harmonic_mean([]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# evaluate_model and Editor.evaluate
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_model_merges_the_families(tiny_tokenizer, tiny_llama, requests_list):
+    requests = load_requests(requests_list)
+    results = evaluate_model(
+        tiny_llama, tiny_tokenizer, requests, metrics=["counterfact", "zsre"], perplexity_texts=tiny_corpus()[:4]
+    )
+    assert list(results) == [*METRIC_KEYS, *ZSRE_METRIC_KEYS, "perplexity"]
+    assert results == pytest.approx(
+        {
+            **evaluate_counterfact(tiny_llama, tiny_tokenizer, requests),
+            **evaluation_zsre(tiny_llama, tiny_tokenizer, requests),
+            "perplexity": perplexity_of(tiny_llama, tiny_tokenizer, tiny_corpus()[:4]),
+        },
+        nan_ok=True,
+    )
+    assert set(EVALUATION_METRICS) == {"counterfact", "zsre", "generation", "perplexity"}
+    with pytest.raises(ValueError, match="Unknown metrics"):
+        evaluate_model(tiny_llama, tiny_tokenizer, requests, metrics=["bleu"])
+    with pytest.raises(ValueError, match="perplexity_texts"):
+        evaluate_model(tiny_llama, tiny_tokenizer, requests, metrics=["perplexity"])
+
+
+def evaluation_zsre(model, tokenizer, requests):
+    from memit_hf.zsre_metrics import evaluate_zsre
+
+    return evaluate_zsre(model, tokenizer, requests)
+
+
+def perplexity_of(model, tokenizer, texts):
+    from memit_hf.perplexity import perplexity
+
+    return perplexity(model, tokenizer, texts)
+
+
+def test_editor_evaluate_reports_pre_figures_of_every_family(tiny_tokenizer, tmp_path):
+    model = build_tiny_causal_lm("llama", vocab_size=len(tiny_tokenizer))
+    requests = [
+        dict(r, paraphrase_prompts=["I think " + r["prompt"].format(r["subject"])]) for r in subject_final_requests()
+    ]
+    editor = Editor(
+        model, args=tiny_editing_arguments(tmp_path), processing_class=tiny_tokenizer, stats_dataset=tiny_corpus()
+    )
+    kwargs = dict(metrics=["counterfact", "zsre", "generation"], perplexity_texts=tiny_corpus()[:6])
+    before = editor.evaluate(requests, **kwargs)
+    assert not any(key.startswith("pre_") for key in before)  # nothing edited yet
+    assert {"efficacy_success", "zsre_efficacy_accuracy", "generation_entropy", "perplexity"} <= set(before)
+
+    editor.edit(requests)
+    after = editor.evaluate(requests, **kwargs)
+    assert set(after) == set(before) | {f"pre_{key}" for key in before}
+    # The pre_ figures are the unedited model's, computed with the same seed.
+    assert {key: after[f"pre_{key}"] for key in before} == pytest.approx(before, nan_ok=True)
+    # The edit makes the first token of every new target the argmax after its rewrite prompt (subject-final prompts
+    # on a tiny model): the token-level figures rise from 0.
+    assert before["efficacy_accuracy"] == before["zsre_efficacy_accuracy"] == 0.0
+    assert after["efficacy_accuracy"] >= 50.0 and after["zsre_efficacy_accuracy"] >= 50.0
+    assert after["efficacy_magnitude"] > before["efficacy_magnitude"]
+    assert after["perplexity"] != before["perplexity"]
+    assert not any(key.startswith("pre_") for key in editor.evaluate(requests, include_pre=False))

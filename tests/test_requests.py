@@ -186,6 +186,7 @@ def test_counterfact_shape():
     assert request.paraphrase_prompts == COUNTERFACT_RECORD["paraphrase_prompts"]
     assert request.neighborhood_prompts == COUNTERFACT_RECORD["neighborhood_prompts"]
     assert request.generation_prompts == COUNTERFACT_RECORD["generation_prompts"]
+    assert request.attribute_prompts == COUNTERFACT_RECORD["attribute_prompts"]
     assert request.case_id == 20952
     assert request.record_index == 0
     assert request.text == "Angola is located in"

@@ -2,6 +2,7 @@
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     Gemma3TextConfig,
@@ -104,6 +105,28 @@ def build_tiny_causal_lm(model_type: str, vocab_size: int, seed: int = 0):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(_config(model_type, vocab_size), attn_implementation="eager")
     return model.float().eval()
+
+
+class OracleLM(nn.Module):
+    """A fake causal LM whose logits put `margin` on the next input token (or on `fixed`), 0 elsewhere."""
+
+    def __init__(self, vocab_size: int, margin: float = 5.0, fixed: int | None = None):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.margin = margin
+        self.fixed = fixed
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    def forward(self, input_ids, attention_mask=None):
+        following = (
+            torch.roll(input_ids, shifts=-1, dims=1) if self.fixed is None else torch.full_like(input_ids, self.fixed)
+        )
+        logits = nn.functional.one_hot(following, self.vocab_size).float() * self.margin
+        return type("Output", (), {"logits": logits})()
 
 
 def tiny_requests() -> list[dict]:

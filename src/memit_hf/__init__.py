@@ -18,6 +18,7 @@ _EXPORTS = {
     "ExportReport": "export",
     "combine_edits": "loading",
     "load_edits": "loading",
+    "load_metric": "metrics",
     "load_requests": "requests",
 }
 
@@ -31,6 +32,7 @@ __all__ = [
     "__version__",
     "combine_edits",
     "load_edits",
+    "load_metric",
     "load_requests",
 ]
 
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from .editor import Editor, EditorCallback, EditOutput
     from .export import ExportReport
     from .loading import combine_edits, load_edits
+    from .metrics import load_metric
     from .requests import EditRequest, load_requests
 
 

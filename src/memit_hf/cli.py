@@ -1,4 +1,4 @@
-"""The `memit-hf` command: `edit`, `stats`, `demo`, `export` and `push` subcommands.
+"""The `memit-hf` command: `edit`, `stats`, `evaluate`, `demo`, `export` and `push` subcommands.
 
 Every [`EditingArguments`] field is a flag (`--layers 3 4 5`, `--mom2_update_weight 1500`, dashes or underscores),
 and `--config recipe.yaml` reads the same fields from a YAML file; flags given on the command line win over the file.
@@ -10,6 +10,7 @@ Examples:
 memit-hf edit --requests edits.jsonl --corpus wiki.txt --output-dir out --layers 3 4 5 6 7
 memit-hf edit --model ./my-model --requests edits.json --config recipe.yaml --output-dir out
 memit-hf stats --corpus wiki.txt --stats_num_tokens 200000
+memit-hf evaluate --requests counterfact.jsonl --edit --corpus wiki.txt --output-dir eval
 memit-hf demo
 memit-hf export out --merged --output-dir out-merged   # a full edited checkpoint from an edit adapter
 memit-hf push out --repo-id user/my-edits              # upload an adapter or checkpoint folder to the Hub
@@ -31,8 +32,8 @@ import yaml
 from .arguments import EditingArguments
 
 
-COMMANDS = ("edit", "stats", "demo", "export", "push")
-EDITING_COMMANDS = ("edit", "stats", "demo")
+COMMANDS = ("edit", "stats", "evaluate", "demo", "export", "push")
+EDITING_COMMANDS = ("edit", "stats", "evaluate", "demo")
 """The commands whose flags are the `EditingArguments` fields."""
 EDITING_FIELDS = tuple(f.name for f in fields(EditingArguments))
 
@@ -164,6 +165,7 @@ def make_parser() -> argparse.ArgumentParser:
         "edits with the same model, corpus and budget reuse them.",
     )
     _add_model_and_corpus(stats)
+    _add_evaluate_parser(subparsers)
 
     demo = _editing_parser(
         subparsers,
@@ -577,12 +579,136 @@ def run_demo(namespace: argparse.Namespace, args: EditingArguments) -> dict[str,
     }  # fmt: skip
 
 
+# ------------------------------------------------------------------------------------------------------ evaluate
+EVALUATION_CHOICES = ("counterfact", "zsre", "generation", "perplexity")
+"""`--metrics` choices of `memit-hf evaluate` (`memit_hf.evaluation.EVALUATION_METRICS`, kept here so that `--help`
+imports no torch)."""
+
+
+def _add_evaluate_parser(subparsers) -> None:
+    """The `evaluate` subcommand: every `EditingArguments` flag (used with `--edit`) plus its own options."""
+    evaluate = _editing_parser(
+        subparsers,
+        "evaluate",
+        "Evaluate a model on requests (CounterFact, zsRE, generation, perplexity); write JSON and Markdown.",
+        "Evaluate the model on the requests, optionally after editing it with them (`--edit`: the unedited figures "
+        "are reported beside the edited ones), and write `evaluation.json` and `evaluation.md` to --output-dir.",
+    )
+    _add_model_and_corpus(evaluate)
+    evaluate.add_argument(
+        "--requests",
+        metavar="FILE",
+        required=True,
+        help="JSON or JSONL file of requests (canonical, CounterFact, EasyEdit or zsRE records).",
+    )
+    evaluate.add_argument(
+        "--metrics",
+        nargs="+",
+        choices=EVALUATION_CHOICES,
+        default=["counterfact"],
+        help="Metric families; `perplexity` needs --perplexity-corpus (which adds it).",
+    )
+    evaluate.add_argument("--edit", action="store_true", help="Edit the model with the requests before evaluating.")
+    evaluate.add_argument("--num-requests", type=int, default=None, metavar="N", help="Use only the first N requests.")
+    evaluate.add_argument(
+        "--perplexity-corpus",
+        metavar="FILE",
+        nargs="+",
+        default=None,
+        help="Held-out text files whose perplexity is reported (documents separated by blank lines).",
+    )
+    evaluate.add_argument(
+        "--perplexity-tokens", type=int, default=None, metavar="N", help="Token budget of the perplexity."
+    )
+    evaluate.add_argument("--batch-size", type=int, default=64, help="Sequences per forward pass.")
+
+
+def markdown_table(metrics: dict[str, float]) -> str:
+    """A Markdown table of evaluation metrics: one row per metric, with an `unedited` column beside `edited` when
+    the `pre_*` figures are present.
+
+    Args:
+        metrics (`dict[str, float]`): the output of [`Editor.evaluate`].
+
+    Returns:
+        `str`: the table, ending with a newline.
+    """
+    names = [key for key in metrics if not key.startswith("pre_")]
+    with_pre = any(f"pre_{name}" in metrics for name in names)
+    lines = (
+        ["| metric | unedited | edited |", "| --- | --- | --- |"]
+        if with_pre
+        else ["| metric | value |", "| --- | --- |"]
+    )
+    for name in names:
+        cells = [_cell(metrics.get(f"pre_{name}")), _cell(metrics[name])] if with_pre else [_cell(metrics[name])]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def run_evaluate(namespace: argparse.Namespace, args: EditingArguments) -> dict[str, Any]:
+    """`memit-hf evaluate`: (optionally edit, then) evaluate, and write `evaluation.json` and `evaluation.md`."""
+    from .editor import Editor
+    from .requests import load_requests
+
+    if args.output_dir is None:
+        raise SystemExit("memit-hf evaluate: error: --output-dir is required.")
+    corpus = _corpus_paths(namespace.corpus)
+    held_out = [Path(item) for item in namespace.perplexity_corpus or []]
+    missing = [str(path) for path in held_out if not path.is_file()]
+    if missing:
+        raise SystemExit(f"memit-hf evaluate: error: --perplexity-corpus files not found: {missing}")
+    requests = load_requests(namespace.requests)
+    if namespace.num_requests is not None:
+        requests = requests[: namespace.num_requests]
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    model, tokenizer = _load_model(namespace.model, args)
+    editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=corpus)
+    edit_metrics = editor.edit(requests).metrics if namespace.edit else None
+    start = time.perf_counter()
+    metrics = editor.evaluate(
+        requests,
+        batch_size=namespace.batch_size,
+        metrics=namespace.metrics,
+        perplexity_texts=held_out or None,
+        perplexity_num_tokens=namespace.perplexity_tokens,
+    )
+    summary = {
+        "model": namespace.model or getattr(model.config, "_name_or_path", None),
+        "requests": str(namespace.requests),
+        "num_requests": len(requests),
+        "edited": bool(namespace.edit),
+        "metrics": metrics,
+        "evaluation_seconds": time.perf_counter() - start,
+        "edit_metrics": edit_metrics,
+        "args": editor.resolved_args.to_dict() if namespace.edit else None,
+        "perplexity_corpus": [str(path) for path in held_out] or None,
+    }
+    (output_dir / "evaluation.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n", encoding="utf-8")
+    table = markdown_table(metrics)
+    heading = f"Evaluation of {summary['model']} on {len(requests)} requests from {namespace.requests}"
+    (output_dir / "evaluation.md").write_text(f"# {heading}\n\n{table}", encoding="utf-8")
+    print(f"{heading}{' (edited with them)' if namespace.edit else ''}:\n")
+    print(table)
+    print(f"wrote {output_dir / 'evaluation.json'} and evaluation.md")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `memit-hf` command; returns the exit code."""
     namespace, args = parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("memit_hf").setLevel(logging.INFO)
-    commands = {"edit": run_edit, "stats": run_stats, "demo": run_demo, "export": run_export, "push": run_push}
+    commands = {
+        "edit": run_edit, "stats": run_stats, "evaluate": run_evaluate, "demo": run_demo, "export": run_export,
+        "push": run_push,
+    }  # fmt: skip
     commands[namespace.command](namespace, args)
     return 0
 

@@ -583,28 +583,53 @@ class Editor:
         self._pristine.clear()
         self.history.clear()
 
-    def evaluate(self, requests: Any, batch_size: int = 64, include_pre: bool = True) -> dict[str, float]:
-        """CounterFact-style efficacy / paraphrase / neighborhood metrics (percent) of the current model.
+    def evaluate(
+        self,
+        requests: Any,
+        batch_size: int = 64,
+        include_pre: bool = True,
+        metrics: list[str] | tuple[str, ...] = ("counterfact",),
+        perplexity_texts: Any = None,
+        perplexity_num_tokens: int | None = None,
+        reference_texts: list[list[str]] | None = None,
+    ) -> dict[str, float]:
+        """Evaluate the current (edited) model on `requests`, like [`~transformers.Trainer.evaluate`].
 
         Args:
-            requests: requests with `target_true` (any accepted shape).
-            batch_size (`int`): sequences per forward pass.
-            include_pre (`bool`): also report the unedited model's figures under a `pre_` prefix when the model
-                has been edited.
+            requests (`datasets.Dataset`, `list[dict]`, `list[EditRequest]` or a JSON/JSONL path):
+                The requests (any accepted shape); CounterFact metrics need `target_true`.
+            batch_size (`int`, *optional*, defaults to 64):
+                Sequences per forward pass.
+            include_pre (`bool`, *optional*, defaults to `True`):
+                Also report the unedited model's figures under a `pre_` prefix when the model has been edited
+                (computed with the original weights swapped in by [`unedited`]).
+            metrics (`list[str]` or `tuple[str, ...]`, *optional*, defaults to `("counterfact",)`):
+                Metric families of [`~memit_hf.evaluation.evaluate_model`]: `"counterfact"`, `"zsre"`,
+                `"generation"`, `"perplexity"`.
+            perplexity_texts (`list[str]`, `datasets.Dataset` or text file paths, *optional*):
+                Held-out corpus whose perplexity is reported (adds `"perplexity"`).
+            perplexity_num_tokens (`int`, *optional*):
+                Token budget of the perplexity (default: the whole corpus).
+            reference_texts (`list[list[str]]`, *optional*):
+                Per-request reference texts of the generation reference score.
 
         Returns:
-            `dict[str, float]`: `efficacy_success`, `paraphrase_success`, `neighborhood_success`, `score`, ... and
-            `pre_*` counterparts.
+            `dict[str, float]`: a flat dictionary, e.g. `efficacy_success`, `paraphrase_success`,
+            `neighborhood_success`, `score` (percent) and their `pre_*` counterparts.
         """
-        from .evaluation import evaluate_counterfact
+        from .evaluation import evaluate_model
 
         requests = load_requests(requests)
-        metrics = evaluate_counterfact(self.model, self.tokenizer, requests, batch_size=batch_size)
+        kwargs = dict(
+            metrics=metrics, batch_size=batch_size, perplexity_texts=perplexity_texts,
+            perplexity_num_tokens=perplexity_num_tokens, reference_texts=reference_texts, seed=self.args.seed,
+        )  # fmt: skip
+        results = evaluate_model(self.model, self.tokenizer, requests, **kwargs)
         if include_pre and self._pristine:
             with self.unedited():
-                pre = evaluate_counterfact(self.model, self.tokenizer, requests, batch_size=batch_size)
-            metrics.update({f"pre_{key}": value for key, value in pre.items()})
-        return metrics
+                pre = evaluate_model(self.model, self.tokenizer, requests, **kwargs)
+            results.update({f"pre_{key}": value for key, value in pre.items()})
+        return results
 
     def unedited(self):
         """Context manager in which `self.model` temporarily has its original weights."""

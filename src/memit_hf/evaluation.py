@@ -5,10 +5,15 @@ per-token negative log-likelihood of the continuation, teacher-forced ([`target_
 then turned into the efficacy / paraphrase / neighborhood success rates, magnitudes and accuracies, averaged within
 each case, then across cases, times 100 ([`counterfact_scores`]). [`evaluate_counterfact`] does both for a list of
 [`EditRequest`]s.
+
+[`evaluate_model`] runs these and the other metric families (zsRE token accuracy in `zsre_metrics`, generation
+entropy and reference score in `generation_metrics`, corpus perplexity in `perplexity`) and merges their results;
+[`Editor.evaluate`] calls it on the edited and on the unedited weights.
 """
 
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -38,6 +43,78 @@ METRIC_KEYS = (
 """The keys of the dictionary returned by [`counterfact_scores`] and [`evaluate_counterfact`]."""
 
 _METRIC_PREFIX = {REWRITE: "efficacy", PARAPHRASE: "paraphrase", NEIGHBORHOOD: "neighborhood"}
+
+
+def _check_pairs(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], targets: list[str], batch_size: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Encode `(prompt, target)` pairs as [`target_nlls`] scores them, raising for unusable pairs."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"`prompts` and `targets` must have the same length (got {len(prompts)} and {len(targets)}).")
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer (got {batch_size}).")
+    prompt_ids = encode_texts(tokenizer, list(prompts))
+    target_ids = encode_targets(tokenizer, list(targets))
+    for i, (p_ids, t_ids) in enumerate(zip(prompt_ids, target_ids)):
+        if not p_ids:
+            raise ValueError(
+                f"Pair {i}: the prompt {prompts[i]!r} encodes to no token; nothing can predict the target."
+            )
+        if not t_ids:
+            raise ValueError(f"Pair {i}: the target {targets[i]!r} encodes to no token.")
+    return prompt_ids, target_ids
+
+
+def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """float64 for a float64 model (so that its scores keep that precision), float32 otherwise."""
+    parameter = next(model.parameters(), None)
+    return torch.float64 if parameter is not None and parameter.dtype == torch.float64 else torch.float32
+
+
+def _teacher_forced(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: list[list[int]],
+    target_ids: list[list[int]],
+    batch_size: int,
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per batch of pairs: `(indices, token_nll, token_ok, valid)`, each tensor `(batch, max_target_len)` on the CPU.
+
+    `token_nll` is the NLL of each target token (float32, or float64 for a float64 model), `token_ok` whether it is
+    the argmax of its logits, `valid` masks the padded slots. One forward pass per batch, pairs sorted by length and
+    right-padded by hand; the model is in eval mode during the call and its previous mode is restored.
+    """
+    device = model.device
+    compute_dtype = _compute_dtype(model)
+    pad_id = pad_token_id(tokenizer)
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(target_ids[i]), reverse=True)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            sequences = [prompt_ids[i] + target_ids[i] for i in batch]
+            input_ids, attention_mask = pad_batch(sequences, pad_id, device=device)
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+            prompt_lens = torch.tensor([len(prompt_ids[i]) for i in batch], device=device)
+            target_lens = torch.tensor([len(target_ids[i]) for i in batch], device=device)
+            offsets = torch.arange(int(target_lens.max()), device=device)
+            valid = offsets[None, :] < target_lens[:, None]  # (batch, max_target_len)
+            # Position of target token j in the sequence, and of the logits that predict it; padded slots point at
+            # the last prompt token, a real position, and are masked out by `valid`.
+            token_pos = torch.where(valid, prompt_lens[:, None] + offsets[None, :], prompt_lens[:, None] - 1)
+            logit_pos = torch.where(valid, token_pos - 1, token_pos)
+
+            picked = torch.gather(logits, 1, logit_pos[..., None].expand(-1, -1, logits.shape[-1]))
+            picked = picked.to(compute_dtype)
+            wanted = torch.gather(input_ids, 1, token_pos)
+            log_probs = torch.log_softmax(picked, dim=-1)
+            token_nll = -torch.gather(log_probs, 2, wanted[..., None]).squeeze(-1)
+            token_ok = picked.argmax(dim=-1) == wanted
+            yield batch, (token_nll * valid).cpu(), (token_ok & valid).cpu(), valid.cpu()
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -70,68 +147,62 @@ def target_nlls(
 
     Returns:
         `tuple[torch.Tensor, torch.Tensor]`: on the CPU, in the order of the inputs, both of shape `(len(prompts),)`:
-        - the mean per-token NLL of each target (`torch.float32`, natural log);
+        - the mean per-token NLL of each target (natural log; `torch.float32`, or `torch.float64` for a float64
+          model, whose log-softmax is then computed in float64 too);
         - a `torch.bool` tensor, `True` where every target token is the argmax of its logits.
 
     Raises:
         ValueError: when `prompts` and `targets` differ in length, `batch_size` is not positive, or a prompt or
             target encodes to no token.
     """
-    if len(prompts) != len(targets):
-        raise ValueError(f"`prompts` and `targets` must have the same length (got {len(prompts)} and {len(targets)}).")
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive integer (got {batch_size}).")
-    if not prompts:
-        return torch.zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.bool)
-
-    prompt_ids = encode_texts(tokenizer, list(prompts))
-    target_ids = encode_targets(tokenizer, list(targets))
-    for i, (p_ids, t_ids) in enumerate(zip(prompt_ids, target_ids)):
-        if not p_ids:
-            raise ValueError(
-                f"Pair {i}: the prompt {prompts[i]!r} encodes to no token; nothing can predict the target."
-            )
-        if not t_ids:
-            raise ValueError(f"Pair {i}: the target {targets[i]!r} encodes to no token.")
-
-    device = model.device
-    pad_id = pad_token_id(tokenizer)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]) + len(target_ids[i]), reverse=True)
-    nlls = torch.empty(len(prompts), dtype=torch.float32)
+    prompt_ids, target_ids = _check_pairs(tokenizer, prompts, targets, batch_size)
+    nlls = torch.empty(len(prompts), dtype=_compute_dtype(model))
     correct = torch.empty(len(prompts), dtype=torch.bool)
-
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            sequences = [prompt_ids[i] + target_ids[i] for i in batch]
-            input_ids, attention_mask = pad_batch(sequences, pad_id, device=device)
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-
-            prompt_lens = torch.tensor([len(prompt_ids[i]) for i in batch], device=device)
-            target_lens = torch.tensor([len(target_ids[i]) for i in batch], device=device)
-            offsets = torch.arange(int(target_lens.max()), device=device)
-            valid = offsets[None, :] < target_lens[:, None]  # (batch, max_target_len)
-            # Position of target token j in the sequence, and of the logits that predict it; padded slots point at
-            # the last prompt token, a real position, and are masked out below.
-            token_pos = torch.where(valid, prompt_lens[:, None] + offsets[None, :], prompt_lens[:, None] - 1)
-            logit_pos = torch.where(valid, token_pos - 1, token_pos)
-
-            picked = torch.gather(logits, 1, logit_pos[..., None].expand(-1, -1, logits.shape[-1])).float()
-            wanted = torch.gather(input_ids, 1, token_pos)
-            log_probs = torch.log_softmax(picked, dim=-1)
-            token_nll = -torch.gather(log_probs, 2, wanted[..., None]).squeeze(-1)
-            token_ok = picked.argmax(dim=-1) == wanted
-
-            batch_nll = (token_nll * valid).sum(dim=1) / target_lens
-            batch_ok = (token_ok | ~valid).all(dim=1)
-            index = torch.tensor(batch)
-            nlls[index] = batch_nll.cpu()
-            correct[index] = batch_ok.cpu()
-    finally:
-        model.train(was_training)
+    for batch, token_nll, token_ok, valid in _teacher_forced(model, tokenizer, prompt_ids, target_ids, batch_size):
+        index = torch.tensor(batch)
+        nlls[index] = token_nll.sum(dim=1) / valid.sum(dim=1)
+        correct[index] = (token_ok | ~valid).all(dim=1)
     return nlls, correct
+
+
+@torch.no_grad()
+def target_token_hits(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    targets: list[str],
+    batch_size: int = 64,
+) -> list[torch.Tensor]:
+    """Teacher-forced top-1 hit of every target token: is token `j` the argmax after the prompt and tokens `< j`?
+
+    The pairs are encoded, batched and scored exactly as in [`target_nlls`] (one forward pass per batch), so
+    `target_token_hits(...)[i].all()` equals the second output of [`target_nlls`]. This is the zsRE token-level
+    accuracy (algorithm.md section 8.3) computed in one pass per batch instead of one sequence per target token.
+
+    Args:
+        model (`PreTrainedModel`):
+            A causal language model returning `logits`.
+        tokenizer (`PreTrainedTokenizerBase`):
+            The model's tokenizer.
+        prompts (`list[str]`):
+            The prefixes, one per pair.
+        targets (`list[str]`):
+            The continuations, one per pair, without a leading space (one is added).
+        batch_size (`int`, *optional*, defaults to 64):
+            Number of pairs per forward pass.
+
+    Returns:
+        `list[torch.Tensor]`: for each pair, in input order, a `torch.bool` tensor of shape `(num_target_tokens,)`.
+
+    Raises:
+        ValueError: as [`target_nlls`].
+    """
+    prompt_ids, target_ids = _check_pairs(tokenizer, prompts, targets, batch_size)
+    hits: list[torch.Tensor] = [torch.zeros(0, dtype=torch.bool)] * len(prompts)
+    for batch, _, token_ok, _ in _teacher_forced(model, tokenizer, prompt_ids, target_ids, batch_size):
+        for row, i in enumerate(batch):
+            hits[i] = token_ok[row, : len(target_ids[i])].clone()
+    return hits
 
 
 def counterfact_scores(
@@ -204,27 +275,59 @@ def counterfact_scores(
     for kind in PROMPT_KINDS:
         prefix = _METRIC_PREFIX[kind]
         selected = [i for i, (_, k) in enumerate(groups) if k == kind]
-        if not selected:
-            for name in ("success", "magnitude", "accuracy"):
-                results[f"{prefix}_{name}"] = math.nan
-            continue
-        positions: dict[Hashable, int] = {}
-        case_index = torch.tensor([positions.setdefault(groups[i][0], len(positions)) for i in selected])
-        num_cases = len(positions)
-        counts = torch.bincount(case_index, minlength=num_cases).double()
-        index = torch.tensor(selected)
+        cases = [groups[i][0] for i in selected]
+        index = torch.tensor(selected, dtype=torch.long)
         for name, values in zip(("success", "magnitude", "accuracy"), per_prompt[kind]):
-            sums = torch.zeros(num_cases, dtype=torch.float64).index_add_(0, case_index, values[index])
-            results[f"{prefix}_{name}"] = float((sums / counts).mean()) * 100.0
-
-    components = [results["efficacy_success"], results["paraphrase_success"], results["neighborhood_success"]]
-    if any(math.isnan(value) for value in components):
-        results["score"] = math.nan
-    elif any(value == 0.0 for value in components):
-        results["score"] = 0.0
-    else:
-        results["score"] = len(components) / sum(1.0 / value for value in components)
+            results[f"{prefix}_{name}"] = per_case_mean(values[index], cases) * 100.0
+    results["score"] = harmonic_mean(
+        [results["efficacy_success"], results["paraphrase_success"], results["neighborhood_success"]]
+    )
     return {key: results[key] for key in METRIC_KEYS}
+
+
+def per_case_mean(values: torch.Tensor | Sequence[float], cases: Sequence[Hashable]) -> float:
+    """Mean over cases of the mean of each case's values, as the reference harness aggregates every metric.
+
+    Args:
+        values (`torch.Tensor` or `Sequence[float]` of shape `(num_items,)`):
+            One number per item (a prompt, or a target token).
+        cases (`Sequence[Hashable]` of length `num_items`):
+            The case each item belongs to.
+
+    Returns:
+        `float`: the mean of the per-case means (cases weigh equally whatever their number of items), NaN when
+        there is no item.
+
+    Raises:
+        ValueError: when `values` and `cases` differ in length.
+    """
+    values = torch.as_tensor(values, dtype=torch.float64).flatten().cpu()
+    if len(values) != len(cases):
+        raise ValueError(f"`values` and `cases` must have the same length (got {len(values)} and {len(cases)}).")
+    if not len(cases):
+        return math.nan
+    positions: dict[Hashable, int] = {}
+    case_index = torch.tensor([positions.setdefault(case, len(positions)) for case in cases])
+    sums = torch.zeros(len(positions), dtype=torch.float64).index_add_(0, case_index, values)
+    counts = torch.bincount(case_index, minlength=len(positions)).double()
+    return float((sums / counts).mean())
+
+
+def harmonic_mean(values: Sequence[float]) -> float:
+    """Harmonic mean of non-negative numbers, as `scipy.stats.hmean` gives it for the reference's Score.
+
+    Args:
+        values (`Sequence[float]`): the numbers, e.g. ES, PS and NS in percent.
+
+    Returns:
+        `float`: NaN if a value is NaN (or there is none), 0 if a value is 0, else `len(values) / sum(1 / v)`.
+    """
+    values = [float(value) for value in values]
+    if not values or any(math.isnan(value) for value in values):
+        return math.nan
+    if any(value == 0.0 for value in values):
+        return 0.0
+    return len(values) / sum(1.0 / value for value in values)
 
 
 def evaluate_counterfact(
@@ -286,3 +389,84 @@ def evaluate_counterfact(
     return counterfact_scores(
         nlls[:num_prompts], nlls[num_prompts:], correct[:num_prompts], correct[num_prompts:], groups
     )
+
+
+EVALUATION_METRICS = ("counterfact", "zsre", "generation", "perplexity")
+"""The metric families [`evaluate_model`] runs: CounterFact probabilities ([`evaluate_counterfact`]), zsRE token
+accuracy ([`~memit_hf.zsre_metrics.evaluate_zsre`]), CounterFact generation entropy and reference score
+([`~memit_hf.generation_metrics.evaluate_generation`]) and corpus perplexity ([`~memit_hf.perplexity.perplexity`])."""
+
+
+def evaluate_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: list[EditRequest],
+    metrics: Sequence[str] = ("counterfact",),
+    batch_size: int = 64,
+    perplexity_texts: Any = None,
+    perplexity_num_tokens: int | None = None,
+    reference_texts: Sequence[Sequence[str]] | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Run the chosen metric families on `model` and merge their results into one flat dictionary (percentages,
+    except `generation_entropy` and `perplexity`).
+
+    Args:
+        model (`PreTrainedModel`):
+            The causal language model, as it is now (edited or not).
+        tokenizer (`PreTrainedTokenizerBase`):
+            The model's tokenizer.
+        requests (`list[EditRequest]`):
+            The requests whose prompts are scored.
+        metrics (`Sequence[str]`, *optional*, defaults to `("counterfact",)`):
+            Families from `EVALUATION_METRICS` (or one name). `"perplexity"` is added when `perplexity_texts` is
+            given.
+        batch_size (`int`, *optional*, defaults to 64):
+            Sequences per forward pass (prompts per `generate` call for `"generation"`).
+        perplexity_texts (`list[str]`, `datasets.Dataset` or text file paths, *optional*):
+            Held-out corpus for `"perplexity"`.
+        perplexity_num_tokens (`int`, *optional*):
+            Token budget of the perplexity (default: the whole corpus).
+        reference_texts (`Sequence[Sequence[str]]`, *optional*):
+            Per-request reference texts of the reference score (see
+            [`~memit_hf.generation_metrics.evaluate_generation`]).
+        seed (`int`, *optional*, defaults to 0):
+            Seed of the sampled generations and of the perplexity's text order.
+
+    Returns:
+        `dict[str, float]`: the union of the families' keys: `METRIC_KEYS`, `ZSRE_METRIC_KEYS`, `generation_entropy`
+        (and `reference_score`), `perplexity`.
+
+    Raises:
+        ValueError: for an unknown family, or `"perplexity"` without `perplexity_texts`.
+    """
+    chosen = list(dict.fromkeys([metrics] if isinstance(metrics, str) else metrics))
+    if perplexity_texts is not None and "perplexity" not in chosen:
+        chosen.append("perplexity")
+    unknown = [name for name in chosen if name not in EVALUATION_METRICS]
+    if unknown:
+        raise ValueError(f"Unknown metrics {unknown}; choose from {EVALUATION_METRICS}.")
+    if "perplexity" in chosen and perplexity_texts is None:
+        raise ValueError("`metrics` has `perplexity` but no `perplexity_texts` was given.")
+    results: dict[str, float] = {}
+    if "counterfact" in chosen:
+        results.update(evaluate_counterfact(model, tokenizer, requests, batch_size=batch_size))
+    if "zsre" in chosen:
+        from .zsre_metrics import evaluate_zsre
+
+        results.update(evaluate_zsre(model, tokenizer, requests, batch_size=batch_size))
+    if "generation" in chosen:
+        from .generation_metrics import evaluate_generation
+
+        results.update(
+            evaluate_generation(
+                model, tokenizer, requests, reference_texts=reference_texts, seed=seed, batch_size=batch_size
+            )
+        )
+    if "perplexity" in chosen:
+        from .perplexity import perplexity
+
+        results["perplexity"] = perplexity(
+            model, tokenizer, perplexity_texts, num_tokens=perplexity_num_tokens, seed=seed
+        )
+    return results

@@ -36,6 +36,9 @@ class EditRequest:
             The expected answer of the neighborhood prompts (defaults to `target_true` for CounterFact).
         generation_prompts (`list[str]`):
             Prompts for free generation (fluency tests).
+        attribute_prompts (`list[str]`):
+            Prompts about other subjects whose answer is `target_new` (CounterFact), used to build the reference
+            texts of the reference score (see [`~memit_hf.generation_metrics.consistency_texts`]).
         case_id (`int` or `str`, *optional*):
             Identifier carried from the source record.
         record_index (`int`):
@@ -50,6 +53,7 @@ class EditRequest:
     neighborhood_prompts: list[str] = field(default_factory=list)
     neighborhood_target: str | None = None
     generation_prompts: list[str] = field(default_factory=list)
+    attribute_prompts: list[str] = field(default_factory=list)
     case_id: int | str | None = None
     record_index: int = 0
 
@@ -69,6 +73,7 @@ class EditRequest:
             "neighborhood_prompts": list(self.neighborhood_prompts),
             "neighborhood_target": self.neighborhood_target,
             "generation_prompts": list(self.generation_prompts),
+            "attribute_prompts": list(self.attribute_prompts),
             "case_id": self.case_id,
         }
 
@@ -85,15 +90,16 @@ CANONICAL_COLUMNS = (
     "neighborhood_prompts",
     "neighborhood_target",
     "generation_prompts",
+    "attribute_prompts",
     "case_id",
 )
 """The columns of the canonical record shape, in the order [`requests_to_dataset`] writes them."""
 
 ACCEPTED_SHAPES = (
     "canonical (`prompt` containing `{}`, `subject`, `target_new`; optional `target_true`, `paraphrase_prompts`, "
-    "`neighborhood_prompts`, `neighborhood_target`, `generation_prompts`, `case_id`); "
+    "`neighborhood_prompts`, `neighborhood_target`, `generation_prompts`, `attribute_prompts`, `case_id`); "
     "CounterFact (`requested_rewrite` = {`prompt`, `subject`, `target_new`, `target_true`}, `paraphrase_prompts`, "
-    "`neighborhood_prompts`, `generation_prompts`, `case_id`); "
+    "`neighborhood_prompts`, `generation_prompts`, `attribute_prompts`, `case_id`); "
     "EasyEdit flat CounterFact (`prompt` with the subject filled in, `subject`, `target_new`, `ground_truth`, "
     "`rephrase_prompt`, `locality_prompt`, `locality_ground_truth`); "
     "zsRE (`subject`, `src`, `rephrase`, `alt` and/or `answers`, `loc`, `loc_ans`)"
@@ -234,6 +240,7 @@ def _from_canonical(record: Mapping[str, Any], index: int) -> EditRequest:
         neighborhood_prompts=fields.string_list("neighborhood_prompts"),
         neighborhood_target=fields.target("neighborhood_target", required=False),
         generation_prompts=fields.string_list("generation_prompts"),
+        attribute_prompts=fields.string_list("attribute_prompts"),
         case_id=fields.case_id(),
         record_index=index,
     )
@@ -262,6 +269,7 @@ def _from_counterfact(record: Mapping[str, Any], index: int) -> EditRequest:
         neighborhood_prompts=top.string_list("neighborhood_prompts"),
         neighborhood_target=target_true,
         generation_prompts=top.string_list("generation_prompts"),
+        attribute_prompts=top.string_list("attribute_prompts"),
         case_id=top.case_id(),
         record_index=index,
     )
@@ -380,10 +388,10 @@ def load_requests(data: RequestsInput) -> list[EditRequest]:
 
     - **canonical**: `prompt` (with one `{}` where the subject goes), `subject`, `target_new` (a string or
       `{"str": ...}`); optional `target_true` (same), `paraphrase_prompts`, `neighborhood_prompts`,
-      `neighborhood_target`, `generation_prompts`, `case_id`.
+      `neighborhood_target`, `generation_prompts`, `attribute_prompts`, `case_id`.
     - **CounterFact** (ROME/MEMIT): `requested_rewrite` = `{prompt, subject, target_new{str}, target_true{str}}`,
-      `paraphrase_prompts`, `neighborhood_prompts`, `generation_prompts`, `case_id`. The neighborhood target is
-      `target_true`.
+      `paraphrase_prompts`, `neighborhood_prompts`, `generation_prompts`, `attribute_prompts`, `case_id`. The
+      neighborhood target is `target_true`.
     - **EasyEdit flat CounterFact** (detected by `ground_truth`, `rephrase_prompt`, `locality_prompt` or
       `locality_ground_truth`): `prompt` with the subject filled in (its first occurrence of the subject becomes
       `{}`), `subject`, `target_new`, `ground_truth` (-> `target_true`), `rephrase_prompt` (-> paraphrase),
@@ -472,6 +480,7 @@ def requests_to_dataset(requests: Sequence[EditRequest]) -> datasets.Dataset:
             "neighborhood_prompts": strings,
             "neighborhood_target": string,
             "generation_prompts": strings,
+            "attribute_prompts": strings,
             "case_id": string if string_ids else datasets.Value("int64"),
         }
     )

@@ -1,0 +1,108 @@
+"""Helpers shared by the benchmark scripts: paths, device, model loading, memory and plotting set-up."""
+
+import json
+import os
+import platform
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+WIKITEXT = [
+    str(SHARED / "corpus" / "wikitext-2-raw.valid.txt"),
+    str(SHARED / "corpus" / "wikitext-2-raw.test.txt"),
+]
+HELD_OUT = [str(SHARED / "corpus" / "state_of_the_union.txt")]
+"""Perplexity corpus: not used for the statistics, so it is held out from them."""
+
+
+def setup() -> None:
+    """Offline, no progress bars, and this checkout's `src` first on the path."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    sys.path.insert(0, str(REPO / "src"))
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(device: str):
+    """SmolLM2-135M-Instruct in float32 on `device`, and its tokenizer."""
+    from memit_hf.models import load_default_model
+
+    model, tokenizer = load_default_model()
+    return model.to(device), tokenizer
+
+
+def machine(device: str) -> dict[str, Any]:
+    import torch
+
+    info = {
+        "device": device,
+        "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def reset_peak_memory(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
+
+
+def peak_memory_gb(device: str) -> float:
+    """Peak GPU memory allocated since the last reset on CUDA, else the process's peak resident memory."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(torch.device(device)) / 1024**3
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def corpus_option(values: list[str]) -> list[str] | None:
+    """`--corpus none` selects the offline default (text sampled from the model); otherwise the files must exist."""
+    if values == ["none"]:
+        return None
+    missing = [value for value in values if not Path(value).is_file()]
+    if missing:
+        raise SystemExit(f"corpus files not found: {missing}")
+    return values
+
+
+def write_json(path: str, data: Any) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def previous_runs(path: str, append: bool, replaced: set[int]) -> list[dict]:
+    """With `append`, the runs already in the JSON at `path` whose `num_edits` is not in `replaced` (so that sizes can
+    be measured in separate calls, e.g. within a time limit per command); otherwise none."""
+    if not append or not Path(path).exists():
+        return []
+    runs = json.loads(Path(path).read_text(encoding="utf-8")).get("runs", [])
+    return [run for run in runs if run["num_edits"] not in replaced]
+
+
+def pyplot():
+    """matplotlib's pyplot with the non-interactive Agg backend (`pip install memit-hf[benchmarks]`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "" if value is None else f"{value:.{digits}f}"

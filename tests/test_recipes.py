@@ -1,0 +1,50 @@
+"""Every recipe in `recipes/` parses into `EditingArguments` and holds the values its README says."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from memit_hf.architectures import _GENERIC_DEFAULTS, default_layers
+from memit_hf.arguments import EditingArguments
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+# (layers, lambda, v_lr, v_num_grad_steps) from algorithm.md section 7 and benchmarks/README.md
+EXPECTED = {
+    "smollm2-135m.yaml": ([3, 4, 5, 6, 7], 1000.0, 0.5, 25),
+    "gpt2-xl.yaml": ([13, 14, 15, 16, 17], 20000.0, 0.5, 20),
+    "gpt-j-6b.yaml": ([3, 4, 5, 6, 7, 8], 15000.0, 0.5, 25),
+    "llama3-8b.yaml": ([4, 5, 6, 7, 8], 15000.0, 0.1, 25),
+}
+
+
+def test_every_recipe_is_listed():
+    assert sorted(path.name for path in RECIPES.glob("*.yaml")) == sorted(EXPECTED)
+    readme = (RECIPES / "README.md").read_text()
+    assert all(f"`{name}`" in readme for name in EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_recipe_parses_into_editing_arguments(name):
+    args = EditingArguments.from_yaml(RECIPES / name)
+    layers, lam, lr, steps = EXPECTED[name]
+    assert args.algorithm == "memit"
+    assert args.layers == layers
+    assert args.mom2_update_weight == lam and args.v_lr == lr and args.v_num_grad_steps == steps
+    # shared by every MEMIT reference configuration
+    assert (args.v_weight_decay, args.clamp_norm_factor, args.kl_factor) == (0.5, 0.75, 0.0625)
+    assert args.stats_batch_tokens >= args.stats_max_length
+    # every value is written out (no field left to a per-model default) and floats stay floats
+    values = yaml.safe_load((RECIPES / name).read_text())
+    assert all(isinstance(values[key], float) for key in ("mom2_update_weight", "v_lr", "clamp_norm_factor"))
+    assert args.to_dict() == EditingArguments(**values).to_dict()
+
+
+def test_smollm2_recipe_is_the_library_default():
+    args = EditingArguments.from_yaml(RECIPES / "smollm2-135m.yaml")
+    assert args.layers == default_layers(30)
+    assert {key: getattr(args, key) for key in _GENERIC_DEFAULTS} == _GENERIC_DEFAULTS
+    defaults = EditingArguments()
+    for key in ("v_num_grad_steps", "kl_factor", "num_context_templates", "context_template_length", "seed"):
+        assert getattr(args, key) == getattr(defaults, key), key
