@@ -315,3 +315,27 @@ def test_export_rank_parses_ints_and_fractions():
     assert cli._rank("0.9") == 0.9
     with pytest.raises(argparse.ArgumentTypeError):
         cli._rank("many")
+
+
+def test_evaluate_an_adapter(saved_tiny_llama, tmp_path):
+    """`evaluate --adapter` scores base + adapter and, with the adapter switched off, the unedited model: the same
+    figures as editing in place (`--edit`) with the same arguments."""
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps(r) + "\n" for r in tiny_requests()[:3]))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(tiny_corpus()))
+    editing = ["--corpus", str(corpus), "--layers", "0", "1", "--stats_cache_dir", str(tmp_path / "s"),
+               "--mom2_update_weight", "1.0", "--v_num_grad_steps", "5", "--clamp_norm_factor", "4.0"]  # fmt: skip
+    common = ["--model", str(saved_tiny_llama), "--requests", str(requests)]
+    cli.main(["edit", *common, *editing, "--output-dir", str(tmp_path / "adapter")])
+    in_place = cli.run_evaluate(*cli.parse_args(["evaluate", *common, *editing, "--edit", "--output-dir",
+                                                 str(tmp_path / "in-place")]))  # fmt: skip
+    with_adapter = cli.run_evaluate(*cli.parse_args(["evaluate", *common, "--adapter", str(tmp_path / "adapter"),
+                                                     "--output-dir", str(tmp_path / "eval")]))  # fmt: skip
+    assert with_adapter["edited"] and with_adapter["adapter"] == str(tmp_path / "adapter")
+    assert set(with_adapter["metrics"]) == set(in_place["metrics"])
+    for key, value in in_place["metrics"].items():
+        assert with_adapter["metrics"][key] == pytest.approx(value, abs=1e-4, nan_ok=True), key
+    assert in_place["metrics"]["efficacy_magnitude"] != in_place["metrics"]["pre_efficacy_magnitude"]
+    with pytest.raises(SystemExit, match="exclude each other"):
+        cli.main(["evaluate", *common, "--edit", "--adapter", "x", "--output-dir", str(tmp_path / "y")])

@@ -609,6 +609,11 @@ def _add_evaluate_parser(subparsers) -> None:
         help="Metric families; `perplexity` needs --perplexity-corpus (which adds it).",
     )
     evaluate.add_argument("--edit", action="store_true", help="Edit the model with the requests before evaluating.")
+    evaluate.add_argument(
+        "--adapter", metavar="DIR_OR_REPO", default=None,
+        help="Evaluate the model with this edit adapter loaded (peft); the unedited figures come from the model "
+        "with the adapter switched off.",
+    )  # fmt: skip
     evaluate.add_argument("--num-requests", type=int, default=None, metavar="N", help="Use only the first N requests.")
     evaluate.add_argument(
         "--perplexity-corpus",
@@ -668,33 +673,53 @@ def run_evaluate(namespace: argparse.Namespace, args: EditingArguments) -> dict[
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
+    if namespace.edit and namespace.adapter:
+        raise SystemExit("memit-hf evaluate: error: --edit and --adapter exclude each other.")
     model, tokenizer = _load_model(namespace.model, args)
-    editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=corpus)
-    edit_metrics = editor.edit(requests).metrics if namespace.edit else None
     start = time.perf_counter()
-    metrics = editor.evaluate(
-        requests,
-        batch_size=namespace.batch_size,
-        metrics=namespace.metrics,
-        perplexity_texts=held_out or None,
+    options = dict(
+        batch_size=namespace.batch_size, metrics=namespace.metrics, perplexity_texts=held_out or None,
         perplexity_num_tokens=namespace.perplexity_tokens,
-    )
+    )  # fmt: skip
+    edit_metrics, editor = None, None
+    if namespace.adapter:
+        from .evaluation import evaluate_model
+        from .loading import load_edits
+
+        model = load_edits(model, namespace.adapter)
+        metrics = evaluate_model(model, tokenizer, requests, **options)
+        with model.disable_adapter():
+            pre = evaluate_model(model, tokenizer, requests, **options)
+        metrics.update({f"pre_{key}": value for key, value in pre.items()})
+    else:
+        editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=corpus)
+        edit_metrics = editor.edit(requests).metrics if namespace.edit else None
+        start = time.perf_counter()
+        metrics = editor.evaluate(requests, **options)
     summary = {
         "model": namespace.model or getattr(model.config, "_name_or_path", None),
         "requests": str(namespace.requests),
         "num_requests": len(requests),
-        "edited": bool(namespace.edit),
+        "edited": bool(namespace.edit or namespace.adapter),
+        "adapter": namespace.adapter,
         "metrics": metrics,
         "evaluation_seconds": time.perf_counter() - start,
         "edit_metrics": edit_metrics,
-        "args": editor.resolved_args.to_dict() if namespace.edit else None,
+        "args": editor.resolved_args.to_dict() if namespace.edit and editor is not None else None,
         "perplexity_corpus": [str(path) for path in held_out] or None,
     }
     (output_dir / "evaluation.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n", encoding="utf-8")
     table = markdown_table(metrics)
     heading = f"Evaluation of {summary['model']} on {len(requests)} requests from {namespace.requests}"
     (output_dir / "evaluation.md").write_text(f"# {heading}\n\n{table}", encoding="utf-8")
-    print(f"{heading}{' (edited with them)' if namespace.edit else ''}:\n")
+    note = (
+        " (edited with them)"
+        if namespace.edit
+        else f" (with the adapter {namespace.adapter})"
+        if namespace.adapter
+        else ""
+    )
+    print(f"{heading}{note}:\n")
     print(table)
     print(f"wrote {output_dir / 'evaluation.json'} and evaluation.md")
     return summary
