@@ -300,3 +300,26 @@ def test_base_model_id(tmp_path, tiny_llama):
     assert base_model_id(tiny_llama) is None
     tiny_llama.config._name_or_path = ""
     assert base_model_id(tiny_llama) is None
+
+
+def test_edit_output_saves_its_own_batch(tokenizer, tmp_path):
+    """`EditOutput.save_adapter` exports one `edit()` call alone: after two edits, the second batch's adapter on top
+    of the model edited by the first batch gives the final model."""
+    base = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    model = copy.deepcopy(base)
+    editor = Editor(model, args=tiny_editing_arguments(tmp_path / "stats", v_num_grad_steps=8),
+                    processing_class=tokenizer, stats_dataset=tiny_corpus())  # fmt: skip
+    requests = subject_final_requests()
+    first = editor.edit(requests[:2])
+    after_first = copy.deepcopy(model)
+    second = editor.edit(requests[2:])
+    report = second.save_adapter(tmp_path / "second", base_model_name_or_path="tiny/base")
+    assert set(report.ranks.values()) == {2}
+    metadata = read_edits_metadata(tmp_path / "second")
+    assert metadata["num_edits"] == 2 and [r["subject"] for r in metadata["batches"][0]["requests"]] == [
+        r["subject"] for r in requests[2:]
+    ]
+    stacked = PeftModel.from_pretrained(after_first, tmp_path / "second")
+    assert (logits(stacked, tokenizer) - logits(model, tokenizer)).abs().max() <= ATOL
+    first.save_adapter(tmp_path / "first", export_rank=1)
+    assert json.loads((tmp_path / "first" / ADAPTER_CONFIG_NAME).read_text())["r"] == 1
