@@ -402,7 +402,7 @@ def _read_adapter(path: Path) -> tuple[dict[str, Any], list[Any]]:
 
 def run_export(namespace: argparse.Namespace, args: EditingArguments) -> Path:
     """`memit-hf export`: a merged checkpoint from an adapter (`--merged`), or the adapter at a lower rank."""
-    from .export import EDITS_METADATA_NAME, read_edits_metadata, save_adapter_files, write_json
+    from .export import EDITS_METADATA_NAME, read_edits_metadata, write_edit_adapter, write_json
     from .hub import build_model_card
 
     adapter, output_dir = Path(namespace.adapter), Path(namespace.output_dir)
@@ -427,12 +427,10 @@ def run_export(namespace: argparse.Namespace, args: EditingArguments) -> Path:
         print(f"Merged {adapter} into {base}: wrote the checkpoint to {output_dir}")
         return output_dir
     metadata.pop("export", None)
-    report = save_adapter_files(
-        deltas, output_dir, config.get("base_model_name_or_path"), config.get("revision"), namespace.export_rank,
-        metadata,
-    )  # fmt: skip
-    metadata["export"] = report.to_dict()
-    (output_dir / "README.md").write_text(build_model_card(metadata), encoding="utf-8")
+    metadata.update(
+        base_model_name_or_path=config.get("base_model_name_or_path"), base_model_revision=config.get("revision")
+    )
+    report = write_edit_adapter(deltas, output_dir, metadata, namespace.export_rank)
     print(
         f"Wrote the adapter at ranks {sorted(set(report.ranks.values()))} to {output_dir}: "
         f"{report.adapter_bytes / 1e6:.2f} MB, max relative reconstruction error {report.max_reconstruction_error:.2e}"

@@ -30,7 +30,7 @@ from .covariance import (
 )
 from .deltas import LayerDelta, WeightSnapshot, add_delta, make_delta
 from .distributed import process_state
-from .export import EDITS_METADATA_NAME, ExportReport, base_model_id, edit_metadata, save_adapter_files, write_json
+from .export import EDITS_METADATA_NAME, ExportReport, base_model_id, edit_metadata, write_edit_adapter, write_json
 from .hub import build_model_card, push_folder
 from .keys import compute_keys_and_outputs, fill, generate_context_templates
 from .norms import rms_norm_residuals
@@ -86,10 +86,7 @@ class EditOutput:
         metadata = edit_metadata(self.metadata["model"], [self.metadata["batch"]], include_requests)
         if base_model_name_or_path is not None:
             metadata["base_model_name_or_path"] = base_model_name_or_path
-        return save_adapter_files(
-            self.deltas, path, metadata["base_model_name_or_path"], metadata.get("base_model_revision"),
-            export_rank, metadata, build_model_card(metadata),
-        )  # fmt: skip
+        return write_edit_adapter(self.deltas, path, metadata, export_rank)
 
 
 class Editor:
@@ -478,12 +475,7 @@ class Editor:
         deltas = [delta for output in self.history for delta in output.deltas]
 
         def write() -> ExportReport:
-            report = save_adapter_files(
-                deltas, path, metadata["base_model_name_or_path"], metadata["base_model_revision"], export_rank,
-                metadata,
-            )  # fmt: skip
-            metadata["export"] = report.to_dict()
-            (path / "README.md").write_text(build_model_card(metadata, repo_id), encoding="utf-8")
+            report = write_edit_adapter(deltas, path, metadata, export_rank, repo_id)
             self._log(
                 "Adapter: %d parameters, %.2f MB (dense updates: %.2f MB), max reconstruction error %.1e.",
                 report.num_parameters, report.adapter_bytes / 1e6, report.dense_bytes / 1e6,

@@ -355,3 +355,27 @@ def edit_metadata(
         "num_edits": sum(batch.get("num_requests", 0) for batch in batches),
         "batches": out_batches,
     }
+
+
+def write_edit_adapter(
+    deltas: Iterable[LayerDelta],
+    path: str | os.PathLike,
+    metadata: dict[str, Any],
+    export_rank: int | float | None = None,
+    repo_id: str | None = None,
+) -> ExportReport:
+    """[`save_adapter_files`] with the edit `metadata` (see [`edit_metadata`]), then the model card, which reports the
+    export's ranks, size and fidelity.
+
+    Returns:
+        [`ExportReport`]: ranks, reconstruction errors and sizes.
+    """
+    from .hub import build_model_card
+
+    report = save_adapter_files(
+        deltas, path, metadata.get("base_model_name_or_path"), metadata.get("base_model_revision"), export_rank,
+        metadata,
+    )  # fmt: skip
+    card = build_model_card({**metadata, "export": report.to_dict()}, repo_id)
+    (Path(path) / "README.md").write_text(card, encoding="utf-8")
+    return report
