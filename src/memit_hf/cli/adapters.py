@@ -1,0 +1,99 @@
+"""`memit-hf export` and `memit-hf push`: merge or re-export an edit adapter, upload a folder to the Hub."""
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..arguments import EditingArguments
+from .common import _load_model
+
+
+def _read_adapter(path: Path) -> tuple[dict[str, Any], list[Any]]:
+    """The config and the per-module [`LayerDelta`]s of a LoRA adapter directory with scaling-1 modules."""
+    from safetensors.torch import load_file
+
+    from ..deltas import LayerDelta
+    from ..export import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+
+    config_file = path / ADAPTER_CONFIG_NAME
+    if not config_file.is_file():
+        raise SystemExit(f"memit-hf: error: {path} holds no {ADAPTER_CONFIG_NAME}; is it an adapter directory?")
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    tensors = load_file(path / ADAPTER_WEIGHTS_NAME)
+    from peft.utils.other import get_pattern_key
+
+    deltas = []
+    for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
+        name = key[len("base_model.model.") : -len(".lora_A.weight")]
+        lora_A, lora_B = tensors[key], tensors[key.replace("lora_A", "lora_B")]
+        rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+        rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), config["r"])
+        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), config["lora_alpha"])
+        scaling = alpha / (rank**0.5 if config.get("use_rslora") else rank)  # 1 for memit-hf adapters
+        deltas.append(LayerDelta(name, lora_B.float() * scaling, lora_A.float(), bool(config.get("fan_in_fan_out"))))
+    return config, deltas
+
+
+def run_export(namespace: argparse.Namespace, args: EditingArguments) -> Path:
+    """`memit-hf export`: a merged checkpoint from an adapter (`--merged`), or the adapter at a lower rank."""
+    from ..export import EDITS_METADATA_NAME, read_edits_metadata, write_edit_adapter, write_json
+    from ..hub import build_model_card
+
+    adapter, output_dir = Path(namespace.adapter), Path(namespace.output_dir)
+    config, deltas = _read_adapter(adapter)
+    metadata = read_edits_metadata(adapter) or {"batches": [], "num_edits": None}
+    if namespace.merged:
+        from ..loading import load_edits
+        from ..models import DEFAULT_MODEL_ID
+
+        base = namespace.model or config.get("base_model_name_or_path")
+        if base is None:
+            raise SystemExit("memit-hf export: error: the adapter names no base model; pass --model.")
+        model, tokenizer = _load_model(None if base == DEFAULT_MODEL_ID else base, args)
+        merged = load_edits(model, adapter, merge=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        merged.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        metadata = {**metadata, "base_model_name_or_path": config.get("base_model_name_or_path")}
+        metadata.pop("export", None)
+        write_json(output_dir / EDITS_METADATA_NAME, metadata)
+        (output_dir / "README.md").write_text(build_model_card(metadata, merged=True), encoding="utf-8")
+        print(f"Merged {adapter} into {base}: wrote the checkpoint to {output_dir}")
+        return output_dir
+    metadata.pop("export", None)
+    metadata.update(
+        base_model_name_or_path=config.get("base_model_name_or_path"), base_model_revision=config.get("revision")
+    )
+    report = write_edit_adapter(deltas, output_dir, metadata, namespace.export_rank)
+    print(
+        f"Wrote the adapter at ranks {sorted(set(report.ranks.values()))} to {output_dir}: "
+        f"{report.adapter_bytes / 1e6:.2f} MB, max relative reconstruction error {report.max_reconstruction_error:.2e}"
+    )
+    return output_dir
+
+
+def run_push(namespace: argparse.Namespace, args: EditingArguments) -> Any:
+    """`memit-hf push`: upload a folder, its model card regenerated to name the repository when it is ours."""
+    import shutil
+    import tempfile
+
+    from ..export import ADAPTER_CONFIG_NAME, read_edits_metadata
+    from ..hub import build_model_card, push_folder
+
+    folder = Path(namespace.folder)
+    if not folder.is_dir():
+        raise SystemExit(f"memit-hf push: error: {folder} is not a directory.")
+    metadata = read_edits_metadata(folder)
+    with tempfile.TemporaryDirectory(prefix="memit-hf-push-") as tmp:
+        if metadata is not None:
+            staged = Path(tmp) / folder.name
+            shutil.copytree(folder, staged)
+            merged = not (folder / ADAPTER_CONFIG_NAME).exists()
+            (staged / "README.md").write_text(build_model_card(metadata, namespace.repo_id, merged), encoding="utf-8")
+            folder = staged
+        commit = push_folder(
+            folder, namespace.repo_id, namespace.private, namespace.token, namespace.commit_message, namespace.revision
+        )
+    print(f"Pushed {namespace.folder} to {namespace.repo_id}: {getattr(commit, 'commit_url', commit)}")
+    return commit

@@ -1,0 +1,94 @@
+"""`memit-hf edit` and `memit-hf stats`."""
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from ..arguments import EditingArguments
+from .common import _corpus_paths, _jsonable, _load_model
+
+
+def run_edit(namespace: argparse.Namespace, args: EditingArguments) -> dict[str, Any]:
+    """`memit-hf edit`: edit, then write the adapter (or, with `--merged`, the edited checkpoint) and
+    `edit_metrics.json` to `--output-dir`; push it when `--push_to_hub`."""
+    from ..editor import Editor
+    from ..requests import load_requests
+
+    if args.output_dir is None:
+        raise SystemExit("memit-hf edit: error: --output-dir is required.")
+    if args.push_to_hub and not args.hub_model_id:
+        raise SystemExit("memit-hf edit: error: --push_to_hub needs --hub_model_id.")
+    corpus = _corpus_paths(namespace.corpus)
+    requests = load_requests(namespace.requests)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    model, tokenizer = _load_model(namespace.model, args)
+    editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=corpus)
+    output = editor.edit(requests)
+    resolved = editor.resolved_args.to_dict()
+    metrics = dict(output.metrics)
+    if namespace.evaluate:
+        metrics.update(editor.evaluate(requests))
+        output.metadata["batch"]["metrics"] = dict(metrics)  # the model card shows the evaluation
+    output.metadata["batch"]["source"] = {
+        "requests": str(namespace.requests),
+        "corpus": [str(p) for p in corpus or []],
+    }
+
+    if namespace.merged:
+        editor.merge_and_save(output_dir, repo_id=args.hub_model_id)
+        written = "the edited checkpoint"
+    else:
+        report = editor.save_adapter(output_dir, export_rank=namespace.export_rank, repo_id=args.hub_model_id)
+        metrics["adapter_bytes"] = report.adapter_bytes
+        metrics["adapter_max_reconstruction_error"] = report.max_reconstruction_error
+        written = f"the adapter ({report.adapter_bytes / 1e6:.2f} MB, ranks {sorted(set(report.ranks.values()))})"
+    summary = {"metrics": metrics, "args": resolved, "num_requests": len(output.requests)}
+    (output_dir / "edit_metrics.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n", encoding="utf-8")
+
+    name = namespace.model or getattr(model.config, "_name_or_path", None)
+    print(f"Edited {len(output.requests)} facts in {name} at layers {resolved['layers']}.")
+    print(
+        f"  total {metrics['total_seconds']:.1f}s (statistics {metrics['statistics_seconds']:.1f}s, "
+        f"values {metrics['values_seconds']:.1f}s, update {metrics['update_seconds']:.1f}s); "
+        f"z loss {metrics['z_initial_loss']:.3f} -> {metrics['z_final_loss']:.3f}; "
+        f"residual achieved {100 * metrics['residual_achieved']:.1f}%"
+    )
+    if namespace.evaluate:
+        print(
+            f"  efficacy {metrics['efficacy_success']:.1f}  paraphrase {metrics['paraphrase_success']:.1f}  "
+            f"neighborhood {metrics['neighborhood_success']:.1f}  score {metrics['score']:.1f}"
+        )
+    print(f"  wrote {written} and edit_metrics.json to {output_dir}")
+    if args.push_to_hub:
+        from ..hub import push_folder
+
+        commit = push_folder(
+            output_dir, args.hub_model_id, args.hub_private_repo, args.hub_token,
+            f"Add {len(output.requests)} fact edits with memit-hf",
+        )  # fmt: skip
+        print(f"  pushed to {args.hub_model_id}: {getattr(commit, 'commit_url', commit)}")
+    return summary
+
+
+def run_stats(namespace: argparse.Namespace, args: EditingArguments) -> dict[str, int]:
+    """`memit-hf stats`: compute or load the statistics of `args.layers` (default: the model's edited layers)."""
+    from ..covariance import default_cache_dir
+    from ..editor import Editor
+
+    corpus = _corpus_paths(namespace.corpus)
+    model, tokenizer = _load_model(namespace.model, args)
+    editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=corpus)
+    layers = editor.resolved_args.layers
+    start = time.perf_counter()
+    statistics = editor.get_statistics(layers)
+    seconds = time.perf_counter() - start
+    cache_dir = args.stats_cache_dir or default_cache_dir()
+    source = ", ".join(str(path) for path in corpus) if corpus else "text sampled from the model (offline default)"
+    print(f"Statistics of {len(statistics)} modules from {source} in {seconds:.1f}s, cached in {cache_dir}:")
+    for name, moment in statistics.items():
+        print(f"  {name}: {moment.count} tokens, dim {moment.total.shape[0]}")
+    return {name: moment.count for name, moment in statistics.items()}

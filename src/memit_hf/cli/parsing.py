@@ -1,0 +1,291 @@
+"""Argument parsing of the `memit-hf` command: one subparser per command, `EditingArguments` fields as flags, YAML
+recipes through `--config`. Imports no torch, so that `--help` stays fast."""
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from typing import Any
+
+import yaml
+
+from ..arguments import EditingArguments
+
+
+COMMANDS = ("edit", "stats", "evaluate", "demo", "export", "push")
+EDITING_COMMANDS = ("edit", "stats", "evaluate", "demo")
+"""The commands whose flags are the `EditingArguments` fields."""
+EDITING_FIELDS = tuple(f.name for f in fields(EditingArguments))
+
+# Demo facts: SmolLM2-135M-Instruct completes each prompt with the true object under greedy decoding
+# (shared/docs/models.md section 3), so the before/after contrast is visible in plain generations.
+
+
+DEMO_DEFAULTS = dict(stats_sample_texts=32, stats_sample_length=96, num_context_templates=3)
+"""Defaults of `memit-hf demo` that keep it well under two minutes on 2 CPU cores (flags still override them)."""
+
+
+EVALUATION_CHOICES = ("counterfact", "zsre", "generation", "perplexity")
+"""`--metrics` choices of `memit-hf evaluate` (`memit_hf.evaluation.EVALUATION_METRICS`, kept here so that `--help`
+imports no torch)."""
+
+
+def _json_object(value: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r} ({error.msg})") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r}")
+    return parsed
+
+
+def _editing_parser(subparsers, name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand parser (an `HfArgumentParser`) holding every `EditingArguments` field as a flag, plus `--config`."""
+    parser = subparsers.add_parser(
+        name,
+        help=help_text,
+        description=description,
+        dataclass_types=[EditingArguments],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for action in parser._actions:
+        # HfArgumentParser cannot parse `dict` fields (`model_init_kwargs`): take them as JSON objects.
+        if action.dest in EDITING_FIELDS and getattr(action.type, "__origin__", None) is dict:
+            action.type = _json_object
+            action.metavar = "JSON"
+    parser.add_argument(
+        "--config",
+        metavar="YAML",
+        default=None,
+        help="YAML recipe whose keys are `EditingArguments` fields; command-line flags win over it.",
+    )
+    return parser
+
+
+def _add_model_and_corpus(parser: argparse.ArgumentParser, with_model: bool = True) -> None:
+    if with_model:
+        parser.add_argument(
+            "--model",
+            metavar="PATH_OR_GGUF",
+            default=None,
+            help="Model directory, Hub id or `.gguf` file (default: the embedded SmolLM2-135M-Instruct).",
+        )
+    parser.add_argument(
+        "--corpus",
+        metavar="FILE",
+        nargs="+",
+        default=None,
+        help="Plain-text files for the covariance statistics, documents separated by blank lines (default: text "
+        "sampled from the model itself, offline).",
+    )
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The `memit-hf` argument parser, with one subparser per command."""
+    from transformers import HfArgumentParser
+
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="memit-hf", description="Mass-edit facts in Hugging Face causal LMs with MEMIT."
+    )
+    parser.add_argument("--version", action="version", version=f"memit-hf {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=HfArgumentParser)
+
+    edit = _editing_parser(
+        subparsers,
+        "edit",
+        "Apply fact edits and write them to --output-dir as a peft LoRA adapter.",
+        "Apply all requests at once with MEMIT (or ROME) and write the edit to the output directory as a peft LoRA "
+        "adapter (`adapter_config.json`, `adapter_model.safetensors`, `memit_edits.json`, a model card), plus "
+        "`edit_metrics.json`. `--merged` writes the full edited checkpoint instead; `--push_to_hub` uploads the "
+        "result to `--hub_model_id`.",
+    )
+    _add_model_and_corpus(edit)
+    edit.add_argument(
+        "--requests",
+        metavar="FILE",
+        required=True,
+        help="JSON or JSONL file of edit requests (canonical, CounterFact, EasyEdit or zsRE records).",
+    )
+    edit.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="Also run the CounterFact evaluation (requests need `target_true`) and add it to the metrics.",
+    )
+    edit.add_argument("--merged", action="store_true", help="Write the full edited checkpoint instead of the adapter.")
+    _add_export_rank(edit)
+
+    stats = _editing_parser(
+        subparsers,
+        "stats",
+        "Compute (or load from cache) the covariance statistics of the edited layers.",
+        "Compute the second-moment statistics of the edited modules' inputs and cache them on disk, so that later "
+        "edits with the same model, corpus and budget reuse them.",
+    )
+    _add_model_and_corpus(stats)
+    _add_evaluate_parser(subparsers)
+
+    demo = _editing_parser(
+        subparsers,
+        "demo",
+        "Edit three well-known facts in the embedded SmolLM2 and show generations before and after.",
+        "Edit three facts in SmolLM2-135M-Instruct, show greedy generations before and after the edit, save the edit "
+        "as a peft adapter (to --output-dir if given), restore the original weights, and load the adapter back.",
+    )
+    _add_model_and_corpus(demo, with_model=False)
+    demo.set_defaults(**DEMO_DEFAULTS)
+
+    export = subparsers.add_parser(
+        "export",
+        help="Turn an edit adapter into a merged checkpoint, or re-export it at a lower rank.",
+        description="With --merged, load the adapter's base model (or --model), fold the edit into its weights and "
+        "save a full checkpoint that `AutoModelForCausalLM.from_pretrained` loads. Without it, write the adapter "
+        "again at --export-rank (lossy; the reconstruction error is printed).",
+        dataclass_types=[],
+    )
+    export.add_argument("adapter", metavar="ADAPTER_DIR", help="Directory written by `memit-hf edit`.")
+    export.add_argument("--output-dir", "--output_dir", required=True, help="Where to write the result.")
+    export.add_argument("--merged", action="store_true", help="Write a merged full checkpoint.")
+    export.add_argument(
+        "--model", metavar="PATH_OR_GGUF", default=None,
+        help="Base model (default: the adapter's `base_model_name_or_path`; the embedded SmolLM2 for its id).",
+    )  # fmt: skip
+    _add_export_rank(export)
+
+    push = subparsers.add_parser(
+        "push",
+        help="Upload an adapter or merged checkpoint folder to the Hugging Face Hub.",
+        description="Create the repository if needed and upload the folder, with its model card updated to name "
+        "the repository.",
+        dataclass_types=[],
+    )
+    push.add_argument("folder", metavar="FOLDER", help="Adapter or checkpoint directory.")
+    push.add_argument("--repo-id", "--repo_id", required=True, help="`user/name` on the Hub.")
+    push.add_argument("--private", action=argparse.BooleanOptionalAction, default=None, help="Repository visibility.")
+    push.add_argument("--token", default=None, help="Hub token (default: the logged-in one or `HF_TOKEN`).")
+    push.add_argument("--commit-message", "--commit_message", default=None)
+    push.add_argument("--revision", default=None, help="Branch to push to.")
+    return parser
+
+
+def _rank(value: str) -> int | float:
+    """`--export-rank`: an integer rank, or a float in (0, 1] read as a fraction of each update's energy."""
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer rank or an energy fraction, got {value!r}") from None
+
+
+def _add_export_rank(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--export-rank", "--export_rank", type=_rank, default=None, metavar="RANK",
+        help="Store at most this rank per module (integer), or keep this fraction of each update's energy (float in "
+        "(0, 1]); lossy below the update's rank. Default: exact.",
+    )  # fmt: skip
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[command]
+
+
+def _explicit_config_path(argv: list[str]) -> str | None:
+    """The value of `--config` in `argv`, without running the full parser."""
+    finder = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    finder.add_argument("--config", default=None)
+    known, _ = finder.parse_known_args(argv)
+    return known.config
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, EditingArguments]:
+    """Parse the command line into the command's own options and an [`EditingArguments`].
+
+    The YAML file of `--config` (if any) becomes the default of each field, so flags on the command line win.
+
+    Raises:
+        SystemExit: on an invalid command line, an unreadable `--config` file or a YAML key that is not an
+            `EditingArguments` field.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser()
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    config_path = _explicit_config_path(argv)
+    if command in EDITING_COMMANDS and config_path is not None:
+        subparser = _subparser(parser, command)
+        try:
+            with open(config_path, encoding="utf-8") as handle:
+                values = yaml.safe_load(handle) or {}
+        except OSError as error:
+            subparser.error(f"cannot read --config {config_path}: {error}")
+        if not isinstance(values, dict):
+            subparser.error(f"--config {config_path} must hold a YAML mapping of `EditingArguments` fields.")
+        unknown = sorted(set(values) - set(EDITING_FIELDS))
+        if unknown:
+            subparser.error(
+                f"unknown `EditingArguments` keys in {config_path}: {unknown}. Known keys: {list(EDITING_FIELDS)}."
+            )
+        subparser.set_defaults(**values)
+    namespace = parser.parse_args(argv)
+    if namespace.command is None:
+        parser.print_help()
+        parser.exit(2)
+    subparser = _subparser(parser, namespace.command)
+    if namespace.command not in EDITING_COMMANDS:
+        return namespace, EditingArguments()
+    try:
+        args = EditingArguments(**{name: getattr(namespace, name) for name in EDITING_FIELDS})
+    except (TypeError, ValueError) as error:
+        subparser.error(str(error))
+    return namespace, args
+
+
+# ----------------------------------------------------------------------------------------------------- commands
+
+
+def _add_evaluate_parser(subparsers) -> None:
+    """The `evaluate` subcommand: every `EditingArguments` flag (used with `--edit`) plus its own options."""
+    evaluate = _editing_parser(
+        subparsers,
+        "evaluate",
+        "Evaluate a model on requests (CounterFact, zsRE, generation, perplexity); write JSON and Markdown.",
+        "Evaluate the model on the requests, optionally after editing it with them (`--edit`: the unedited figures "
+        "are reported beside the edited ones), and write `evaluation.json` and `evaluation.md` to --output-dir.",
+    )
+    _add_model_and_corpus(evaluate)
+    evaluate.add_argument(
+        "--requests",
+        metavar="FILE",
+        required=True,
+        help="JSON or JSONL file of requests (canonical, CounterFact, EasyEdit or zsRE records).",
+    )
+    evaluate.add_argument(
+        "--metrics",
+        nargs="+",
+        choices=EVALUATION_CHOICES,
+        default=["counterfact"],
+        help="Metric families; `perplexity` needs --perplexity-corpus (which adds it).",
+    )
+    evaluate.add_argument("--edit", action="store_true", help="Edit the model with the requests before evaluating.")
+    evaluate.add_argument(
+        "--adapter", metavar="DIR_OR_REPO", default=None,
+        help="Evaluate the model with this edit adapter loaded (peft); the unedited figures come from the model "
+        "with the adapter switched off.",
+    )  # fmt: skip
+    evaluate.add_argument("--num-requests", type=int, default=None, metavar="N", help="Use only the first N requests.")
+    evaluate.add_argument(
+        "--perplexity-corpus",
+        metavar="FILE",
+        nargs="+",
+        default=None,
+        help="Held-out text files whose perplexity is reported (documents separated by blank lines).",
+    )
+    evaluate.add_argument(
+        "--perplexity-tokens", type=int, default=None, metavar="N", help="Token budget of the perplexity."
+    )
+    evaluate.add_argument("--batch-size", type=int, default=64, help="Sequences per forward pass.")
