@@ -144,6 +144,7 @@ def test_edit_metadata_and_model_card(saved):
         "base_model:adapter:tiny/base" in card and "| the Eiffel Tower | The city of _the Eiffel Tower_ | Rome" in card
     )
     assert "PeftModel.from_pretrained" in card and "arxiv.org/abs/2210.07229" in card
+    assert "The adapter stores the update exactly (ranks [4]" in card  # the card reports the export it sits beside
 
 
 def test_auto_model_loads_adapter_directory(tokenizer, tmp_path):

@@ -15,7 +15,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,6 @@ class ExportReport:
     adapter_bytes: int
     dense_bytes: int
     export_rank: int | float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def max_reconstruction_error(self) -> float:
@@ -248,12 +247,12 @@ def save_adapter_files(
     revision: str | None = None,
     export_rank: int | float | None = None,
     metadata: dict[str, Any] | None = None,
-    model_card: str | None = None,
+    repo_id: str | None = None,
 ) -> ExportReport:
     """Write a peft LoRA adapter holding `deltas` to `path`.
 
     Files: `adapter_config.json`, `adapter_model.safetensors`, and when given `memit_edits.json` (`metadata`, completed
-    with the export report) and `README.md` (`model_card`). The files are written in a temporary sibling directory and
+    with the export report) and the model card `README.md` built from both. The files are written in a temporary sibling directory and
     renamed into `path` one by one, the config last; other files already in `path` are left alone.
 
     Args:
@@ -264,7 +263,7 @@ def save_adapter_files(
         export_rank (`int` or `float`, *optional*): store at most this rank per module (`int`) or keep this fraction
             of each update's energy (`float`); lossy below the true rank, the error is reported.
         metadata (`dict`, *optional*): the edit metadata for `memit_edits.json`.
-        model_card (`str`, *optional*): the README.md text.
+        repo_id (`str`, *optional*): repository named in the model card's loading snippets.
 
     Returns:
         [`ExportReport`]: ranks, reconstruction errors and sizes.
@@ -288,9 +287,11 @@ def save_adapter_files(
             export_rank=export_rank,
         )
         if metadata is not None:
-            write_json(staging / EDITS_METADATA_NAME, {**metadata, "export": report.to_dict()})
-        if model_card is not None:
-            (staging / "README.md").write_text(model_card, encoding="utf-8")
+            from .hub import build_model_card
+
+            metadata = {**metadata, "export": report.to_dict()}
+            write_json(staging / EDITS_METADATA_NAME, metadata)
+            (staging / "README.md").write_text(build_model_card(metadata, repo_id), encoding="utf-8")
         path.mkdir(parents=True, exist_ok=True)
         # Move file by file (the config last), so other files in `path` (metrics, a tokenizer) are kept.
         for name in (ADAPTER_WEIGHTS_NAME, EDITS_METADATA_NAME, "README.md", ADAPTER_CONFIG_NAME):
@@ -364,18 +365,12 @@ def write_edit_adapter(
     export_rank: int | float | None = None,
     repo_id: str | None = None,
 ) -> ExportReport:
-    """[`save_adapter_files`] with the edit `metadata` (see [`edit_metadata`]), then the model card, which reports the
-    export's ranks, size and fidelity.
+    """[`save_adapter_files`] for the edits described by `metadata` (see [`edit_metadata`]), whose base model it names.
 
     Returns:
         [`ExportReport`]: ranks, reconstruction errors and sizes.
     """
-    from .hub import build_model_card
-
-    report = save_adapter_files(
+    return save_adapter_files(
         deltas, path, metadata.get("base_model_name_or_path"), metadata.get("base_model_revision"), export_rank,
-        metadata,
+        metadata, repo_id,
     )  # fmt: skip
-    card = build_model_card({**metadata, "export": report.to_dict()}, repo_id)
-    (Path(path) / "README.md").write_text(card, encoding="utf-8")
-    return report

@@ -12,17 +12,15 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
-from .export import EDITS_METADATA_NAME
+from .export import EDITS_METADATA_NAME, read_edits_metadata
 
 
 logger = logging.getLogger(__name__)
 
 
 def _edits_metadata(path_or_repo: str, revision: str | None, token: str | None) -> dict[str, Any] | None:
-    path = Path(path_or_repo)
-    if path.is_dir():
-        file = path / EDITS_METADATA_NAME
-        return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
+    if Path(path_or_repo).is_dir():
+        return read_edits_metadata(path_or_repo)
     try:
         from huggingface_hub import hf_hub_download
 
