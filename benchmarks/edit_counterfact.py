@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -60,7 +59,7 @@ def bare_compute_seconds(editor, requests, values) -> float:
     flat = [t for group in editor.context_templates for t in group]
     runner = V._Runner(editor.model, editor.layout, z_layer)
     pad = V.pad_token_id(editor.tokenizer)
-    from memit_hf.values import frozen_parameters
+    from memit_hf.modes import frozen_parameters
 
     with frozen_parameters(editor.model):
         return _bare_compute_seconds(editor, requests, values, args, z_layer, flat, runner, pad, V)
@@ -93,7 +92,6 @@ def main(argv=None):
     options = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
-    sys.path.insert(0, str(REPO / "src"))
     from memit_hf import EditingArguments, Editor, load_requests
     from memit_hf.models import load_default_model
 
@@ -108,7 +106,7 @@ def main(argv=None):
         stats_num_tokens=options.stats_tokens,
         stats_cache_dir=cache_dir,
         layers=options.layers,
-        mom2_update_weight=options.mom2_update_weight,
+        algorithm_config={"mom2_update_weight": options.mom2_update_weight},
     )
     editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=corpus)
     resolved = editor.resolved_args

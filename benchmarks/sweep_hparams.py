@@ -10,7 +10,6 @@ import argparse
 import itertools
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -44,14 +43,11 @@ def main(argv=None):
     options = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
-    sys.path.insert(0, str(REPO / "src"))
-    import memit_hf.editor as editor_module
     from memit_hf import EditingArguments, Editor, load_requests
     from memit_hf.models import load_default_model
 
     requests = load_requests(options.data)[: options.num_edits]
     model, tokenizer = load_default_model()
-    original_compute = editor_module.compute_target_values
     rows = []
     baseline = None
     for layer_set, clamp in itertools.product(options.layer_sets, options.clamps):
@@ -60,19 +56,14 @@ def main(argv=None):
         for lam in options.lambdas:
             args = EditingArguments(
                 layers=list(range(first, last + 1)),
-                mom2_update_weight=lam,
+                algorithm_config={"mom2_update_weight": lam},
                 clamp_norm_factor=clamp,
                 stats_num_tokens=options.stats_tokens,
                 stats_cache_dir=options.stats_cache_dir,
             )
             editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=options.corpus)
-            if cached_values is not None:
-                editor_module.compute_target_values = lambda *a, _v=cached_values, **k: _v
             tick = time.perf_counter()
-            try:
-                output = editor.edit(requests)
-            finally:
-                editor_module.compute_target_values = original_compute
+            output = editor.edit(requests, values=cached_values)  # z depends on layers and clamp, not on lambda
             cached_values = output.values
             metrics = editor.evaluate(requests, include_pre=baseline is None)
             if baseline is None:

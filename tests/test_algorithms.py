@@ -1,9 +1,44 @@
-"""Tests of `memit_hf.algorithms`: the defining equations of the MEMIT and ROME solves, and their failure modes."""
+"""Tests of `memit_hf.algorithms`: the defining equations of the MEMIT and ROME solves, their failure modes, and the
+stateful interface (prepare per fingerprint, staged state committed or discarded, state dicts)."""
 
 import pytest
 import torch
 
-from memit_hf.algorithms import ALGORITHMS, MEMIT, ROME, IllConditionedError, cholesky_factor, get_algorithm
+from memit_hf.algorithms import (
+    ALGORITHM_CONFIGS,
+    ALGORITHMS,
+    MEMIT,
+    ROME,
+    EditAlgorithm,
+    IllConditionedError,
+    LayerProblem,
+    MEMITConfig,
+    cholesky_factor,
+    get_algorithm,
+)
+from memit_hf.statistics import LayerStatistics, SecondMoment
+
+
+def statistics_of(covariance: torch.Tensor, key: str = "key-0", name: str = "m") -> LayerStatistics:
+    """Layer statistics whose mean is exactly `covariance` (a count of 1)."""
+    return LayerStatistics(name, SecondMoment(covariance, 1), {"corpus": "test", "num_tokens": 1}, key, "collected")
+
+
+def make(name: str, lam: float = 1.0) -> EditAlgorithm:
+    return get_algorithm(name, {"mom2_update_weight": lam} if name == "memit" else None)
+
+
+def check(name: str, covariance: torch.Tensor, lam: float = 1.0) -> None:
+    """The algorithm's `prepare`, which validates the statistics before any weight changes."""
+    make(name, lam).prepare(statistics_of(covariance))
+
+
+def solve(name: str, keys, residuals, covariance, lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    algorithm = make(name, lam)
+    statistics = statistics_of(covariance)
+    if name == "rome":
+        algorithm.prepare(statistics)
+    return algorithm.solve(LayerProblem("m", 0, keys, residuals, statistics))
 
 
 def random_problem(n: int, d_in: int, d_out: int, seed: int = 0, tokens: int | None = None):
@@ -21,8 +56,9 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def test_registry():
-    assert set(ALGORITHMS) == {"memit", "rome"}
+    assert set(ALGORITHMS) == set(ALGORITHM_CONFIGS) == {"memit", "rome"}
     assert isinstance(get_algorithm("memit"), MEMIT)
+    assert get_algorithm("memit", MEMITConfig(mom2_update_weight=3.0)).config.mom2_update_weight == 3.0
     assert isinstance(get_algorithm("rome"), ROME)
     with pytest.raises(ValueError, match=r"Unknown algorithm `alphaedit`; choose one of \['memit', 'rome'\]"):
         get_algorithm("alphaedit")
@@ -32,7 +68,7 @@ def test_registry():
 @pytest.mark.parametrize("lam", [0.5, 1500.0])
 def test_memit_satisfies_normal_equation(n, d_in, d_out, lam):
     keys, residuals, covariance = random_problem(n, d_in, d_out, seed=n)
-    lora_B, lora_A = MEMIT().solve(keys, residuals, covariance, lam)
+    lora_B, lora_A = solve("memit", keys, residuals, covariance, lam)
     assert lora_B.shape == (d_out, n) and lora_A.shape == (n, d_in)
     assert lora_B.dtype == lora_A.dtype == torch.float64
     delta = lora_B @ lora_A
@@ -51,7 +87,7 @@ def test_memit_least_squares_optimality():
     """Delta minimises lam * tr(D C D^T) + ||D K - R||^2: perturbing it in any direction raises the objective."""
     keys, residuals, covariance = random_problem(6, 10, 5, seed=3)
     lam = 2.0
-    lora_B, lora_A = MEMIT().solve(keys, residuals, covariance, lam)
+    lora_B, lora_A = solve("memit", keys, residuals, covariance, lam)
     delta = lora_B @ lora_A
 
     def objective(d):
@@ -68,7 +104,7 @@ def test_memit_large_lambda_shrinks_update():
     keys, residuals, covariance = random_problem(3, 8, 4, seed=5)
     norms = []
     for lam in (1.0, 10.0, 100.0, 1000.0):
-        lora_B, lora_A = MEMIT().solve(keys, residuals, covariance, lam)
+        lora_B, lora_A = solve("memit", keys, residuals, covariance, lam)
         norms.append(float((lora_B @ lora_A).norm()))
     assert norms == sorted(norms, reverse=True)
     assert norms[-1] < 0.05 * norms[0]
@@ -77,7 +113,7 @@ def test_memit_large_lambda_shrinks_update():
 @pytest.mark.parametrize("n, d_in, d_out", [(1, 12, 7), (4, 16, 9), (10, 16, 6)])
 def test_rome_writes_every_residual_exactly(n, d_in, d_out):
     keys, residuals, covariance = random_problem(n, d_in, d_out, seed=10 + n)
-    lora_B, lora_A = ROME().solve(keys, residuals, covariance, 1500.0)
+    lora_B, lora_A = solve("rome", keys, residuals, covariance, 1500.0)
     assert lora_B.shape == (d_out, n) and lora_A.shape == (n, d_in)
     delta = lora_B @ lora_A
     # Delta k_i = r_i for every request.
@@ -91,18 +127,18 @@ def test_rome_writes_every_residual_exactly(n, d_in, d_out):
 
 def test_rome_single_request_is_the_rank_one_formula():
     keys, residuals, covariance = random_problem(1, 14, 8, seed=21)
-    lora_B, lora_A = ROME().solve(keys, residuals, covariance, 0.0)
+    lora_B, lora_A = solve("rome", keys, residuals, covariance, 0.0)
     k, r = keys[0], residuals[0]
     c_inv_k = torch.linalg.solve(covariance, k)
     expected = torch.outer(r, c_inv_k) / (k @ c_inv_k)
     assert relative_error(lora_B @ lora_A, expected) < 1e-10
 
 
-def test_rome_ignores_lambda():
-    keys, residuals, covariance = random_problem(3, 10, 4, seed=2)
-    d1 = torch.matmul(*ROME().solve(keys, residuals, covariance, 1.0))
-    d2 = torch.matmul(*ROME().solve(keys, residuals, covariance, 12345.0))
-    torch.testing.assert_close(d1, d2, rtol=0, atol=0)
+def test_rome_has_no_lambda():
+    """lambda cancels out of ROME's solution, so its configuration has no field for it and rejects one."""
+    assert ALGORITHM_CONFIGS["rome"].field_names() == ()
+    with pytest.raises(ValueError, match=r"\['mom2_update_weight'\], which are not hyperparameters of `rome`"):
+        get_algorithm("rome", {"mom2_update_weight": 1.0})
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
@@ -114,7 +150,7 @@ def test_rome_duplicate_keys_are_ill_conditioned(seed):
         IllConditionedError,
         match=r"K\^T C\^-1 K \(are two requests' keys identical\?\) is not numerically positive definite",
     ):
-        ROME().solve(keys, residuals, covariance, 1.0)
+        solve("rome", keys, residuals, covariance, 1.0)
 
 
 def singular_covariance(d: int = 10, rank: int = 4) -> torch.Tensor:
@@ -130,12 +166,11 @@ def indefinite_covariance(d: int = 10) -> torch.Tensor:
     return q @ torch.diag(eigenvalues) @ q.T
 
 
-@pytest.mark.parametrize("algorithm", [MEMIT(), ROME()], ids=["memit", "rome"])
-@pytest.mark.parametrize("make", [singular_covariance, indefinite_covariance], ids=["singular", "indefinite"])
-def test_check_covariance_rejects_bad_covariance(algorithm, make):
-    covariance = make()
-    with pytest.raises(IllConditionedError, match=r"The system for `m` is not numerically positive definite"):
-        algorithm.check_covariance(covariance, 1.0, "The system for `m`")
+@pytest.mark.parametrize("algorithm", ["memit", "rome"])
+@pytest.mark.parametrize("build", [singular_covariance, indefinite_covariance], ids=["singular", "indefinite"])
+def test_prepare_rejects_bad_covariance(algorithm, build):
+    with pytest.raises(IllConditionedError, match=r"C of `m` is not numerically positive definite"):
+        check(algorithm, build())
 
 
 def test_memit_solve_rejects_singular_system():
@@ -143,28 +178,30 @@ def test_memit_solve_rejects_singular_system():
     covariance = singular_covariance(d=10, rank=4)
     keys = torch.randn(2, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     residuals = torch.randn(2, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    with pytest.raises(IllConditionedError, match=r"lambda \* C \+ K K\^T is not numerically positive definite"):
-        MEMIT().solve(keys, residuals, covariance, 1.0)
+    with pytest.raises(
+        IllConditionedError, match=r"lambda \* C \+ K K\^T of `m` is not numerically positive definite"
+    ):
+        solve("memit", keys, residuals, covariance, 1.0)
 
 
 def test_memit_solve_with_enough_keys_tolerates_singular_covariance():
     """MEMIT only needs lam C + K K^T to be definite: keys spanning C's null space make the system solvable."""
     covariance = singular_covariance(d=6, rank=3)
     keys, residuals, _ = random_problem(8, 6, 3, seed=9)
-    lora_B, lora_A = MEMIT().solve(keys, residuals, covariance, 1.0)
+    lora_B, lora_A = solve("memit", keys, residuals, covariance, 1.0)
     lhs = lora_B @ lora_A @ (covariance + keys.T @ keys)
     assert relative_error(lhs, residuals.T @ keys) < 1e-6
 
 
-def test_check_covariance_memit_zero_lambda():
+def test_prepare_memit_zero_lambda():
     _, _, covariance = random_problem(1, 8, 2)
-    MEMIT().check_covariance(covariance, 1.0, "C")  # passes
+    check("memit", covariance, 1.0)  # passes
     with pytest.raises(IllConditionedError, match="is not numerically positive definite"):
-        MEMIT().check_covariance(covariance, 0.0, "C")
-    ROME().check_covariance(covariance, 0.0, "C")  # ROME does not use lambda
+        check("memit", covariance, 0.0)
+    check("rome", covariance)  # ROME does not use lambda
 
 
-@pytest.mark.parametrize("algorithm", [MEMIT(), ROME()], ids=["memit", "rome"])
+@pytest.mark.parametrize("algorithm", ["memit", "rome"])
 @pytest.mark.parametrize("where", ["covariance", "keys"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_input_is_rejected(algorithm, where, value):
@@ -172,11 +209,11 @@ def test_non_finite_input_is_rejected(algorithm, where, value):
     if where == "covariance":
         covariance[2, 5] = value
         with pytest.raises(IllConditionedError, match="has non-finite entries"):
-            algorithm.check_covariance(covariance, 1.0, "C")
-    else:
-        keys[1, 3] = value
+            check(algorithm, covariance)
+        return
+    keys[1, 3] = value
     with pytest.raises(IllConditionedError, match="has non-finite entries; the statistics or keys are corrupted"):
-        algorithm.solve(keys, residuals, covariance, 1.0)
+        solve(algorithm, keys, residuals, covariance)
 
 
 def test_cholesky_factor():
@@ -187,3 +224,45 @@ def test_cholesky_factor():
     assert issubclass(IllConditionedError, ValueError)
     with pytest.raises(IllConditionedError, match=r"^X is not numerically positive definite"):
         cholesky_factor(torch.tensor([[0.0, 0.0], [0.0, 1.0]], dtype=torch.float64), "X")
+
+
+def test_prepare_derives_once_per_fingerprint():
+    """ROME's Cholesky factor of C is cached per statistics key: the same key reuses it, a new key recomputes it."""
+    _, _, covariance = random_problem(1, 8, 2, seed=4)
+    rome = make("rome")
+    rome.prepare(statistics_of(covariance, key="a"))
+    factor = rome.prepared("m")
+    torch.testing.assert_close(factor @ factor.T, covariance, rtol=1e-12, atol=1e-12)
+    rome.prepare(statistics_of(covariance * 2, key="a"))  # same fingerprint key: not recomputed
+    assert rome.prepared("m") is factor
+    rome.prepare(statistics_of(covariance * 2, key="b"))
+    torch.testing.assert_close(rome.prepared("m") @ rome.prepared("m").T, covariance * 2, rtol=1e-12, atol=1e-12)
+
+
+class CountingAlgorithm(MEMIT):
+    """MEMIT that records the Gram matrix of the keys it solved (a stand-in for a sequential method's state)."""
+
+    def solve(self, problem):
+        previous = self.layer_state(problem.module_name).get("gram", torch.zeros(problem.keys.shape[1]))
+        self.stage(problem.module_name, gram=previous + (problem.keys**2).sum(0))
+        return super().solve(problem)
+
+
+def test_state_is_staged_then_committed_or_discarded():
+    keys, residuals, covariance = random_problem(3, 6, 2, seed=1)
+    statistics = statistics_of(covariance)
+    algorithm = CountingAlgorithm(MEMITConfig(mom2_update_weight=1.0))
+    algorithm.solve(LayerProblem("m", 0, keys, residuals, statistics))
+    assert algorithm.layer_state("m") == {} and algorithm.state_dict() == {}  # staged, not yet visible
+    algorithm.commit()
+    expected = (keys**2).sum(0)
+    assert torch.equal(algorithm.layer_state("m")["gram"], expected)
+    algorithm.solve(LayerProblem("m", 0, keys, residuals, statistics))
+    algorithm.discard()  # a failed edit leaves the committed state alone
+    assert torch.equal(algorithm.state_dict()["m::gram"], expected)
+
+    restored = CountingAlgorithm(MEMITConfig(mom2_update_weight=1.0))
+    restored.load_state_dict(algorithm.state_dict())
+    assert torch.equal(restored.layer_state("m")["gram"], expected)
+    with pytest.raises(ValueError, match=r"State entry `gram` is not named `<module>::<key>`"):
+        restored.load_state_dict({"gram": expected})

@@ -187,12 +187,12 @@ def test_resolve_arguments_fills_per_model_defaults(tokenizer):
     gpt2 = build_tiny_causal_lm("gpt2", len(tokenizer))
     resolved = resolve_arguments(gpt2, EditingArguments(), get_layout(gpt2))
     assert resolved.layers == [0, 1, 2]
-    assert resolved.mom2_update_weight == 20000.0 and resolved.clamp_norm_factor == 0.75
+    assert resolved.algorithm_config == {"mom2_update_weight": 20000.0} and resolved.clamp_norm_factor == 0.75
     assert resolved.v_lr == 0.5 and resolved.v_weight_decay == 0.5
     llama = build_tiny_causal_lm("llama", len(tokenizer))
-    user = EditingArguments(layers=[2], mom2_update_weight=7.0, v_lr=0.1)
+    user = EditingArguments(layers=[2], algorithm_config={"mom2_update_weight": 7.0}, v_lr=0.1)
     resolved = resolve_arguments(llama, user, get_layout(llama))
-    assert resolved.layers == [2] and resolved.mom2_update_weight == 7.0 and resolved.v_lr == 0.1
+    assert resolved.layers == [2] and resolved.algorithm_config["mom2_update_weight"] == 7.0 and resolved.v_lr == 0.1
     assert resolved.clamp_norm_factor == 0.75 and resolved.v_weight_decay == 0.5
     # The user's arguments are left untouched.
     assert user.clamp_norm_factor is None and user.v_weight_decay is None

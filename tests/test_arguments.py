@@ -6,15 +6,18 @@ import pytest
 import yaml
 from transformers import HfArgumentParser
 
-from memit_hf.arguments import ALGORITHM_NAMES, EditingArguments
+from memit_hf.algorithms import ALGORITHM_NAMES, MEMITConfig, ROMEConfig
+from memit_hf.arguments import EditingArguments
 
 
 def test_defaults_leave_per_model_fields_unset():
     args = EditingArguments()
     assert args.algorithm == "memit"
     assert args.fact_token == "subject_last"
-    for name in ("layers", "mom2_update_weight", "v_lr", "v_weight_decay", "clamp_norm_factor", "stats_cache_dir"):
+    for name in ("layers", "v_lr", "v_weight_decay", "clamp_norm_factor", "stats_cache_dir"):
         assert getattr(args, name) is None, name
+    assert args.algorithm_config == {"mom2_update_weight": None}
+    assert args.method_config == MEMITConfig()
     assert args.kl_factor == 0.0625
     assert args.v_early_stop_loss == 0.05
     assert args.num_context_templates == 5 and args.context_template_length == 10
@@ -30,14 +33,14 @@ def test_layers_are_normalised_to_ints():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"algorithm": "alphaedit"}, r"`algorithm` must be one of \('memit', 'rome'\), got `alphaedit`"),
+        ({"algorithm": "alphaedit"}, r"`algorithm` must be one of \['memit', 'rome'\], got `alphaedit`"),
         ({"fact_token": "last"}, r"`fact_token` must be `subject_last`, got `last`"),
         ({"layers": []}, r"`layers` must name at least one layer"),
         ({"layers": [4, 3]}, r"`layers` must be strictly ascending without repeats, got \[4, 3\]"),
         ({"layers": [3, 3, 4]}, r"strictly ascending without repeats, got \[3, 3, 4\]"),
         (
             {"algorithm": "rome", "layers": [3, 4]},
-            r"`algorithm='rome'` edits exactly one layer, got `layers=\[3, 4\]`",
+            r"`algorithm='rome'` edits exactly 1 layer\(s\), got `layers=\[3, 4\]`",
         ),
         ({"v_num_grad_steps": 0}, r"`v_num_grad_steps` must be a positive integer, got 0"),
         ({"v_batch_size": -1}, r"`v_batch_size` must be a positive integer, got -1"),
@@ -45,7 +48,9 @@ def test_layers_are_normalised_to_ints():
         ({"stats_sample_texts": 0}, r"`stats_sample_texts` must be a positive integer"),
         ({"context_template_length": 0}, r"`context_template_length` must be a positive integer"),
         ({"num_context_templates": -1}, r"`num_context_templates` must be >= 0, got -1"),
-        ({"mom2_update_weight": -1.0}, r"`mom2_update_weight` must be non-negative, got -1.0"),
+        ({"algorithm_config": {"mom2_update_weight": -1.0}}, r"`mom2_update_weight` must be non-negative, got -1.0"),
+        ({"algorithm_config": {"alpha": 1.0}}, r"\['alpha'\], which are not hyperparameters of `memit`"),
+        ({"algorithm": "rome", "algorithm_config": MEMITConfig()}, r"is a `MEMITConfig` but `algorithm` is `rome`"),
         ({"v_lr": -0.5}, r"`v_lr` must be non-negative, got -0.5"),
         ({"clamp_norm_factor": -2.0}, r"`clamp_norm_factor` must be non-negative"),
         ({"v_weight_decay": -1e-3}, r"`v_weight_decay` must be non-negative"),
@@ -62,7 +67,7 @@ def test_invalid_arguments_raise(kwargs, message):
 
 def test_valid_edge_values_are_accepted():
     args = EditingArguments(
-        algorithm="rome", layers=[0], num_context_templates=0, mom2_update_weight=0.0, stats_max_length=64,
+        algorithm="rome", layers=[0], num_context_templates=0, algorithm_config=ROMEConfig(), stats_max_length=64,
         stats_batch_tokens=64,
     )  # fmt: skip
     assert args.layers == [0] and args.num_context_templates == 0
@@ -70,7 +75,7 @@ def test_valid_edge_values_are_accepted():
 
 def test_yaml_round_trip(tmp_path):
     args = EditingArguments(
-        layers=[2, 3], mom2_update_weight=15000.0, v_lr=0.1, seed=7, stats_cache_dir=str(tmp_path / "stats"),
+        layers=[2, 3], algorithm_config={"mom2_update_weight": 15000.0}, v_lr=0.1, seed=7, stats_cache_dir=str(tmp_path / "stats"),
         model_init_kwargs={"dtype": "float32"},
     )  # fmt: skip
     path = tmp_path / "recipe.yaml"
@@ -112,7 +117,7 @@ def test_hf_argument_parser_command_line():
     )
     assert args.layers == [3, 4, 5]
     assert args.v_lr == 0.1 and args.seed == 1 and args.stats_num_tokens == 50
-    assert args.mom2_update_weight is None
+    assert args.algorithm_config == {"mom2_update_weight": None}
     (args,) = parser.parse_dict({"layers": [1], "algorithm": "rome", "model_init_kwargs": {"dtype": "float32"}})
     assert args.algorithm == "rome" and args.model_init_kwargs == {"dtype": "float32"}
 
@@ -120,3 +125,25 @@ def test_hf_argument_parser_command_line():
 def test_every_field_has_help():
     for f in fields(EditingArguments):
         assert f.metadata.get("help"), f.name
+
+
+def test_method_hyperparameters_are_flat_keys_of_recipes(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("algorithm: memit\nmom2_update_weight: 5000.0\nlayers: [1, 2]\n")
+    args = EditingArguments.from_yaml(path)
+    assert args.algorithm_config == {"mom2_update_weight": 5000.0}
+    assert args.method_config == MEMITConfig(mom2_update_weight=5000.0)
+    path.write_text("algorithm: rome\nmom2_update_weight: 5000.0\nlayers: [1]\n")
+    with pytest.raises(
+        ValueError, match=r"sets \['mom2_update_weight'\], which are not hyperparameters of `algorithm='rome'`"
+    ):
+        EditingArguments.from_yaml(path)
+
+
+def test_the_method_decides_how_many_layers_it_edits():
+    from memit_hf.architectures import default_layers
+
+    assert ROMEConfig.num_layers == 1 and MEMITConfig.num_layers is None
+    assert default_layers(30, "rome") == [6]
+    assert default_layers(30, "memit") == [3, 4, 5, 6, 7]
+    assert default_layers(3, "memit") == [0, 1, 2]

@@ -4,8 +4,7 @@ parameter space, MEMIT's defining equation per layer, atomicity, validation, det
 import pytest
 import torch
 
-import memit_hf.editor as editor_module
-from memit_hf.algorithms import MEMIT, IllConditionedError
+from memit_hf.algorithms import MEMIT, IllConditionedError, LayerProblem, MEMITConfig
 from memit_hf.deltas import LayerDelta, add_delta
 from memit_hf.editor import Editor, EditorCallback, EditOutput
 from memit_hf.keys import compute_keys_and_outputs
@@ -129,12 +128,14 @@ def test_deltas_are_the_memit_solution(edited, tokenizer):
             residuals = delta.lora_B.double().T
         else:
             torch.testing.assert_close(delta.lora_B.double(), residuals.T, rtol=1e-5, atol=1e-7)
-        covariance = editor.get_statistics([layer])[delta.module_name].mean()
+        statistics = editor.get_statistics([layer])[delta.module_name]
+        covariance = statistics.covariance()
         system = 1.0 * covariance + keys.T @ keys
         stored = delta.lora_B.double() @ delta.lora_A.double()  # (d_out, d_in)
         rhs = residuals.T @ keys
         assert float((stored @ system - rhs).norm() / rhs.norm()) < 5e-6
-        exact = torch.matmul(*MEMIT().solve(keys, residuals, covariance, 1.0))
+        problem = LayerProblem(delta.module_name, layer, keys, residuals, statistics)
+        exact = torch.matmul(*MEMIT(MEMITConfig(mom2_update_weight=1.0)).solve(problem))
         assert float((exact @ system - rhs).norm() / rhs.norm()) < 1e-9
         assert float((stored - exact).norm() / exact.norm()) < 1e-6
         add_delta(model, delta)
@@ -147,7 +148,7 @@ def test_metrics(edited, tokenizer):
     assert metrics["num_requests"] == 4.0 and metrics["num_layers"] == 2.0
     stages = ["templates_seconds", "statistics_seconds", "values_seconds", "update_seconds"]
     for key in stages + ["total_seconds"]:
-        assert 0.0 <= metrics[key] < 120.0, key
+        assert metrics[key] >= 0.0, key
     assert metrics["total_seconds"] >= sum(metrics[key] for key in stages)
     assert metrics["z_initial_loss"] == pytest.approx(float(values.initial_loss.mean()))
     assert metrics["z_final_loss"] == pytest.approx(float(values.final_loss.mean()))
@@ -285,77 +286,109 @@ def test_exception_mid_edit_leaves_weights_unchanged(model_type, error, tokenize
     assert changed_tensors(model, original) == []
 
 
-@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
-def test_solver_failure_at_second_layer_leaves_weights_unchanged(model_type, tokenizer, tmp_path, monkeypatch):
-    model = build_tiny_causal_lm(model_type, vocab_size=len(tokenizer))
-    original = parameters_snapshot(model)
-    calls = []
-    solve = MEMIT.solve
+class FailingMEMIT(MEMIT):
+    """MEMIT whose solve fails (or returns a non-finite update) at the `fail_at`-th layer."""
 
-    def failing_solve(self, keys, residuals, covariance, mom2_update_weight):
-        calls.append(keys.shape)
-        if len(calls) == 2:
-            raise IllConditionedError("solver failed at the second layer")
-        return solve(self, keys, residuals, covariance, mom2_update_weight)
+    def __init__(self, config, fail_at: int = 2, nan: bool = False):
+        super().__init__(config)
+        self.fail_at, self.nan, self.calls = fail_at, nan, []
 
-    monkeypatch.setattr(MEMIT, "solve", failing_solve)
-    editor = make_editor(model, tokenizer, tmp_path, v_num_grad_steps=3)
-    with pytest.raises(IllConditionedError, match="solver failed at the second layer"):
-        editor.edit(subject_final_requests())
-    assert len(calls) == 2
-    assert changed_tensors(model, original) == []
-
-
-def test_non_finite_update_is_rejected(tokenizer, tmp_path, monkeypatch):
-    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
-    original = parameters_snapshot(model)
-    solve = MEMIT.solve
-    calls = []
-
-    def nan_second_layer(self, *args):
-        lora_B, lora_A = solve(self, *args)
-        calls.append(1)
-        if len(calls) == 2:
+    def solve(self, problem):
+        self.calls.append(problem.module_name)
+        lora_B, lora_A = super().solve(problem)
+        if len(self.calls) == self.fail_at:
+            if not self.nan:
+                raise IllConditionedError("solver failed at the second layer")
             lora_B = lora_B.clone()
             lora_B[0, 0] = float("nan")
         return lora_B, lora_A
 
-    monkeypatch.setattr(MEMIT, "solve", nan_second_layer)
+
+def failing_editor(model, tokenizer, tmp_path, **kwargs):
     editor = make_editor(model, tokenizer, tmp_path, v_num_grad_steps=3)
+    editor.algorithm = FailingMEMIT(editor.resolved_args.method_config, **kwargs)
+    return editor
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_solver_failure_at_second_layer_leaves_weights_unchanged(model_type, tokenizer, tmp_path):
+    model = build_tiny_causal_lm(model_type, vocab_size=len(tokenizer))
+    original = parameters_snapshot(model)
+    editor = failing_editor(model, tokenizer, tmp_path)
+    with pytest.raises(IllConditionedError, match="solver failed at the second layer"):
+        editor.edit(subject_final_requests())
+    assert len(editor.algorithm.calls) == 2
+    assert changed_tensors(model, original) == []
+    assert editor.history == []
+
+
+def test_non_finite_update_is_rejected(tokenizer, tmp_path):
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    original = parameters_snapshot(model)
+    editor = failing_editor(model, tokenizer, tmp_path, nan=True)
     with pytest.raises(ValueError, match=r"The update of `model\.layers\.1\.mlp\.down_proj` is not finite"):
         editor.edit(subject_final_requests())
     assert changed_tensors(model, original) == []
 
 
-def test_non_finite_target_values_are_rejected(tokenizer, tmp_path, monkeypatch):
+def test_algorithm_setter_checks_the_method(tokenizer, tmp_path):
+    editor = make_editor(build_tiny_causal_lm("llama", vocab_size=len(tokenizer)), tokenizer, tmp_path)
+    with pytest.raises(TypeError, match="`algorithm` must be an `EditAlgorithm`, got str"):
+        editor.algorithm = "memit"
+    with pytest.raises(ValueError, match=r"but `args` say `memit` \{'mom2_update_weight': 1.0\}"):
+        editor.algorithm = MEMIT(MEMITConfig(mom2_update_weight=2.0))
+
+
+def test_non_finite_target_values_are_rejected(tokenizer, tmp_path):
     model = build_tiny_causal_lm("gpt2", vocab_size=len(tokenizer))
     original = parameters_snapshot(model)
-    compute = editor_module.compute_target_values
-
-    def nan_values(*args, **kwargs):
-        result = compute(*args, **kwargs)
-        result.targets[2, 5] = float("inf")
-        return result
-
-    monkeypatch.setattr(editor_module, "compute_target_values", nan_values)
+    editor = make_editor(model, tokenizer, tmp_path, v_num_grad_steps=2)
+    values = editor.compute_values(subject_final_requests())
+    values.targets[2, 5] = float("inf")
     with pytest.raises(ValueError, match=r"Target values are not finite for requests \[2\]"):
-        make_editor(model, tokenizer, tmp_path, v_num_grad_steps=2).edit(subject_final_requests())
+        editor.edit(subject_final_requests(), values=values)
     assert changed_tensors(model, original) == []
 
 
-def test_ill_conditioned_covariance_fails_before_the_z_optimisation(tokenizer, tmp_path, monkeypatch):
+def test_edit_with_precomputed_values_equals_a_plain_edit(tokenizer, tmp_path):
+    """`compute_values` + `edit(values=...)` is the plain edit, bit for bit; values of other requests are refused."""
+    requests = subject_final_requests()
+    plain_model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    plain = make_editor(plain_model, tokenizer, tmp_path, v_num_grad_steps=5).edit(requests)
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    editor = make_editor(model, tokenizer, tmp_path, v_num_grad_steps=5)
+    values = editor.compute_values(requests)
+    assert torch.equal(values.targets, plain.values.targets) and values.z_layer == 1
+    with pytest.raises(ValueError, match=r"`values` hold 4 requests at layer 1, but the edit has 3 requests"):
+        editor.edit(requests[:3], values=values)
+    output = editor.edit(requests, values=values)
+    assert output.values is values
+    for mine, theirs in zip(output.deltas, plain.deltas):
+        assert torch.equal(mine.dense(), theirs.dense())
+    assert changed_tensors(model, parameters_snapshot(plain_model)) == []
+
+
+class StageRecorder(EditorCallback):
+    def __init__(self):
+        self.events = []
+
+    def on_edit_begin(self, editor, requests):
+        self.events.append("begin")
+
+    def on_values_begin(self, editor, requests):
+        self.events.append("values")
+
+
+def test_ill_conditioned_covariance_fails_before_the_z_optimisation(tokenizer, tmp_path):
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
     original = parameters_snapshot(model)
-
-    def never(*args, **kwargs):
-        raise AssertionError("z optimisation must not start")
-
-    monkeypatch.setattr(editor_module, "compute_target_values", never)
-    editor = make_editor(model, tokenizer, tmp_path, mom2_update_weight=0.0)
+    recorder = StageRecorder()
+    editor = make_editor(model, tokenizer, tmp_path, mom2_update_weight=0.0, callbacks=[recorder])
     with pytest.raises(
-        IllConditionedError, match=r"The system for `model\.layers\.0\.mlp\.down_proj` is not numerically positive"
+        IllConditionedError, match=r"lambda \* C of `model\.layers\.0\.mlp\.down_proj` is not numerically positive"
     ):
         editor.edit(subject_final_requests())
+    assert recorder.events == ["begin"]  # the z optimisation never started
     assert changed_tensors(model, original) == []
 
 
@@ -394,20 +427,17 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize(
     "index, bad, message", BAD_REQUESTS, ids=["no_braces", "empty_target", "subject", "two", "blank", "merged"]
 )
-def test_bad_requests_fail_before_any_work(model_type, index, bad, message, tokenizer, tmp_path, monkeypatch):
+def test_bad_requests_fail_before_any_work(model_type, index, bad, message, tokenizer, tmp_path):
     model = build_tiny_causal_lm(model_type, vocab_size=len(tokenizer))
     original = parameters_snapshot(model)
-
-    def never(*args, **kwargs):
-        raise AssertionError("no work may start before validation")
-
-    for name in ("compute_target_values", "collect_second_moments", "generate_context_templates"):
-        monkeypatch.setattr(editor_module, name, never)
     requests = subject_final_requests()
     requests.insert(index, bad)
-    editor = make_editor(model, tokenizer, tmp_path)
+    recorder = StageRecorder()
+    editor = make_editor(model, tokenizer, tmp_path, callbacks=[recorder])
     with pytest.raises(ValueError, match=message):
         editor.edit(requests)
+    assert recorder.events == []  # the edit never began: no templates, statistics or z optimisation
+    assert editor.statistics.num_collections == 0
     assert changed_tensors(model, original) == []
     assert not list(tmp_path.iterdir())  # no statistics were written
 
@@ -439,10 +469,26 @@ def test_statistics_after_an_edit_are_those_of_the_original_model(tokenizer, tmp
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
     editor = make_editor(model, tokenizer, tmp_path / "edited")
     editor.edit(subject_final_requests())
-    try:
-        after_edit = editor.get_statistics([2])["model.layers.2.mlp.down_proj"]
-    except RuntimeError:
-        return  # refusing is an acceptable answer too
+    after_edit = editor.get_statistics([2])["model.layers.2.mlp.down_proj"]
     pristine = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
     reference = make_editor(pristine, tokenizer, tmp_path / "pristine").get_statistics([2])
-    torch.testing.assert_close(after_edit.total, reference["model.layers.2.mlp.down_proj"].total, rtol=1e-6, atol=0)
+    expected = reference["model.layers.2.mlp.down_proj"]
+    # The same weights, tokens and operations: the sums are bit-identical, and so is the fingerprint.
+    assert torch.equal(after_edit.moment.total, expected.moment.total) and after_edit.key == expected.key
+
+
+# ---------------------------------------------------------------------------------------------------- run mode
+def test_edit_runs_in_eval_mode_and_restores_the_train_mode(tokenizer, tmp_path):
+    """A GPT-2 with dropout in train mode: the edit (statistics, templates, z, keys) runs with dropout off, so it
+    equals the edit of the same model in eval mode bit for bit, and the model comes back in train mode."""
+    config_overrides = dict(resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5)
+    training = build_tiny_causal_lm("gpt2", vocab_size=len(tokenizer), **config_overrides).train()
+    training.transformer.h[0].eval()  # a submodule's own mode is restored too
+    evaluating = build_tiny_causal_lm("gpt2", vocab_size=len(tokenizer), **config_overrides).eval()
+    requests = subject_final_requests()
+    trained = make_editor(training, tokenizer, tmp_path / "a", v_num_grad_steps=4).edit(requests)
+    reference = make_editor(evaluating, tokenizer, tmp_path / "b", v_num_grad_steps=4).edit(requests)
+    assert training.training and not training.transformer.h[0].training and training.transformer.h[1].training
+    assert torch.equal(trained.values.targets, reference.values.targets)
+    for mine, theirs in zip(trained.deltas, reference.deltas):
+        assert torch.equal(mine.dense(), theirs.dense())

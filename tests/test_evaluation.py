@@ -1,27 +1,31 @@
-"""Tests of `memit_hf.evaluation`: teacher-forced target NLLs and hits, the CounterFact probability metrics, the
-aggregation helpers, `evaluate_model` and `Editor.evaluate`."""
+"""Tests of `memit_hf.evaluation`: teacher-forced target NLLs and hits (`scoring`), the CounterFact probability
+metrics (`counterfact`), the aggregation helpers (`aggregation`), the family registry and `evaluate_model`
+(`families`), and `Editor.evaluate`."""
 
 import math
+from types import MappingProxyType
 
 import pytest
 import torch
 
-from memit_hf import evaluation
 from memit_hf.editor import Editor
 from memit_hf.evaluation import (
     EVALUATION_METRICS,
+    METRIC_FAMILIES,
     METRIC_KEYS,
+    ZSRE_METRIC_KEYS,
     counterfact_scores,
     evaluate_counterfact,
     evaluate_model,
+    evaluate_zsre,
     harmonic_mean,
     per_case_mean,
+    perplexity,
     target_nlls,
     target_token_hits,
 )
 from memit_hf.requests import EditRequest, load_requests
 from memit_hf.tokenization import encode_targets, encode_texts
-from memit_hf.zsre_metrics import ZSRE_METRIC_KEYS
 from tests.testing_utils import (
     OracleLM,
     build_tiny_causal_lm,
@@ -236,25 +240,17 @@ def test_target_nlls_restores_training_mode_and_validates(tiny_tokenizer, tiny_g
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def test_evaluate_counterfact_on_tiny_requests(tiny_tokenizer, tiny_llama, requests_list, monkeypatch):
+def test_evaluate_counterfact_on_tiny_requests(tiny_tokenizer, tiny_llama, requests_list):
     requests = load_requests(requests_list)
-    calls = []
-    original = evaluation.target_nlls
-
-    def spy(*args, **kwargs):
-        calls.append(args)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(evaluation, "target_nlls", spy)
     scores = evaluate_counterfact(tiny_llama, tiny_tokenizer, requests, batch_size=5)
-    assert len(calls) == 1
     assert list(scores) == list(METRIC_KEYS)
     for key, value in scores.items():
         assert not math.isnan(value), key
         low = -100.0 if key.endswith("_magnitude") else 0.0
         assert low <= value <= 100.0, (key, value)
 
-    # Same numbers as scoring every prompt by hand and aggregating per case.
+    # Same numbers as scoring every prompt by hand and aggregating per case (no request has a `neighborhood_target`:
+    # the neighborhood prompts are scored with `target_true`).
     rows = []  # (prompt, target_new, target_true, (case, kind))
     for case, request in enumerate(requests):
         rows.append((request.text, request.target_new, request.target_true, (case, "rewrite")))
@@ -269,7 +265,7 @@ def test_evaluate_counterfact_on_tiny_requests(tiny_tokenizer, tiny_llama, reque
     assert scores == pytest.approx(expected, abs=1e-4)
 
 
-def test_evaluate_counterfact_uses_neighborhood_target(tiny_tokenizer, tiny_llama, monkeypatch):
+def test_evaluate_counterfact_uses_neighborhood_target(tiny_tokenizer, tiny_llama):
     request = EditRequest(
         prompt="{} is developed by",
         subject="The iPhone",
@@ -277,29 +273,38 @@ def test_evaluate_counterfact_uses_neighborhood_target(tiny_tokenizer, tiny_llam
         target_true="Apple",
         paraphrase_prompts=["I think The iPhone is developed by"],
         neighborhood_prompts=["Windows is developed by"],
-        neighborhood_target="Microsoft",
+        neighborhood_target="Google",
     )
-    seen = {}
-    original = evaluation.target_nlls
-
-    def spy(model, tokenizer, prompts, targets, batch_size=64):
-        seen["pairs"] = list(zip(prompts, targets))
-        return original(model, tokenizer, prompts, targets, batch_size)
-
-    monkeypatch.setattr(evaluation, "target_nlls", spy)
-    evaluate_counterfact(tiny_llama, tiny_tokenizer, [request])
-    assert ("The iPhone is developed by", "Apple") in seen["pairs"]
-    assert ("I think The iPhone is developed by", "Apple") in seen["pairs"]
-    assert ("Windows is developed by", "Microsoft") in seen["pairs"]
-    assert ("Windows is developed by", "Apple") not in seen["pairs"]
+    scores = evaluate_counterfact(tiny_llama, tiny_tokenizer, [request])
+    # By hand: `target_new` against `target_true` after the rewrite and paraphrase prompts, against the neighborhood
+    # target after the neighborhood prompt, each pair scored alone.
+    prompts = ["The iPhone is developed by", "I think The iPhone is developed by", "Windows is developed by"]
+    groups = [(0, "rewrite"), (0, "paraphrase"), (0, "neighborhood")]
+    nll_new, ok_new = reference_nlls(tiny_llama, tiny_tokenizer, prompts, ["Microsoft"] * 3)
+    nll_true, ok_true = reference_nlls(tiny_llama, tiny_tokenizer, prompts, ["Apple", "Apple", "Google"])
+    expected = counterfact_scores(nll_new, nll_true, ok_new, ok_true, groups)
+    assert scores == pytest.approx(expected, abs=1e-5)
+    # Scoring the neighborhood prompt with `target_true` instead would give another neighborhood magnitude.
+    nll_apple, ok_apple = reference_nlls(tiny_llama, tiny_tokenizer, prompts[2:], ["Apple"])
+    fallback = counterfact_scores(
+        nll_new, torch.cat([nll_true[:2], nll_apple]), ok_new, torch.cat([ok_true[:2], ok_apple]), groups
+    )
+    assert abs(fallback["neighborhood_magnitude"] - scores["neighborhood_magnitude"]) > 1e-3
 
 
 def test_evaluate_counterfact_without_paraphrases_or_neighbors(tiny_tokenizer, tiny_gpt2):
+    prompt = "Big Ben is located in the city of"
     requests = [
         EditRequest(prompt="{} is located in the city of", subject="Big Ben", target_new="Rome", target_true="London")
     ]
     scores = evaluate_counterfact(tiny_gpt2, tiny_tokenizer, requests)
-    assert scores["efficacy_success"] in (0.0, 100.0)
+    # By hand, from the rewrite prompt alone: ES is 100 when ` Rome` is likelier than ` London`, else 0.
+    (nll_new,), (ok_new,) = reference_nlls(tiny_gpt2, tiny_tokenizer, [prompt], ["Rome"])
+    (nll_true,), _ = reference_nlls(tiny_gpt2, tiny_tokenizer, [prompt], ["London"])
+    assert abs(nll_new - nll_true) > 1e-3  # far from a tie, so the success is not decided by rounding
+    assert scores["efficacy_success"] == (100.0 if nll_new < nll_true else 0.0)
+    assert scores["efficacy_magnitude"] == pytest.approx(100 * (math.exp(-nll_new) - math.exp(-nll_true)), abs=1e-5)
+    assert scores["efficacy_accuracy"] == (100.0 if ok_new else 0.0)
     assert math.isnan(scores["paraphrase_success"]) and math.isnan(scores["neighborhood_success"])
     assert math.isnan(scores["score"])
 
@@ -394,28 +399,39 @@ def test_evaluate_model_merges_the_families(tiny_tokenizer, tiny_llama, requests
     assert results == pytest.approx(
         {
             **evaluate_counterfact(tiny_llama, tiny_tokenizer, requests),
-            **evaluation_zsre(tiny_llama, tiny_tokenizer, requests),
-            "perplexity": perplexity_of(tiny_llama, tiny_tokenizer, tiny_corpus()[:4]),
+            **evaluate_zsre(tiny_llama, tiny_tokenizer, requests),
+            "perplexity": perplexity(tiny_llama, tiny_tokenizer, tiny_corpus()[:4]),
         },
         nan_ok=True,
     )
-    assert set(EVALUATION_METRICS) == {"counterfact", "zsre", "generation", "perplexity"}
+    assert EVALUATION_METRICS == ("counterfact", "zsre", "generation", "perplexity")
     with pytest.raises(ValueError, match="Unknown metrics"):
         evaluate_model(tiny_llama, tiny_tokenizer, requests, metrics=["bleu"])
     with pytest.raises(ValueError, match="perplexity_texts"):
         evaluate_model(tiny_llama, tiny_tokenizer, requests, metrics=["perplexity"])
 
 
-def evaluation_zsre(model, tokenizer, requests):
-    from memit_hf.zsre_metrics import evaluate_zsre
+def test_metric_families_are_a_read_only_registry():
+    assert isinstance(METRIC_FAMILIES, MappingProxyType)
+    assert tuple(METRIC_FAMILIES) == EVALUATION_METRICS
+    with pytest.raises(TypeError):
+        METRIC_FAMILIES["bleu"] = evaluate_counterfact
 
-    return evaluate_zsre(model, tokenizer, requests)
 
-
-def perplexity_of(model, tokenizer, texts):
-    from memit_hf.perplexity import perplexity
-
-    return perplexity(model, tokenizer, texts)
+def test_evaluate_model_runs_families_in_registry_order(tiny_tokenizer, tiny_gpt2, requests_list):
+    requests = load_requests(requests_list)
+    results = evaluate_model(tiny_gpt2, tiny_tokenizer, requests, metrics=["zsre", "counterfact", "zsre"])
+    assert list(results) == [*METRIC_KEYS, *ZSRE_METRIC_KEYS]
+    assert results == pytest.approx(
+        {
+            **evaluate_counterfact(tiny_gpt2, tiny_tokenizer, requests),
+            **evaluate_zsre(tiny_gpt2, tiny_tokenizer, requests),
+        },
+        nan_ok=True,
+    )
+    assert evaluate_model(tiny_gpt2, tiny_tokenizer, requests, metrics="zsre") == pytest.approx(
+        evaluate_zsre(tiny_gpt2, tiny_tokenizer, requests), nan_ok=True
+    )
 
 
 def test_editor_evaluate_reports_pre_figures_of_every_family(tiny_tokenizer, tmp_path):

@@ -131,11 +131,11 @@ def test_edit_metadata_and_model_card(saved):
     (batch,) = metadata["batches"]
     assert batch["algorithm"] == "memit" and batch["layers"] == [0, 1]
     assert [r["target_new"] for r in batch["requests"]] == [r["target_new"] for r in subject_final_requests()]
-    assert batch["hyperparameters"]["mom2_update_weight"] == 1.0
+    assert batch["hyperparameters"]["algorithm_config"] == {"mom2_update_weight": 1.0}
     assert "hub_token" not in batch["hyperparameters"]
     assert set(batch["statistics"]) == {d.module_name for d in saved.output.deltas}
     for info in batch["statistics"].values():
-        assert len(info["key"]) == 24 and info["count"] > 0 and info["corpus"].startswith("texts:")
+        assert len(info["key"]) == 24 and info["count"] > 0 and info["corpus"].startswith("tokens:")
     assert len(batch["requests_sha256"]) == 64 and metadata["memit_hf_version"]
     assert metadata["export"]["max_reconstruction_error"] == 0.0
     card = (saved.path / "README.md").read_text()
@@ -143,7 +143,7 @@ def test_edit_metadata_and_model_card(saved):
     assert (
         "base_model:adapter:tiny/base" in card and "| the Eiffel Tower | The city of _the Eiffel Tower_ | Rome" in card
     )
-    assert "PeftModel.from_pretrained" in card and "arxiv.org/abs/2210.07229" in card
+    assert "PeftModel.from_pretrained" in card and "huggingface.co/papers/2210.07229" in card
     assert "The adapter stores the update exactly (ranks [4]" in card  # the card reports the export it sits beside
 
 

@@ -51,7 +51,7 @@ def _assembled_gguf() -> Path:
 
 def test_gemma3_270m_edits(tmp_path):
     from memit_hf import EditingArguments, Editor
-    from memit_hf.editor import load_model_and_tokenizer
+    from memit_hf.models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(str(_assembled_gguf()))
     assert model.config.model_type == "gemma3_text"

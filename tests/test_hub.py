@@ -133,7 +133,7 @@ def test_model_card_lists_edits_and_truncates():
         "memit_hf_version": "0.1",
         "num_edits": len(requests),
         "batches": [{"algorithm": "rome", "num_requests": len(requests), "requests": requests,
-                     "hyperparameters": {"layers": [5], "mom2_update_weight": 15000},
+                     "hyperparameters": {"layers": [5], "algorithm_config": {}},
                      "statistics": {"m": {"corpus": "texts:abc", "num_tokens": 1000}},
                      "metrics": {"efficacy_success": 99.0, "paraphrase_success": 90.0,
                                  "neighborhood_success": 70.0, "score": 84.0}}],
@@ -142,7 +142,7 @@ def test_model_card_lists_edits_and_truncates():
     card = build_model_card(metadata, "org/edits")
     assert "| 0 | S\\|0 | _S\\|0_ is in | new0 | old |" in card  # pipes escaped
     assert f"| {MAX_CARD_ROWS - 1} |" in card and f"| {MAX_CARD_ROWS} |" not in card
-    assert "and 5 more edits" in card and "[ROME](https://arxiv.org/abs/2202.05262)" in card
-    assert "| 0 | rome | 105 | [5] | 15000 | texts:abc, 1000 tokens |" in card
+    assert "and 5 more edits" in card and "[ROME](https://huggingface.co/papers/2202.05262)" in card
+    assert "| 0 | rome | 105 | [5] | - | texts:abc, 1000 tokens |" in card
     assert "| 0 | 99.0 | 90.0 | 70.0 | 84.0 |" in card and "exactly" in card
     assert "base_model:adapter:org/base" in card

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memit_hf.evaluation import METRIC_KEYS, evaluate_counterfact
+from memit_hf.evaluation.counterfact import METRIC_KEYS, evaluate_counterfact
 from memit_hf.models import load_default_model
 from memit_hf.requests import load_requests
 

@@ -7,10 +7,8 @@ import evaluate
 import pytest
 
 from memit_hf import load_metric
-from memit_hf.evaluation import counterfact_scores
-from memit_hf.generation_metrics import generation_entropy, reference_score
+from memit_hf.evaluation import counterfact_scores, generation_entropy, reference_score, zsre_scores
 from memit_hf.metrics import AVAILABLE_METRICS, metric_path
-from memit_hf.zsre_metrics import zsre_scores
 
 
 ROWS = [

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from memit_hf.architectures import _GENERIC_DEFAULTS, default_layers
+from memit_hf.architectures import GENERIC_DEFAULTS, default_layers
 from memit_hf.arguments import EditingArguments
 
 
@@ -31,20 +31,21 @@ def test_recipe_parses_into_editing_arguments(name):
     layers, lam, lr, steps = EXPECTED[name]
     assert args.algorithm == "memit"
     assert args.layers == layers
-    assert args.mom2_update_weight == lam and args.v_lr == lr and args.v_num_grad_steps == steps
+    assert args.algorithm_config["mom2_update_weight"] == lam and args.v_lr == lr and args.v_num_grad_steps == steps
     # shared by every MEMIT reference configuration
     assert (args.v_weight_decay, args.clamp_norm_factor, args.kl_factor) == (0.5, 0.75, 0.0625)
     assert args.stats_batch_tokens >= args.stats_max_length
     # every value is written out (no field left to a per-model default) and floats stay floats
     values = yaml.safe_load((RECIPES / name).read_text())
     assert all(isinstance(values[key], float) for key in ("mom2_update_weight", "v_lr", "clamp_norm_factor"))
-    assert args.to_dict() == EditingArguments(**values).to_dict()
+    assert args.to_dict() == EditingArguments.from_flat(values).to_dict()
 
 
 def test_smollm2_recipe_is_the_library_default():
     args = EditingArguments.from_yaml(RECIPES / "smollm2-135m.yaml")
     assert args.layers == default_layers(30)
-    assert {key: getattr(args, key) for key in _GENERIC_DEFAULTS} == _GENERIC_DEFAULTS
+    flat = {**args.to_dict(), **args.algorithm_config}
+    assert {key: flat[key] for key in GENERIC_DEFAULTS} == GENERIC_DEFAULTS
     defaults = EditingArguments()
     for key in ("v_num_grad_steps", "kl_factor", "num_context_templates", "context_template_length", "seed"):
         assert getattr(args, key) == getattr(defaults, key), key

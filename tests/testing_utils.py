@@ -99,11 +99,15 @@ def _config(model_type: str, vocab_size: int):
     raise ValueError(f"no tiny config for {model_type}")
 
 
-def build_tiny_causal_lm(model_type: str, vocab_size: int, seed: int = 0):
-    """A randomly initialised 3-layer causal LM of `model_type`, float32, eval mode, built under a fixed seed."""
+def build_tiny_causal_lm(model_type: str, vocab_size: int, seed: int = 0, **config_overrides):
+    """A randomly initialised 3-layer causal LM of `model_type`, float32, eval mode, built under a fixed seed;
+    `config_overrides` set config attributes (e.g. dropout probabilities)."""
+    config = _config(model_type, vocab_size)
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(_config(model_type, vocab_size), attn_implementation="eager")
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     return model.float().eval()
 
 
@@ -180,7 +184,8 @@ def subject_final_requests() -> list[dict]:
 
 def tiny_editing_arguments(cache_dir, **overrides):
     """`EditingArguments` that make MEMIT edits succeed on the tiny models (layers 0 and 1, small lambda, strong z
-    optimisation), with statistics cached under `cache_dir` so tests never write to the user's cache."""
+    optimisation), with statistics cached under `cache_dir` so tests never write to the user's cache. `overrides`
+    may name method hyperparameters flat (see `EditingArguments.from_flat`); MEMIT's lambda is dropped for others."""
     from memit_hf.arguments import EditingArguments
 
     values = dict(
@@ -193,7 +198,9 @@ def tiny_editing_arguments(cache_dir, **overrides):
         stats_cache_dir=str(cache_dir),
     )
     values.update(overrides)
-    return EditingArguments(**values)
+    if values.get("algorithm", "memit") != "memit" and "mom2_update_weight" not in overrides:
+        values.pop("mom2_update_weight")
+    return EditingArguments.from_flat(values)
 
 
 def next_token_argmax(model, tokenizer, prompts: list[str]) -> list[int]:

@@ -1,10 +1,11 @@
 """Where MEMIT looks inside each architecture: one table keyed by `config.model_type`."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 from torch import nn
 from transformers import PreTrainedModel
 
+from .algorithms.registry import get_config_class
 from .arguments import EditingArguments
 
 
@@ -64,11 +65,17 @@ MODEL_TYPE_TO_LAYOUT: dict[str, ModelLayout] = {
 # Hyperparameters used when the user leaves a field at None. The reference's GPT-2 XL / GPT-J / Llama-3 defaults are
 # kept for the models they were tuned on (algorithm.md section 7); every other model gets the values measured on
 # SmolLM2-135M (benchmarks/README.md), which suit small and mid-size Llama-style models.
-_REFERENCE_DEFAULTS = {
+# Keys are `EditingArguments` fields or method hyperparameters (filled wherever the chosen method has that field).
+REFERENCE_DEFAULTS = {
     "gptj": dict(mom2_update_weight=15000.0, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=0.75),
     "gpt2": dict(mom2_update_weight=20000.0, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=0.75),
 }
-_GENERIC_DEFAULTS = dict(mom2_update_weight=1000.0, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=0.75)
+GENERIC_DEFAULTS = dict(mom2_update_weight=1000.0, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=0.75)
+
+
+def model_defaults(model_type: str) -> dict[str, float]:
+    """The hyperparameters used for a model type when the user leaves them at `None`."""
+    return dict(REFERENCE_DEFAULTS.get(model_type, GENERIC_DEFAULTS))
 
 
 def get_layout(model: PreTrainedModel, args: EditingArguments | None = None) -> ModelLayout:
@@ -105,15 +112,16 @@ def num_layers(model: PreTrainedModel, layout: ModelLayout) -> int:
 
 
 def default_layers(n_layers: int, algorithm: str = "memit") -> list[int]:
-    """The default edited layers for a model of `n_layers` blocks.
+    """The default edited layers for a model of `n_layers` blocks, as the method asks for them.
 
-    MEMIT edits five consecutive early-middle layers starting at 10 % of the depth (GPT-J 28 layers -> 2..6,
-    SmolLM2 30 -> 3..7, Llama-3-8B 32 -> 3..7); shallower models get as many as fit. ROME edits the layer at 20 %.
+    A method of any number of layers (MEMIT) edits five consecutive early-middle layers starting at 10 % of the depth
+    (GPT-J 28 layers -> 2..6, SmolLM2 30 -> 3..7, Llama-3-8B 32 -> 3..7); shallower models get as many as fit. A
+    single-layer method (ROME) edits the layer at 20 % of the depth (its `default_layers_fraction`).
     """
-    if algorithm == "rome":
-        return [min(n_layers - 1, int(0.2 * n_layers))]
-    start = min(int(0.1 * n_layers), max(0, n_layers - 5))
-    return list(range(start, min(start + 5, n_layers)))
+    config = get_config_class(algorithm)
+    count = config.num_layers or 5
+    start = min(int(config.default_layers_fraction * n_layers), max(0, n_layers - count))
+    return list(range(start, min(start + count, n_layers)))
 
 
 def resolve_arguments(model: PreTrainedModel, args: EditingArguments, layout: ModelLayout) -> EditingArguments:
@@ -122,11 +130,13 @@ def resolve_arguments(model: PreTrainedModel, args: EditingArguments, layout: Mo
     Raises:
         ValueError: if a layer index is out of range.
     """
-    from dataclasses import replace
-
     n_layers = num_layers(model, layout)
-    values = dict(_REFERENCE_DEFAULTS.get(model.config.model_type, _GENERIC_DEFAULTS))
-    updates = {key: value for key, value in values.items() if getattr(args, key) is None}
+    values = model_defaults(model.config.model_type)
+    argument_fields = {f.name for f in fields(args)}
+    updates = {k: v for k, v in values.items() if k in argument_fields and getattr(args, k) is None}
+    method = dict(args.algorithm_config)
+    method.update({k: v for k, v in values.items() if k in method and method[k] is None})
+    updates["algorithm_config"] = method
     layers = args.layers if args.layers is not None else default_layers(n_layers, args.algorithm)
     for layer in layers:
         if not 0 <= layer < n_layers:

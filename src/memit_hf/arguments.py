@@ -6,8 +6,8 @@ from typing import Any
 
 import yaml
 
-
-ALGORITHM_NAMES = ("memit", "rome")
+from .algorithms.config import AlgorithmConfig
+from .algorithms.registry import ALGORITHM_NAMES, get_config_class, method_field_names
 
 
 @dataclass
@@ -22,12 +22,16 @@ class EditingArguments:
 
     Args:
         algorithm (`str`, *optional*, defaults to `"memit"`):
-            `"memit"` (least squares spread over `layers`) or `"rome"` (rank-one update of a single layer).
+            A registered method (`memit_hf.algorithms.ALGORITHM_NAMES`): `"memit"` (least squares spread over
+            `layers`) or `"rome"` (rank-one update of a single layer).
+        algorithm_config (`dict` or [`~memit_hf.algorithms.AlgorithmConfig`], *optional*):
+            The method's own hyperparameters, e.g. `{"mom2_update_weight": 5000.0}` for MEMIT or a `MEMITConfig`.
+            Stored as a dict of every field of the method's configuration (defaults filled in); `method_config` gives
+            the configuration object. In YAML recipes and on the command line the fields are flat keys/flags
+            (`mom2_update_weight: 5000.0`, `--mom2_update_weight 5000`).
         layers (`list[int]`, *optional*):
             Decoder layers whose MLP down-projection is edited, ascending. Defaults to five layers starting at 10 % of
-            the depth (see `default_layers`).
-        mom2_update_weight (`float`, *optional*):
-            MEMIT's lambda, the weight of the preserved-key covariance against the new keys. Default per model.
+            the depth for MEMIT, one layer at 20 % for ROME (see `default_layers`); the method decides how many.
         fact_token (`str`, *optional*, defaults to `"subject_last"`):
             Token whose key and value are edited. Only `"subject_last"` (the reference's choice) is supported.
 
@@ -92,9 +96,11 @@ class EditingArguments:
     """
 
     # algorithm
-    algorithm: str = field(default="memit", metadata={"help": "Editing algorithm: `memit` or `rome`."})
+    algorithm: str = field(default="memit", metadata={"help": f"Editing algorithm: one of {list(ALGORITHM_NAMES)}."})
+    algorithm_config: dict[str, Any] | None = field(
+        default=None, metadata={"help": "The method's hyperparameters as a mapping (also accepted as flat flags)."}
+    )
     layers: list[int] | None = field(default=None, metadata={"help": "Edited decoder layers, ascending."})
-    mom2_update_weight: float | None = field(default=None, metadata={"help": "MEMIT lambda (covariance weight)."})
     fact_token: str = field(default="subject_last", metadata={"help": "Edited token; only `subject_last`."})
     # target values
     v_num_grad_steps: int = field(default=25, metadata={"help": "Maximum optimisation iterations for z."})
@@ -128,7 +134,16 @@ class EditingArguments:
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHM_NAMES:
-            raise ValueError(f"`algorithm` must be one of {ALGORITHM_NAMES}, got `{self.algorithm}`.")
+            raise ValueError(f"`algorithm` must be one of {list(ALGORITHM_NAMES)}, got `{self.algorithm}`.")
+        config_class = get_config_class(self.algorithm)
+        if isinstance(self.algorithm_config, AlgorithmConfig):
+            if not isinstance(self.algorithm_config, config_class):
+                raise ValueError(
+                    f"`algorithm_config` is a `{type(self.algorithm_config).__name__}` but `algorithm` is "
+                    f"`{self.algorithm}` (which takes a `{config_class.__name__}`)."
+                )
+            self.algorithm_config = self.algorithm_config.to_dict()
+        self.algorithm_config = config_class.from_dict(self.algorithm_config).to_dict()
         if self.fact_token != "subject_last":
             raise ValueError(f"`fact_token` must be `subject_last`, got `{self.fact_token}`.")
         if self.layers is not None:
@@ -137,8 +152,11 @@ class EditingArguments:
                 raise ValueError("`layers` must name at least one layer (or be None for the default).")
             if sorted(set(self.layers)) != self.layers:
                 raise ValueError(f"`layers` must be strictly ascending without repeats, got {self.layers}.")
-            if self.algorithm == "rome" and len(self.layers) != 1:
-                raise ValueError(f"`algorithm='rome'` edits exactly one layer, got `layers={self.layers}`.")
+            wanted = config_class.num_layers
+            if wanted is not None and len(self.layers) != wanted:
+                raise ValueError(
+                    f"`algorithm='{self.algorithm}'` edits exactly {wanted} layer(s), got `layers={self.layers}`."
+                )
         positive = {
             "v_num_grad_steps": self.v_num_grad_steps,
             "v_batch_size": self.v_batch_size,
@@ -154,7 +172,7 @@ class EditingArguments:
                 raise ValueError(f"`{name}` must be a positive integer, got {value}.")
         if self.num_context_templates < 0:
             raise ValueError(f"`num_context_templates` must be >= 0, got {self.num_context_templates}.")
-        for name in ("mom2_update_weight", "v_lr", "v_weight_decay", "clamp_norm_factor"):
+        for name in ("v_lr", "v_weight_decay", "clamp_norm_factor"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"`{name}` must be non-negative, got {value}.")
@@ -163,6 +181,34 @@ class EditingArguments:
                 f"`stats_batch_tokens` ({self.stats_batch_tokens}) must be at least `stats_max_length` "
                 f"({self.stats_max_length})."
             )
+
+    @property
+    def method_config(self) -> AlgorithmConfig:
+        """The algorithm's configuration object (e.g. a [`~memit_hf.algorithms.MEMITConfig`])."""
+        return get_config_class(self.algorithm).from_dict(self.algorithm_config)
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any], where: str = "the arguments") -> "EditingArguments":
+        """Build arguments from a flat mapping whose keys are `EditingArguments` fields or hyperparameters of the
+        chosen method (`mom2_update_weight: 5000.0`), as YAML recipes and the command line give them.
+
+        Raises:
+            ValueError: naming keys that are neither, or a hyperparameter of another method.
+        """
+        values = dict(values)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known - set(method_field_names()))
+        if unknown:
+            raise ValueError(f"Unknown `EditingArguments` keys in {where}: {unknown}.")
+        algorithm = values.get("algorithm", cls.algorithm)
+        config_fields = get_config_class(algorithm).field_names() if algorithm in ALGORITHM_NAMES else ()
+        method_values = {key: values.pop(key) for key in list(values) if key not in known}
+        foreign = sorted(set(method_values) - set(config_fields))
+        if foreign:
+            raise ValueError(f"{where} sets {foreign}, which are not hyperparameters of `algorithm='{algorithm}'`.")
+        if method_values:
+            values["algorithm_config"] = {**(values.get("algorithm_config") or {}), **method_values}
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         """The arguments as a plain JSON/YAML-serialisable dict (`hub_token` redacted, as `TrainingArguments` does)."""
@@ -173,19 +219,16 @@ class EditingArguments:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "EditingArguments":
-        """Load arguments from a YAML recipe whose keys are field names; `overrides` win over the file.
+        """Load arguments from a YAML recipe whose keys are field names or hyperparameters of the recipe's method;
+        `overrides` win over the file.
 
         Raises:
-            ValueError: if the file has keys that are not fields of `EditingArguments`.
+            ValueError: if the file has keys that are neither (see [`from_flat`]).
         """
         with open(path, encoding="utf-8") as handle:
             values = yaml.safe_load(handle) or {}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Unknown `EditingArguments` keys in {path}: {unknown}.")
         values.update(overrides)
-        return cls(**values)
+        return cls.from_flat(values, where=str(path))
 
     def to_yaml(self, path: str | os.PathLike) -> None:
         """Write the arguments as a YAML recipe."""

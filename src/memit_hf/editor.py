@@ -1,6 +1,11 @@
-"""Editor: the Trainer-like entry point that wires requests, keys, values, statistics and solves into an edit."""
+"""Editor: the Trainer-like entry point. It wires the pipeline stages and keeps the edit history:
+
+requests (`requests`) -> target values z (`values`) -> second moments (`statistics`) -> per layer: keys (`keys`),
+residuals, the method's solve (`algorithms`) and the exact low-rank update (`deltas`) -> adapters (`export`).
+"""
 
 import logging
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -8,38 +13,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .algorithms import get_algorithm
+from .algorithms import EditAlgorithm, LayerProblem, get_algorithm
 from .architectures import get_layout, resolve_arguments
 from .arguments import EditingArguments
-from .covariance import (
-    MODEL_SAMPLES,
-    SecondMoment,
-    _digest,
-    collect_second_moments,
-    corpus_texts,
-    default_cache_dir,
-    fingerprint_key,
-    load_cached,
-    model_fingerprint,
-    sample_corpus,
-    save_cached,
-    statistics_fingerprint,
-    token_pieces,
-)
 from .deltas import LayerDelta, WeightSnapshot, add_delta, make_delta
-from .distributed import process_state
-from .export import EDITS_METADATA_NAME, ExportReport, base_model_id, edit_metadata, write_edit_adapter, write_json
-from .hub import build_model_card, push_folder
-from .keys import compute_keys_and_outputs, fill, generate_context_templates
+from .distributed import assemble_rows, owned_chunks, process_state
+from .export import ExportReport, base_model_id, edit_metadata, save_merged_checkpoint, write_edit_adapter
+from .hub import push_folder
+from .keys import check_request_tokens, compute_keys_and_outputs, generate_context_templates
+from .models import load_model_and_tokenizer
+from .modes import eval_mode
 from .norms import rms_norm_residuals
-from .requests import EditRequest, load_requests
-from .tokenization import encode_targets, encode_texts
+from .requests import EDIT_RECORD_KEYS, EditRequest, load_requests
+from .statistics import LayerStatistics, StatisticsProvider, model_identity
 from .values import ValueResult, compute_target_values
 
 
 logger = logging.getLogger(__name__)
+
+VALUE_FIELDS = ("targets", "initial", "initial_loss", "final_loss", "final_nll", "steps")
+"""The per-request tensors of a [`~memit_hf.values.ValueResult`]."""
 
 
 class EditorCallback:
@@ -47,6 +42,9 @@ class EditorCallback:
 
     def on_edit_begin(self, editor: "Editor", requests: list[EditRequest]) -> None:
         pass
+
+    def on_values_begin(self, editor: "Editor", requests: list[EditRequest]) -> None:
+        """Called when the z optimisation starts (after statistics and validation; not when `values` are given)."""
 
     def on_layer_end(self, editor: "Editor", layer: int, delta: LayerDelta) -> None:
         pass
@@ -138,14 +136,14 @@ class Editor:
         self.callbacks = list(callbacks or [])
         self.layout = get_layout(model, self.args)
         self.state = process_state()
+        self._statistics: StatisticsProvider | None = None
         self._templates: list[list[str]] | None = None
-        self._statistics: dict[str, SecondMoment] = {}
-        self._statistics_info: dict[str, dict[str, Any]] = {}
+        self._algorithm: EditAlgorithm | None = None
         self._base_model_info: dict[str, Any] | None = None
         self._pristine: dict[str, torch.Tensor] = {}
         self.history: list[EditOutput] = []
 
-    # ----------------------------------------------------------------------------------------------------- helpers
+    # --------------------------------------------------------------------------------------------------- stages
     def _log(self, message: str, *values: Any) -> None:
         if self.state.is_main_process:
             logger.info(message, *values)
@@ -156,119 +154,167 @@ class Editor:
         return resolve_arguments(self.model, self.args, self.layout)
 
     @property
+    def algorithm(self) -> EditAlgorithm:
+        """The editing method configured by `args` (built on first use; it holds the method's state).
+
+        Raises:
+            ValueError: when `args` now name another method or configuration than the one holding state.
+        """
+        args = self.resolved_args
+        current = self._algorithm
+        if current is None or current.name != args.algorithm or current.config.to_dict() != args.algorithm_config:
+            if current is not None and current.state_dict():
+                raise ValueError(
+                    f"`args` changed the method from `{current.name}` {current.config.to_dict()} while it holds "
+                    "state from earlier edits; call `restore()` first."
+                )
+            self._algorithm = get_algorithm(args.algorithm, args.algorithm_config)
+        return self._algorithm
+
+    @algorithm.setter
+    def algorithm(self, algorithm: EditAlgorithm) -> None:
+        """Use `algorithm` (e.g. a subclass of a registered method) for the next edits; its name and configuration
+        must be those of `args`.
+
+        Raises:
+            TypeError: if it is not an [`~memit_hf.algorithms.EditAlgorithm`].
+            ValueError: if its name or configuration differ from `args`.
+        """
+        if not isinstance(algorithm, EditAlgorithm):
+            raise TypeError(f"`algorithm` must be an `EditAlgorithm`, got {type(algorithm).__name__}.")
+        args = self.resolved_args
+        if algorithm.name != args.algorithm or algorithm.config.to_dict() != args.algorithm_config:
+            raise ValueError(
+                f"The algorithm is `{algorithm.name}` {algorithm.config.to_dict()} but `args` say `{args.algorithm}` "
+                f"{args.algorithm_config}."
+            )
+        self._algorithm = algorithm
+
+    @property
     def context_templates(self) -> list[list[str]]:
         """The seeded context templates, sampled once per editor from the unedited model."""
         if self._templates is None:
-            self._templates = generate_context_templates(
-                self.model, self.tokenizer, self.args.num_context_templates, self.args.context_template_length,
-                self.args.seed,
-            )  # fmt: skip
+            with self.unedited(), eval_mode(self.model):
+                self._templates = generate_context_templates(
+                    self.model, self.tokenizer, self.args.num_context_templates, self.args.context_template_length,
+                    self.args.seed,
+                )  # fmt: skip
         return self._templates
 
-    def _corpus_id_and_texts(self) -> tuple[str, Any]:
-        corpus = self.stats_dataset
-        if corpus is None:
-            a = self.args
-            return f"{MODEL_SAMPLES}:{a.stats_sample_texts}x{a.stats_sample_length}", None
-        if hasattr(corpus, "_fingerprint"):
-            return f"dataset:{corpus._fingerprint}", corpus
-        texts = corpus_texts(corpus)
-        return f"texts:{_digest(texts)}", texts
+    @property
+    def statistics(self) -> StatisticsProvider:
+        """The provider of second moments for this model, tokenizer, `stats_dataset` and the `stats_*` arguments (a
+        new one when those arguments change)."""
+        a = self.args
+        settings = (a.stats_num_tokens, a.stats_max_length, a.stats_batch_tokens, a.stats_cache_dir,
+                    a.stats_sample_texts, a.stats_sample_length, a.seed)  # fmt: skip
+        if self._statistics is None or self._statistics_settings != settings:
+            self._statistics = StatisticsProvider(self.model, self.tokenizer, self.layout, a, self.stats_dataset)
+            self._statistics_settings = settings
+        return self._statistics
 
-    def get_statistics(self, layers: list[int]) -> dict[str, SecondMoment]:
-        """Second moments of the edited modules' inputs at `layers`, from memory, the disk cache, or one pass."""
-        names = [self.layout.edit_name(layer) for layer in layers]
-        missing = [name for name in names if name not in self._statistics]
-        if not missing:
-            return {name: self._statistics[name] for name in names}
-        corpus_id, texts = self._corpus_id_and_texts()
-        cache_dir = Path(self.args.stats_cache_dir) if self.args.stats_cache_dir else default_cache_dir()
-        fingerprints = {
-            name: statistics_fingerprint(self.model, self.tokenizer, name, corpus_id, self.args) for name in missing
-        }
-        for name, fingerprint in fingerprints.items():
-            self._statistics_info[name] = {
-                "key": fingerprint_key(fingerprint), "corpus": corpus_id, "num_tokens": self.args.stats_num_tokens,
-            }  # fmt: skip
-        to_compute = []
-        for name in missing:
-            cached = load_cached(cache_dir, fingerprints[name])
-            if cached is None:
-                to_compute.append(name)
-            else:
-                self._statistics[name] = cached
-        if to_compute:
-            with self.unedited():  # statistics always describe the original model
-                self._collect(to_compute, texts, cache_dir, fingerprints)
-        return {name: self._statistics[name] for name in names}
+    def get_statistics(self, layers: list[int]) -> dict[str, LayerStatistics]:
+        """Second moments of the edited modules' inputs at `layers` (by module name), always of the original
+        weights: from memory, the disk cache, or one pass over the corpus (see
+        [`~memit_hf.statistics.StatisticsProvider`])."""
+        with self.unedited():
+            return self.statistics.get(layers)
 
-    def _collect(self, to_compute: list[str], texts: Any, cache_dir: Path, fingerprints: dict) -> None:
-        """Collect and cache the statistics of `to_compute` in one pass over the corpus."""
-        if texts is None:
-            self._log("No `stats_dataset` given: sampling statistics text from the model itself (offline).")
-            texts = sample_corpus(
-                self.model, self.tokenizer, self.args.stats_sample_texts, self.args.stats_sample_length,
-                self.args.seed,
+    def compute_values(self, requests: Any) -> ValueResult:
+        """The target values z of `requests` on the model as it is now, without editing it.
+
+        Pass the result to [`edit`] (`edit(requests, values=...)`) to edit with them: a benchmark or sweep that edits
+        the same requests under several settings computes them once.
+
+        Args:
+            requests: as in [`edit`].
+
+        Returns:
+            [`~memit_hf.values.ValueResult`]
+        """
+        requests = load_requests(requests)
+        check_request_tokens(self.tokenizer, requests)
+        args = self.resolved_args
+        with eval_mode(self.model):
+            return self._target_values(requests, self.context_templates, args.layers[-1], args)
+
+    def _target_values(
+        self, requests: list[EditRequest], templates: list[list[str]], z_layer: int, args: EditingArguments
+    ) -> ValueResult:
+        """The z optimisation of `requests`. With several processes the chunks of `v_batch_size` requests are dealt
+        out whole (no padding) and every process ends with all results in request order, each computed exactly as a
+        single process computes it."""
+
+        def optimise(chunks: list[int] | None) -> ValueResult:
+            return compute_target_values(
+                self.model, self.tokenizer, self.layout, requests, templates, z_layer,
+                num_steps=args.v_num_grad_steps, lr=args.v_lr, weight_decay=args.v_weight_decay,
+                clamp_norm_factor=args.clamp_norm_factor, kl_factor=args.kl_factor,
+                early_stop_loss=args.v_early_stop_loss, batch_size=args.v_batch_size,
+                show_progress=self.state.is_main_process, chunks=chunks,
             )  # fmt: skip
-        elif not isinstance(texts, list):
-            texts = corpus_texts(texts)
-        pieces = token_pieces(
-            self.tokenizer, texts, self.args.stats_num_tokens, self.args.stats_max_length, self.args.seed
-        )
-        moments = collect_second_moments(self.model, self.tokenizer, to_compute, pieces, self.args.stats_batch_tokens)
-        for name, moment in moments.items():
-            self._statistics[name] = moment
-            if self.state.is_main_process:
-                save_cached(cache_dir, fingerprints[name], moment)
-        self.state.wait_for_everyone()
-        self._log("Collected statistics for %d modules over %d tokens.", len(to_compute), moments[name].count)
 
-    def _validate_tokens(self, requests: list[EditRequest]) -> None:
-        """Tokenisation checks that must pass before any weight changes."""
-        targets = encode_targets(self.tokenizer, [r.target_new for r in requests])
-        texts_ends = [fill("{}", r) for r in requests]
-        prefix_lengths = [
-            len(ids)
-            for ids in encode_texts(
-                self.tokenizer, [t[: e - len(r.subject)].rstrip() for (t, e), r in zip(texts_ends, requests)]
-            )
-        ]
-        subject_lengths = [len(ids) for ids in encode_texts(self.tokenizer, [t[:e] for t, e in texts_ends])]
-        for request, target, before, through in zip(requests, targets, prefix_lengths, subject_lengths):
-            if not target:
-                raise ValueError(
-                    f"Request {request.record_index}: field `target_new` ({request.target_new!r}) encodes to no token."
-                )
-            if through <= before and request.prompt.index("{}") > 0:
-                raise ValueError(
-                    f"Request {request.record_index}: field `subject` ({request.subject!r}) is not found as its own "
-                    f"tokens in the prompt {request.text!r}."
-                )
+        if self.state.num_processes == 1:
+            result = optimise(None)
+            result.z_layer = z_layer
+            return result
+        from accelerate.utils import gather_object
+
+        n, size = len(requests), args.v_batch_size
+        mine = owned_chunks(math.ceil(n / size), self.state)
+        local = optimise(mine)
+        indices = [i for chunk in mine for i in range(chunk * size, min(n, (chunk + 1) * size))]
+        hidden = self.model.get_input_embeddings().weight.shape[1]
+        tensors = {name: getattr(local, name) for name in VALUE_FIELDS}
+        for name in ("targets", "initial"):
+            tensors[name] = tensors[name].reshape(len(indices), hidden)
+        full = assemble_rows(n, indices, tensors, self.state)
+        schedules = sorted(gather_object(list(zip(mine, local.schedule))))
+        self._log("Optimised the target values of %d requests on %d processes.", n, self.state.num_processes)
+        return ValueResult(**full, schedule=[schedule for _, schedule in schedules], z_layer=z_layer)
+
+    def _through_post_mlp_norm(self, layer: int, residuals: torch.Tensor, edit_outputs: torch.Tensor) -> torch.Tensor:
+        """Map block-output residuals `(n, d)` to the edited projection's output space when an RMS norm sits between
+        them (Gemma 2/3, OLMo 2); see [`~memit_hf.norms.rms_norm_residuals`]."""
+        name = self.layout.post_mlp_norm_name(layer)
+        if name is None:
+            return residuals
+        return rms_norm_residuals(self.model.get_submodule(name), residuals, edit_outputs)
 
     # ------------------------------------------------------------------------------------------------------ edit
-    def edit(self, requests: Any) -> EditOutput:
+    def edit(self, requests: Any, values: ValueResult | None = None) -> EditOutput:
         """Apply all `requests` at once, editing `self.model` in place.
+
+        The model runs in evaluation mode (dropout off) during the edit and gets its own mode back afterwards.
 
         Args:
             requests (`datasets.Dataset`, `list[dict]`, `list[EditRequest]` or a JSON/JSONL path):
                 Fact edits in any accepted record shape (see [`~memit_hf.requests.load_requests`]).
+            values ([`~memit_hf.values.ValueResult`], *optional*):
+                Target values of these requests from [`compute_values`] on the model as it is now; computed when
+                `None`.
 
         Returns:
             [`EditOutput`]: the deltas and metrics.
 
         Raises:
-            ValueError: for malformed requests (naming the record and field), non-finite target values, or an
-                ill-conditioned solve; the weights are then unchanged (bit-identical).
+            ValueError: for malformed requests (naming the record and field), `values` of other requests or layer,
+                non-finite target values, or an ill-conditioned solve; the weights and the method's state are then
+                unchanged (bit-identical).
         """
-        start_time = time.perf_counter()
-        timings: dict[str, float] = {}
         requests = load_requests(requests)
         if not requests:
             raise ValueError("`requests` is empty.")
+        check_request_tokens(self.tokenizer, requests)
+        with eval_mode(self.model):
+            return self._edit(requests, values)
+
+    def _edit(self, requests: list[EditRequest], values: ValueResult | None) -> EditOutput:
+        start_time = time.perf_counter()
+        timings: dict[str, float] = {}
         args = self.resolved_args
-        self._validate_tokens(requests)
         layers, z_layer = args.layers, args.layers[-1]
-        algorithm = get_algorithm(args.algorithm)
+        algorithm = self.algorithm
         for callback in self.callbacks:
             callback.on_edit_begin(self, requests)
         self._log("Editing %d facts at layers %s with %s.", len(requests), layers, args.algorithm)
@@ -279,52 +325,42 @@ class Editor:
 
         tick = time.perf_counter()
         statistics = self.get_statistics(layers)
-        covariances = {name: moment.mean() for name, moment in statistics.items()}
-        for name, covariance in covariances.items():
-            algorithm.check_covariance(covariance, args.mom2_update_weight, f"The system for `{name}`")
+        for layer_statistics in statistics.values():
+            algorithm.prepare(layer_statistics)  # validates every system before any weight changes
         timings["statistics_seconds"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        values = self._target_values(requests, templates, z_layer, args)
+        if values is None:
+            for callback in self.callbacks:
+                callback.on_values_begin(self, requests)
+            values = self._target_values(requests, templates, z_layer, args)
+        elif values.targets.shape[0] != len(requests) or values.z_layer not in (None, z_layer):
+            raise ValueError(
+                f"`values` hold {values.targets.shape[0]} requests at layer {values.z_layer}, but the edit has "
+                f"{len(requests)} requests at layer {z_layer}: compute them with `compute_values(requests)`."
+            )
         timings["values_seconds"] = time.perf_counter() - tick
         if not torch.isfinite(values.targets).all():
             bad = (~torch.isfinite(values.targets).all(1)).nonzero().squeeze(1).tolist()
             raise ValueError(f"Target values are not finite for requests {[requests[i].record_index for i in bad]}.")
-        targets = values.targets.double()  # (n, d_model)
 
         names = [self.layout.edit_name(layer) for layer in layers]
         snapshot = WeightSnapshot(self.model, names)
-        deltas: list[LayerDelta] = []
         tick = time.perf_counter()
         try:
-            for i, layer in enumerate(layers):
-                keys, current, edit_outputs = compute_keys_and_outputs(
-                    self.model, self.tokenizer, self.layout, requests, templates, layer, z_layer,
-                    return_edit_outputs=True,
-                )  # fmt: skip
-                if i == 0:
-                    initial_outputs = current
-                residuals = (targets - current) / (len(layers) - i)  # spread what is left over the remaining layers
-                residuals = self._through_post_mlp_norm(layer, residuals, edit_outputs)
-                name = self.layout.edit_name(layer)
-                lora_B, lora_A = algorithm.solve(keys, residuals, covariances[name], args.mom2_update_weight)
-                if not (torch.isfinite(lora_B).all() and torch.isfinite(lora_A).all()):
-                    raise ValueError(f"The update of `{name}` is not finite.")
-                delta = make_delta(name, self.model.get_submodule(name), lora_B, lora_A)
-                add_delta(self.model, delta)
-                deltas.append(delta)
-                for callback in self.callbacks:
-                    callback.on_layer_end(self, layer, delta)
-            _, final_outputs = compute_keys_and_outputs(
-                self.model, self.tokenizer, self.layout, requests, [["{}"]], z_layer, z_layer
+            deltas, initial_outputs, final_outputs = self._solve_layers(
+                requests, templates, values.targets.double(), statistics, algorithm, args
             )
+            algorithm.commit()
         except BaseException:
             snapshot.restore()
+            algorithm.discard()
             raise
         timings["update_seconds"] = time.perf_counter() - tick
         for name, original in snapshot.saved.items():
             self._pristine.setdefault(name, original)
 
+        targets = values.targets.double()
         wanted = (targets - initial_outputs).norm(dim=1)
         missed = (targets - final_outputs).norm(dim=1)
         metrics = {
@@ -348,10 +384,8 @@ class Editor:
             "layers": list(layers),
             "num_requests": len(requests),
             "hyperparameters": args.to_dict(),
-            "statistics": {
-                name: {**self._statistics_info.get(name, {}), "count": statistics[name].count} for name in names
-            },
-            "requests": [_request_record(request) for request in requests],
+            "statistics": {name: statistics[name].info() for name in names},
+            "requests": [request.to_dict(EDIT_RECORD_KEYS) for request in requests],
             "metrics": dict(metrics),
         }
         metadata = {"model": self._model_info(), "batch": batch}
@@ -361,57 +395,57 @@ class Editor:
             callback.on_edit_end(self, output)
         return output
 
-    def _target_values(
-        self, requests: list[EditRequest], templates: list[list[str]], z_layer: int, args: EditingArguments
-    ) -> ValueResult:
-        """The z optimisation of `requests`; with several processes each optimises its share of the requests and the
-        results are gathered, so every process continues with all of them (in the original order)."""
+    def _solve_layers(
+        self,
+        requests: list[EditRequest],
+        templates: list[list[str]],
+        targets: torch.Tensor,
+        statistics: dict[str, LayerStatistics],
+        algorithm: EditAlgorithm,
+        args: EditingArguments,
+    ) -> tuple[list[LayerDelta], torch.Tensor, torch.Tensor]:
+        """Solve and apply the layers in order (MEMIT's spread: each layer writes its share of what is left).
 
-        def optimise(shard: list[EditRequest]) -> ValueResult:
-            return compute_target_values(
-                self.model, self.tokenizer, self.layout, shard, templates, z_layer,
-                num_steps=args.v_num_grad_steps, lr=args.v_lr, weight_decay=args.v_weight_decay,
-                clamp_norm_factor=args.clamp_norm_factor, kl_factor=args.kl_factor,
-                early_stop_loss=args.v_early_stop_loss, batch_size=args.v_batch_size,
-                show_progress=self.state.is_main_process,
-            )  # fmt: skip
-
-        if self.state.num_processes == 1 or len(requests) < self.state.num_processes:
-            return optimise(requests)
-        from accelerate.utils import gather
-
-        with self.state.split_between_processes(list(range(len(requests))), apply_padding=True) as indices:
-            local = optimise([requests[i] for i in indices])
-        device = self.state.device if self.state.backend == "nccl" else torch.device("cpu")
-        fields = ("targets", "initial", "initial_loss", "final_loss", "final_nll", "steps")
-        gathered = {
-            name: gather(getattr(local, name).to(device))[: len(requests)].to(getattr(local, name).device)
-            for name in fields
-        }
-        self._log("Optimised the target values of %d requests on %d processes.", len(requests),
-                  self.state.num_processes)  # fmt: skip
-        return ValueResult(**gathered, schedule=local.schedule)
-
-    def _through_post_mlp_norm(self, layer: int, residuals: torch.Tensor, edit_outputs: torch.Tensor) -> torch.Tensor:
-        """Map block-output residuals `(n, d)` to the edited projection's output space when an RMS norm sits between
-        them (Gemma 2/3, OLMo 2); see [`~memit_hf.norms.rms_norm_residuals`]."""
-        name = self.layout.post_mlp_norm_name(layer)
-        if name is None:
-            return residuals
-        return rms_norm_residuals(self.model.get_submodule(name), residuals, edit_outputs)
+        Returns:
+            The deltas, and the block-`z_layer` outputs `(n, d_model)` before the first and after the last update.
+        """
+        layers, z_layer = args.layers, args.layers[-1]
+        deltas: list[LayerDelta] = []
+        for i, layer in enumerate(layers):
+            keys, current, edit_outputs = compute_keys_and_outputs(
+                self.model, self.tokenizer, self.layout, requests, templates, layer, z_layer, return_edit_outputs=True
+            )
+            if i == 0:
+                initial_outputs = current
+            residuals = (targets - current) / (len(layers) - i)  # spread what is left over the remaining layers
+            residuals = self._through_post_mlp_norm(layer, residuals, edit_outputs)
+            name = self.layout.edit_name(layer)
+            problem = LayerProblem(name, layer, keys, residuals, statistics[name])
+            lora_B, lora_A = algorithm.solve(problem)
+            if not (torch.isfinite(lora_B).all() and torch.isfinite(lora_A).all()):
+                raise ValueError(f"The update of `{name}` is not finite.")
+            delta = make_delta(name, self.model.get_submodule(name), lora_B, lora_A)
+            add_delta(self.model, delta)
+            deltas.append(delta)
+            for callback in self.callbacks:
+                callback.on_layer_end(self, layer, delta)
+        _, final_outputs = compute_keys_and_outputs(
+            self.model, self.tokenizer, self.layout, requests, [["{}"]], z_layer, z_layer
+        )
+        return deltas, initial_outputs, final_outputs
 
     # ---------------------------------------------------------------------------------------------------- export
     def _model_info(self) -> dict[str, Any]:
-        if self._base_model_info is not None:
-            return dict(self._base_model_info)
-        info = model_fingerprint(self.model)
-        self._base_model_info = {
-            "base_model_name_or_path": base_model_id(self.model),
-            "base_model_revision": info["revision"],
-            "model_type": info["model_type"],
-            "num_parameters": info["num_parameters"],
-            "embedding_digest": info["embedding_digest"],
-        }
+        if self._base_model_info is None:
+            info = model_identity(self.model)
+            self._base_model_info = {
+                "base_model_name_or_path": base_model_id(self.model),
+                "base_model_revision": info["revision"],
+                "model_type": info["model_type"],
+                "num_parameters": info["num_parameters"],
+                "dtype": info["dtype"],
+                "embedding_digest": info["embedding_digest"],
+            }
         return dict(self._base_model_info)
 
     def edit_metadata(self, include_requests: bool = True) -> dict[str, Any]:
@@ -503,19 +537,12 @@ class Editor:
             repo_id (`str`, *optional*): repository named in the model card's loading snippets.
             save_kwargs: passed to `save_pretrained` (e.g. `max_shard_size`).
         """
-        path = Path(path)
         metadata = self.edit_metadata(include_requests)
         if base_model_name_or_path is not None:
             metadata["base_model_name_or_path"] = base_model_name_or_path
-
-        def write() -> None:
-            path.mkdir(parents=True, exist_ok=True)
-            self.model.save_pretrained(path, **save_kwargs)
-            self.tokenizer.save_pretrained(path)
-            write_json(path / EDITS_METADATA_NAME, metadata)
-            (path / "README.md").write_text(build_model_card(metadata, repo_id, merged=True), encoding="utf-8")
-
-        self._on_main_process(write)
+        self._on_main_process(
+            lambda: save_merged_checkpoint(self.model, self.tokenizer, path, metadata, repo_id, **save_kwargs)
+        )
 
     def push_to_hub(
         self,
@@ -569,11 +596,13 @@ class Editor:
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Return every edited module to its weights before the first `edit()`, bit for bit."""
+        """Return every edited module to its weights before the first `edit()`, bit for bit, and forget the edits
+        (the history and the algorithm's state)."""
         for name, original in self._pristine.items():
             self.model.get_submodule(name).weight.copy_(original)
         self._pristine.clear()
         self.history.clear()
+        self._algorithm = None
 
     def evaluate(
         self,
@@ -628,16 +657,6 @@ class Editor:
         return _Unedited(self)
 
 
-def _request_record(request: EditRequest) -> dict[str, Any]:
-    return {
-        "case_id": request.case_id,
-        "prompt": request.prompt,
-        "subject": request.subject,
-        "target_new": request.target_new,
-        "target_true": request.target_true,
-    }
-
-
 class _Unedited:
     def __init__(self, editor: Editor):
         self.editor = editor
@@ -653,19 +672,3 @@ class _Unedited:
     def __exit__(self, *exc):
         self.current.restore()
         return False
-
-
-def load_model_and_tokenizer(
-    path: str, model_init_kwargs: dict | None = None
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from a Hub id, a local directory or a `.gguf` file."""
-    kwargs = dict(model_init_kwargs or {})
-    kwargs.setdefault("dtype", torch.float32)
-    if path.endswith(".gguf"):
-        directory, filename = str(Path(path).parent), Path(path).name
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
-        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, **kwargs)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    return model.eval(), tokenizer

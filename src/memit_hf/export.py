@@ -287,11 +287,7 @@ def save_adapter_files(
             export_rank=export_rank,
         )
         if metadata is not None:
-            from .hub import build_model_card
-
-            metadata = {**metadata, "export": report.to_dict()}
-            write_json(staging / EDITS_METADATA_NAME, metadata)
-            (staging / "README.md").write_text(build_model_card(metadata, repo_id), encoding="utf-8")
+            write_metadata_and_card(staging, {**metadata, "export": report.to_dict()}, repo_id)
         path.mkdir(parents=True, exist_ok=True)
         # Move file by file (the config last), so other files in `path` (metrics, a tokenizer) are kept.
         for name in (ADAPTER_WEIGHTS_NAME, EDITS_METADATA_NAME, "README.md", ADAPTER_CONFIG_NAME):
@@ -306,6 +302,39 @@ def save_adapter_files(
             report.max_reconstruction_error,
         )
     return report
+
+
+def write_metadata_and_card(
+    folder: str | os.PathLike, metadata: dict[str, Any], repo_id: str | None = None, merged: bool = False
+) -> None:
+    """Write `memit_edits.json` and the model card `README.md` built from it into `folder`: the one writer of both,
+    for adapters and merged checkpoints alike."""
+    from .hub import build_model_card
+
+    folder = Path(folder)
+    write_json(folder / EDITS_METADATA_NAME, metadata)
+    (folder / "README.md").write_text(build_model_card(metadata, repo_id, merged=merged), encoding="utf-8")
+
+
+def save_merged_checkpoint(
+    model: Any,
+    tokenizer: Any,
+    path: str | os.PathLike,
+    metadata: dict[str, Any],
+    repo_id: str | None = None,
+    **save_kwargs: Any,
+) -> None:
+    """Save the edited model as a full checkpoint (`save_pretrained`) with its tokenizer, `memit_edits.json` and a
+    model card.
+
+    Args:
+        save_kwargs: passed to `save_pretrained` (e.g. `max_shard_size`).
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, **save_kwargs)
+    tokenizer.save_pretrained(path)
+    write_metadata_and_card(path, metadata, repo_id, merged=True)
 
 
 def read_edits_metadata(path: str | os.PathLike) -> dict[str, Any] | None:

@@ -4,9 +4,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .algorithms.registry import ALGORITHM_CONFIGS
 
-MEMIT_PAPER = "https://arxiv.org/abs/2210.07229"
-ROME_PAPER = "https://arxiv.org/abs/2202.05262"
+
 MAX_CARD_ROWS = 100
 """Edits listed in a model card's table; the rest are counted (all of them are in `memit_edits.json`)."""
 
@@ -84,8 +84,19 @@ With transformers alone (peft installed): `AutoModelForCausalLM.from_pretrained(
 """
 
 
+def _settings(config: dict[str, Any] | None) -> str:
+    return ", ".join(f"{key}={value}" for key, value in (config or {}).items()) or "-"
+
+
+def _paper(name: str) -> str:
+    return (ALGORITHM_CONFIGS.get(name) or ALGORITHM_CONFIGS["memit"]).paper
+
+
 def _method(metadata: dict[str, Any]) -> str:
-    rows = ["| batch | algorithm | edits | layers | lambda | statistics |", "| --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        "| batch | algorithm | edits | layers | method hyperparameters | statistics |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for i, batch in enumerate(metadata.get("batches", [])):
         hyper = batch.get("hyperparameters", {})
         stats = batch.get("statistics", {})
@@ -93,7 +104,7 @@ def _method(metadata: dict[str, Any]) -> str:
         source = f"{first.get('corpus', '?')}, {first.get('num_tokens', '?')} tokens" if first else "?"
         rows.append(
             f"| {i} | {batch.get('algorithm', '?')} | {batch.get('num_requests', '?')} | {hyper.get('layers')} | "
-            f"{hyper.get('mom2_update_weight')} | {_cell(source)} |"
+            f"{_cell(_settings(hyper.get('algorithm_config')))} | {_cell(source)} |"
         )
     return "\n".join(rows) + "\n"
 
@@ -114,9 +125,7 @@ def build_model_card(metadata: dict[str, Any], repo_id: str | None = None, merge
     requests = [request for batch in metadata.get("batches", []) for request in batch.get("requests") or []]
     num_edits = sum(batch.get("num_requests", 0) for batch in metadata.get("batches", []))
     algorithms = sorted({batch.get("algorithm", "memit") for batch in metadata.get("batches", [])})
-    paper = ", ".join(
-        f"[{name.upper()}]({ROME_PAPER if name == 'rome' else MEMIT_PAPER})" for name in algorithms or ["memit"]
-    )
+    paper = ", ".join(f"[{name.upper()}]({_paper(name)})" for name in algorithms or ["memit"])
     kind = "a merged checkpoint of" if merged else "a LoRA adapter for"
     base_link = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "its base model"
     exact = metadata.get("export", {})

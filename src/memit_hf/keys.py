@@ -10,7 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .architectures import ModelLayout
 from .requests import EditRequest
-from .tokenization import encode_texts, last_token_indices, pad_batch, pad_token_id
+from .tokenization import encode_targets, encode_texts, last_token_indices, pad_batch, pad_token_id
 from .tracing import capture, run_until_stopped
 
 
@@ -70,6 +70,30 @@ def contextualise(
     """Token ids of every (request, template) text, request-major, and the subject-last index in each."""
     texts, ends = zip(*(fill(t, r) for r in requests for t in templates))
     return encode_texts(tokenizer, list(texts)), last_token_indices(tokenizer, list(texts), list(ends))
+
+
+def check_request_tokens(tokenizer: PreTrainedTokenizerBase, requests: list[EditRequest]) -> None:
+    """The tokenisation checks that must pass before any weight changes: every `target_new` encodes to at least one
+    token, and every subject that does not open its prompt has tokens of its own (so its last token is a key).
+
+    Raises:
+        ValueError: naming the request (its record index) and the field.
+    """
+    targets = encode_targets(tokenizer, [r.target_new for r in requests])
+    texts_ends = [fill("{}", r) for r in requests]
+    prefixes = [t[: e - len(r.subject)].rstrip() for (t, e), r in zip(texts_ends, requests)]
+    prefix_lengths = [len(ids) for ids in encode_texts(tokenizer, prefixes)]
+    subject_lengths = [len(ids) for ids in encode_texts(tokenizer, [t[:e] for t, e in texts_ends])]
+    for request, target, before, through in zip(requests, targets, prefix_lengths, subject_lengths):
+        if not target:
+            raise ValueError(
+                f"Request {request.record_index}: field `target_new` ({request.target_new!r}) encodes to no token."
+            )
+        if through <= before and request.prompt.index("{}") > 0:
+            raise ValueError(
+                f"Request {request.record_index}: field `subject` ({request.subject!r}) is not found as its own "
+                f"tokens in the prompt {request.text!r}."
+            )
 
 
 def template_weights(templates: list[list[str]]) -> torch.Tensor:

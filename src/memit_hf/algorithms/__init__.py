@@ -1,22 +1,59 @@
-"""Closed-form weight updates: MEMIT's least squares and ROME's equality-constrained (rank-one per fact) update."""
+"""Editing algorithms, one folder per method (`memit/`, `rome/`), each with a configuration dataclass and an
+algorithm object implementing [`EditAlgorithm`]: `prepare` (derived quantities per statistics fingerprint), `solve`
+(exact low-rank factors) and per-layer state committed only when a whole edit succeeds.
 
-from .base import EditAlgorithm, IllConditionedError, cholesky_factor
-from .memit import MEMIT
-from .rome import ROME
+The registry and the configurations import no torch; the algorithm classes load on first access.
+"""
 
+from typing import TYPE_CHECKING
 
-ALGORITHMS: dict[str, type[EditAlgorithm]] = {"memit": MEMIT, "rome": ROME}
-
-
-def get_algorithm(name: str) -> EditAlgorithm:
-    """Instantiate the algorithm registered under `name`.
-
-    Raises:
-        ValueError: if `name` is unknown.
-    """
-    if name not in ALGORITHMS:
-        raise ValueError(f"Unknown algorithm `{name}`; choose one of {sorted(ALGORITHMS)}.")
-    return ALGORITHMS[name]()
+from .config import AlgorithmConfig
+from .memit.config import MEMITConfig
+from .registry import ALGORITHM_CONFIGS, ALGORITHM_NAMES, get_config_class, method_field_names
+from .rome.config import ROMEConfig
 
 
-__all__ = ["ALGORITHMS", "MEMIT", "ROME", "EditAlgorithm", "IllConditionedError", "cholesky_factor", "get_algorithm"]
+_LAZY = {
+    "ALGORITHMS": "classes",
+    "get_algorithm": "classes",
+    "EditAlgorithm": "base",
+    "IllConditionedError": "base",
+    "LayerProblem": "base",
+    "cholesky_factor": "base",
+    "MEMIT": "memit.algorithm",
+    "ROME": "rome.algorithm",
+}
+
+__all__ = [
+    "ALGORITHMS",
+    "ALGORITHM_CONFIGS",
+    "ALGORITHM_NAMES",
+    "MEMIT",
+    "ROME",
+    "AlgorithmConfig",
+    "EditAlgorithm",
+    "IllConditionedError",
+    "LayerProblem",
+    "MEMITConfig",
+    "ROMEConfig",
+    "cholesky_factor",
+    "get_algorithm",
+    "get_config_class",
+    "method_field_names",
+]
+
+if TYPE_CHECKING:
+    from .base import EditAlgorithm, IllConditionedError, LayerProblem, cholesky_factor
+    from .classes import ALGORITHMS, get_algorithm
+    from .memit.algorithm import MEMIT
+    from .rome.algorithm import ROME
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,13 @@
-"""The interface every algorithm implements, and the numerically careful factorisation they share."""
+"""The interface every editing algorithm implements, and the numerically careful factorisation they share."""
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
+
+from ..statistics import LayerStatistics
+from .config import AlgorithmConfig
 
 
 class IllConditionedError(ValueError):
@@ -29,32 +34,112 @@ def cholesky_factor(matrix: torch.Tensor, what: str) -> torch.Tensor:
     return factor
 
 
-class EditAlgorithm(ABC):
-    """Solves one layer's update from keys, residuals and the preserved-key covariance.
+@dataclass
+class LayerProblem:
+    """What one layer's solve gets.
 
-    Updates are returned as thin factors `(B, A)` with `Delta = B @ A`, `B` of shape `(d_out, n)` and `A` of shape
-    `(n, d_in)`, so the update is exactly rank <= n and exports to a LoRA adapter without loss.
+    Args:
+        module_name (`str`): the edited module.
+        layer (`int`): its decoder layer.
+        keys (`torch.Tensor`): `(n, d_in)` float64 keys K^T of the requests at this layer.
+        residuals (`torch.Tensor`): `(n, d_out)` float64 residuals R^T this layer must write.
+        statistics ([`~memit_hf.statistics.LayerStatistics`]): the preserved keys' second moment.
     """
 
-    name: str
+    module_name: str
+    layer: int
+    keys: torch.Tensor
+    residuals: torch.Tensor
+    statistics: LayerStatistics
 
+
+class EditAlgorithm(ABC):
+    """An editing method: solves each layer's update from keys, residuals and the preserved-key statistics.
+
+    The Editor calls, per `edit()`: [`prepare`] for every edited layer before any weight changes (validation and
+    derived quantities, cached per statistics fingerprint), [`solve`] layer by layer, then [`commit`] when the whole
+    edit succeeded or [`discard`] when it failed. Updates are thin factors `(B, A)` with `Delta = B @ A`, `B` of shape
+    `(d_out, n)` and `A` of shape `(n, d_in)`, so every update is exactly rank <= n and exports to a LoRA adapter
+    without loss.
+
+    Per-layer state (for sequential methods) is written with [`stage`] during `solve`, becomes visible through
+    [`layer_state`] only after [`commit`], and round-trips through [`state_dict`] / [`load_state_dict`].
+
+    Subclasses set `config_class` and implement [`solve`] (and [`derive`] when they cache something).
+    """
+
+    config_class: ClassVar[type[AlgorithmConfig]]
+
+    def __init__(self, config: AlgorithmConfig | None = None):
+        self.config = config if config is not None else self.config_class()
+        self._prepared: dict[str, tuple[str, Any]] = {}
+        self._state: dict[str, dict[str, torch.Tensor]] = {}
+        self._pending: dict[str, dict[str, torch.Tensor]] = {}
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    # ---------------------------------------------------------------------------------------------- preparation
+    def derive(self, statistics: LayerStatistics) -> Any:
+        """Quantities derived from one layer's statistics (a factorisation, a projector), computed once per
+        fingerprint. Raise [`IllConditionedError`] when the statistics cannot support a solve."""
+        return None
+
+    def prepare(self, statistics: LayerStatistics) -> None:
+        """Validate and cache what [`derive`] returns for `statistics`, unless it is cached for the same
+        fingerprint already."""
+        cached = self._prepared.get(statistics.module_name)
+        if cached is None or cached[0] != statistics.key:
+            self._prepared[statistics.module_name] = (statistics.key, self.derive(statistics))
+
+    def prepared(self, module_name: str) -> Any:
+        """What [`prepare`] cached for `module_name`."""
+        return self._prepared[module_name][1]
+
+    # ---------------------------------------------------------------------------------------------------- solve
     @abstractmethod
-    def solve(
-        self, keys: torch.Tensor, residuals: torch.Tensor, covariance: torch.Tensor, mom2_update_weight: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Args:
-            keys (`torch.Tensor`): `(n, d_in)` float64 keys K^T.
-            residuals (`torch.Tensor`): `(n, d_out)` float64 residuals R^T this layer must write.
-            covariance (`torch.Tensor`): `(d_in, d_in)` float64 E[k k^T].
-            mom2_update_weight (`float`): lambda.
+    def solve(self, problem: LayerProblem) -> tuple[torch.Tensor, torch.Tensor]:
+        """The update of one layer.
 
         Returns:
             `tuple[torch.Tensor, torch.Tensor]`: `B (d_out, n)` and `A (n, d_in)`, float64.
         """
 
-    def check_covariance(self, covariance: torch.Tensor, mom2_update_weight: float, what: str) -> None:
-        """Fail before any weight changes when the system this algorithm factorises cannot be solved."""
-        cholesky_factor(self.system_matrix(covariance, mom2_update_weight), what)
+    # ---------------------------------------------------------------------------------------------------- state
+    def stage(self, module_name: str, **tensors: torch.Tensor) -> None:
+        """Record new state of `module_name`, applied by [`commit`] (dropped by [`discard`])."""
+        self._pending.setdefault(module_name, {}).update(tensors)
 
-    def system_matrix(self, covariance: torch.Tensor, mom2_update_weight: float) -> torch.Tensor:
-        return mom2_update_weight * covariance
+    def layer_state(self, module_name: str) -> dict[str, torch.Tensor]:
+        """The committed state of `module_name` (empty for stateless methods)."""
+        return self._state.get(module_name, {})
+
+    def commit(self) -> None:
+        """Make the state staged during the last edit permanent."""
+        for module_name, tensors in self._pending.items():
+            self._state.setdefault(module_name, {}).update(tensors)
+        self._pending = {}
+
+    def discard(self) -> None:
+        """Drop the state staged during a failed edit."""
+        self._pending = {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The committed state as flat tensors named `"<module>::<key>"` (safetensors-compatible)."""
+        return {f"{module}::{key}": t for module, tensors in self._state.items() for key, t in tensors.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the committed state with `state` (from [`state_dict`]).
+
+        Raises:
+            ValueError: for a name that is not `"<module>::<key>"`.
+        """
+        loaded: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor in state.items():
+            module, sep, key = name.rpartition("::")
+            if not sep or not module or not key:
+                raise ValueError(f"State entry `{name}` is not named `<module>::<key>`.")
+            loaded.setdefault(module, {})[key] = tensor
+        self._state = loaded
+        self._pending = {}

@@ -30,10 +30,10 @@ from .parsing import (
     EDITING_COMMANDS,
     EDITING_FIELDS,
     EVALUATION_CHOICES,
-    _rank,
-    _subparser,
+    export_rank_type,
     make_parser,
     parse_args,
+    subcommand_parser,
 )
 
 

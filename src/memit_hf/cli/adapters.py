@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..arguments import EditingArguments
-from .common import _load_model
+from .common import load_model
 
 
 def _read_adapter(path: Path) -> tuple[dict[str, Any], list[Any]]:
@@ -37,8 +37,7 @@ def _read_adapter(path: Path) -> tuple[dict[str, Any], list[Any]]:
 
 def run_export(namespace: argparse.Namespace, args: EditingArguments) -> Path:
     """`memit-hf export`: a merged checkpoint from an adapter (`--merged`), or the adapter at a lower rank."""
-    from ..export import EDITS_METADATA_NAME, read_edits_metadata, write_edit_adapter, write_json
-    from ..hub import build_model_card
+    from ..export import read_edits_metadata, save_merged_checkpoint, write_edit_adapter
 
     adapter, output_dir = Path(namespace.adapter), Path(namespace.output_dir)
     config, deltas = _read_adapter(adapter)
@@ -50,15 +49,11 @@ def run_export(namespace: argparse.Namespace, args: EditingArguments) -> Path:
         base = namespace.model or config.get("base_model_name_or_path")
         if base is None:
             raise SystemExit("memit-hf export: error: the adapter names no base model; pass --model.")
-        model, tokenizer = _load_model(None if base == DEFAULT_MODEL_ID else base, args)
+        model, tokenizer = load_model(None if base == DEFAULT_MODEL_ID else base, args)
         merged = load_edits(model, adapter, merge=True)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        merged.save_pretrained(output_dir)
-        tokenizer.save_pretrained(output_dir)
         metadata = {**metadata, "base_model_name_or_path": config.get("base_model_name_or_path")}
         metadata.pop("export", None)
-        write_json(output_dir / EDITS_METADATA_NAME, metadata)
-        (output_dir / "README.md").write_text(build_model_card(metadata, merged=True), encoding="utf-8")
+        save_merged_checkpoint(merged, tokenizer, output_dir, metadata)
         print(f"Merged {adapter} into {base}: wrote the checkpoint to {output_dir}")
         return output_dir
     metadata.pop("export", None)
@@ -78,8 +73,8 @@ def run_push(namespace: argparse.Namespace, args: EditingArguments) -> Any:
     import shutil
     import tempfile
 
-    from ..export import ADAPTER_CONFIG_NAME, read_edits_metadata
-    from ..hub import build_model_card, push_folder
+    from ..export import ADAPTER_CONFIG_NAME, read_edits_metadata, write_metadata_and_card
+    from ..hub import push_folder
 
     folder = Path(namespace.folder)
     if not folder.is_dir():
@@ -90,7 +85,7 @@ def run_push(namespace: argparse.Namespace, args: EditingArguments) -> Any:
             staged = Path(tmp) / folder.name
             shutil.copytree(folder, staged)
             merged = not (folder / ADAPTER_CONFIG_NAME).exists()
-            (staged / "README.md").write_text(build_model_card(metadata, namespace.repo_id, merged), encoding="utf-8")
+            write_metadata_and_card(staged, metadata, namespace.repo_id, merged)
             folder = staged
         commit = push_folder(
             folder, namespace.repo_id, namespace.private, namespace.token, namespace.commit_message, namespace.revision

@@ -7,17 +7,15 @@ from typing import Any
 from ..arguments import EditingArguments
 
 
-def _load_model(path: str | None, args: EditingArguments):
-    if path is None:
-        from ..models import load_default_model
-
-        return load_default_model()
-    from ..editor import load_model_and_tokenizer
+def load_model(path: str | None, args: EditingArguments):
+    """The `--model` of a command (the embedded default model when `None`) and its tokenizer."""
+    from ..models import load_model_and_tokenizer
 
     return load_model_and_tokenizer(path, args.model_init_kwargs)
 
 
-def _corpus_paths(corpus: list[str] | None) -> list[Path] | None:
+def corpus_paths(corpus: list[str] | None) -> list[Path] | None:
+    """The `--corpus` files, checked to exist."""
     if corpus is None:
         return None
     paths = [Path(item) for item in corpus]
@@ -27,5 +25,6 @@ def _corpus_paths(corpus: list[str] | None) -> list[Path] | None:
     return paths
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """`value` as plain JSON types (anything else becomes its `str`)."""
     return json.loads(json.dumps(value, default=str))

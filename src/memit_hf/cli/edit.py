@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..arguments import EditingArguments
-from .common import _corpus_paths, _jsonable, _load_model
+from .common import corpus_paths, jsonable, load_model
 
 
 def run_edit(namespace: argparse.Namespace, args: EditingArguments) -> dict[str, Any]:
@@ -20,12 +20,12 @@ def run_edit(namespace: argparse.Namespace, args: EditingArguments) -> dict[str,
         raise SystemExit("memit-hf edit: error: --output-dir is required.")
     if args.push_to_hub and not args.hub_model_id:
         raise SystemExit("memit-hf edit: error: --push_to_hub needs --hub_model_id.")
-    corpus = _corpus_paths(namespace.corpus)
+    corpus = corpus_paths(namespace.corpus)
     requests = load_requests(namespace.requests)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    model, tokenizer = _load_model(namespace.model, args)
+    model, tokenizer = load_model(namespace.model, args)
     editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=corpus)
     output = editor.edit(requests)
     resolved = editor.resolved_args.to_dict()
@@ -47,7 +47,7 @@ def run_edit(namespace: argparse.Namespace, args: EditingArguments) -> dict[str,
         metrics["adapter_max_reconstruction_error"] = report.max_reconstruction_error
         written = f"the adapter ({report.adapter_bytes / 1e6:.2f} MB, ranks {sorted(set(report.ranks.values()))})"
     summary = {"metrics": metrics, "args": resolved, "num_requests": len(output.requests)}
-    (output_dir / "edit_metrics.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n", encoding="utf-8")
+    (output_dir / "edit_metrics.json").write_text(json.dumps(jsonable(summary), indent=2) + "\n", encoding="utf-8")
 
     name = namespace.model or getattr(model.config, "_name_or_path", None)
     print(f"Edited {len(output.requests)} facts in {name} at layers {resolved['layers']}.")
@@ -76,19 +76,18 @@ def run_edit(namespace: argparse.Namespace, args: EditingArguments) -> dict[str,
 
 def run_stats(namespace: argparse.Namespace, args: EditingArguments) -> dict[str, int]:
     """`memit-hf stats`: compute or load the statistics of `args.layers` (default: the model's edited layers)."""
-    from ..covariance import default_cache_dir
     from ..editor import Editor
 
-    corpus = _corpus_paths(namespace.corpus)
-    model, tokenizer = _load_model(namespace.model, args)
+    corpus = corpus_paths(namespace.corpus)
+    model, tokenizer = load_model(namespace.model, args)
     editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=corpus)
     layers = editor.resolved_args.layers
     start = time.perf_counter()
     statistics = editor.get_statistics(layers)
     seconds = time.perf_counter() - start
-    cache_dir = args.stats_cache_dir or default_cache_dir()
+    cache_dir = editor.statistics.cache.directory
     source = ", ".join(str(path) for path in corpus) if corpus else "text sampled from the model (offline default)"
     print(f"Statistics of {len(statistics)} modules from {source} in {seconds:.1f}s, cached in {cache_dir}:")
-    for name, moment in statistics.items():
-        print(f"  {name}: {moment.count} tokens, dim {moment.total.shape[0]}")
-    return {name: moment.count for name, moment in statistics.items()}
+    for name, layer in statistics.items():
+        print(f"  {name}: {layer.count} tokens, dim {layer.moment.total.shape[0]} ({layer.source}, key {layer.key})")
+    return {name: layer.count for name, layer in statistics.items()}

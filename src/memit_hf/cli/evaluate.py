@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..arguments import EditingArguments
-from .common import _corpus_paths, _jsonable, _load_model
+from .common import corpus_paths, jsonable, load_model
 
 
 def markdown_table(metrics: dict[str, float]) -> str:
@@ -44,7 +44,7 @@ def run_evaluate(namespace: argparse.Namespace, args: EditingArguments) -> dict[
 
     if args.output_dir is None:
         raise SystemExit("memit-hf evaluate: error: --output-dir is required.")
-    corpus = _corpus_paths(namespace.corpus)
+    corpus = corpus_paths(namespace.corpus)
     held_out = [Path(item) for item in namespace.perplexity_corpus or []]
     missing = [str(path) for path in held_out if not path.is_file()]
     if missing:
@@ -57,7 +57,7 @@ def run_evaluate(namespace: argparse.Namespace, args: EditingArguments) -> dict[
 
     if namespace.edit and namespace.adapter:
         raise SystemExit("memit-hf evaluate: error: --edit and --adapter exclude each other.")
-    model, tokenizer = _load_model(namespace.model, args)
+    model, tokenizer = load_model(namespace.model, args)
     start = time.perf_counter()
     options = dict(
         batch_size=namespace.batch_size, metrics=namespace.metrics, perplexity_texts=held_out or None,
@@ -90,7 +90,7 @@ def run_evaluate(namespace: argparse.Namespace, args: EditingArguments) -> dict[
         "args": editor.resolved_args.to_dict() if namespace.edit and editor is not None else None,
         "perplexity_corpus": [str(path) for path in held_out] or None,
     }
-    (output_dir / "evaluation.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n", encoding="utf-8")
+    (output_dir / "evaluation.json").write_text(json.dumps(jsonable(summary), indent=2) + "\n", encoding="utf-8")
     table = markdown_table(metrics)
     heading = f"Evaluation of {summary['model']} on {len(requests)} requests from {namespace.requests}"
     (output_dir / "evaluation.md").write_text(f"# {heading}\n\n{table}", encoding="utf-8")

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from ..algorithms import ALGORITHM_CONFIGS, method_field_names
 from ..arguments import EditingArguments
 
 
@@ -16,6 +17,9 @@ COMMANDS = ("edit", "stats", "evaluate", "demo", "export", "push")
 EDITING_COMMANDS = ("edit", "stats", "evaluate", "demo")
 """The commands whose flags are the `EditingArguments` fields."""
 EDITING_FIELDS = tuple(f.name for f in fields(EditingArguments))
+METHOD_FIELDS = method_field_names()
+"""Hyperparameters of the registered methods, also flags of the editing commands (each belongs to the methods whose
+configuration has it; `--algorithm` decides which one applies)."""
 
 # Demo facts: SmolLM2-135M-Instruct completes each prompt with the true object under greedy decoding
 # (shared/docs/models.md section 3), so the before/after contrast is visible in plain generations.
@@ -54,13 +58,32 @@ def _editing_parser(subparsers, name: str, help_text: str, description: str) -> 
         if action.dest in EDITING_FIELDS and getattr(action.type, "__origin__", None) is dict:
             action.type = _json_object
             action.metavar = "JSON"
+    _add_method_flags(parser)
     parser.add_argument(
         "--config",
         metavar="YAML",
         default=None,
-        help="YAML recipe whose keys are `EditingArguments` fields; command-line flags win over it.",
+        help="YAML recipe whose keys are `EditingArguments` fields or the method's hyperparameters; command-line "
+        "flags win over it.",
     )
     return parser
+
+
+def _add_method_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per hyperparameter of the registered methods (default `None`: the method's own default)."""
+    seen: set[str] = set()
+    for config in ALGORITHM_CONFIGS.values():
+        for item in fields(config):
+            if item.name in seen or item.name in EDITING_FIELDS:
+                continue
+            seen.add(item.name)
+            owners = [name for name, other in ALGORITHM_CONFIGS.items() if item.name in other.field_names()]
+            kind = item.type if isinstance(item.type, type) else float if "float" in str(item.type) else str
+            aliases = [f"--{item.name}"] + ([f"--{item.name.replace('_', '-')}"] if "_" in item.name else [])
+            parser.add_argument(
+                *aliases, dest=item.name, type=kind if kind in (int, float, str) else str, default=None,
+                help=f"[{', '.join(owners)}] {item.metadata.get('help', '')}",
+            )  # fmt: skip
 
 
 def _add_model_and_corpus(parser: argparse.ArgumentParser, with_model: bool = True) -> None:
@@ -134,7 +157,7 @@ def make_parser() -> argparse.ArgumentParser:
         "Edit three facts in SmolLM2-135M-Instruct, show greedy generations before and after the edit, save the edit "
         "as a peft adapter (to --output-dir if given), restore the original weights, and load the adapter back.",
     )
-    _add_model_and_corpus(demo, with_model=False)
+    _add_model_and_corpus(demo)
     demo.set_defaults(**DEMO_DEFAULTS)
 
     export = subparsers.add_parser(
@@ -170,7 +193,7 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _rank(value: str) -> int | float:
+def export_rank_type(value: str) -> int | float:
     """`--export-rank`: an integer rank, or a float in (0, 1] read as a fraction of each update's energy."""
     try:
         return int(value)
@@ -184,13 +207,13 @@ def _rank(value: str) -> int | float:
 
 def _add_export_rank(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--export-rank", "--export_rank", type=_rank, default=None, metavar="RANK",
+        "--export-rank", "--export_rank", type=export_rank_type, default=None, metavar="RANK",
         help="Store at most this rank per module (integer), or keep this fraction of each update's energy (float in "
         "(0, 1]); lossy below the update's rank. Default: exact.",
     )  # fmt: skip
 
 
-def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+def subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return action.choices[command]
 
@@ -217,7 +240,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Editi
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     config_path = _explicit_config_path(argv)
     if command in EDITING_COMMANDS and config_path is not None:
-        subparser = _subparser(parser, command)
+        subparser = subcommand_parser(parser, command)
         try:
             with open(config_path, encoding="utf-8") as handle:
                 values = yaml.safe_load(handle) or {}
@@ -225,21 +248,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Editi
             subparser.error(f"cannot read --config {config_path}: {error}")
         if not isinstance(values, dict):
             subparser.error(f"--config {config_path} must hold a YAML mapping of `EditingArguments` fields.")
-        unknown = sorted(set(values) - set(EDITING_FIELDS))
+        unknown = sorted(set(values) - set(EDITING_FIELDS) - set(METHOD_FIELDS))
         if unknown:
             subparser.error(
-                f"unknown `EditingArguments` keys in {config_path}: {unknown}. Known keys: {list(EDITING_FIELDS)}."
+                f"unknown `EditingArguments` keys in {config_path}: {unknown}. Known keys: {list(EDITING_FIELDS)} "
+                f"and the methods' hyperparameters {list(METHOD_FIELDS)}."
             )
         subparser.set_defaults(**values)
     namespace = parser.parse_args(argv)
     if namespace.command is None:
         parser.print_help()
         parser.exit(2)
-    subparser = _subparser(parser, namespace.command)
+    subparser = subcommand_parser(parser, namespace.command)
     if namespace.command not in EDITING_COMMANDS:
         return namespace, EditingArguments()
+    values = {name: getattr(namespace, name) for name in EDITING_FIELDS}
+    values.update({name: getattr(namespace, name) for name in METHOD_FIELDS if getattr(namespace, name) is not None})
     try:
-        args = EditingArguments(**{name: getattr(namespace, name) for name in EDITING_FIELDS})
+        args = EditingArguments.from_flat(values, where="the command line")
     except (TypeError, ValueError) as error:
         subparser.error(str(error))
     return namespace, args

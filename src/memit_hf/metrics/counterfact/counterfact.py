@@ -6,8 +6,8 @@ Load it with `memit_hf.load_metric("counterfact")` or `evaluate.load(memit_hf.me
 import datasets
 import evaluate
 
-from memit_hf.evaluation import counterfact_scores
-from memit_hf.generation_metrics import generation_entropy, reference_score
+from memit_hf.evaluation.counterfact import counterfact_scores
+from memit_hf.evaluation.generation import generation_entropy, reference_score
 
 
 _DESCRIPTION = """\

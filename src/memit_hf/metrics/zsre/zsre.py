@@ -6,7 +6,7 @@ Load it with `memit_hf.load_metric("zsre")` or `evaluate.load(memit_hf.metrics.m
 import datasets
 import evaluate
 
-from memit_hf.zsre_metrics import zsre_scores
+from memit_hf.evaluation.zsre import zsre_scores
 
 
 _DESCRIPTION = """\

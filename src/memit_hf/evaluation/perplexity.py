@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .covariance import corpus_texts, token_pieces
-from .tokenization import pad_batch, pad_token_id
+from ..statistics.corpus import corpus_texts, token_pieces
+from ..tokenization import pad_batch, pad_token_id
 
 
 @torch.no_grad()

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .evaluation import per_case_mean
-from .requests import EditRequest
-from .tokenization import encode_texts, pad_token_id
+from ..requests import EditRequest
+from ..tokenization import encode_texts, pad_token_id
+from .aggregation import per_case_mean
 
 
 NGRAM_ORDERS = (2, 3)

@@ -1,5 +1,6 @@
-"""Tests of `memit_hf.covariance`: second moments against an explicit sum, one pass for several modules, the disk
-cache (reuse, damage detection, fingerprint), token pieces, corpus inputs and the model-sampled corpus."""
+"""Tests of `memit_hf.statistics`: second moments against an explicit sum, one pass for several modules, the disk
+cache (reuse, damage detection), the fingerprint (every upstream weight, the dtype, the corpus), the provider, token
+pieces, corpus inputs and the model-sampled corpus."""
 
 import json
 from pathlib import Path
@@ -8,22 +9,20 @@ import pytest
 import torch
 from datasets import Dataset
 
-import memit_hf.editor as editor_module
 from memit_hf.architectures import get_layout
-from memit_hf.covariance import (
+from memit_hf.editor import Editor
+from memit_hf.statistics import (
     SecondMoment,
-    _batches,
-    _cache_paths,
+    StatisticsCache,
     add_gram,
     collect_second_moments,
     corpus_texts,
-    load_cached,
     sample_corpus,
-    save_cached,
     statistics_fingerprint,
     token_pieces,
+    upstream_parameters,
 )
-from memit_hf.editor import Editor
+from memit_hf.statistics.collection import pack_batches
 from tests.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer, tiny_corpus, tiny_editing_arguments
 
 
@@ -114,11 +113,11 @@ def test_add_gram_is_the_full_product(dim):
 
 def test_batches_respect_the_token_budget():
     pieces = [[1] * n for n in (5, 9, 3, 9, 1, 7, 2, 8, 4, 6)]
-    batches = _batches(pieces, batch_tokens=20)
+    batches = pack_batches(pieces, batch_tokens=20)
     assert sorted(map(len, (p for b in batches for p in b))) == sorted(map(len, pieces))
     for batch in batches:
         assert max(map(len, batch)) * len(batch) <= 20
-    assert _batches([[1] * 30], batch_tokens=20) == [[[1] * 30]]
+    assert pack_batches([[1] * 30], batch_tokens=20) == [[[1] * 30]]
 
 
 def test_token_pieces_budget_and_max_length(tokenizer):
@@ -199,38 +198,28 @@ def make_editor(model, tokenizer, cache_dir, **overrides):
     return Editor(model, args=args, processing_class=tokenizer, stats_dataset=tiny_corpus())
 
 
-def counting_collect(monkeypatch):
-    calls = []
-    original = editor_module.collect_second_moments
-
-    def wrapper(model, tokenizer, modules, *args, **kwargs):
-        calls.append(list(modules))
-        return original(model, tokenizer, modules, *args, **kwargs)
-
-    monkeypatch.setattr(editor_module, "collect_second_moments", wrapper)
-    return calls
+def sources(statistics) -> dict[str, str]:
+    return {name: layer.source for name, layer in statistics.items()}
 
 
-def forbid_collect(monkeypatch):
-    def fail(*args, **kwargs):
-        raise AssertionError("statistics were recomputed instead of read from the cache")
-
-    monkeypatch.setattr(editor_module, "collect_second_moments", fail)
-
-
-def test_cache_is_written_and_reused(model, tokenizer, tmp_path, monkeypatch):
-    calls = counting_collect(monkeypatch)
-    first = make_editor(model, tokenizer, tmp_path).get_statistics([0, 1])
-    assert calls == [["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]]
+def test_cache_is_written_and_reused(model, tokenizer, tmp_path):
+    editor = make_editor(model, tokenizer, tmp_path)
+    first = editor.get_statistics([0, 1])
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert sources(first) == dict.fromkeys(names, "collected") and editor.statistics.num_collections == 1
     assert len(list(tmp_path.glob("*.safetensors"))) == 2 and len(list(tmp_path.glob("*.json"))) == 2
     assert not list(tmp_path.glob("*.tmp"))
     assert first["model.layers.0.mlp.down_proj"].count == 800
-    forbid_collect(monkeypatch)
-    second = make_editor(model, tokenizer, tmp_path).get_statistics([0, 1])
-    for name, moment in first.items():
-        assert torch.equal(second[name].total, moment.total) and second[name].count == moment.count
+    assert editor.get_statistics([1])[names[1]] is first[names[1]]  # from memory
+    again = make_editor(model, tokenizer, tmp_path)
+    second = again.get_statistics([0, 1])
+    assert sources(second) == dict.fromkeys(names, "cache") and again.statistics.num_collections == 0
+    for name, layer in first.items():
+        assert torch.equal(second[name].moment.total, layer.moment.total) and second[name].count == layer.count
+        assert second[name].key == layer.key
     # A subset of the cached layers is served from the cache as well.
-    assert torch.equal(make_editor(model, tokenizer, tmp_path).get_statistics([1])[name].total, first[name].total)
+    subset = make_editor(model, tokenizer, tmp_path).get_statistics([1])
+    assert torch.equal(subset[names[1]].moment.total, first[names[1]].moment.total)
 
 
 def damage_truncate(path: Path):
@@ -250,65 +239,120 @@ def damage_meta(path: Path):
 
 
 @pytest.mark.parametrize("damage", [damage_truncate, damage_flip, damage_meta], ids=["truncated", "flipped", "meta"])
-def test_damaged_cache_is_detected_and_recomputed(model, tokenizer, tmp_path, monkeypatch, caplog, damage):
+def test_damaged_cache_is_detected_and_recomputed(model, tokenizer, tmp_path, caplog, damage):
     editor = make_editor(model, tokenizer, tmp_path)
     original = editor.get_statistics([0, 1])
     name = "model.layers.1.mlp.down_proj"
-    fingerprint = statistics_fingerprint(model, tokenizer, name, editor._corpus_id_and_texts()[0], editor.args)
-    tensor_path, _ = _cache_paths(tmp_path, fingerprint)
+    cache = StatisticsCache(tmp_path)
+    fingerprint = original[name].fingerprint
+    tensor_path, _ = cache.paths(fingerprint)
     assert tensor_path.exists()
     damage(tensor_path)
-    with caplog.at_level("WARNING", logger="memit_hf.covariance"):
-        assert load_cached(tmp_path, fingerprint) is None
+    with caplog.at_level("WARNING", logger="memit_hf.statistics.cache"):
+        assert cache.load(fingerprint) is None
     assert "Ignoring damaged statistics cache" in caplog.text
-    calls = counting_collect(monkeypatch)
     recomputed = make_editor(model, tokenizer, tmp_path).get_statistics([0, 1])
-    assert calls == [[name]]  # only the damaged module is recomputed
-    for key, moment in original.items():
-        assert torch.equal(recomputed[key].total, moment.total) and recomputed[key].count == moment.count
+    # only the damaged module is recomputed
+    assert sources(recomputed) == {"model.layers.0.mlp.down_proj": "cache", name: "collected"}
+    for key, layer in original.items():
+        assert torch.equal(recomputed[key].moment.total, layer.moment.total) and recomputed[key].count == layer.count
     # The cache is repaired.
-    repaired = load_cached(tmp_path, fingerprint)
-    assert repaired is not None and torch.equal(repaired.total, original[name].total)
+    repaired = cache.load(fingerprint)
+    assert repaired is not None and torch.equal(repaired.total, original[name].moment.total)
 
 
-def test_fingerprint_tracks_what_determines_the_statistics(model, tokenizer, tmp_path, monkeypatch):
+def test_fingerprint_tracks_what_determines_the_statistics(model, tokenizer, tmp_path):
     editor = make_editor(model, tokenizer, tmp_path)
-    corpus_id = editor._corpus_id_and_texts()[0]
-    name = "model.layers.0.mlp.down_proj"
-    base = statistics_fingerprint(model, tokenizer, name, corpus_id, editor.args)
+    layout = get_layout(model)
+    corpus_id = editor.statistics.corpus_id()
+    cache = StatisticsCache(tmp_path)
+
+    def fingerprint(of=model, layer=0, corpus=corpus_id, args=editor.args):
+        return statistics_fingerprint(of, tokenizer, layout, layer, corpus, args)
+
+    base = fingerprint()
     for field, value in [("stats_num_tokens", 801), ("stats_max_length", 32), ("seed", 1)]:
         changed = make_editor(model, tokenizer, tmp_path, **{field: value})
-        other = statistics_fingerprint(model, tokenizer, name, corpus_id, changed.args)
+        other = fingerprint(args=changed.args)
         assert other != base, field
-        assert _cache_paths(tmp_path, other) != _cache_paths(tmp_path, base), field
-    assert statistics_fingerprint(model, tokenizer, "model.layers.1.mlp.down_proj", corpus_id, editor.args) != base
-    assert statistics_fingerprint(model, tokenizer, name, "texts:other", editor.args) != base
+        assert cache.paths(other) != cache.paths(base), field
+    assert fingerprint(layer=1) != base
+    assert fingerprint(corpus="tokens:other") != base
     other_model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=1)
-    assert statistics_fingerprint(other_model, tokenizer, name, corpus_id, editor.args) != base
+    assert fingerprint(of=other_model) != base
+    assert fingerprint(of=build_tiny_causal_lm("llama", vocab_size=len(tokenizer)).to(torch.float64)) != base
     # The batch size does not change the statistics and is not part of the fingerprint.
     batched = make_editor(model, tokenizer, tmp_path, stats_batch_tokens=512)
-    assert statistics_fingerprint(model, tokenizer, name, corpus_id, batched.args) == base
+    assert fingerprint(args=batched.args) == base
     # End to end: a different token budget is recomputed, into new files.
     editor.get_statistics([0])
-    calls = counting_collect(monkeypatch)
-    more = make_editor(model, tokenizer, tmp_path, stats_num_tokens=600).get_statistics([0])
-    assert calls == [[name]] and more[name].count == 600
+    more = make_editor(model, tokenizer, tmp_path, stats_num_tokens=600)
+    assert more.get_statistics([0])["model.layers.0.mlp.down_proj"].count == 600
+    assert more.statistics.num_collections == 1
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
-    # A different corpus is another cache entry too.
-    calls.clear()
+    # A different corpus (its token pieces differ) is another cache entry too.
     other_corpus = Editor(model, args=editor.args, processing_class=tokenizer, stats_dataset=tiny_corpus()[:40])
+    assert other_corpus.statistics.corpus_id() != corpus_id
     other_corpus.get_statistics([0])
-    assert calls == [[name]]
+    assert other_corpus.statistics.num_collections == 1
+
+
+@pytest.mark.parametrize("where", ["mlp", "attention", "norm", "embeddings"])
+def test_fingerprint_changes_when_one_upstream_weight_changes(model, tokenizer, tmp_path, where):
+    """A fine-tune saved at the same path is not handed the original's statistics: changing one element of any
+    weight the edited module's input depends on misses the cache."""
+    layout = get_layout(model)
+    editor = make_editor(model, tokenizer, tmp_path)
+    before = editor.get_statistics([1])["model.layers.1.mlp.down_proj"]
+    parameter = {
+        "mlp": model.model.layers[0].mlp.down_proj.weight,
+        "attention": model.model.layers[1].self_attn.q_proj.weight,
+        "norm": model.model.layers[1].post_attention_layernorm.weight,
+        "embeddings": model.model.embed_tokens.weight,
+    }[where]
+    with torch.no_grad():
+        parameter.view(-1)[7] += 1e-3  # one element, off the digest's sampling stride
+    after = statistics_fingerprint(model, tokenizer, layout, 1, editor.statistics.corpus_id(), editor.args)
+    assert after["weights_digest"] != before.fingerprint["weights_digest"]
+    again = make_editor(model, tokenizer, tmp_path).get_statistics([1])["model.layers.1.mlp.down_proj"]
+    assert again.source == "collected"
+
+
+def test_fingerprint_ignores_weights_downstream_of_the_module(model, tokenizer):
+    """Blocks after the edited layer and an untied LM head do not change the module's input."""
+    layout = get_layout(model)
+    names = {name for name, _ in upstream_parameters(model, layout, 0)}
+    assert "model.layers.0.mlp.down_proj.weight" in names and "model.embed_tokens.weight" in names
+    assert not any(name.startswith("model.layers.1.") for name in names)
+    args = tiny_editing_arguments("unused")
+    before = statistics_fingerprint(model, tokenizer, layout, 0, "c", args)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.add_(1.0)
+        if model.lm_head.weight is not model.model.embed_tokens.weight:
+            model.lm_head.weight.add_(1.0)
+    assert statistics_fingerprint(model, tokenizer, layout, 0, "c", args) == before
+
+
+def test_fingerprint_digest_is_cheap_on_a_real_size_tensor():
+    """The digest reads each tensor once (two float64 reductions and a strided sample): no copy of the tensor."""
+    from memit_hf.statistics import tensor_digest
+
+    big = torch.randn(4096, 1024)
+    first = tensor_digest(big)
+    assert first == tensor_digest(big.clone())
+    big[1000, 3] += 1e-4
+    assert tensor_digest(big) != first
 
 
 def test_save_and_load_cached_round_trip(tmp_path):
     fingerprint = {"module": "m.0", "format_version": 1, "x": 1}
     total = torch.randn(4, 4, dtype=torch.float64)
-    path = save_cached(tmp_path / "sub", fingerprint, SecondMoment(total, 12))
+    cache = StatisticsCache(tmp_path / "sub")
+    path = cache.save(fingerprint, SecondMoment(total, 12))
     assert path.exists() and path.suffix == ".safetensors"
     meta = json.loads(path.with_suffix(".json").read_text())
     assert meta["fingerprint"] == fingerprint and meta["count"] == 12 and len(meta["sha256"]) == 64
-    loaded = load_cached(tmp_path / "sub", fingerprint)
+    loaded = cache.load(fingerprint)
     assert torch.equal(loaded.total, total) and loaded.count == 12
-    assert load_cached(tmp_path / "sub", {**fingerprint, "x": 2}) is None
-    assert load_cached(tmp_path / "missing", fingerprint) is None
+    assert cache.load({**fingerprint, "x": 2}) is None
+    assert StatisticsCache(tmp_path / "missing").load(fingerprint) is None

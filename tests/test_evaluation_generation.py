@@ -1,12 +1,11 @@
-"""Tests of `memit_hf.generation_metrics`: n-gram entropy, TF-IDF reference score and seeded batched sampling."""
+"""Tests of `memit_hf.evaluation.generation`: n-gram entropy, TF-IDF reference score and seeded batched sampling."""
 
 import math
 
 import pytest
 import torch
 
-from memit_hf import generation_metrics
-from memit_hf.generation_metrics import (
+from memit_hf.evaluation.generation import (
     TfidfVectorizer,
     consistency_texts,
     evaluate_generation,
@@ -138,7 +137,7 @@ def test_generate_texts_is_seeded(tiny_tokenizer, tiny_llama):
         generate_texts(tiny_llama, tiny_tokenizer, prompts, batch_size=0)
 
 
-def test_evaluate_generation(tiny_tokenizer, tiny_llama, monkeypatch):
+def test_evaluate_generation(tiny_tokenizer, tiny_llama):
     requests = [
         EditRequest(
             prompt="{} is located in",
@@ -149,28 +148,30 @@ def test_evaluate_generation(tiny_tokenizer, tiny_llama, monkeypatch):
         ),
         EditRequest(prompt="The capital of {} is", subject="France", target_new="Berlin"),
     ]
-    seen = {}
-    original = generation_metrics.generate_texts
-
-    def spy(model, tokenizer, prompts, **kwargs):
-        seen["prompts"] = list(prompts)
-        seen["texts"] = original(model, tokenizer, prompts, **kwargs)
-        return seen["texts"]
-
-    monkeypatch.setattr(generation_metrics, "generate_texts", spy)
     results = evaluate_generation(tiny_llama, tiny_tokenizer, requests, max_length=24)
-    # A request without generation prompts is sampled after its rewrite prompt.
-    assert seen["prompts"] == ["Big Ben is", "People near Big Ben speak", "The capital of France is"]
-    texts = seen["texts"]
-    assert results["generation_entropy"] == pytest.approx(generation_entropy([texts[:2], texts[2:]]))
-    assert results["reference_score"] == pytest.approx(
-        reference_score([texts[:2], texts[2:]], [["The Colosseum is located in Rome"], []])
+    # The expected figures, by hand: every request's generation prompts (a request without any is sampled after its
+    # rewrite prompt) sampled in one seeded `generate_texts` call, then GE and RS of each request's texts, with the
+    # default reference texts (the attribute prompts completed with `target_new`).
+    texts = generate_texts(
+        tiny_llama,
+        tiny_tokenizer,
+        ["Big Ben is", "People near Big Ben speak", "The capital of France is"],
+        max_length=24,
     )
+    per_request = [texts[:2], texts[2:]]
+    assert results == {
+        "generation_entropy": generation_entropy(per_request),
+        "reference_score": reference_score(per_request, [["The Colosseum is located in Rome"], []]),
+    }
     no_references = evaluate_generation(tiny_llama, tiny_tokenizer, requests[1:], max_length=24)
-    assert list(no_references) == ["generation_entropy"]
+    (alone,) = generate_texts(tiny_llama, tiny_tokenizer, ["The capital of France is"], max_length=24)
+    assert no_references == {"generation_entropy": generation_entropy([[alone]])}
     references = [["Berlin is the capital of France"]]
     given = evaluate_generation(tiny_llama, tiny_tokenizer, requests[1:], reference_texts=references, max_length=24)
-    assert given["reference_score"] == pytest.approx(reference_score([seen["texts"]], references))
+    assert given == {
+        "generation_entropy": generation_entropy([[alone]]),
+        "reference_score": reference_score([[alone]], references),
+    }
     with pytest.raises(ValueError, match="one entry per request"):
         evaluate_generation(tiny_llama, tiny_tokenizer, requests, reference_texts=[[]])
     with pytest.raises(ValueError, match="at least one request"):

@@ -1,14 +1,15 @@
-"""Tests of `memit_hf.zsre_metrics`: zsRE token-level teacher-forced accuracy."""
+"""Tests of `memit_hf.evaluation.zsre`: zsRE token-level teacher-forced accuracy."""
 
 import math
 
 import pytest
 import torch
+from torch import nn
 
-from memit_hf import zsre_metrics
+from memit_hf.evaluation.scoring import target_token_hits
+from memit_hf.evaluation.zsre import ZSRE_METRIC_KEYS, evaluate_zsre, zsre_scores
 from memit_hf.requests import EditRequest, load_requests
 from memit_hf.tokenization import encode_targets, encode_texts
-from memit_hf.zsre_metrics import ZSRE_METRIC_KEYS, evaluate_zsre, zsre_scores
 from tests.testing_utils import OracleLM
 
 
@@ -53,24 +54,56 @@ def test_zsre_scores_missing_kind_and_validation():
         zsre_scores([[True]], [(0, "locality")])
 
 
-def test_evaluate_zsre_pairs_and_question_mark(tiny_tokenizer, monkeypatch):
+class SuccessorLM(nn.Module):
+    """A fake causal LM that puts `margin` on `successors[token]` after each input token (on token 0 elsewhere)."""
+
+    def __init__(self, vocab_size: int, successors: dict[int, int], margin: float = 5.0):
+        super().__init__()
+        lookup = torch.zeros(vocab_size, dtype=torch.long)
+        for token, successor in successors.items():
+            lookup[token] = successor
+        self.register_buffer("lookup", lookup)
+        self.margin = margin
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = nn.functional.one_hot(self.lookup[input_ids], len(self.lookup)).float() * self.margin
+        return type("Output", (), {"logits": logits})()
+
+
+def test_evaluate_zsre_pairs_and_question_mark(tiny_tokenizer):
     (request,) = load_requests([ZSRE_RECORD])
-    seen = {}
-    original = zsre_metrics.target_token_hits
+    # An LM that has learnt `? Downhill` and `Lamiinae` token by token: it hits every token of ` Downhill` after a
+    # question mark, all but the first after anything else, and some tokens of ` Lamiinae` (none of ` Lecanorales`).
+    downhill, lamiinae = encode_targets(tiny_tokenizer, ["Downhill", "Lamiinae"])
+    question_mark = tiny_tokenizer.convert_tokens_to_ids("?")
+    chain = [question_mark, *downhill]
+    successors = dict(zip(chain, chain[1:])) | dict(zip(lamiinae, lamiinae[1:]))
+    assert len(successors) == len(chain) - 1 + len(set(lamiinae[:-1]))  # the two chains share no token
+    model = SuccessorLM(len(tiny_tokenizer), successors)
 
-    def spy(model, tokenizer, prompts, targets, batch_size=64):
-        seen["pairs"] = list(zip(prompts, targets))
-        return original(model, tokenizer, prompts, targets, batch_size)
-
-    monkeypatch.setattr(zsre_metrics, "target_token_hits", spy)
-    evaluate_zsre(OracleLM(len(tiny_tokenizer)), tiny_tokenizer, [request])
-    assert seen["pairs"] == [
-        ("Which family does Ramalinaceae belong to?", "Lamiinae"),
-        ("What family are Ramalinaceae?", "Lamiinae"),
-        ("nq question: types of skiing in the winter olympics 2018?", "Downhill"),  # `loc + "?"` as the reference
+    # The expected pairs, by hand: `target_new` after the question and its rephrasing, `loc_ans` after `loc + "?"`
+    # (as the reference scores it).
+    prompts = [
+        "Which family does Ramalinaceae belong to?",
+        "What family are Ramalinaceae?",
+        "nq question: types of skiing in the winter olympics 2018?",
     ]
-    evaluate_zsre(OracleLM(len(tiny_tokenizer)), tiny_tokenizer, [request], neighborhood_suffix="")
-    assert seen["pairs"][2][0] == "nq question: types of skiing in the winter olympics 2018"
+    groups = [(0, "rewrite"), (0, "paraphrase"), (0, "neighborhood")]
+    hits = target_token_hits(model, tiny_tokenizer, prompts, ["Lamiinae", "Lamiinae", "Downhill"])
+    expected = zsre_scores(hits, groups)
+    assert 0 < expected["zsre_efficacy_accuracy"] < 100  # the rewrite is scored with `target_new`, not the answer
+    assert expected["zsre_neighborhood_accuracy"] == 100.0
+    assert evaluate_zsre(model, tiny_tokenizer, [request]) == expected
+
+    # Without the suffix the neighborhood question ends with "2018": the first token of ` Downhill` is missed.
+    without_suffix = evaluate_zsre(model, tiny_tokenizer, [request], neighborhood_suffix="")
+    assert without_suffix["zsre_neighborhood_accuracy"] == pytest.approx(100 * (len(downhill) - 1) / len(downhill))
+    assert without_suffix["zsre_efficacy_accuracy"] == expected["zsre_efficacy_accuracy"]
 
 
 def test_evaluate_zsre_closed_form(tiny_tokenizer):

@@ -5,7 +5,7 @@ when it is the argmax of the next-token logits. Efficacy and paraphrase score `t
 and its paraphrases; neighborhood (specificity) scores the dataset's own answer (`loc_ans`) after the unrelated NQ
 question (`loc`), so even an unedited model stays well below 100. Each case averages all its tokens of a kind, then
 the cases are averaged and multiplied by 100 ([`zsre_scores`]). [`evaluate_zsre`] runs every token of every request in
-batched teacher-forced passes ([`~memit_hf.evaluation.target_token_hits`]).
+batched teacher-forced passes ([`~memit_hf.evaluation.scoring.target_token_hits`]).
 
 The reference re-tokenises `question + decode(target[:i])` once per target token and compares the argmax with the
 first id of `decode(target[i])` re-encoded; scoring the joint encoding of the question and the target in one pass is
@@ -17,16 +17,9 @@ from collections.abc import Hashable, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .evaluation import (
-    NEIGHBORHOOD,
-    PARAPHRASE,
-    PROMPT_KINDS,
-    REWRITE,
-    harmonic_mean,
-    per_case_mean,
-    target_token_hits,
-)
-from .requests import EditRequest
+from ..requests import EditRequest
+from .aggregation import NEIGHBORHOOD, PARAPHRASE, PROMPT_KINDS, REWRITE, check_groups, harmonic_mean, per_case_mean
+from .scoring import target_token_hits
 
 
 ZSRE_METRIC_KEYS = (
@@ -56,7 +49,7 @@ def zsre_scores(
     Args:
         token_hits (`Sequence` of `torch.Tensor` or `Sequence[bool]`, one per prompt):
             Whether each target token of the prompt is the teacher-forced argmax (see
-            [`~memit_hf.evaluation.target_token_hits`]).
+            [`~memit_hf.evaluation.scoring.target_token_hits`]).
         groups (`Sequence[tuple[Hashable, str]]`, one per prompt):
             `(case, kind)` of each prompt, the kind one of `"rewrite"`, `"paraphrase"`, `"neighborhood"`.
 
@@ -73,11 +66,8 @@ def zsre_scores(
         )
     values: dict[str, list[torch.Tensor]] = {kind: [] for kind in PROMPT_KINDS}
     cases: dict[str, list[Hashable]] = {kind: [] for kind in PROMPT_KINDS}
-    for position, (hits, group) in enumerate(zip(token_hits, groups)):
-        if len(group) != 2 or group[1] not in PROMPT_KINDS:
-            raise ValueError(
-                f"`groups[{position}]` must be a `(case, kind)` pair with kind in {PROMPT_KINDS} (got {group!r})."
-            )
+    check_groups(groups)
+    for hits, group in zip(token_hits, groups):
         hits = torch.as_tensor(hits, dtype=torch.float64).flatten()
         values[group[1]].append(hits)
         cases[group[1]].extend([group[0]] * len(hits))
@@ -100,7 +90,7 @@ def evaluate_zsre(
 
     Each request contributes its question (`request.text`) and paraphrase prompts, scored with `target_new`, and its
     neighborhood prompts, scored with `neighborhood_target` (requests without one contribute no neighborhood
-    prompt). All pairs go through one batched [`~memit_hf.evaluation.target_token_hits`] call.
+    prompt). All pairs go through one batched [`~memit_hf.evaluation.scoring.target_token_hits`] call.
 
     Args:
         model (`PreTrainedModel`):

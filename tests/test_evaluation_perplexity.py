@@ -1,12 +1,12 @@
-"""Tests of `memit_hf.perplexity`: corpus perplexity, batched."""
+"""Tests of `memit_hf.evaluation.perplexity`: corpus perplexity, batched."""
 
 import math
 
 import pytest
 import torch
 
-from memit_hf.covariance import token_pieces
-from memit_hf.perplexity import perplexity
+from memit_hf.evaluation.perplexity import perplexity
+from memit_hf.statistics.corpus import token_pieces
 from tests.testing_utils import OracleLM, build_tiny_causal_lm
 
 

@@ -1,0 +1,6 @@
+"""MEMIT: least-squares mass editing spread over several layers."""
+
+from .config import MEMITConfig
+
+
+__all__ = ["MEMITConfig"]

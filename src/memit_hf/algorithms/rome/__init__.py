@@ -1,0 +1,6 @@
+"""ROME: the rank-one (per fact) equality-constrained update of a single layer."""
+
+from .config import ROMEConfig
+
+
+__all__ = ["ROMEConfig"]

@@ -1,0 +1,100 @@
+"""What determines a module's statistics, as a JSON-able fingerprint: the model (identity, dtype and a digest of every
+weight the module's inputs depend on), the tokenizer, the corpus and the collection settings."""
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..architectures import ModelLayout
+
+
+STATS_FORMAT_VERSION = 2
+DIGEST_SAMPLES = 4096
+"""Elements sampled (evenly strided) from each weight tensor for its digest, besides its exact float64 sums."""
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """A cheap, change-sensitive digest of a tensor: its shape and dtype, its float64 sum and sum of squares (which
+    move when any single element moves), and the bytes of `DIGEST_SAMPLES` evenly strided elements."""
+    flat = tensor.detach().reshape(-1)
+    sums = torch.stack([flat.sum(dtype=torch.float64), torch.linalg.vector_norm(flat, dtype=torch.float64)])
+    sample = flat[:: max(1, flat.numel() // DIGEST_SAMPLES)].float()
+    h = hashlib.sha256(f"{tuple(tensor.shape)}|{tensor.dtype}".encode())
+    h.update(sums.cpu().numpy().tobytes())
+    h.update(sample.cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def upstream_parameters(model: PreTrainedModel, layout: ModelLayout, layer: int) -> list[tuple[str, torch.Tensor]]:
+    """The parameters the input of block `layer`'s edited module can depend on: everything outside the decoder
+    stack (embeddings, position embeddings, final norm) except an untied LM head, plus blocks `0..layer`."""
+    blocks = layout.layers_attr + "."
+    wanted = tuple(f"{layout.layer_name(i)}." for i in range(layer + 1))
+    output = model.get_output_embeddings()
+    head = output.weight if output is not None else None
+    tied = head is not None and head is model.get_input_embeddings().weight
+    chosen = []
+    for name, parameter in model.named_parameters():
+        if name.startswith(blocks):
+            if name.startswith(wanted):
+                chosen.append((name, parameter))
+        elif tied or parameter is not head:
+            chosen.append((name, parameter))
+    return chosen
+
+
+def weights_digest(parameters: list[tuple[str, torch.Tensor]]) -> str:
+    """One digest of named parameters (see [`tensor_digest`])."""
+    h = hashlib.sha256()
+    for name, parameter in parameters:
+        h.update(f"{name}={tensor_digest(parameter)};".encode())
+    return h.hexdigest()[:24]
+
+
+def model_identity(model: PreTrainedModel) -> dict[str, Any]:
+    """Name, revision, type, size and dtype of `model` (what exported edit metadata records about the base model)."""
+    return {
+        "model": getattr(model.config, "_name_or_path", "") or "",
+        "revision": getattr(model.config, "_commit_hash", None),
+        "model_type": model.config.model_type,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "embedding_digest": tensor_digest(model.get_input_embeddings().weight),
+    }
+
+
+def statistics_fingerprint(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    layout: ModelLayout,
+    layer: int,
+    corpus_id: str,
+    args: Any,
+) -> dict[str, Any]:
+    """Everything that determines the statistics of block `layer`'s edited module.
+
+    Args:
+        corpus_id (`str`): the corpus identity (see [`~memit_hf.statistics.StatisticsProvider`]).
+        args ([`~memit_hf.EditingArguments`]): the `stats_*` fields and `seed` are recorded.
+    """
+    return {
+        "format_version": STATS_FORMAT_VERSION,
+        **model_identity(model),
+        "weights_digest": weights_digest(upstream_parameters(model, layout, layer)),
+        "module": layout.edit_name(layer),
+        "tokenizer": getattr(tokenizer, "name_or_path", "") or "",
+        "vocab_size": len(tokenizer),
+        "corpus": corpus_id,
+        "num_tokens": args.stats_num_tokens,
+        "max_length": args.stats_max_length,
+        "seed": args.seed,
+        "accumulation": "float64",
+    }
+
+
+def fingerprint_key(fingerprint: dict[str, Any]) -> str:
+    """A short hash of a statistics fingerprint: the cache file's key, also recorded in exported edit metadata."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:24]

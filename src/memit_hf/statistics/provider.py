@@ -1,0 +1,158 @@
+"""The statistics provider the Editor asks for second moments: from memory, the disk cache, or one collection pass."""
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..architectures import ModelLayout
+from ..distributed import process_state
+from ..modes import eval_mode
+from .cache import StatisticsCache
+from .collection import SecondMoment, collect_second_moments
+from .corpus import MODEL_SAMPLES, corpus_texts, sample_corpus, text_digest, token_pieces
+from .fingerprint import fingerprint_key, statistics_fingerprint
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerStatistics:
+    """The second moment of one edited module's input, with what identifies it.
+
+    Args:
+        module_name (`str`): the edited module.
+        moment ([`SecondMoment`]): the float64 sum and token count.
+        fingerprint (`dict`): everything that determined it (see [`statistics_fingerprint`]).
+        key (`str`): the fingerprint's short hash (the cache key, recorded in exported metadata).
+        source (`str`): where the provider got it: `"cache"` or `"collected"` (one pass over the corpus).
+    """
+
+    module_name: str
+    moment: SecondMoment
+    fingerprint: dict[str, Any]
+    key: str
+    source: str
+
+    @property
+    def count(self) -> int:
+        return self.moment.count
+
+    def covariance(self) -> torch.Tensor:
+        """E[k k^T], float64 `(d_in, d_in)`."""
+        return self.moment.mean()
+
+    def info(self) -> dict[str, Any]:
+        """What exported edit metadata records about these statistics."""
+        return {
+            "key": self.key,
+            "corpus": self.fingerprint["corpus"],
+            "num_tokens": self.fingerprint["num_tokens"],
+            "count": self.count,
+        }
+
+
+class StatisticsProvider:
+    """Second moments of the edited modules' inputs for one model, tokenizer and corpus.
+
+    Statistics are looked up in memory, then in the [`StatisticsCache`], and the missing ones are collected in one
+    pass over the corpus (on the model as it is when asked: the Editor asks with the original weights in place).
+
+    Args:
+        model (`PreTrainedModel`), tokenizer (`PreTrainedTokenizerBase`), layout ([`ModelLayout`]).
+        args ([`~memit_hf.EditingArguments`]): the `stats_*` fields and `seed`.
+        corpus (`datasets.Dataset`, `list[str]` or text file paths, *optional*): the statistics corpus; `None`
+            samples text from the model itself (offline).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        layout: ModelLayout,
+        args: Any,
+        corpus: Any = None,
+    ):
+        self.model, self.tokenizer, self.layout, self.args, self.corpus = model, tokenizer, layout, args, corpus
+        self.cache = StatisticsCache(args.stats_cache_dir)
+        self.state = process_state()
+        self._memory: dict[str, LayerStatistics] = {}
+        self._pieces: list[list[int]] | None = None
+        self._corpus_id: str | None = None
+        self.num_collections = 0
+        """How many collection passes over the corpus this provider has run."""
+
+    def corpus_pieces(self) -> list[list[int]] | None:
+        """The token pieces of a user corpus (seeded order, cut to `stats_num_tokens`); `None` without a corpus."""
+        if self._pieces is None and self.corpus is not None:
+            a = self.args
+            texts = corpus_texts(self.corpus)
+            self._pieces = token_pieces(self.tokenizer, texts, a.stats_num_tokens, a.stats_max_length, a.seed)
+        return self._pieces
+
+    def corpus_id(self) -> str:
+        """The corpus identity in the fingerprint: a digest of the exact token pieces used, or the settings of the
+        model-sampled source (the model's own weights are in the fingerprint already)."""
+        if self._corpus_id is None:
+            pieces = self.corpus_pieces()
+            if pieces is None:
+                a = self.args
+                self._corpus_id = f"{MODEL_SAMPLES}:{a.stats_sample_texts}x{a.stats_sample_length}"
+            else:
+                self._corpus_id = "tokens:" + text_digest(",".join(map(str, piece)) for piece in pieces)
+        return self._corpus_id
+
+    def get(self, layers: list[int]) -> dict[str, LayerStatistics]:
+        """The statistics of the edited modules at `layers`, by module name.
+
+        Collection runs the model in evaluation mode (dropout off) and restores its mode afterwards.
+        """
+        with eval_mode(self.model):
+            missing = [layer for layer in layers if self.layout.edit_name(layer) not in self._memory]
+            fingerprints = {
+                layer: statistics_fingerprint(
+                    self.model, self.tokenizer, self.layout, layer, self.corpus_id(), self.args
+                )
+                for layer in missing
+            }
+            to_collect = []
+            for layer, fingerprint in fingerprints.items():
+                name = self.layout.edit_name(layer)
+                moment = self.cache.load(fingerprint)
+                if moment is None:
+                    to_collect.append(layer)
+                else:
+                    self._memory[name] = LayerStatistics(
+                        name, moment, fingerprint, fingerprint_key(fingerprint), "cache"
+                    )
+            if to_collect:
+                self._collect(to_collect, fingerprints)
+            return {self.layout.edit_name(layer): self._memory[self.layout.edit_name(layer)] for layer in layers}
+
+    def _collect(self, layers: list[int], fingerprints: dict[int, dict[str, Any]]) -> None:
+        pieces = self.corpus_pieces()
+        if pieces is None:
+            a = self.args
+            if self.state.is_main_process:
+                logger.info("No `stats_dataset` given: sampling statistics text from the model itself (offline).")
+            texts = sample_corpus(self.model, self.tokenizer, a.stats_sample_texts, a.stats_sample_length, a.seed)
+            pieces = token_pieces(self.tokenizer, texts, a.stats_num_tokens, a.stats_max_length, a.seed)
+        names = [self.layout.edit_name(layer) for layer in layers]
+        self.num_collections += 1
+        moments = collect_second_moments(
+            self.model, self.tokenizer, names, pieces, self.args.stats_batch_tokens,
+            show_progress=self.state.is_main_process,
+        )  # fmt: skip
+        for layer, name in zip(layers, names):
+            fingerprint = fingerprints[layer]
+            if self.state.is_main_process:
+                self.cache.save(fingerprint, moments[name])
+            self._memory[name] = LayerStatistics(
+                name, moments[name], fingerprint, fingerprint_key(fingerprint), "collected"
+            )
+        self.state.wait_for_everyone()
+        if self.state.is_main_process:
+            logger.info("Collected statistics for %d modules over %d tokens.", len(names), moments[names[0]].count)
