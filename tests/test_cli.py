@@ -4,6 +4,7 @@ import argparse
 import copy
 import json
 from dataclasses import fields
+from hashlib import sha256
 
 import pytest
 import torch
@@ -14,7 +15,15 @@ from transformers import AutoModelForCausalLM
 
 from memit_hf import cli
 from memit_hf.arguments import EditingArguments
-from tests.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer, tiny_corpus, tiny_requests
+from memit_hf.tokenization import encode_targets
+from tests.testing_utils import (
+    build_tiny_causal_lm,
+    build_tiny_tokenizer,
+    next_token_argmax,
+    subject_final_requests,
+    tiny_corpus,
+    tiny_requests,
+)
 
 
 FIELD_NAMES = [f.name for f in fields(EditingArguments)]
@@ -123,20 +132,32 @@ def saved_tiny_llama(tmp_path):
     return model_dir
 
 
+def subject_final_records() -> list[dict]:
+    """`subject_final_requests` (each target becomes the argmax after a MEMIT edit of a tiny model) with a
+    paraphrase and a neighborhood prompt each, so that `--evaluate` reports every CounterFact figure."""
+    return [
+        dict(r, paraphrase_prompts=["I think " + r["prompt"].format(r["subject"])],
+             neighborhood_prompts=["The capital of Italy"])
+        for r in subject_final_requests()
+    ]  # fmt: skip
+
+
 def test_edit_end_to_end_on_a_saved_tiny_model(saved_tiny_llama, tmp_path, capsys):
+    records = subject_final_records()
     requests = tmp_path / "requests.jsonl"
-    requests.write_text("".join(json.dumps(r) + "\n" for r in tiny_requests()))
+    requests.write_text("".join(json.dumps(r) + "\n" for r in records))
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(tiny_corpus()))
     output_dir = tmp_path / "out"
     stats_dir = tmp_path / "stats"
 
+    # The settings of `tiny_editing_arguments`, under which the tiny models' edits succeed.
     code = cli.main(
         [
             "edit", "--model", str(saved_tiny_llama), "--requests", str(requests), "--corpus", str(corpus),
             "--output-dir", str(output_dir), "--layers", "0", "1", "--stats_cache_dir", str(stats_dir),
             "--mom2_update_weight", "1.0", "--v_lr", "0.5", "--clamp_norm_factor", "4.0",
-            "--v_weight_decay", "0.001", "--v_num_grad_steps", "20", "--evaluate",
+            "--v_weight_decay", "0.001", "--v_num_grad_steps", "40", "--evaluate",
         ]
     )  # fmt: skip
     assert code == 0
@@ -169,6 +190,16 @@ def test_edit_end_to_end_on_a_saved_tiny_model(saved_tiny_llama, tmp_path, capsy
         assert torch.isfinite(lora_B @ lora_A).all() and (lora_B @ lora_A).abs().max() > 0
     base = AutoModelForCausalLM.from_pretrained(saved_tiny_llama).eval()
     edited = PeftModel.from_pretrained(copy.deepcopy(base), output_dir)
+    # The edit works: with the adapter each target's first token is the argmax after its prompt, and without it
+    # none is.
+    tokenizer = build_tiny_tokenizer()
+    prompts = [r["prompt"].format(r["subject"]) for r in records]
+    targets = [ids[0] for ids in encode_targets(tokenizer, [r["target_new"] for r in records])]
+    assert next_token_argmax(edited, tokenizer, prompts) == targets
+    with edited.disable_adapter():
+        unedited = next_token_argmax(edited, tokenizer, prompts)
+    assert unedited == next_token_argmax(base, tokenizer, prompts)
+    assert all(got != target for got, target in zip(unedited, targets))
 
     # export --merged gives a checkpoint equal to base + adapter; --export-rank a smaller adapter
     with pytest.raises(SystemExit, match="pass --model"):
@@ -184,15 +215,25 @@ def test_edit_end_to_end_on_a_saved_tiny_model(saved_tiny_llama, tmp_path, capsy
     assert json.loads((tmp_path / "rank2" / "adapter_config.json").read_text())["r"] == 2
     assert "max relative reconstruction error" in capsys.readouterr().out
 
-    # the statistics were cached: `stats` on the same model, corpus and budget reads them back
-    cached = sorted(stats_dir.rglob("*"))
-    assert any(path.suffix == ".safetensors" for path in cached)
+    # the statistics were cached: `stats` on the same model, corpus and budget reads them back, rewriting nothing
+    def cache_files():
+        return {
+            path.name: (path.stat().st_mtime_ns, sha256(path.read_bytes()).hexdigest())
+            for path in stats_dir.rglob("*")
+        }
+
+    cached = cache_files()
+    assert sum(name.endswith(".safetensors") for name in cached) == 2
     stats_argv = ["stats", "--model", str(saved_tiny_llama), "--corpus", str(corpus), "--layers", "0", "1"]
     counts = cli.run_stats(*cli.parse_args([*stats_argv, "--stats_cache_dir", str(stats_dir)]))
-    assert list(counts) == [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)]
-    assert all(count > 0 for count in counts.values())
-    assert sorted(stats_dir.rglob("*")) == cached  # nothing recomputed
-    assert "tokens" in capsys.readouterr().out
+    names = [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)]
+    assert list(counts) == names
+    keys = {name: info["key"] for name, info in batch["statistics"].items()}
+    assert counts == {name: info["count"] for name, info in batch["statistics"].items()}
+    printed = capsys.readouterr().out
+    for name in names:
+        assert f"  {name}: {counts[name]} tokens, dim 64 (cache, key {keys[name]})" in printed
+    assert cache_files() == cached  # the same files, not rewritten
 
 
 def test_evaluate_choices_match_the_library():
@@ -335,6 +376,6 @@ def test_evaluate_an_adapter(saved_tiny_llama, tmp_path):
     assert set(with_adapter["metrics"]) == set(in_place["metrics"])
     for key, value in in_place["metrics"].items():
         assert with_adapter["metrics"][key] == pytest.approx(value, abs=1e-4, nan_ok=True), key
-    assert in_place["metrics"]["efficacy_magnitude"] != in_place["metrics"]["pre_efficacy_magnitude"]
+    assert in_place["metrics"]["efficacy_magnitude"] > in_place["metrics"]["pre_efficacy_magnitude"]  # the edit works
     with pytest.raises(SystemExit, match="exclude each other"):
         cli.main(["evaluate", *common, "--edit", "--adapter", "x", "--output-dir", str(tmp_path / "y")])

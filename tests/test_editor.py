@@ -1,13 +1,18 @@
 """End-to-end tests of `memit_hf.editor.Editor` on every tiny architecture: edit success, locality of the change in
 parameter space, MEMIT's defining equation per layer, atomicity, validation, determinism, composition and restore."""
 
+import copy
+
 import pytest
 import torch
+from peft import PeftModel
+from safetensors.torch import load_file
 
 from memit_hf.algorithms import MEMIT, IllConditionedError, LayerProblem, MEMITConfig
 from memit_hf.deltas import LayerDelta, add_delta
 from memit_hf.editor import Editor, EditorCallback, EditOutput
 from memit_hf.keys import compute_keys_and_outputs
+from memit_hf.norms import rms_norm_residuals
 from memit_hf.tokenization import encode_targets
 from tests.testing_utils import (
     TINY_MODEL_TYPES,
@@ -20,6 +25,12 @@ from tests.testing_utils import (
     tiny_corpus,
     tiny_editing_arguments,
 )
+
+
+UNIT32 = torch.finfo(torch.float32).eps / 2
+"""float32 unit roundoff 2^-24 = 6.0e-8: a float32 result of one rounded operation is within UNIT32 x its magnitude of
+the exact value."""
+EPS64 = torch.finfo(torch.float64).eps  # 2.2e-16
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +59,15 @@ def target_log_probs(model, tokenizer, requests) -> torch.Tensor:
 def has_post_mlp_norm(layout) -> bool:
     """Whether the layout maps residuals through an RMS norm after the MLP (Gemma 2/3, OLMo 2)."""
     return getattr(layout, "post_mlp_norm_template", None) is not None
+
+
+def assert_weight_moved_by(after: torch.Tensor, before: torch.Tensor, dense: torch.Tensor, roundings: torch.Tensor):
+    """`after - before == dense` up to float32 rounding: the float64 difference of two float32 tensors is exact, and
+    each rounded float32 sum `fl(W + Delta)` on the way from `before` to `after` is off by at most UNIT32 x |that sum|;
+    `roundings` is the sum of those magnitudes (elementwise)."""
+    error = (after.double() - before.double() - dense.double()).abs()
+    excess = error - UNIT32 * roundings.double().abs()
+    assert (excess <= 0).all(), f"max error {float(error.max()):.3e}, max excess {float(excess.max()):.3e}"
 
 
 def edited_names(model_type: str) -> list[str]:
@@ -100,8 +120,9 @@ def test_only_edited_weights_change(edited):
 
 
 def test_deltas_are_the_memit_solution(edited, tokenizer):
-    """Per layer, recompute K and R as MEMIT defines them (keys with the earlier layers' updates applied, residual
-    spread over the remaining layers) and check Delta (lam C + K K^T) = R K^T."""
+    """Per layer, recompute K and R as MEMIT defines them on a fresh copy (keys with the earlier layers' updates
+    applied, residual spread over the remaining layers and, after a post-MLP norm, mapped through it) and check that
+    the stored factors are exactly the MEMIT solve of that problem, Delta (lam C + K K^T) = R K^T."""
     model = build_tiny_causal_lm(edited.model_type, vocab_size=len(tokenizer))
     editor, output = edited.editor, edited.output
     targets = output.values.targets.double()
@@ -109,35 +130,51 @@ def test_deltas_are_the_memit_solution(edited, tokenizer):
     n = len(edited.requests)
     for i, (layer, delta) in enumerate(zip(layers, output.deltas)):
         assert isinstance(delta, LayerDelta)
-        weight = delta.module_name + ".weight"
-        # The stored factors are exactly what was added to the weight.
-        difference = edited.after[weight].double() - edited.before[weight].double()
-        torch.testing.assert_close(
-            difference, delta.dense().double(), rtol=0, atol=1e-6 * float(difference.abs().max())
-        )
         assert delta.rank == n and delta.lora_B.shape[1] == delta.lora_A.shape[0] == n
-        singular_values = torch.linalg.svdvals(difference)  # rank <= n up to float32 rounding of the weights
-        assert float(singular_values[n] / singular_values[0]) < 1e-5
-        keys, current = compute_keys_and_outputs(
-            model, tokenizer, editor.layout, output.requests, editor.context_templates, layer, layers[-1]
-        )
+        weight = delta.module_name + ".weight"
+        after, before = edited.after[weight], edited.before[weight]
+        # The stored factors are exactly what was added to the weight: after = fl32(before + dense), one rounding.
+        assert_weight_moved_by(after, before, delta.dense(), roundings=after)
+        # Rank <= n: the weight moved by B A (rank n) plus the float32 rounding of the n-term products (n UNIT32
+        # |B||A|) and of the sum (UNIT32 |after|); Weyl: sigma_{n+1} <= the spectral norm of that error <= its
+        # Frobenius norm. (The bound is far below the update's own n-th singular value, so the check has teeth.)
+        magnitudes = delta.lora_B.double().abs() @ delta.lora_A.double().abs()
+        if delta.fan_in_fan_out:
+            magnitudes = magnitudes.T
+        rounding = n * UNIT32 * magnitudes.norm() + UNIT32 * after.double().norm()
+        singular_values = torch.linalg.svdvals(after.double() - before.double())
+        assert singular_values[n] <= rounding < 1e-3 * singular_values[n - 1]
+        keys, current, edit_outputs = compute_keys_and_outputs(
+            model, tokenizer, editor.layout, output.requests, editor.context_templates, layer, layers[-1],
+            return_edit_outputs=True,
+        )  # fmt: skip
         residuals = (targets - current) / (len(layers) - i)  # what is left, spread over the remaining layers
         if has_post_mlp_norm(editor.layout):
-            # The block-output residual is first mapped through the post-MLP norm; check the solve with the
-            # residual the update actually writes, B^T.
-            residuals = delta.lora_B.double().T
-        else:
-            torch.testing.assert_close(delta.lora_B.double(), residuals.T, rtol=1e-5, atol=1e-7)
+            # The block-output residual is what the post-MLP norm's output must move by: the edited projection's
+            # outputs must move by its image through the norm.
+            norm = model.get_submodule(editor.layout.post_mlp_norm_name(layer))
+            mapped = rms_norm_residuals(norm, residuals, edit_outputs)
+            assert float((mapped - residuals).norm() / residuals.norm()) > 0.1  # the mapping is no identity here
+            residuals = mapped
+        # The same operations on the same weights as in the edit: the factors are the float32 roundings of this
+        # float64 solve, bit for bit.
+        assert torch.equal(delta.lora_B, residuals.T.float())
         statistics = editor.get_statistics([layer])[delta.module_name]
-        covariance = statistics.covariance()
-        system = 1.0 * covariance + keys.T @ keys
-        stored = delta.lora_B.double() @ delta.lora_A.double()  # (d_out, d_in)
-        rhs = residuals.T @ keys
-        assert float((stored @ system - rhs).norm() / rhs.norm()) < 5e-6
         problem = LayerProblem(delta.module_name, layer, keys, residuals, statistics)
-        exact = torch.matmul(*MEMIT(MEMITConfig(mom2_update_weight=1.0)).solve(problem))
-        assert float((exact @ system - rhs).norm() / rhs.norm()) < 1e-9
-        assert float((stored - exact).norm() / exact.norm()) < 1e-6
+        exact_B, exact_A = MEMIT(MEMITConfig(mom2_update_weight=1.0)).solve(problem)
+        assert torch.equal(delta.lora_A, exact_A.float())
+        # The solve satisfies Delta S = R K^T with S = lam C + K K^T to the backward error of a float64 Cholesky
+        # solve: (S + E) A^T = K^T with |E| <= (3 d + 1) EPS64 |L||L^T| and || |L||L^T| ||_2 <= d ||S||_2 (Higham,
+        # Thm 10.4), so ||B A S - R K^T|| <= (3 d + 1) d EPS64 ||S||_2 ||B|| ||A||, plus the float64 rounding of the
+        # products (d EPS64 times their magnitudes, far smaller).
+        system = statistics.covariance() + keys.T @ keys
+        rhs = residuals.T @ keys
+        d = keys.shape[1]
+        gamma = (3 * d + 1) * d * EPS64
+        bound = gamma * (torch.linalg.matrix_norm(system, ord=2) * exact_B.norm() * exact_A.norm())
+        products = (exact_B.abs() @ exact_A.abs() @ system.abs()).norm() + (residuals.T.abs() @ keys.abs()).norm()
+        bound = bound + d * EPS64 * products
+        assert (exact_B @ exact_A @ system - rhs).norm() <= bound
         add_delta(model, delta)
     # Replaying the deltas on a fresh copy reproduces the edited weights bit for bit.
     assert changed_tensors(model, edited.after) == []
@@ -189,16 +226,81 @@ def test_override_layout_for_unknown_model_type(edited, tokenizer, tmp_path):
     )
     output = editor.edit(subject_final_requests())
     assert [d.module_name for d in output.deltas] == edited_names(edited.model_type)
-    if has_post_mlp_norm(edited.editor.layout):
-        # The override templates cannot name a post-MLP norm: the edit is the plain one, but it still succeeds.
-        assert changed_tensors(model, edited.before) == [name + ".weight" for name in edited_names(edited.model_type)]
-        requests = subject_final_requests()
-        assert next_token_argmax(model, tokenizer, prompts_of(requests)) == first_target_ids(tokenizer, requests)
+    if not has_post_mlp_norm(edited.editor.layout):
+        # The same edit as through the layout table, bit for bit.
+        assert changed_tensors(model, edited.after) == []
+        for ours, theirs in zip(output.deltas, edited.output.deltas):
+            assert torch.equal(ours.lora_B, theirs.lora_B) and torch.equal(ours.lora_A, theirs.lora_A)
         return
-    # The same edit as through the layout table, bit for bit.
-    assert changed_tensors(model, edited.after) == []
-    for ours, theirs in zip(output.deltas, edited.output.deltas):
-        assert torch.equal(ours.lora_B, theirs.lora_B) and torch.equal(ours.lora_A, theirs.lora_A)
+    # The override templates cannot name a post-MLP norm: the edit writes the plain residual (recomputed here on a
+    # fresh copy, bit for bit), unlike the layout table's edit, and on the tiny Gemma (unit gains) it still succeeds.
+    assert changed_tensors(model, edited.before) == [name + ".weight" for name in edited_names(edited.model_type)]
+    replay = build_tiny_causal_lm(edited.model_type, vocab_size=len(tokenizer))
+    targets = output.values.targets.double()
+    for i, (layer, delta) in enumerate(zip([0, 1], output.deltas)):
+        _, current = compute_keys_and_outputs(
+            replay, tokenizer, editor.layout, output.requests, editor.context_templates, layer, 1
+        )
+        assert torch.equal(delta.lora_B, ((targets - current) / (2 - i)).T.float())
+        assert not torch.equal(delta.lora_B, edited.output.deltas[i].lora_B)
+        add_delta(replay, delta)
+    assert changed_tensors(replay, parameters_snapshot(model)) == []
+    requests = subject_final_requests()
+    assert next_token_argmax(model, tokenizer, prompts_of(requests)) == first_target_ids(tokenizer, requests)
+
+
+# --------------------------------------------------------------------------------------------- post-MLP norm
+POST_NORM_GAINS = torch.linspace(1.0, 0.25, 32)
+"""Uneven gains (a 4x spread) for the post-feedforward norms of a tiny Gemma 3 (hidden size 32); each block gets them
+in another order, so that a residual mapped through another block's norm is a different one."""
+
+
+def gemma_with_uneven_post_norms(tokenizer):
+    model = build_tiny_causal_lm("gemma3_text", vocab_size=len(tokenizer))
+    with torch.no_grad():
+        for i, block in enumerate(model.model.layers):
+            gains = POST_NORM_GAINS.roll(11 * i)
+            block.post_feedforward_layernorm.weight.copy_(gains - 1)  # Gemma multiplies by 1 + weight
+    return model
+
+
+def test_post_mlp_norm_mapping_is_what_the_update_writes_and_it_matters(tokenizer, tmp_path):
+    """Gemma 3 adds `norm(m)`, not the down-projection's output `m`, to the residual stream. With a short z step
+    (clamp 0.5) the wanted change of `norm(m)` is small next to `norm(m)` but large next to `m`, so writing the block
+    residual into `m` unchanged (the plain residual) overshoots. The update writes the residual mapped through the
+    norm (recomputed here on a fresh copy), and reaches far more of the target than the plain one."""
+    requests = subject_final_requests()
+    model = gemma_with_uneven_post_norms(tokenizer)
+    editor = make_editor(model, tokenizer, tmp_path / "mapped", clamp_norm_factor=0.5)
+    values = editor.compute_values(requests)
+    output = editor.edit(requests, values=values)
+    replay = gemma_with_uneven_post_norms(tokenizer)
+    targets = values.targets.double()
+    plain_residuals = []
+    for i, (layer, delta) in enumerate(zip([0, 1], output.deltas)):
+        keys, current, edit_outputs = compute_keys_and_outputs(
+            replay, tokenizer, editor.layout, output.requests, editor.context_templates, layer, 1,
+            return_edit_outputs=True,
+        )  # fmt: skip
+        residuals = (targets - current) / (2 - i)
+        norm = replay.get_submodule(f"model.layers.{layer}.post_feedforward_layernorm")
+        mapped = rms_norm_residuals(norm, residuals, edit_outputs)
+        assert torch.equal(delta.lora_B, mapped.T.float())  # the same operations on the same weights
+        plain_residuals.append(residuals)
+        add_delta(replay, delta)
+    assert changed_tensors(replay, parameters_snapshot(model)) == []
+
+    # The plain alternative: the same z, statistics and solve, through override templates that name no norm.
+    plain_model = gemma_with_uneven_post_norms(tokenizer)
+    plain_model.config.model_type = "mystery"
+    plain_editor = make_editor(
+        plain_model, tokenizer, tmp_path / "plain", clamp_norm_factor=0.5,
+        edit_module_template="model.layers.{}.mlp.down_proj", layer_module_template="model.layers.{}",
+    )  # fmt: skip
+    plain = plain_editor.edit(requests, values=values)
+    assert torch.equal(plain.deltas[0].lora_B, plain_residuals[0].T.float())
+    mapped_achieved, plain_achieved = output.metrics["residual_achieved"], plain.metrics["residual_achieved"]
+    assert mapped_achieved > 0.5 * (1 + plain_achieved), (mapped_achieved, plain_achieved)  # misses < half as much
 
 
 # ---------------------------------------------------------------------------------- behaviour across edit calls
@@ -215,16 +317,15 @@ def test_second_edit_composes_and_restore_is_bit_exact(model_type, tokenizer, tm
     assert (target_log_probs(model, tokenizer, requests[2:]) > before_second + 0.1).all()
     assert len(editor.history) == 2 and editor.history == [first, second]
     for name in edited_names(model_type):
-        weight = model.get_submodule(name).weight.detach().double()
+        weight = model.get_submodule(name).weight.detach()
         first_delta, second_delta = (
             next(d for d in out.deltas if d.module_name == name).dense().double() for out in (first, second)
         )
-        tolerance = 1e-6 * float(weight.abs().max())  # float32 rounding of the stored weights
-        torch.testing.assert_close(
-            weight - after_first[name + ".weight"].double(), second_delta, rtol=0, atol=tolerance
-        )
-        torch.testing.assert_close(
-            weight - original[name + ".weight"].double(), first_delta + second_delta, rtol=0, atol=2 * tolerance
+        middle = after_first[name + ".weight"]
+        # One float32 rounding per edit: of fl(after_first + second), and before it of fl(original + first).
+        assert_weight_moved_by(weight, middle, second_delta, roundings=weight)
+        assert_weight_moved_by(
+            weight, original[name + ".weight"], first_delta + second_delta, roundings=weight.abs() + middle.abs()
         )
     editor.restore()
     assert changed_tensors(model, original) == []
@@ -243,6 +344,91 @@ def test_same_seed_gives_bitwise_identical_edits(edited, tokenizer, tmp_path):
     assert changed_tensors(model, edited.after) == []
     assert editor.context_templates == edited.editor.context_templates
     torch.testing.assert_close(output.values.targets, edited.output.values.targets, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------------ ROME
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_rome_edit_writes_every_residual_exactly(model_type, tokenizer, tmp_path):
+    """ROME through the Editor: one module changes, by an update of rank <= n that maps each request's key exactly
+    to its residual (equality-constrained), and every target becomes the argmax. (Through a post-MLP norm one layer
+    moves the block output only over the norm's output ellipsoid, which on the tiny Gemma does not reach every
+    target: there every target only becomes likelier.)"""
+    model = build_tiny_causal_lm(model_type, vocab_size=len(tokenizer))
+    before = parameters_snapshot(model)
+    editor = make_editor(model, tokenizer, tmp_path, algorithm="rome", layers=[1])
+    requests = subject_final_requests()
+    log_probs = target_log_probs(model, tokenizer, requests)
+    output = editor.edit(requests)
+    if has_post_mlp_norm(editor.layout):
+        assert (target_log_probs(model, tokenizer, requests) > log_probs).all()
+    else:
+        assert next_token_argmax(model, tokenizer, prompts_of(requests)) == first_target_ids(tokenizer, requests)
+    (delta,) = output.deltas
+    name = edited_names(model_type)[1]
+    assert delta.module_name == name and changed_tensors(model, before) == [name + ".weight"]
+    n = len(requests)
+    assert delta.lora_B.shape[1] == delta.lora_A.shape[0] == n  # Delta = B A has rank <= n
+    after = model.get_submodule(name).weight.detach()
+    assert_weight_moved_by(after, before[name + ".weight"], delta.dense(), roundings=after)
+
+    # The keys and residuals of the edit, recomputed on a fresh copy.
+    replay = build_tiny_causal_lm(model_type, vocab_size=len(tokenizer))
+    keys, current, edit_outputs = compute_keys_and_outputs(
+        replay, tokenizer, editor.layout, output.requests, editor.context_templates, 1, 1, return_edit_outputs=True
+    )
+    residuals = output.values.targets.double() - current  # one layer: the whole residual
+    if has_post_mlp_norm(editor.layout):
+        norm = replay.get_submodule(editor.layout.post_mlp_norm_name(1))
+        residuals = rms_norm_residuals(norm, residuals, edit_outputs)
+    B, A = delta.lora_B.double(), delta.lora_A.double()
+    written = B @ (A @ keys.T)  # (d_out, n): what the update adds to the output at each key
+    # In float64 the solve writes R exactly up to the backward error of the Cholesky solve of the n x n system
+    # G = K C^-1 K^T ((3 n + 1) n EPS64 ||G||_2 ||B||, Higham Thm 10.4) and the products' rounding (d EPS64 times
+    # their magnitudes); the stored float32 factors add (2 UNIT32 + UNIT32^2) |B||A||K^T| elementwise.
+    magnitudes = B.abs() @ (A.abs() @ keys.T.abs())
+    gram = keys @ A.T  # = K C^-1 K^T, up to float32 rounding of A
+    d = keys.shape[1]
+    float64_part = (3 * n + 1) * n * EPS64 * torch.linalg.matrix_norm(gram, ord=2) * B.norm()
+    float64_part = float64_part + d * EPS64 * magnitudes.norm()
+    bound = (2 * UNIT32 + UNIT32**2) * magnitudes.norm() + float64_part
+    assert (written - residuals.T).norm() <= bound < 1e-5 * residuals.norm()
+
+
+# ----------------------------------------------------------------------------------------------------- bfloat16
+def test_bfloat16_model_is_edited_in_its_dtype(tokenizer, tmp_path):
+    """A bfloat16 model (on the CPU) is edited in its dtype: the update of the exported factors, added in float32
+    and rounded once to bfloat16; the adapter holds those factors bit for bit; restore is bit-exact."""
+    base = build_tiny_causal_lm("llama", vocab_size=len(tokenizer)).to(torch.bfloat16)
+    model = copy.deepcopy(base)
+    before = parameters_snapshot(model)
+    editor = make_editor(model, tokenizer, tmp_path / "stats")
+    requests = subject_final_requests()
+    before_log_probs = target_log_probs(model, tokenizer, requests)
+    output = editor.edit(requests)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert changed_tensors(model, before) == [f"{d.module_name}.weight" for d in output.deltas]
+    assert (target_log_probs(model, tokenizer, requests) > before_log_probs).all()
+    editor.save_adapter(tmp_path / "adapter")
+    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    for delta in output.deltas:
+        lora_A = tensors[f"base_model.model.{delta.module_name}.lora_A.weight"]
+        lora_B = tensors[f"base_model.model.{delta.module_name}.lora_B.weight"]
+        assert torch.equal(lora_A, delta.lora_A) and torch.equal(lora_B, delta.lora_B)
+        original = before[f"{delta.module_name}.weight"]
+        expected = (original.float() + lora_B @ lora_A).to(torch.bfloat16)
+        assert torch.equal(model.get_submodule(delta.module_name).weight, expected)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter")
+    merged = peft_model.merge_and_unload()
+    unit = 2**-8  # bfloat16 unit roundoff (8 significant bits)
+    for delta in output.deltas:
+        # peft merges fl(W + fl(B A)) in bfloat16 (its factors possibly rounded to bfloat16 first: 2 unit |B||A|
+        # more); ours is fl(W + B A). Each is within its roundings of the exact sum.
+        ours = model.get_submodule(delta.module_name).weight.float()
+        theirs = merged.get_submodule(delta.module_name).weight.float()
+        magnitudes = delta.lora_B.abs() @ delta.lora_A.abs()
+        assert ((theirs - ours).abs() <= unit * (3 * magnitudes + theirs.abs() + ours.abs())).all()
+    editor.restore()
+    assert changed_tensors(model, before) == []
 
 
 # ------------------------------------------------------------------------------------------------- atomicity
@@ -320,6 +506,31 @@ def test_solver_failure_at_second_layer_leaves_weights_unchanged(model_type, tok
     assert len(editor.algorithm.calls) == 2
     assert changed_tensors(model, original) == []
     assert editor.history == []
+
+
+@pytest.mark.parametrize("nan", [False, True], ids=["raises", "non_finite"])
+def test_failure_in_a_second_edit_returns_to_the_first_edit(nan, tokenizer, tmp_path):
+    """A second `edit()` that fails after its first layer was applied leaves the weights of the first edit, bit for
+    bit, and the history holding the first edit alone; `unedited()` and `restore()` still reach the original."""
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    original = parameters_snapshot(model)
+    editor = make_editor(model, tokenizer, tmp_path, v_num_grad_steps=3)
+    requests = subject_final_requests()
+    first = editor.edit(requests[:2])
+    after_first = parameters_snapshot(model)
+    assert changed_tensors(model, original) != []
+    editor.algorithm = FailingMEMIT(editor.resolved_args.method_config, nan=nan)
+    message = r"The update of `model\.layers\.1\.mlp\.down_proj` is not finite" if nan else "failed at the second"
+    with pytest.raises(ValueError, match=message):
+        editor.edit(requests[2:])
+    assert editor.algorithm.calls == edited_names("llama")  # the first layer was solved and applied
+    assert changed_tensors(model, after_first) == []
+    assert editor.history == [first]
+    with editor.unedited():
+        assert changed_tensors(model, original) == []
+    assert changed_tensors(model, after_first) == []
+    editor.restore()
+    assert changed_tensors(model, original) == []
 
 
 def test_non_finite_update_is_rejected(tokenizer, tmp_path):
@@ -446,7 +657,7 @@ def test_empty_requests_and_missing_tokenizer(tokenizer, tmp_path):
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
     with pytest.raises(ValueError, match=r"`requests` is empty"):
         make_editor(model, tokenizer, tmp_path).edit([])
-    with pytest.raises(ValueError, match=r"`processing_class` \(the tokenizer\) is required"):
+    with pytest.raises(ValueError, match=r"none could be found for the model: the model records no `name_or_path`"):
         Editor(model, args=tiny_editing_arguments(tmp_path))
     with pytest.raises(TypeError, match=r"`model` must be a `PreTrainedModel` or a model id/path, got Linear"):
         Editor(torch.nn.Linear(2, 2), args=tiny_editing_arguments(tmp_path), processing_class=tokenizer)

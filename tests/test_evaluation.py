@@ -30,6 +30,7 @@ from tests.testing_utils import (
     OracleLM,
     build_tiny_causal_lm,
     build_tiny_tokenizer,
+    next_token_argmax,
     subject_final_requests,
     tiny_corpus,
     tiny_editing_arguments,
@@ -453,9 +454,20 @@ def test_editor_evaluate_reports_pre_figures_of_every_family(tiny_tokenizer, tmp
     # The pre_ figures are the unedited model's, computed with the same seed.
     assert {key: after[f"pre_{key}"] for key in before} == pytest.approx(before, nan_ok=True)
     # The edit makes the first token of every new target the argmax after its rewrite prompt (subject-final prompts
-    # on a tiny model): the token-level figures rise from 0.
+    # on a tiny model): the token-level figures rise from 0 to what the per-token hits of the edited model give
+    # (CounterFact accuracy: all tokens of a target hit; zsRE accuracy: the fraction of its tokens that hit).
     assert before["efficacy_accuracy"] == before["zsre_efficacy_accuracy"] == 0.0
-    assert after["efficacy_accuracy"] >= 50.0 and after["zsre_efficacy_accuracy"] >= 50.0
+    prompts = [r["prompt"].format(r["subject"]) for r in requests]
+    targets = [r["target_new"] for r in requests]
+    assert next_token_argmax(model, tiny_tokenizer, prompts) == [
+        ids[0] for ids in encode_targets(tiny_tokenizer, targets)
+    ]
+    hits = target_token_hits(model, tiny_tokenizer, prompts, targets)
+    assert after["efficacy_accuracy"] == pytest.approx(100 * sum(bool(h.all()) for h in hits) / len(hits))
+    assert after["zsre_efficacy_accuracy"] == pytest.approx(
+        100 * sum(float(h.double().mean()) for h in hits) / len(hits)
+    )
+    assert after["zsre_efficacy_accuracy"] > after["efficacy_accuracy"] > 0.0  # some targets have several tokens
     assert after["efficacy_magnitude"] > before["efficacy_magnitude"]
     assert after["perplexity"] != before["perplexity"]
     assert not any(key.startswith("pre_") for key in editor.evaluate(requests, include_pre=False))

@@ -324,3 +324,47 @@ def test_edit_output_saves_its_own_batch(tokenizer, tmp_path):
     assert (logits(stacked, tokenizer) - logits(model, tokenizer)).abs().max() <= ATOL
     first.save_adapter(tmp_path / "first", export_rank=1)
     assert json.loads((tmp_path / "first" / ADAPTER_CONFIG_NAME).read_text())["r"] == 1
+
+
+def test_include_requests_false_writes_nothing_of_the_requests(tokenizer, tmp_path):
+    """The privacy switch of `save_adapter`, `EditOutput.save_adapter` and `merge_and_save`: no prompt, subject,
+    target, paraphrase or neighborhood prompt appears in any file written; the counts and the SHA-256 remain."""
+    requests = [
+        dict(r, paraphrase_prompts=["Because " + r["prompt"].format(r["subject"])],
+             neighborhood_prompts=["The capital of Italy"])
+        for r in subject_final_requests()
+    ]  # fmt: skip
+    editor = Editor(
+        build_tiny_causal_lm("llama", vocab_size=len(tokenizer)),
+        args=tiny_editing_arguments(tmp_path / "stats", v_num_grad_steps=2), processing_class=tokenizer,
+        stats_dataset=tiny_corpus(),
+    )  # fmt: skip
+    output = editor.edit(requests)
+    secrets = set()
+    for r in requests:
+        secrets |= {r["prompt"], r["prompt"].format(r["subject"]), *r["prompt"].split("{}"), r["subject"]}
+        secrets |= {r["target_new"], r["target_true"], *r["paraphrase_prompts"], *r["neighborhood_prompts"]}
+    secrets = {secret.strip() for secret in secrets} - {""}
+
+    editor.save_adapter(tmp_path / "public", base_model_name_or_path="tiny/base")
+    public = read_edits_metadata(tmp_path / "public")
+    for name in ("memit_edits.json", "README.md"):  # the files list the requests by default: the search has teeth
+        text = (tmp_path / "public" / name).read_text()
+        assert all(r["subject"] in text and r["target_new"] in text for r in requests), name
+
+    editor.save_adapter(tmp_path / "adapter", base_model_name_or_path="tiny/base", include_requests=False)
+    output.save_adapter(tmp_path / "output", base_model_name_or_path="tiny/base", include_requests=False)
+    editor.merge_and_save(tmp_path / "merged", base_model_name_or_path="tiny/base", include_requests=False)
+    for folder in ("adapter", "output", "merged"):
+        # What memit-hf writes (a merged checkpoint's tokenizer files hold its vocabulary, words of targets included).
+        names = ["memit_edits.json", "README.md"] + (["config.json"] if folder == "merged" else [ADAPTER_CONFIG_NAME])
+        for name in names:
+            text = (tmp_path / folder / name).read_text()
+            leaked = sorted(secret for secret in secrets if secret in text)
+            assert not leaked, (folder, name, leaked)
+        metadata = read_edits_metadata(tmp_path / folder)
+        assert metadata["num_edits"] == 4
+        (batch,) = metadata["batches"]
+        assert batch["requests"] is None and batch["num_requests"] == 4
+        assert batch["requests_sha256"] == public["batches"][0]["requests_sha256"]
+        assert "The requests were not stored" in (tmp_path / folder / "README.md").read_text()

@@ -2,6 +2,7 @@
 cache (reuse, damage detection), the fingerprint (every upstream weight, the dtype, the corpus), the provider, token
 pieces, corpus inputs and the model-sampled corpus."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -23,7 +24,13 @@ from memit_hf.statistics import (
     upstream_parameters,
 )
 from memit_hf.statistics.collection import pack_batches
-from tests.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer, tiny_corpus, tiny_editing_arguments
+from tests.testing_utils import (
+    build_tiny_causal_lm,
+    build_tiny_tokenizer,
+    subject_final_requests,
+    tiny_corpus,
+    tiny_editing_arguments,
+)
 
 
 @pytest.fixture(scope="module")
@@ -316,6 +323,48 @@ def test_fingerprint_changes_when_one_upstream_weight_changes(model, tokenizer, 
     assert after["weights_digest"] != before.fingerprint["weights_digest"]
     again = make_editor(model, tokenizer, tmp_path).get_statistics([1])["model.layers.1.mlp.down_proj"]
     assert again.source == "collected"
+
+
+def fine_tune_step(model, tokenizer):
+    """One SGD step of the language-modelling loss on a corpus text, the embeddings frozen: every weight of the
+    decoder blocks moves a little, in place (the model's name, size and embeddings stay the same)."""
+    ids = torch.tensor([tokenizer(tiny_corpus()[0])["input_ids"]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.startswith("model.layers."):
+                parameter.sub_(0.5 * parameter.grad)
+            parameter.grad = None
+
+
+def test_statistics_of_a_fine_tuned_model_are_collected_again(model, tokenizer, tmp_path):
+    """Statistics cached for a model are never reused after a fine-tune changed its upstream weights in place: an
+    Editor on the same cache directory collects them again, from the fine-tuned weights, and edits with those."""
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    original = make_editor(model, tokenizer, tmp_path).get_statistics([0, 1])
+    assert sources(original) == dict.fromkeys(names, "collected")
+    fine_tune_step(model, tokenizer)
+    fine_tuned = copy.deepcopy(model)
+    editor = make_editor(model, tokenizer, tmp_path)
+    output = editor.edit(subject_final_requests())
+    assert editor.statistics.num_collections == 1
+    used = editor.get_statistics([0, 1])
+    assert sources(used) == dict.fromkeys(names, "collected")
+    expected = make_editor(fine_tuned, tokenizer, tmp_path / "fresh").get_statistics([0, 1])
+    for name in names:
+        assert used[name].key == expected[name].key != original[name].key
+        assert output.metadata["batch"]["statistics"][name]["key"] == used[name].key
+        assert torch.equal(used[name].moment.total, expected[name].moment.total)
+        assert not torch.equal(used[name].moment.total, original[name].moment.total)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 4  # the original entries are kept, next to the new ones
+
+
+def test_the_same_editor_collects_again_after_a_fine_tune(model, tokenizer, tmp_path):
+    editor = make_editor(model, tokenizer, tmp_path)
+    before = editor.get_statistics([1])["model.layers.1.mlp.down_proj"]
+    fine_tune_step(model, tokenizer)
+    after = editor.get_statistics([1])["model.layers.1.mlp.down_proj"]
+    assert after.source == "collected" and after.key != before.key and editor.statistics.num_collections == 2
 
 
 def test_fingerprint_ignores_weights_downstream_of_the_module(model, tokenizer):

@@ -23,7 +23,7 @@ from .distributed import assemble_rows, owned_chunks, process_state
 from .export import ExportReport, base_model_id, edit_metadata, save_merged_checkpoint, write_edit_adapter
 from .hub import push_folder
 from .keys import check_request_tokens, compute_keys_and_outputs, generate_context_templates
-from .models import load_model_and_tokenizer
+from .models import load_model_and_tokenizer, load_tokenizer_for
 from .modes import eval_mode
 from .norms import rms_norm_residuals
 from .requests import EDIT_RECORD_KEYS, EditRequest, load_requests
@@ -97,7 +97,9 @@ class Editor:
         args ([`EditingArguments`], *optional*):
             Editing hyperparameters; `None` gives the defaults, and fields left at `None` get per-model defaults.
         processing_class (`PreTrainedTokenizerBase`, *optional*):
-            The tokenizer; loaded from `model` when it is a string.
+            The tokenizer. When `None` it is loaded as `pipeline` does: with the model when `model` is a string,
+            else from the model's `name_or_path` (a local folder or a Hub id, offline-aware); an error says what to
+            pass when neither works.
         stats_dataset (`datasets.Dataset`, `list[str]` or paths, *optional*):
             Text corpus for the key covariance. When `None`, text sampled from the model itself is used (offline).
         callbacks (`list[EditorCallback]`, *optional*):
@@ -129,7 +131,7 @@ class Editor:
         if not isinstance(model, PreTrainedModel):
             raise TypeError(f"`model` must be a `PreTrainedModel` or a model id/path, got {type(model).__name__}.")
         if processing_class is None:
-            raise ValueError("`processing_class` (the tokenizer) is required when `model` is a model instance.")
+            processing_class = load_tokenizer_for(model)
         self.model = model
         self.tokenizer = processing_class
         self.stats_dataset = stats_dataset

@@ -212,7 +212,7 @@ def lora_config(
 def base_model_id(model: Any, explicit: str | None = None) -> str | None:
     """The name written as the adapter's `base_model_name_or_path`: `explicit` when given, else the model's
     `name_or_path` unless it is a path inside the temporary directory (which would not exist for anyone loading the
-    adapter later; `None` is written then, with a warning)."""
+    adapter later; `None` is written then, and the export warns)."""
     if explicit is not None:
         return explicit
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
@@ -223,11 +223,6 @@ def base_model_id(model: Any, explicit: str | None = None) -> str | None:
         resolved = path.resolve()
         temp = Path(tempfile.gettempdir()).resolve()
         if resolved == temp or temp in resolved.parents:
-            logger.warning(
-                "The base model was loaded from a temporary path (%s); the adapter records no "
-                "`base_model_name_or_path`. Pass `base_model_name_or_path=` to name it.",
-                name,
-            )
             return None
         return str(resolved)
     return name if _HUB_ID.match(name) else None
@@ -330,6 +325,7 @@ def save_merged_checkpoint(
     Args:
         save_kwargs: passed to `save_pretrained` (e.g. `max_shard_size`).
     """
+    warn_if_unnamed(metadata, "checkpoint's card")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, **save_kwargs)
@@ -399,7 +395,18 @@ def write_edit_adapter(
     Returns:
         [`ExportReport`]: ranks, reconstruction errors and sizes.
     """
+    warn_if_unnamed(metadata, "adapter")
     return save_adapter_files(
         deltas, path, metadata.get("base_model_name_or_path"), metadata.get("base_model_revision"), export_rank,
         metadata, repo_id,
     )  # fmt: skip
+
+
+def warn_if_unnamed(metadata: dict[str, Any], what: str) -> None:
+    """Warn, at export time, when the exported edit cannot name its base model."""
+    if metadata.get("base_model_name_or_path") is None:
+        logger.warning(
+            "The %s records no `base_model_name_or_path`: the model was loaded from a temporary path or has no "
+            "name. Pass `base_model_name_or_path=` to name it.",
+            what,
+        )

@@ -110,3 +110,38 @@ def load_model_and_tokenizer(
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return model.eval(), tokenizer
+
+
+def load_tokenizer_for(model: PreTrainedModel) -> PreTrainedTokenizerBase:
+    """The tokenizer of a loaded model, found as `pipeline` finds it: from the model's `name_or_path` (a local folder
+    or a Hub id, honouring `HF_HUB_OFFLINE`); the embedded default model's from its offline copy.
+
+    Raises:
+        ValueError: when the model names no folder or repository that holds a tokenizer, saying what to pass.
+    """
+    name = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None) or ""
+    if name == DEFAULT_MODEL_ID and not Path(name).is_dir():
+        try:
+            return load_default_tokenizer()
+        except (FileNotFoundError, OSError):
+            pass  # not the embedded package: try the Hub id below
+    if name:
+        try:
+            return AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as error:
+            reason = f"loading it from `{name}` failed ({type(error).__name__}: {str(error).splitlines()[0]})"
+    else:
+        reason = "the model records no `name_or_path`"
+    raise ValueError(
+        f"No tokenizer was given and none could be found for the model: {reason}. Pass it as "
+        "`Editor(model, processing_class=tokenizer)`."
+    )
+
+
+def load_default_tokenizer() -> PreTrainedTokenizerBase:
+    """The tokenizer of the embedded default model, offline (from its de-quantised cache, else the GGUF file)."""
+    cache = _cache_dir()
+    if (cache / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(cache)
+    path = default_model_path()
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

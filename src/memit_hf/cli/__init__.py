@@ -19,6 +19,7 @@ memit-hf push out --repo-id user/my-edits              # upload an adapter or ch
 
 import logging
 import sys
+import warnings
 
 from .adapters import run_export, run_push
 from .demo import DEMO_REQUESTS, run_demo
@@ -32,7 +33,9 @@ from .parsing import (
     EVALUATION_CHOICES,
     export_rank_type,
     make_parser,
+    make_script_parser,
     parse_args,
+    parse_script_args,
     subcommand_parser,
 )
 
@@ -46,8 +49,10 @@ __all__ = [
     "EVALUATION_CHOICES",
     "main",
     "make_parser",
+    "make_script_parser",
     "markdown_table",
     "parse_args",
+    "parse_script_args",
     "run_demo",
     "run_edit",
     "run_evaluate",
@@ -55,6 +60,14 @@ __all__ = [
     "run_push",
     "run_stats",
 ]
+
+
+THIRD_PARTY_NOISE = (
+    # peft 0.21 on transformers 5 asks for `is_gradient_checkpointing` while loading any adapter; nothing to act on.
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
+)
+"""Deprecation warnings of our dependencies that a user cannot act on, hidden while a `memit-hf` command runs (only
+there: importing memit-hf changes no warning filter)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         "edit": run_edit, "stats": run_stats, "evaluate": run_evaluate, "demo": run_demo, "export": run_export,
         "push": run_push,
     }  # fmt: skip
-    commands[namespace.command](namespace, args)
+    with warnings.catch_warnings():
+        for message, category in THIRD_PARTY_NOISE:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        commands[namespace.command](namespace, args)
     return 0
 
 

@@ -53,6 +53,12 @@ def _editing_parser(subparsers, name: str, help_text: str, description: str) -> 
         dataclass_types=[EditingArguments],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    _configure_editing_parser(parser)
+    return parser
+
+
+def _configure_editing_parser(parser: argparse.ArgumentParser) -> None:
+    """JSON for `dict` fields, the methods' hyperparameter flags and `--config` on an `EditingArguments` parser."""
     for action in parser._actions:
         # HfArgumentParser cannot parse `dict` fields (`model_init_kwargs`): take them as JSON objects.
         if action.dest in EDITING_FIELDS and getattr(action.type, "__origin__", None) is dict:
@@ -66,7 +72,6 @@ def _editing_parser(subparsers, name: str, help_text: str, description: str) -> 
         help="YAML recipe whose keys are `EditingArguments` fields or the method's hyperparameters; command-line "
         "flags win over it.",
     )
-    return parser
 
 
 def _add_method_flags(parser: argparse.ArgumentParser) -> None:
@@ -226,6 +231,70 @@ def _explicit_config_path(argv: list[str]) -> str | None:
     return known.config
 
 
+def apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Make the YAML recipe of `--config` in `argv` (if any) the defaults of `parser`, so flags still win.
+
+    Raises:
+        SystemExit: on an unreadable file or a key that is neither an `EditingArguments` field nor a method
+            hyperparameter.
+    """
+    config_path = _explicit_config_path(argv)
+    if config_path is None:
+        return
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle) or {}
+    except OSError as error:
+        parser.error(f"cannot read --config {config_path}: {error}")
+    if not isinstance(values, dict):
+        parser.error(f"--config {config_path} must hold a YAML mapping of `EditingArguments` fields.")
+    unknown = sorted(set(values) - set(EDITING_FIELDS) - set(METHOD_FIELDS))
+    if unknown:
+        parser.error(
+            f"unknown `EditingArguments` keys in {config_path}: {unknown}. Known keys: {list(EDITING_FIELDS)} "
+            f"and the methods' hyperparameters {list(METHOD_FIELDS)}."
+        )
+    parser.set_defaults(**values)
+
+
+def editing_arguments(namespace: argparse.Namespace, parser: argparse.ArgumentParser) -> EditingArguments:
+    """The [`EditingArguments`] of a parsed editing command line (method hyperparameters included).
+
+    Raises:
+        SystemExit: with the validation error of `EditingArguments`.
+    """
+    values = {name: getattr(namespace, name) for name in EDITING_FIELDS}
+    values.update({name: getattr(namespace, name) for name in METHOD_FIELDS if getattr(namespace, name) is not None})
+    try:
+        return EditingArguments.from_flat(values, where="the command line")
+    except (TypeError, ValueError) as error:
+        parser.error(str(error))
+
+
+def make_script_parser(description: str) -> argparse.ArgumentParser:
+    """A stand-alone parser with the flags of the editing commands (every `EditingArguments` field, the methods'
+    hyperparameters, `--config`, `--model`, `--corpus`), for scripts such as `examples/`; add your own flags and
+    read it with [`parse_script_args`]."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(
+        [EditingArguments], description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    _configure_editing_parser(parser)
+    _add_model_and_corpus(parser)
+    return parser
+
+
+def parse_script_args(
+    parser: argparse.ArgumentParser, argv: list[str] | None = None
+) -> tuple[argparse.Namespace, EditingArguments]:
+    """Parse a [`make_script_parser`] command line as the `memit-hf` commands do: `--config` first, flags win."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    apply_config(parser, argv)
+    namespace = parser.parse_args(argv)
+    return namespace, editing_arguments(namespace, parser)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, EditingArguments]:
     """Parse the command line into the command's own options and an [`EditingArguments`].
 
@@ -238,37 +307,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Editi
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
     command = next((arg for arg in argv if not arg.startswith("-")), None)
-    config_path = _explicit_config_path(argv)
-    if command in EDITING_COMMANDS and config_path is not None:
-        subparser = subcommand_parser(parser, command)
-        try:
-            with open(config_path, encoding="utf-8") as handle:
-                values = yaml.safe_load(handle) or {}
-        except OSError as error:
-            subparser.error(f"cannot read --config {config_path}: {error}")
-        if not isinstance(values, dict):
-            subparser.error(f"--config {config_path} must hold a YAML mapping of `EditingArguments` fields.")
-        unknown = sorted(set(values) - set(EDITING_FIELDS) - set(METHOD_FIELDS))
-        if unknown:
-            subparser.error(
-                f"unknown `EditingArguments` keys in {config_path}: {unknown}. Known keys: {list(EDITING_FIELDS)} "
-                f"and the methods' hyperparameters {list(METHOD_FIELDS)}."
-            )
-        subparser.set_defaults(**values)
+    if command in EDITING_COMMANDS:
+        apply_config(subcommand_parser(parser, command), argv)
     namespace = parser.parse_args(argv)
     if namespace.command is None:
         parser.print_help()
         parser.exit(2)
-    subparser = subcommand_parser(parser, namespace.command)
     if namespace.command not in EDITING_COMMANDS:
         return namespace, EditingArguments()
-    values = {name: getattr(namespace, name) for name in EDITING_FIELDS}
-    values.update({name: getattr(namespace, name) for name in METHOD_FIELDS if getattr(namespace, name) is not None})
-    try:
-        args = EditingArguments.from_flat(values, where="the command line")
-    except (TypeError, ValueError) as error:
-        subparser.error(str(error))
-    return namespace, args
+    return namespace, editing_arguments(namespace, subcommand_parser(parser, namespace.command))
 
 
 # ----------------------------------------------------------------------------------------------------- commands

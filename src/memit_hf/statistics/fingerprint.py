@@ -46,11 +46,24 @@ def upstream_parameters(model: PreTrainedModel, layout: ModelLayout, layer: int)
     return chosen
 
 
-def weights_digest(parameters: list[tuple[str, torch.Tensor]]) -> str:
-    """One digest of named parameters (see [`tensor_digest`])."""
+def weights_digest(parameters: list[tuple[str, torch.Tensor]], memo: dict | None = None) -> str:
+    """One digest of named parameters (see [`tensor_digest`]).
+
+    Args:
+        memo (`dict`, *optional*): digests of earlier calls, reused for a tensor whose storage and in-place version
+            counter are unchanged (every in-place write bumps the counter), so overlapping layers digest each tensor
+            once.
+    """
     h = hashlib.sha256()
     for name, parameter in parameters:
-        h.update(f"{name}={tensor_digest(parameter)};".encode())
+        key = (parameter.data_ptr(), parameter._version, tuple(parameter.shape), parameter.dtype)
+        if memo is None or key not in memo:
+            digest = tensor_digest(parameter)
+            if memo is not None:
+                memo[key] = digest
+        else:
+            digest = memo[key]
+        h.update(f"{name}={digest};".encode())
     return h.hexdigest()[:24]
 
 
@@ -73,17 +86,19 @@ def statistics_fingerprint(
     layer: int,
     corpus_id: str,
     args: Any,
+    memo: dict | None = None,
 ) -> dict[str, Any]:
     """Everything that determines the statistics of block `layer`'s edited module.
 
     Args:
         corpus_id (`str`): the corpus identity (see [`~memit_hf.statistics.StatisticsProvider`]).
         args ([`~memit_hf.EditingArguments`]): the `stats_*` fields and `seed` are recorded.
+        memo (`dict`, *optional*): tensor digests to reuse (see [`weights_digest`]).
     """
     return {
         "format_version": STATS_FORMAT_VERSION,
         **model_identity(model),
-        "weights_digest": weights_digest(upstream_parameters(model, layout, layer)),
+        "weights_digest": weights_digest(upstream_parameters(model, layout, layer), memo),
         "module": layout.edit_name(layer),
         "tokenizer": getattr(tokenizer, "name_or_path", "") or "",
         "vocab_size": len(tokenizer),

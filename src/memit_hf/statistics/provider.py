@@ -82,6 +82,7 @@ class StatisticsProvider:
         self._memory: dict[str, LayerStatistics] = {}
         self._pieces: list[list[int]] | None = None
         self._corpus_id: str | None = None
+        self._digests: dict = {}  # tensor digests by (storage, in-place version): see `weights_digest`
         self.num_collections = 0
         """How many collection passes over the corpus this provider has run."""
 
@@ -108,15 +109,22 @@ class StatisticsProvider:
     def get(self, layers: list[int]) -> dict[str, LayerStatistics]:
         """The statistics of the edited modules at `layers`, by module name.
 
-        Collection runs the model in evaluation mode (dropout off) and restores its mode afterwards.
+        Every call fingerprints the model as it is now, so statistics held in memory are handed out only while the
+        weights they describe are unchanged (a model fine-tuned in place gets new ones). Collection runs the model in
+        evaluation mode (dropout off) and restores its mode afterwards.
         """
         with eval_mode(self.model):
-            missing = [layer for layer in layers if self.layout.edit_name(layer) not in self._memory]
             fingerprints = {
                 layer: statistics_fingerprint(
-                    self.model, self.tokenizer, self.layout, layer, self.corpus_id(), self.args
+                    self.model, self.tokenizer, self.layout, layer, self.corpus_id(), self.args, self._digests
                 )
-                for layer in missing
+                for layer in layers
+            }
+            fingerprints = {
+                layer: fingerprint
+                for layer, fingerprint in fingerprints.items()
+                if self._memory.get(self.layout.edit_name(layer)) is None
+                or self._memory[self.layout.edit_name(layer)].key != fingerprint_key(fingerprint)
             }
             to_collect = []
             for layer, fingerprint in fingerprints.items():
