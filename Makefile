@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-CHECK_DIRS := src tests $(wildcard benchmarks)
+CHECK_DIRS := src tests $(wildcard benchmarks) $(wildcard examples)
 
 venv: $(STAMP)
 
