@@ -56,12 +56,12 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def test_registry():
-    assert set(ALGORITHMS) == set(ALGORITHM_CONFIGS) == {"memit", "rome"}
+    assert set(ALGORITHMS) == set(ALGORITHM_CONFIGS) == {"memit", "rome", "memit_seq", "emmet", "alphaedit"}
     assert isinstance(get_algorithm("memit"), MEMIT)
     assert get_algorithm("memit", MEMITConfig(mom2_update_weight=3.0)).config.mom2_update_weight == 3.0
     assert isinstance(get_algorithm("rome"), ROME)
-    with pytest.raises(ValueError, match=r"Unknown algorithm `alphaedit`; choose one of \['memit', 'rome'\]"):
-        get_algorithm("alphaedit")
+    with pytest.raises(ValueError, match=r"Unknown algorithm `grace`; choose one of \['alphaedit', 'emmet', 'memit'"):
+        get_algorithm("grace")
 
 
 @pytest.mark.parametrize("n, d_in, d_out", [(1, 12, 7), (5, 16, 9), (20, 16, 6), (40, 24, 10)])

@@ -21,7 +21,7 @@ def test_defaults_leave_per_model_fields_unset():
     assert args.kl_factor == 0.0625
     assert args.v_early_stop_loss == 0.05
     assert args.num_context_templates == 5 and args.context_template_length == 10
-    assert ALGORITHM_NAMES == ("memit", "rome")
+    assert ALGORITHM_NAMES == ("memit", "rome", "memit_seq", "emmet", "alphaedit")
 
 
 def test_layers_are_normalised_to_ints():
@@ -33,7 +33,10 @@ def test_layers_are_normalised_to_ints():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"algorithm": "alphaedit"}, r"`algorithm` must be one of \['memit', 'rome'\], got `alphaedit`"),
+        (
+            {"algorithm": "grace"},
+            r"`algorithm` must be one of \['memit', 'rome', 'memit_seq', 'emmet', 'alphaedit'\], got `grace`",
+        ),
         ({"fact_token": "last"}, r"`fact_token` must be `subject_last`, got `last`"),
         ({"layers": []}, r"`layers` must name at least one layer"),
         ({"layers": [4, 3]}, r"`layers` must be strictly ascending without repeats, got \[4, 3\]"),
@@ -49,7 +52,7 @@ def test_layers_are_normalised_to_ints():
         ({"context_template_length": 0}, r"`context_template_length` must be a positive integer"),
         ({"num_context_templates": -1}, r"`num_context_templates` must be >= 0, got -1"),
         ({"algorithm_config": {"mom2_update_weight": -1.0}}, r"`mom2_update_weight` must be non-negative, got -1.0"),
-        ({"algorithm_config": {"alpha": 1.0}}, r"\['alpha'\], which are not hyperparameters of `memit`"),
+        ({"algorithm_config": {"alphaedit_l2": 1.0}}, r"\['alphaedit_l2'\], which are not hyperparameters of `memit`"),
         ({"algorithm": "rome", "algorithm_config": MEMITConfig()}, r"is a `MEMITConfig` but `algorithm` is `rome`"),
         ({"v_lr": -0.5}, r"`v_lr` must be non-negative, got -0.5"),
         ({"clamp_norm_factor": -2.0}, r"`clamp_norm_factor` must be non-negative"),

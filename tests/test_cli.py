@@ -379,3 +379,10 @@ def test_evaluate_an_adapter(saved_tiny_llama, tmp_path):
     assert in_place["metrics"]["efficacy_magnitude"] > in_place["metrics"]["pre_efficacy_magnitude"]  # the edit works
     with pytest.raises(SystemExit, match="exclude each other"):
         cli.main(["evaluate", *common, "--edit", "--adapter", "x", "--output-dir", str(tmp_path / "y")])
+
+
+def test_method_flags_parse_for_the_chosen_method():
+    _, args = cli.parse_args(["stats", "--algorithm", "emmet", "--emmet_ridge", "0.5", "--accumulate_keys", "false"])
+    assert args.algorithm_config == {"mom2_update_weight": None, "emmet_ridge": 0.5, "accumulate_keys": False}
+    with pytest.raises(SystemExit):
+        cli.parse_args(["stats", "--algorithm", "memit", "--emmet_ridge", "0.5"])

@@ -72,6 +72,8 @@ class EditOutput:
     requests: list[EditRequest]
     values: ValueResult | None = field(default=None, repr=False)
     metadata: dict[str, Any] = field(default_factory=dict, repr=False)
+    state_increments: list = field(default_factory=list, repr=False)
+    """The Gram factors this edit added to the method's state (see [`~memit_hf.algorithms.EditAlgorithm.replay`])."""
 
     def save_adapter(
         self,
@@ -353,6 +355,7 @@ class Editor:
             deltas, initial_outputs, final_outputs = self._solve_layers(
                 requests, templates, values.targets.double(), statistics, algorithm, args
             )
+            increments = algorithm.pending_increments()
             algorithm.commit()
         except BaseException:
             snapshot.restore()
@@ -375,6 +378,7 @@ class Editor:
             "z_final_nll": float(values.final_nll.mean()),
             "z_mean_steps": float(values.steps.float().mean()),
             "residual_achieved": float((1 - missed / wanted.clamp_min(1e-12)).mean()),
+            **algorithm.diagnostics(),
         }
         self._log(
             "Edit done in %.1fs: z loss %.3f -> %.3f, %.0f%% of the target residual achieved at layer %d.",
@@ -391,7 +395,10 @@ class Editor:
             "metrics": dict(metrics),
         }
         metadata = {"model": self._model_info(), "batch": batch}
-        output = EditOutput(deltas=deltas, metrics=metrics, requests=requests, values=values, metadata=metadata)
+        output = EditOutput(
+            deltas=deltas, metrics=metrics, requests=requests, values=values, metadata=metadata,
+            state_increments=increments,
+        )  # fmt: skip
         self.history.append(output)
         for callback in self.callbacks:
             callback.on_edit_end(self, output)
@@ -605,6 +612,30 @@ class Editor:
         self._pristine.clear()
         self.history.clear()
         self._algorithm = None
+
+    @torch.no_grad()
+    def rollback(self, k: int = 1) -> None:
+        """Undo the last `k` edits: the weights become bit-identical to what they were before them (the original
+        weights with the kept edits' deltas added again, in order), and the method's state equal to what it was (its
+        accumulated key Gram replayed from the kept edits' factors).
+
+        Args:
+            k (`int`, *optional*, defaults to 1): how many of the latest `edit()` calls to undo.
+
+        Raises:
+            ValueError: if `k` is not between 1 and the number of edits held.
+        """
+        if not 1 <= k <= len(self.history):
+            raise ValueError(f"`k` must be between 1 and the number of edits held ({len(self.history)}), got {k}.")
+        kept = self.history[: len(self.history) - k]
+        for name, original in self._pristine.items():
+            self.model.get_submodule(name).weight.copy_(original)
+        for output in kept:
+            for delta in output.deltas:
+                add_delta(self.model, delta)
+        if self._algorithm is not None:
+            self._algorithm.replay([output.state_increments for output in kept])
+        self.history = kept
 
     def evaluate(
         self,

@@ -7,8 +7,11 @@ The registry and the configurations import no torch; the algorithm classes load 
 
 from typing import TYPE_CHECKING
 
+from .alphaedit.config import AlphaEditConfig
 from .config import AlgorithmConfig
+from .emmet.config import EMMETConfig
 from .memit.config import MEMITConfig
+from .memit_seq.config import MEMITSeqConfig
 from .registry import ALGORITHM_CONFIGS, ALGORITHM_NAMES, get_config_class, method_field_names
 from .rome.config import ROMEConfig
 
@@ -22,15 +25,24 @@ _LAZY = {
     "cholesky_factor": "base",
     "MEMIT": "memit.algorithm",
     "ROME": "rome.algorithm",
+    "MEMITSeq": "memit_seq.algorithm",
+    "EMMET": "emmet.algorithm",
+    "AlphaEdit": "alphaedit.algorithm",
 }
 
 __all__ = [
     "ALGORITHMS",
     "ALGORITHM_CONFIGS",
     "ALGORITHM_NAMES",
+    "EMMET",
     "MEMIT",
     "ROME",
     "AlgorithmConfig",
+    "AlphaEdit",
+    "AlphaEditConfig",
+    "EMMETConfig",
+    "MEMITSeq",
+    "MEMITSeqConfig",
     "EditAlgorithm",
     "IllConditionedError",
     "LayerProblem",

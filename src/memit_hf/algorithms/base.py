@@ -75,6 +75,7 @@ class EditAlgorithm(ABC):
         self._prepared: dict[str, tuple[str, Any]] = {}
         self._state: dict[str, dict[str, torch.Tensor]] = {}
         self._pending: dict[str, dict[str, torch.Tensor]] = {}
+        self._pending_grams: list[tuple[str, str, torch.Tensor]] = []
 
     @property
     def name(self) -> str:
@@ -115,15 +116,44 @@ class EditAlgorithm(ABC):
         """The committed state of `module_name` (empty for stateless methods)."""
         return self._state.get(module_name, {})
 
+    def accumulate_gram(self, module_name: str, key: str, factor: torch.Tensor) -> None:
+        """Stage `state[module_name][key] += factor^T @ factor` (float64; `factor` is `(n, d)`): the constant-memory
+        state of sequential methods (the Gram matrix of every earlier batch's keys). Applied by [`commit`]; the
+        factors of a committed edit are what [`pending_increments`] returned, so [`replay`] rebuilds the state."""
+        self._pending_grams.append((module_name, key, factor.detach().double().cpu()))
+
+    def pending_increments(self) -> list[tuple[str, str, torch.Tensor]]:
+        """The Gram factors staged by the current edit (to record with it, for [`replay`])."""
+        return list(self._pending_grams)
+
+    def _apply_gram(self, module_name: str, key: str, factor: torch.Tensor) -> None:
+        layer = self._state.setdefault(module_name, {})
+        product = factor.T @ factor
+        layer[key] = layer[key] + product if key in layer else product
+
     def commit(self) -> None:
         """Make the state staged during the last edit permanent."""
         for module_name, tensors in self._pending.items():
             self._state.setdefault(module_name, {}).update(tensors)
-        self._pending = {}
+        for module_name, key, factor in self._pending_grams:
+            self._apply_gram(module_name, key, factor)
+        self._pending, self._pending_grams = {}, []
 
     def discard(self) -> None:
         """Drop the state staged during a failed edit."""
-        self._pending = {}
+        self._pending, self._pending_grams = {}, []
+
+    def replay(self, increments: list[list[tuple[str, str, torch.Tensor]]]) -> None:
+        """Rebuild the accumulated state from scratch from the Gram factors of the edits to keep, in order: the same
+        operations in the same order as their commits, so the state is bit-identical to what it was after them."""
+        self._state, self._pending, self._pending_grams = {}, {}, []
+        for edit in increments:
+            for module_name, key, factor in edit:
+                self._apply_gram(module_name, key, factor)
+
+    def diagnostics(self) -> dict[str, float]:
+        """Figures of the last edit worth reporting in `EditOutput.metrics` (e.g. a kept null-space rank)."""
+        return {}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The committed state as flat tensors named `"<module>::<key>"` (safetensors-compatible)."""
@@ -142,4 +172,4 @@ class EditAlgorithm(ABC):
                 raise ValueError(f"State entry `{name}` is not named `<module>::<key>`.")
             loaded.setdefault(module, {})[key] = tensor
         self._state = loaded
-        self._pending = {}
+        self._pending, self._pending_grams = {}, []

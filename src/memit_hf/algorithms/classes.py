@@ -3,14 +3,17 @@
 
 from types import MappingProxyType
 
+from .alphaedit.algorithm import AlphaEdit
 from .base import EditAlgorithm
 from .config import AlgorithmConfig
+from .emmet.algorithm import EMMET
 from .memit.algorithm import MEMIT
+from .memit_seq.algorithm import MEMITSeq
 from .registry import get_config_class
 from .rome.algorithm import ROME
 
 
-ALGORITHMS = MappingProxyType({cls.config_class.name: cls for cls in (MEMIT, ROME)})
+ALGORITHMS = MappingProxyType({cls.config_class.name: cls for cls in (MEMIT, ROME, MEMITSeq, EMMET, AlphaEdit)})
 """Registered algorithm classes by name (read-only); every name of `ALGORITHM_CONFIGS` has one."""
 
 

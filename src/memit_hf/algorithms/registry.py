@@ -3,12 +3,17 @@
 
 from types import MappingProxyType
 
+from .alphaedit.config import AlphaEditConfig
 from .config import AlgorithmConfig
+from .emmet.config import EMMETConfig
 from .memit.config import MEMITConfig
+from .memit_seq.config import MEMITSeqConfig
 from .rome.config import ROMEConfig
 
 
-ALGORITHM_CONFIGS = MappingProxyType({config.name: config for config in (MEMITConfig, ROMEConfig)})
+ALGORITHM_CONFIGS = MappingProxyType(
+    {config.name: config for config in (MEMITConfig, ROMEConfig, MEMITSeqConfig, EMMETConfig, AlphaEditConfig)}
+)
 """Registered algorithms by name (read-only)."""
 
 ALGORITHM_NAMES = tuple(ALGORITHM_CONFIGS)

@@ -74,6 +74,14 @@ def _configure_editing_parser(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _boolean(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    if value.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
 def _add_method_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per hyperparameter of the registered methods (default `None`: the method's own default)."""
     seen: set[str] = set()
@@ -84,9 +92,10 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> None:
             seen.add(item.name)
             owners = [name for name, other in ALGORITHM_CONFIGS.items() if item.name in other.field_names()]
             kind = item.type if isinstance(item.type, type) else float if "float" in str(item.type) else str
+            kind = _boolean if kind is bool else kind if kind in (int, float, str) else str
             aliases = [f"--{item.name}"] + ([f"--{item.name.replace('_', '-')}"] if "_" in item.name else [])
             parser.add_argument(
-                *aliases, dest=item.name, type=kind if kind in (int, float, str) else str, default=None,
+                *aliases, dest=item.name, type=kind, default=None,
                 help=f"[{', '.join(owners)}] {item.metadata.get('help', '')}",
             )  # fmt: skip
 

@@ -1,0 +1,34 @@
+"""Hyperparameters of AlphaEdit."""
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from ..config import AlgorithmConfig
+
+
+@dataclass
+class AlphaEditConfig(AlgorithmConfig):
+    """Configuration of [`AlphaEdit`]: the update projected onto the null space of the preserved keys.
+
+    Args:
+        nullspace_threshold (`float`, *optional*, defaults to `1e-2`):
+            Eigenvectors of the preserved keys' second moment whose eigenvalue is below this fraction of the
+            largest one span the null space (a rule relative to the spectrum, so it transfers between models; the
+            reference's absolute 2e-2 depends on the activation scale).
+        alphaedit_l2 (`float`, *optional*, defaults to `10.0`):
+            The ridge `alpha` of the projected solve (the reference's `L2`).
+    """
+
+    name: ClassVar[str] = "alphaedit"
+    paper: ClassVar[str] = "https://huggingface.co/papers/2410.02355"
+
+    nullspace_threshold: float = field(
+        default=1e-2, metadata={"help": "AlphaEdit: null space = eigenvalues below this fraction of the largest."}
+    )
+    alphaedit_l2: float = field(default=10.0, metadata={"help": "AlphaEdit ridge alpha (the reference's L2)."})
+
+    def __post_init__(self):
+        if not 0 < self.nullspace_threshold < 1:
+            raise ValueError(f"`nullspace_threshold` must be in (0, 1), got {self.nullspace_threshold}.")
+        if not self.alphaedit_l2 > 0:
+            raise ValueError(f"`alphaedit_l2` must be positive, got {self.alphaedit_l2}.")

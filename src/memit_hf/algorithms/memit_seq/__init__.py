@@ -1,0 +1,6 @@
+"""Accumulated-key MEMIT for sequential editing."""
+
+from .config import MEMITSeqConfig
+
+
+__all__ = ["MEMITSeqConfig"]

@@ -1,0 +1,132 @@
+"""Sequential editing: accumulated-key MEMIT, EMMET and AlphaEdit on the stateful interface, and exact rollback."""
+
+import pytest
+import torch
+
+from memit_hf.algorithms import LayerProblem, get_algorithm
+from memit_hf.editor import Editor
+from memit_hf.statistics import LayerStatistics, SecondMoment
+from tests.testing_utils import (
+    build_tiny_causal_lm,
+    build_tiny_tokenizer,
+    changed_tensors,
+    next_token_argmax,
+    parameters_snapshot,
+    subject_final_requests,
+    tiny_corpus,
+    tiny_editing_arguments,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+def random_statistics(d_in: int, seed: int = 0) -> LayerStatistics:
+    generator = torch.Generator().manual_seed(seed)
+    samples = torch.randn(4 * d_in, d_in, generator=generator, dtype=torch.float64)
+    covariance = samples.T @ samples / samples.shape[0]
+    return LayerStatistics("m", SecondMoment(covariance, 1), {"corpus": "test", "num_tokens": 1}, "k", "collected")
+
+
+def batch(n: int, d_in: int, d_out: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(n, d_in, generator=generator, dtype=torch.float64)
+    return keys, torch.randn(n, d_out, generator=generator, dtype=torch.float64)
+
+
+def test_accumulated_key_memit_preserves_the_keys_of_earlier_batches():
+    """Batch 2 solves Delta (lambda C + K1^T K1 + K2^T K2) = R2^T K2 (its defining equation, to float64 rounding),
+    so with a small lambda the keys of batch 1 keep their outputs: Delta K1^T -> 0 as lambda -> 0, where plain MEMIT
+    moves them by about as much as it writes."""
+    d_in, d_out, lam = 24, 8, 1e-6
+    statistics = random_statistics(d_in)
+    (k1, r1), (k2, r2) = batch(5, d_in, d_out, 1), batch(5, d_in, d_out, 2)
+    sequential = get_algorithm("memit_seq", {"mom2_update_weight": lam})
+    sequential.prepare(statistics)
+    sequential.solve(LayerProblem("m", 0, k1, r1, statistics))
+    sequential.commit()
+    assert torch.equal(sequential.layer_state("m")["key_gram"], k1.T @ k1)
+    delta = torch.matmul(*sequential.solve(LayerProblem("m", 0, k2, r2, statistics)))
+    system = lam * statistics.covariance() + k1.T @ k1 + k2.T @ k2
+    rhs = r2.T @ k2
+    # float64 solve of a system with condition ~1e6 (lambda 1e-6 against unit keys): backward error ~1e6 * eps64
+    assert float((delta @ system - rhs).norm() / rhs.norm()) < 1e-8
+    plain = get_algorithm("memit", {"mom2_update_weight": lam})
+    plain_delta = torch.matmul(*plain.solve(LayerProblem("m", 0, k2, r2, statistics)))
+    kept = float((delta @ k1.T).norm() / r2.norm())
+    moved = float((plain_delta @ k1.T).norm() / r2.norm())
+    assert kept < 1e-4 and moved > 0.1  # O(lambda) against O(1)
+
+
+def test_alphaedit_leaves_preserved_keys_unchanged():
+    """For x in the preserved span (P x = 0), Delta x = 0 exactly in exact arithmetic; in float64 it is at rounding
+    level against the update's size."""
+    d_in, d_out = 24, 8
+    statistics = random_statistics(d_in, seed=3)
+    alphaedit = get_algorithm("alphaedit", {"nullspace_threshold": 0.5})
+    alphaedit.prepare(statistics)
+    rank = int(alphaedit.diagnostics()["nullspace_rank/m"])
+    assert 0 < rank < d_in
+    keys, residuals = batch(4, d_in, d_out, 4)
+    delta = torch.matmul(*alphaedit.solve(LayerProblem("m", 0, keys, residuals, statistics)))
+    eigenvalues, eigenvectors = torch.linalg.eigh(statistics.covariance())
+    preserved = eigenvectors[:, eigenvalues >= 0.5 * eigenvalues[-1]]  # (d_in, d_in - rank)
+    assert preserved.shape[1] == d_in - rank
+    assert float((delta @ preserved).norm() / delta.norm()) < 1e-12
+    assert torch.linalg.matrix_rank(delta) <= len(keys)
+
+
+METHODS = {
+    "memit_seq": {},
+    "emmet": {"emmet_ridge": 0.0},
+    "alphaedit": {"nullspace_threshold": 0.5, "alphaedit_l2": 1e-3},  # alpha is absolute: tiny keys are small
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_sequential_methods_edit_a_tiny_model(method, tokenizer, tmp_path):
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    flat = {"algorithm": method, **METHODS[method]}
+    if method != "alphaedit":
+        flat["mom2_update_weight"] = 1.0
+    args = tiny_editing_arguments(tmp_path, **flat)
+    editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=tiny_corpus())
+    requests = subject_final_requests()
+    first, second = requests[:2], requests[2:]
+    editor.edit(first)
+    output = editor.edit(second)
+    assert all(d.rank <= len(second) for d in output.deltas)
+    if method == "alphaedit":
+        assert all(value >= 1 for key, value in output.metrics.items() if key.startswith("nullspace_rank/"))
+    prompts = [r["prompt"].replace("{}", r["subject"]) for r in second]
+    targets = [tokenizer(" " + r["target_new"], add_special_tokens=False)["input_ids"][0] for r in second]
+    assert next_token_argmax(model, tokenizer, prompts) == targets
+
+
+@pytest.mark.parametrize("method", ["memit", "memit_seq", "alphaedit"])
+def test_rollback_is_bit_exact_for_weights_and_state(method, tokenizer, tmp_path):
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    flat = {"algorithm": method, "v_num_grad_steps": 5}
+    flat.update({"nullspace_threshold": 0.5} if method == "alphaedit" else {"mom2_update_weight": 1.0})
+    editor = Editor(model, args=tiny_editing_arguments(tmp_path, **flat), processing_class=tokenizer,
+                    stats_dataset=tiny_corpus())  # fmt: skip
+    original = parameters_snapshot(model)
+    requests = subject_final_requests()
+    editor.edit(requests[:2])
+    after_first = parameters_snapshot(model)
+    state_after_first = {k: v.clone() for k, v in editor.algorithm.state_dict().items()}
+    editor.edit(requests[2:3])
+    editor.edit(requests[3:])
+    assert changed_tensors(model, after_first) != []
+    editor.rollback(2)
+    assert changed_tensors(model, after_first) == [] and len(editor.history) == 1
+    state = editor.algorithm.state_dict()
+    assert state.keys() == state_after_first.keys() and all(torch.equal(state[k], state_after_first[k]) for k in state)
+    if method != "memit":
+        assert state  # the sequential methods hold a key Gram per layer
+    editor.rollback()
+    assert changed_tensors(model, original) == [] and editor.history == [] and editor.algorithm.state_dict() == {}
+    with pytest.raises(ValueError, match=r"`k` must be between 1 and the number of edits held \(0\), got 1"):
+        editor.rollback()
