@@ -34,6 +34,20 @@ def cholesky_factor(matrix: torch.Tensor, what: str) -> torch.Tensor:
     return factor
 
 
+def preserved_term(statistics: LayerStatistics, weight: float) -> torch.Tensor:
+    """`weight * C0` of one layer's statistics, float64 `(d_in, d_in)`, from the sum (one division by the count)."""
+    return statistics.moment.total * (weight / statistics.moment.count)
+
+
+def check_preserved_term(statistics: LayerStatistics, weight: float) -> None:
+    """Fail before any weight changes when `weight * C0` cannot be factorised.
+
+    Raises:
+        IllConditionedError: naming the module.
+    """
+    cholesky_factor(weight * statistics.covariance(), f"lambda * C of `{statistics.module_name}`")
+
+
 @dataclass
 class LayerProblem:
     """What one layer's solve gets.

@@ -3,7 +3,7 @@ with `C = lambda C0 (+ sum_p K_p K_p^T)`, solved in float64."""
 
 import torch
 
-from ..base import EditAlgorithm, LayerProblem, cholesky_factor
+from ..base import EditAlgorithm, LayerProblem, cholesky_factor, preserved_term
 from .config import EMMETConfig
 
 
@@ -23,8 +23,7 @@ class EMMET(EditAlgorithm):
 
     def solve(self, problem: LayerProblem) -> tuple[torch.Tensor, torch.Tensor]:
         keys = problem.keys  # (n, d_in)
-        moment = problem.statistics.moment
-        system = moment.total * (self.config.mom2_update_weight / moment.count)  # (d_in, d_in)
+        system = preserved_term(problem.statistics, self.config.mom2_update_weight)  # (d_in, d_in)
         earlier = self.layer_state(problem.module_name).get("key_gram")
         if self.config.accumulate_keys and earlier is not None:
             system = system + earlier

@@ -2,7 +2,7 @@
 
 import torch
 
-from ..base import EditAlgorithm, LayerProblem, cholesky_factor
+from ..base import EditAlgorithm, LayerProblem, check_preserved_term, cholesky_factor, preserved_term
 from .config import MEMITConfig
 
 
@@ -16,16 +16,16 @@ class MEMIT(EditAlgorithm):
     config_class = MEMITConfig
 
     def derive(self, statistics):
-        # Fail before any weight changes when even the preserved term cannot be factorised.
-        cholesky_factor(
-            self.config.mom2_update_weight * statistics.covariance(), f"lambda * C of `{statistics.module_name}`"
-        )
+        check_preserved_term(statistics, self.config.mom2_update_weight)
         return None
+
+    def preserved(self, problem: LayerProblem) -> torch.Tensor:
+        """The preserved term of the system: `lambda C0`."""
+        return preserved_term(problem.statistics, self.config.mom2_update_weight)
 
     def solve(self, problem: LayerProblem) -> tuple[torch.Tensor, torch.Tensor]:
         keys = problem.keys  # (n, d_in)
-        moment = problem.statistics.moment
-        system = moment.total * (self.config.mom2_update_weight / moment.count) + keys.T @ keys  # (d_in, d_in)
+        system = self.preserved(problem) + keys.T @ keys  # (d_in, d_in)
         factor = cholesky_factor(system, f"lambda * C + K K^T of `{problem.module_name}`")
         adjusted = torch.cholesky_solve(keys.T, factor)  # (d_in, n)
         return problem.residuals.T.contiguous(), adjusted.T.contiguous()
