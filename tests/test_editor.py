@@ -657,6 +657,8 @@ def test_empty_requests_and_missing_tokenizer(tokenizer, tmp_path):
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
     with pytest.raises(ValueError, match=r"`requests` is empty"):
         make_editor(model, tokenizer, tmp_path).edit([])
+    with pytest.raises(ValueError, match=r"`requests` is empty"):
+        make_editor(model, tokenizer, tmp_path).compute_values([])
     with pytest.raises(ValueError, match=r"none could be found for the model: the model records no `name_or_path`"):
         Editor(model, args=tiny_editing_arguments(tmp_path))
     with pytest.raises(TypeError, match=r"`model` must be a `PreTrainedModel` or a model id/path, got Linear"):

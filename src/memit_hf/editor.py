@@ -141,6 +141,7 @@ class Editor:
         self.layout = get_layout(model, self.args)
         self.state = process_state()
         self._statistics: StatisticsProvider | None = None
+        self._statistics_settings: tuple | None = None
         self._templates: list[list[str]] | None = None
         self._algorithm: EditAlgorithm | None = None
         self._base_model_info: dict[str, Any] | None = None
@@ -236,8 +237,7 @@ class Editor:
         Returns:
             [`~memit_hf.values.ValueResult`]
         """
-        requests = load_requests(requests)
-        check_request_tokens(self.tokenizer, requests)
+        requests = self._checked_requests(requests)
         args = self.resolved_args
         with eval_mode(self.model):
             return self._target_values(requests, self.context_templates, args.layers[-1], args)
@@ -306,12 +306,17 @@ class Editor:
                 non-finite target values, or an ill-conditioned solve; the weights and the method's state are then
                 unchanged (bit-identical).
         """
+        requests = self._checked_requests(requests)
+        with eval_mode(self.model):
+            return self._edit(requests, values)
+
+    def _checked_requests(self, requests: Any) -> list[EditRequest]:
+        """The normalised requests, validated (fields and tokens) before any work starts."""
         requests = load_requests(requests)
         if not requests:
             raise ValueError("`requests` is empty.")
         check_request_tokens(self.tokenizer, requests)
-        with eval_mode(self.model):
-            return self._edit(requests, values)
+        return requests
 
     def _edit(self, requests: list[EditRequest], values: ValueResult | None) -> EditOutput:
         start_time = time.perf_counter()
