@@ -386,3 +386,45 @@ def test_method_flags_parse_for_the_chosen_method():
     assert args.algorithm_config == {"mom2_update_weight": None, "emmet_ridge": 0.5, "accumulate_keys": False}
     with pytest.raises(SystemExit):
         cli.parse_args(["stats", "--algorithm", "memit", "--emmet_ridge", "0.5"])
+
+
+def test_edit_with_a_state_dir_continues_the_saved_state(saved_tiny_llama, tmp_path, capsys):
+    """Two `edit --state-dir` runs (weekly corrections) hold both batches: the top-level adapter equals editing both
+    batches in one process with the library, the card lists them in order, and `batches/` has one adapter each."""
+    from memit_hf.editor import Editor
+
+    records = subject_final_records()
+    weeks = []
+    for i, part in enumerate([records[:2], records[2:]]):
+        weeks.append(tmp_path / f"week{i}.jsonl")
+        weeks[-1].write_text("".join(json.dumps(r) + "\n" for r in part))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(tiny_corpus()))
+    state_dir = tmp_path / "state"
+    editing = ["--model", str(saved_tiny_llama), "--corpus", str(corpus), "--layers", "0", "1",
+               "--stats_cache_dir", str(tmp_path / "stats"), "--algorithm", "memit_seq", "--mom2_update_weight", "1.0",
+               "--v_lr", "0.5", "--clamp_norm_factor", "4.0", "--v_weight_decay", "0.001",
+               "--v_num_grad_steps", "10"]  # fmt: skip
+    for week in weeks:
+        assert cli.main(["edit", *editing, "--requests", str(week), "--state-dir", str(state_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "started the state" in printed and "continued the state" in printed and "4 edits so far" in printed
+    metadata = json.loads((state_dir / "memit_edits.json").read_text())
+    assert [b["num_requests"] for b in metadata["batches"]] == [2, 2] and metadata["num_edits"] == 4
+    assert (state_dir / "batches" / "0001" / "adapter_config.json").is_file()
+    assert json.loads((state_dir / "edit_metrics.json").read_text())["num_batches"] == 2
+
+    _, args = cli.parse_args(["edit", *editing, "--requests", str(weeks[0]), "--output-dir", str(tmp_path / "x")])
+    tokenizer = build_tiny_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(saved_tiny_llama).eval()
+    editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=[str(corpus)])
+    editor.edit(records[:2])
+    editor.edit(records[2:])
+    base = AutoModelForCausalLM.from_pretrained(saved_tiny_llama).eval()
+    merged = PeftModel.from_pretrained(base, state_dir).merge_and_unload()
+    for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        expected = model.state_dict()[name]
+        assert float((merged.state_dict()[name] - expected).norm() / expected.norm()) < 1e-5, name
+
+    with pytest.raises(SystemExit, match="--merged and --export-rank write to another --output-dir"):
+        cli.main(["edit", *editing, "--requests", str(weeks[0]), "--state-dir", str(state_dir), "--merged"])

@@ -1,6 +1,7 @@
 """The scripts in `examples/` run as written (on a tiny saved model, through the same parser as the CLI)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,28 @@ def run_adapter_roundtrip(root):
     assert (root / "adapter" / "adapter_config.json").exists()
 
 
-EXAMPLE_TESTS = {"edit_and_evaluate": run_edit_and_evaluate, "adapter_roundtrip": run_adapter_roundtrip}
+def run_weekly_corrections(root):
+    weeks = []
+    for i, record in enumerate([
+        {"prompt": "The city of {}", "subject": "the Eiffel Tower", "target_new": "Rome"},
+        {"prompt": "I think {}", "subject": "the iPhone", "target_new": "Microsoft"},
+    ]):  # fmt: skip
+        weeks.append(root / f"week{i}.json")
+        weeks[-1].write_text(json.dumps([record]))
+    state_dir = root / "state"
+    argv = [*common_argv(root), "--algorithm", "memit_seq", "--state_dir", str(state_dir), "--weeks", *map(str, weeks)]
+    answers = load_example("weekly_corrections").main(argv)
+    # After week 2 both facts hold (the state carried week 1 over); rolling week 2 back gives week 1's answers.
+    assert answers["week 2"][0] == " Rome" and " Microsoft".startswith(answers["week 2"][1])  # first target tokens
+    assert answers["week 1"][0] == " Rome" and answers["rolled back"] == answers["week 1"]
+    assert (state_dir / "editor_state.json").is_file() and (state_dir / "batches" / "0001").is_dir()
+
+
+EXAMPLE_TESTS = {
+    "edit_and_evaluate": run_edit_and_evaluate,
+    "adapter_roundtrip": run_adapter_roundtrip,
+    "weekly_corrections": run_weekly_corrections,
+}
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLE_TESTS))

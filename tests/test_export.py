@@ -36,6 +36,7 @@ from tests.testing_utils import (
 
 
 ATOL = 1e-5
+U32, U64 = torch.finfo(torch.float32).eps / 2, torch.finfo(torch.float64).eps / 2
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,20 @@ class EditedAndSaved:
         self.output = self.editor.edit(subject_final_requests())
         self.path = directory / "adapter"
         self.report = self.editor.save_adapter(self.path, base_model_name_or_path="tiny/base")
+        self.exact = copy.deepcopy(self.base).double()  # the exact edit: float64 weights plus float64 B @ A
+        with torch.no_grad():
+            for delta in self.output.deltas:
+                update = delta.lora_B.double() @ delta.lora_A.double()
+                self.exact.get_submodule(delta.module_name).weight += update.T if delta.fan_in_fan_out else update
+        self.exact_logits = logits(self.exact, tokenizer)
+        scale = float(self.exact_logits.abs().max())
+        # The float32 in-place model's own distance from the exact edit is the float32 arithmetic error of this
+        # forward; an adapter path (two products per edited module instead of one) may have a few times that.
+        self.float32_tolerance = 4 * float((logits(self.model, tokenizer) - self.exact_logits).abs().max())
+        self.float32_tolerance += 8 * U32 * scale
+        # In float64 the stored float32 factors are represented exactly: what is left is float64 rounding, at most
+        # about d * u64 per dot product of length d = 32 over a few dozen products in sequence.
+        self.float64_tolerance = 64 * 32 * U64 * scale
 
 
 @pytest.fixture(scope="module", params=TINY_MODEL_TYPES)
@@ -79,18 +94,26 @@ def saved(request, tokenizer, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------- loading with plain peft
+def test_peft_adapter_in_float64_is_the_exact_edit(saved, tokenizer):
+    """On a float64 copy of the base, the loaded adapter reproduces the exact edit (base + B @ A in float64) to
+    float64 rounding: the file holds the factors without loss."""
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(saved.base).double(), saved.path)
+    assert (logits(peft_model, tokenizer) - saved.exact_logits).abs().max() <= saved.float64_tolerance
+
+
 def test_peft_adapter_equals_in_place_edit(saved, tokenizer):
     expected, unedited = logits(saved.model, tokenizer), logits(saved.base, tokenizer)
     base = copy.deepcopy(saved.base)
     original = parameters_snapshot(base)
     peft_model = PeftModel.from_pretrained(base, saved.path)
-    assert (logits(peft_model, tokenizer) - expected).abs().max() <= ATOL
+    assert (logits(peft_model, tokenizer).double() - saved.exact_logits).abs().max() <= saved.float32_tolerance
     assert (logits(peft_model, tokenizer) - unedited).abs().max() > 100 * ATOL  # the adapter does something
     with peft_model.disable_adapter():
         assert torch.equal(logits(peft_model, tokenizer), unedited)  # bit for bit
     merged = peft_model.merge_and_unload()
     assert type(merged) is type(saved.base)
-    assert (logits(merged, tokenizer) - expected).abs().max() <= ATOL
+    assert (logits(merged, tokenizer).double() - saved.exact_logits).abs().max() <= saved.float32_tolerance
+    assert (logits(merged, tokenizer) - expected).abs().max() <= saved.float32_tolerance
     changed = sorted(name for name, p in merged.named_parameters() if not torch.equal(p, original[name]))
     assert changed == sorted(d.module_name + ".weight" for d in saved.output.deltas)
 
@@ -99,7 +122,7 @@ def test_transformers_load_adapter_equals_in_place_edit(saved, tokenizer):
     base = copy.deepcopy(saved.base)
     base.load_adapter(str(saved.path))
     assert base.active_adapters() == ["default"]
-    assert (logits(base, tokenizer) - logits(saved.model, tokenizer)).abs().max() <= ATOL
+    assert (logits(base, tokenizer).double() - saved.exact_logits).abs().max() <= saved.float32_tolerance
     base.disable_adapters()
     assert torch.equal(logits(base, tokenizer), logits(saved.base, tokenizer))
 
@@ -166,7 +189,7 @@ def test_merge_and_save_loads_with_from_pretrained(saved, tokenizer, tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager").eval()
     weights = dict(saved.model.named_parameters())
     assert all(torch.equal(p, weights[name]) for name, p in loaded.named_parameters())  # bit for bit
-    assert (logits(loaded, tokenizer) - logits(saved.model, tokenizer)).abs().max() <= ATOL
+    assert torch.equal(logits(loaded, tokenizer), logits(saved.model, tokenizer))
     assert (tmp_path / "merged" / "tokenizer.json").exists()
     assert read_edits_metadata(tmp_path / "merged")["num_edits"] == 4
     card = (tmp_path / "merged" / "README.md").read_text()

@@ -10,7 +10,7 @@ from memit_hf.architectures import get_layout
 from memit_hf.keys import compute_keys_and_outputs, fill
 from memit_hf.requests import load_requests
 from memit_hf.tokenization import encode_targets
-from memit_hf.values import compute_target_values
+from memit_hf.values import StopRule, compute_target_values, target_margins
 from tests.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer, subject_final_requests, tiny_requests
 
 
@@ -146,6 +146,62 @@ def test_early_stop(model_type, tokenizer):
     singles = [run(model, tokenizer, [r], num_steps=num_steps, early_stop_loss=threshold) for r in requests]
     assert torch.equal(result.steps, torch.cat([s.steps for s in singles]))
     assert max_relative(result.targets, torch.cat([s.targets for s in singles])) <= z_rounding(num_steps)
+
+
+def test_target_margins_match_a_loop():
+    generator = torch.Generator().manual_seed(0)
+    logp = torch.log_softmax(torch.randn(9, 13, generator=generator), -1)
+    targets = torch.randint(0, 13, (9,), generator=generator)
+    owner = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3])
+    expected = torch.full((4,), float("inf"))
+    for row in range(9):
+        others = torch.cat([logp[row, : targets[row]], logp[row, targets[row] + 1 :]])
+        expected[owner[row]] = min(expected[owner[row]], logp[row, targets[row]] - others.max())
+    assert torch.equal(target_margins(logp, targets, owner, 4), expected)
+    logp[0] = torch.log_softmax(torch.tensor([0.0] * 12 + [9.0]), -1)  # a clear lead of 9 nats
+    assert float(target_margins(logp[:1], torch.tensor([12]), torch.tensor([0]), 1)) == pytest.approx(9.0)
+
+
+def test_stop_rule_counts_patience_from_the_first_lead():
+    rule = StopRule(loss=0.05, margin=1.0, patience=2)
+    since = torch.full((3,), -1)
+    loss = torch.tensor([1.0, 1.0, 0.01])  # the third stops on the loss at once
+    assert rule.done(loss, torch.tensor([0.5, 1.5, 0.0]), since, 0).tolist() == [False, False, True]
+    assert since.tolist() == [-1, 0, -1]
+    assert rule.done(loss, torch.tensor([1.2, 0.2, 0.0]), since, 1).tolist() == [
+        False,
+        False,
+        True,
+    ]  # lead lost: still
+    assert rule.done(loss, torch.tensor([0.0, 0.0, 0.0]), since, 2).tolist() == [False, True, True]  # counting
+    assert rule.done(loss, torch.tensor([0.0, 0.0, 0.0]), since, 3).tolist() == [True, True, True]
+    assert StopRule(loss=0.05).done(loss, torch.tensor([9.0, 9.0, 9.0]), since, 0).tolist() == [False, False, True]
+
+
+def test_margin_stop_ends_each_request_patience_steps_after_its_targets_lead(tokenizer):
+    """With the margin rule, each request takes exactly `patience` steps after the first iteration at which its
+    target led every prompt by the margin (read off runs without early stopping), and its z is the one reached after
+    that many steps."""
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    requests = load_requests(subject_final_requests())
+    num_steps, patience = 10, 2
+    runs = [run(model, tokenizer, requests, num_steps=k, early_stop_loss=0.0) for k in range(1, num_steps + 1)]
+    margins = torch.stack([result.final_margin for result in runs], dim=1)  # (n, iterations)
+    values = margins.flatten().sort().values
+    gaps = values[1:] - values[:-1]
+    middle = slice(len(gaps) // 4, 3 * len(gaps) // 4)  # a threshold that some requests reach early, some late
+    k = int(gaps[middle].argmax()) + len(gaps) // 4
+    threshold = float(values[k] + values[k + 1]) / 2
+    assert float(gaps[k]) / 2 > z_rounding(num_steps) * float(values.abs().max())
+    expected = []
+    for row in margins:
+        leading = (row >= threshold).nonzero()
+        expected.append(min(int(leading[0]) + patience, num_steps - 1) if len(leading) else num_steps - 1)
+    result = run(model, tokenizer, requests, num_steps=num_steps, early_stop_loss=0.0, early_stop_margin=threshold,
+                 early_stop_patience=patience)  # fmt: skip
+    assert result.steps.tolist() == expected and min(expected) < num_steps - 1
+    for i, steps in enumerate(expected):
+        assert max_relative(result.targets[i : i + 1], runs[steps].targets[i : i + 1]) <= z_rounding(steps + 1)
 
 
 def test_all_requests_stop_immediately(tokenizer):

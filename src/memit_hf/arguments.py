@@ -50,6 +50,14 @@ class EditingArguments:
             Weight of the KL term keeping "{subject} is a" unchanged.
         v_early_stop_loss (`float`, *optional*, defaults to `0.05`):
             A request stops optimising once its loss falls below this value.
+        v_early_stop_margin (`float`, *optional*, defaults to `0.0`):
+            A request also stops `v_early_stop_patience` steps after every target token first became the most likely
+            token in every one of its prompts by at least this log-probability margin (nats); `None` keeps only the
+            loss rule (the reference's behaviour, which rarely fires: 22.9 of 25 iterations on average on SmolLM2).
+        v_early_stop_patience (`int`, *optional*, defaults to `5`):
+            Steps taken after the margin is first reached. The defaults take 14.3 iterations per request on the first
+            100 CounterFact records on SmolLM2 with ES / PS / NS within 1 point of the loss rule alone
+            (`benchmarks/README.md`).
         v_batch_size (`int`, *optional*, defaults to `32`):
             Requests optimised together in one chunk; lower it to bound memory.
         num_context_templates (`int`, *optional*, defaults to `5`):
@@ -109,6 +117,11 @@ class EditingArguments:
     clamp_norm_factor: float | None = field(default=None, metadata={"help": "Max ||delta|| / ||h||."})
     kl_factor: float = field(default=0.0625, metadata={"help": "Weight of the KL essence term."})
     v_early_stop_loss: float = field(default=0.05, metadata={"help": "Per-request early-stop loss."})
+    v_early_stop_margin: float | None = field(
+        default=0.0,
+        metadata={"help": "Stop a request once its targets lead every prompt by this log-prob margin (None: off)."},
+    )
+    v_early_stop_patience: int = field(default=5, metadata={"help": "Steps taken after the margin is reached."})
     v_batch_size: int = field(default=32, metadata={"help": "Requests optimised together per chunk."})
     num_context_templates: int = field(default=5, metadata={"help": "Number of sampled context prefixes."})
     context_template_length: int = field(default=10, metadata={"help": "Token length of each context prefix."})
@@ -170,6 +183,8 @@ class EditingArguments:
         for name, value in positive.items():
             if value is None or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {value}.")
+        if self.v_early_stop_patience < 0:
+            raise ValueError(f"`v_early_stop_patience` must be >= 0, got {self.v_early_stop_patience}.")
         if self.num_context_templates < 0:
             raise ValueError(f"`num_context_templates` must be >= 0, got {self.num_context_templates}.")
         for name in ("v_lr", "v_weight_decay", "clamp_norm_factor"):

@@ -20,20 +20,37 @@ from .architectures import get_layout, resolve_arguments
 from .arguments import EditingArguments
 from .deltas import LayerDelta, WeightSnapshot, add_delta, make_delta
 from .distributed import assemble_rows, owned_chunks, process_state
-from .export import ExportReport, base_model_id, edit_metadata, save_merged_checkpoint, write_edit_adapter
+from .editor_state import (
+    BATCH_ADAPTERS_DIR,
+    EditorState,
+    SavedBatch,
+    StateMismatchError,
+    check_model,
+    check_statistics,
+    read_state,
+    write_state,
+)
+from .export import (
+    ExportReport,
+    base_model_id,
+    edit_metadata,
+    save_adapter_files,
+    save_merged_checkpoint,
+    write_edit_adapter,
+)
 from .hub import push_folder
 from .keys import check_request_tokens, compute_keys_and_outputs, generate_context_templates
 from .models import load_model_and_tokenizer, load_tokenizer_for
 from .modes import eval_mode
 from .norms import rms_norm_residuals
 from .requests import EDIT_RECORD_KEYS, EditRequest, load_requests
-from .statistics import LayerStatistics, StatisticsProvider, model_identity
+from .statistics import LayerStatistics, StatisticsProvider, fingerprint_key, model_identity, tensor_digest
 from .values import ValueResult, compute_target_values
 
 
 logger = logging.getLogger(__name__)
 
-VALUE_FIELDS = ("targets", "initial", "initial_loss", "final_loss", "final_nll", "steps")
+VALUE_FIELDS = ("targets", "initial", "initial_loss", "final_loss", "final_nll", "steps", "final_margin")
 """The per-request tensors of a [`~memit_hf.values.ValueResult`]."""
 
 
@@ -209,10 +226,10 @@ class Editor:
     @property
     def statistics(self) -> StatisticsProvider:
         """The provider of second moments for this model, tokenizer, `stats_dataset` and the `stats_*` arguments (a
-        new one when those arguments change)."""
+        new one when those arguments or `stats_dataset` change)."""
         a = self.args
         settings = (a.stats_num_tokens, a.stats_max_length, a.stats_batch_tokens, a.stats_cache_dir,
-                    a.stats_sample_texts, a.stats_sample_length, a.seed)  # fmt: skip
+                    a.stats_sample_texts, a.stats_sample_length, a.seed, id(self.stats_dataset))  # fmt: skip
         if self._statistics is None or self._statistics_settings != settings:
             self._statistics = StatisticsProvider(self.model, self.tokenizer, self.layout, a, self.stats_dataset)
             self._statistics_settings = settings
@@ -254,7 +271,9 @@ class Editor:
                 self.model, self.tokenizer, self.layout, requests, templates, z_layer,
                 num_steps=args.v_num_grad_steps, lr=args.v_lr, weight_decay=args.v_weight_decay,
                 clamp_norm_factor=args.clamp_norm_factor, kl_factor=args.kl_factor,
-                early_stop_loss=args.v_early_stop_loss, batch_size=args.v_batch_size,
+                early_stop_loss=args.v_early_stop_loss, early_stop_margin=args.v_early_stop_margin,
+                early_stop_patience=args.v_early_stop_patience,
+                batch_size=args.v_batch_size,
                 show_progress=self.state.is_main_process, chunks=chunks,
             )  # fmt: skip
 
@@ -334,6 +353,7 @@ class Editor:
 
         tick = time.perf_counter()
         statistics = self.get_statistics(layers)
+        self._check_state_statistics(algorithm, statistics)
         for layer_statistics in statistics.values():
             algorithm.prepare(layer_statistics)  # validates every system before any weight changes
         timings["statistics_seconds"] = time.perf_counter() - tick
@@ -408,6 +428,19 @@ class Editor:
         for callback in self.callbacks:
             callback.on_edit_end(self, output)
         return output
+
+    def _check_state_statistics(self, algorithm: EditAlgorithm, statistics: dict[str, LayerStatistics]) -> None:
+        """A method that holds state from earlier edits continues only with the statistics those edits used."""
+        if not algorithm.state_dict() or not self.history:
+            return
+        used = self.history[-1].metadata["batch"]["statistics"]
+        for name, layer_statistics in statistics.items():
+            if name in used and used[name]["key"] != layer_statistics.key:
+                raise StateMismatchError(
+                    f"`{algorithm.name}` holds state accumulated with the statistics {used[name]['key']} of `{name}`, "
+                    f"but they are now {layer_statistics.key} (another corpus or `stats_*` arguments): call "
+                    "`restore()` first, or keep the statistics of the earlier edits."
+                )
 
     def _solve_layers(
         self,
@@ -607,6 +640,165 @@ class Editor:
                 result = push_folder(folder, repo_id, private, token, message, revision)
             self.state.wait_for_everyone()
         return result
+
+    # ----------------------------------------------------------------------------------------------------- state
+    def _original_weight_digests(self, names: list[str]) -> dict[str, str]:
+        """Digests of the weights of `names` before the first edit."""
+        digests = {}
+        for name in names:
+            weight = self._pristine.get(name)
+            digests[name] = tensor_digest(weight if weight is not None else self.model.get_submodule(name).weight)
+        return digests
+
+    def editor_state(self) -> EditorState:
+        """The state of this sequence of edits (what [`save_state`] writes)."""
+        args = self.resolved_args
+        names = sorted({self.layout.edit_name(layer) for layer in args.layers} | set(self._pristine))
+        statistics: dict[str, str] = {}
+        batches = []
+        for output in self.history:
+            batch = output.metadata["batch"]
+            statistics.update({name: info["key"] for name, info in batch["statistics"].items()})
+            requests = [request.to_dict() for request in output.requests]
+            batches.append(SavedBatch(list(output.deltas), list(output.state_increments), batch, requests))
+        arguments = args.to_dict()
+        arguments["hub_token"] = None
+        algorithm = self._algorithm
+        return EditorState(
+            model=self._model_info(),
+            original_weights=self._original_weight_digests(names),
+            algorithm=args.algorithm,
+            algorithm_config=args.algorithm_config,
+            arguments=arguments,
+            context_templates=self.context_templates,
+            statistics=statistics,
+            batches=batches,
+            algorithm_state=algorithm.state_dict() if algorithm is not None else {},
+        )
+
+    def save_state(
+        self,
+        path: str | Path,
+        save_adapters: bool = True,
+        include_requests: bool = True,
+        base_model_name_or_path: str | None = None,
+    ) -> ExportReport | None:
+        """Save this sequence of edits so that another process continues it with [`from_state`].
+
+        The folder gets `editor_state.json` and `editor_state.safetensors` (the exact factors of every batch, the
+        method's accumulated state and what [`rollback`] needs), and with `save_adapters` the whole history as one
+        peft adapter at its top level (`PeftModel.from_pretrained(base, path)` loads it; its model card lists the
+        batches in order) and every batch as its own adapter in `batches/0000`, `batches/0001`, ... (stack or toggle
+        them with peft).
+
+        Args:
+            path (`str` or `Path`): the state folder (created; a state already there is replaced).
+            save_adapters (`bool`, *optional*, defaults to `True`): also write the adapters.
+            include_requests (`bool`, *optional*, defaults to `True`): list the requests in the adapters' metadata
+                and cards (the state itself always keeps them: it needs them to be continued and rolled back).
+            base_model_name_or_path (`str`, *optional*): the base model's Hub id to record in the adapters.
+
+        Returns:
+            [`~memit_hf.export.ExportReport`] of the whole-history adapter (`None` without adapters, without edits
+            or on non-main processes).
+        """
+        path = Path(path)
+        state = self.editor_state()
+
+        def write() -> ExportReport | None:
+            write_state(state, path)
+            report = None
+            if save_adapters and self.history:
+                metadata = self.edit_metadata(include_requests)
+                if base_model_name_or_path is not None:
+                    metadata["base_model_name_or_path"] = base_model_name_or_path
+                deltas = [delta for output in self.history for delta in output.deltas]
+                report = write_edit_adapter(deltas, path, metadata)
+                for i, output in enumerate(self.history):  # named like the whole-history adapter (warned once)
+                    one = edit_metadata(self._model_info(), [output.metadata["batch"]], include_requests)
+                    one["base_model_name_or_path"] = metadata["base_model_name_or_path"]
+                    save_adapter_files(output.deltas, path / BATCH_ADAPTERS_DIR / f"{i:04d}",
+                                       one["base_model_name_or_path"], one.get("base_model_revision"), None, one)  # fmt: skip
+            self._log("Saved the editor state (%d batches, %d edits) to %s.", len(self.history), state.num_edits, path)
+            return report
+
+        return self._on_main_process(write)
+
+    @classmethod
+    def from_state(
+        cls,
+        model: PreTrainedModel | str,
+        path: str | Path,
+        args: EditingArguments | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        stats_dataset: Any = None,
+        callbacks: list[EditorCallback] | None = None,
+    ) -> "Editor":
+        """Continue a sequence of edits saved by [`save_state`]: re-apply its batches to the base `model`, exactly,
+        and restore the method's state, the context templates and the history (so [`rollback`] and the exports work
+        across processes).
+
+        Args:
+            model (`PreTrainedModel` or `str`): the original base model the state was made on (not a merged
+                checkpoint), or its id / path.
+            path (`str` or `Path`): the state folder.
+            args ([`EditingArguments`], *optional*): the arguments of the next edits; default: those saved with the
+                state. They must name the saved method, configuration and layers.
+            processing_class, stats_dataset, callbacks: as in [`Editor`]; `stats_dataset` must be the corpus the
+                saved edits used (the statistics fingerprints are checked).
+
+        Returns:
+            [`Editor`]: holding the saved edits.
+
+        Raises:
+            FileNotFoundError: when `path` holds no state.
+            StateMismatchError: for a state made for another model, other statistics, or other method settings;
+                the model is then unchanged.
+        """
+        path = Path(path)
+        state = read_state(path)
+        saved_args = EditingArguments(**state.arguments)
+        args = args if args is not None else saved_args
+        editor = cls(model, args=args, processing_class=processing_class, stats_dataset=stats_dataset,
+                     callbacks=callbacks)  # fmt: skip
+        resolved = editor.resolved_args
+        wanted = (state.algorithm, state.algorithm_config, saved_args.layers)
+        if (resolved.algorithm, resolved.algorithm_config, resolved.layers) != wanted:
+            raise StateMismatchError(
+                f"The editor state in `{path}` holds `{state.algorithm}` {state.algorithm_config} at layers "
+                f"{saved_args.layers}, but `args` say `{resolved.algorithm}` {resolved.algorithm_config} at layers "
+                f"{resolved.layers}."
+            )
+        check_model(state, editor._model_info(), editor._original_weight_digests(list(state.original_weights)),
+                    str(path))  # fmt: skip
+        if state.statistics:
+            layers = sorted({layer for batch in state.batches for layer in batch.metadata["layers"]})
+            fingerprints = editor.statistics.fingerprints(layers)
+            keys = {editor.layout.edit_name(layer): fingerprint_key(fp) for layer, fp in fingerprints.items()}
+            check_statistics(state, keys, str(path))
+        editor._templates = [list(group) for group in state.context_templates]
+        model_info = editor._model_info()
+        with torch.no_grad():
+            for batch in state.batches:
+                for delta in batch.deltas:
+                    if delta.module_name not in editor._pristine:
+                        weight = editor.model.get_submodule(delta.module_name).weight
+                        editor._pristine[delta.module_name] = weight.detach().clone()
+                    add_delta(editor.model, delta)
+                editor.history.append(
+                    EditOutput(
+                        deltas=list(batch.deltas),
+                        metrics=dict(batch.metadata.get("metrics", {})),
+                        requests=load_requests(batch.requests),
+                        metadata={"model": model_info, "batch": batch.metadata},
+                        state_increments=list(batch.increments),
+                    )  # fmt: skip
+                )
+        if state.algorithm_state:
+            editor.algorithm.load_state_dict(state.algorithm_state)
+        editor._log("Continued the editor state in %s: %d batches, %d edits.", path, len(state.batches),
+                    state.num_edits)  # fmt: skip
+        return editor
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -46,6 +46,9 @@ class ValueResult:
         initial_loss, final_loss (`torch.Tensor`): `(n,)` loss of each request before and after optimisation.
         final_nll (`torch.Tensor`): `(n,)` target NLL part of the final loss.
         steps (`torch.Tensor`): `(n,)` optimisation steps taken per request.
+        final_margin (`torch.Tensor`): `(n,)` at the last iteration, the smallest log-probability margin of a target
+            token over the most likely other token, across the request's prompts and target tokens (positive: the
+            target is the greedy continuation in every prompt).
         schedule (`list`): per chunk, the active request indices at every iteration (for benchmarks).
         z_layer (`int`, *optional*): the block whose output the targets are.
     """
@@ -56,6 +59,7 @@ class ValueResult:
     final_loss: torch.Tensor
     final_nll: torch.Tensor
     steps: torch.Tensor
+    final_margin: torch.Tensor | None = None
     schedule: list = field(default_factory=list, repr=False)
     z_layer: int | None = None
 
@@ -309,6 +313,8 @@ def compute_target_values(
     clamp_norm_factor: float = 0.75,
     kl_factor: float = 0.0625,
     early_stop_loss: float = 0.05,
+    early_stop_margin: float | None = None,
+    early_stop_patience: int = 0,
     batch_size: int = 32,
     use_prefix_cache: bool = True,
     show_progress: bool = True,
@@ -321,6 +327,10 @@ def compute_target_values(
     iterations have run (the last takes no step), with `||d_i||` clamped to `clamp_norm_factor * ||h_i||`.
 
     Args:
+        early_stop_margin (`float`, *optional*), early_stop_patience (`int`, *optional*, defaults to 0): also stop a
+            request `early_stop_patience` iterations after every target token first became the most likely token in
+            every one of its prompts by at least `early_stop_margin` nats (see [`StopRule`]; `None`: only the loss
+            rule, as the reference).
         templates (`list[list[str]]`): context templates from [`~memit_hf.keys.generate_context_templates`].
         batch_size (`int`): requests per chunk; chunks are optimised one after another.
         use_prefix_cache (`bool`): run only the tokens from the subject on in blocks `L+1..` (exact; verified on the
@@ -335,13 +345,15 @@ def compute_target_values(
     with frozen_parameters(model):
         return _compute_target_values(
             model, tokenizer, layout, requests, templates, z_layer, num_steps, lr, weight_decay, clamp_norm_factor,
-            kl_factor, early_stop_loss, batch_size, use_prefix_cache, show_progress, chunks,
+            kl_factor, early_stop_loss, early_stop_margin, early_stop_patience, batch_size, use_prefix_cache,
+            show_progress, chunks,
         )  # fmt: skip
 
 
 def _compute_target_values(
     model, tokenizer, layout, requests, templates, z_layer, num_steps, lr, weight_decay, clamp_norm_factor,
-    kl_factor, early_stop_loss, batch_size, use_prefix_cache, show_progress, chunks,
+    kl_factor, early_stop_loss, early_stop_margin, early_stop_patience, batch_size, use_prefix_cache, show_progress,
+    chunks,
 ) -> ValueResult:  # fmt: skip
     flat = [t for group in templates for t in group]
     runner = _Runner(model, layout, z_layer)
@@ -361,14 +373,13 @@ def _compute_target_values(
             use_prefix_cache = _cache_matches(runner, rows, hidden_full, pad, state)
             if not use_prefix_cache:
                 state = _ChunkState(runner, rows, hidden_full, pad, use_cache=False)
-        parts.append(
-            _optimise_chunk(state, num_steps, lr, weight_decay, clamp_norm_factor, kl_factor, early_stop_loss, model)
-        )
+        stop = StopRule(early_stop_loss, early_stop_margin, early_stop_patience)
+        parts.append(_optimise_chunk(state, num_steps, lr, weight_decay, clamp_norm_factor, kl_factor, stop, model))
         progress.update(len(chunk_requests))
     progress.close()
     if not parts:
         empty = torch.zeros(0)
-        return ValueResult(empty.reshape(0, 0), empty.reshape(0, 0), empty, empty, empty, empty.long(), [])
+        return ValueResult(empty.reshape(0, 0), empty.reshape(0, 0), empty, empty, empty, empty.long(), empty)
     return ValueResult(
         targets=torch.cat([p.targets for p in parts]),
         initial=torch.cat([p.initial for p in parts]),
@@ -376,6 +387,7 @@ def _compute_target_values(
         final_loss=torch.cat([p.final_loss for p in parts]),
         final_nll=torch.cat([p.final_nll for p in parts]),
         steps=torch.cat([p.steps for p in parts]),
+        final_margin=torch.cat([p.final_margin for p in parts]),
         schedule=[p.schedule[0] for p in parts],
         z_layer=z_layer,
     )
@@ -401,7 +413,54 @@ def _cache_matches(runner: _Runner, rows: _Rows, hidden_full: torch.Tensor, pad:
     return True
 
 
-def _optimise_chunk(state, num_steps, lr, weight_decay, clamp_norm_factor, kl_factor, early_stop_loss, model):
+@dataclass
+class StopRule:
+    """When a request's z optimisation has what it needs.
+
+    A request stops at once when its loss falls below `loss` (the reference's rule), or `patience` iterations after
+    the first one at which every target token was the most likely token of every one of its prompts by at least
+    `margin` nats (ENCORE-style; `margin=None` disables it).
+
+    Args:
+        loss (`float`): the loss threshold.
+        margin (`float`, *optional*): the log-probability lead over the runner-up token that starts the countdown.
+        patience (`int`, *optional*, defaults to 0): iterations (steps) taken after the lead is first reached.
+    """
+
+    loss: float
+    margin: float | None = None
+    patience: int = 0
+
+    def done(self, loss: torch.Tensor, margin: torch.Tensor, leading_since: torch.Tensor, it: int) -> torch.Tensor:
+        """Which requests stop at iteration `it`, given their `(a,)` losses and margins; `leading_since` (`(a,)`,
+        -1 when not yet) records, in place, the first iteration at which each request reached the margin."""
+        done = loss < self.loss
+        if self.margin is not None:
+            leading_since[(leading_since < 0) & (margin >= self.margin)] = it
+            done |= (leading_since >= 0) & (it - leading_since >= self.patience)
+        return done
+
+
+def target_margins(logp: torch.Tensor, target_ids: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """Per request, the smallest margin `log p(target) - max_{v != target} log p(v)` over its label positions.
+
+    Args:
+        logp (`torch.Tensor`): `(labels, vocab)` log-probabilities at the label positions.
+        target_ids (`torch.Tensor`): `(labels,)` the target token of each position.
+        owner (`torch.Tensor`): `(labels,)` the request (0..n-1) of each position.
+        n (`int`): number of requests.
+
+    Returns:
+        `torch.Tensor`: `(n,)` float32 margins (positive: greedy decoding follows the target everywhere).
+    """
+    target = logp.gather(1, target_ids[:, None]).squeeze(1)
+    others = logp.scatter(1, target_ids[:, None], float("-inf")).max(1).values
+    margin = (target - others).float()
+    full = torch.full((n,), float("inf"), device=logp.device)
+    return full.scatter_reduce(0, owner, margin, reduce="amin")
+
+
+def _optimise_chunk(state, num_steps, lr, weight_decay, clamp_norm_factor, kl_factor, stop, model):
     device = state.hidden_full.device
     rows = state.rows
     n = max(rows.row_request) + 1
@@ -412,8 +471,9 @@ def _optimise_chunk(state, num_steps, lr, weight_decay, clamp_norm_factor, kl_fa
     delta = torch.zeros_like(h_init)
     exp_avg, exp_avg_sq = torch.zeros_like(delta), torch.zeros_like(delta)
     kl_reference = None
-    initial_loss, final_loss, final_nll = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+    initial_loss, final_loss, final_nll, final_margin = torch.zeros(n), torch.zeros(n), torch.zeros(n), torch.zeros(n)
     steps = torch.zeros(n, dtype=torch.long)
+    leading_since = torch.full((n,), -1, dtype=torch.long)  # first iteration with the target margin, per request
     schedule = []
     active = torch.arange(n)
     for it in range(num_steps):
@@ -436,11 +496,15 @@ def _optimise_chunk(state, num_steps, lr, weight_decay, clamp_norm_factor, kl_fa
             decay = delta_active.norm(dim=1) / h_norm[active_dev] ** 2
             loss = nll + kl_factor * kl + weight_decay * decay  # (a,)
         loss_cpu = loss.detach().float().cpu()
+        margin_cpu = target_margins(label_logp.detach(), b.label_ids, owner, len(active)).cpu()
         if it == 0:
             initial_loss[active] = loss_cpu
         final_loss[active] = loss_cpu
         final_nll[active] = nll.detach().float().cpu()
-        done = loss_cpu < early_stop_loss
+        final_margin[active] = margin_cpu
+        lead = leading_since[active]
+        done = stop.done(loss_cpu, margin_cpu, lead, it)
+        leading_since[active] = lead
         if it == num_steps - 1 or done.all():
             break
         continuing = ~done
@@ -463,5 +527,6 @@ def _optimise_chunk(state, num_steps, lr, weight_decay, clamp_norm_factor, kl_fa
         final_loss=final_loss,
         final_nll=final_nll,
         steps=steps,
+        final_margin=final_margin,
         schedule=[schedule],
     )

@@ -12,21 +12,34 @@ from .common import corpus_paths, jsonable, load_model
 
 def run_edit(namespace: argparse.Namespace, args: EditingArguments) -> dict[str, Any]:
     """`memit-hf edit`: edit, then write the adapter (or, with `--merged`, the edited checkpoint) and
-    `edit_metrics.json` to `--output-dir`; push it when `--push_to_hub`."""
+    `edit_metrics.json` to `--output-dir`; push it when `--push_to_hub`. With `--state-dir`, continue the editor state
+    saved there (if any) and save the new one there, with the adapters (`--output-dir` defaults to it)."""
     from ..editor import Editor
+    from ..editor_state import is_state_dir
     from ..requests import load_requests
 
-    if args.output_dir is None:
-        raise SystemExit("memit-hf edit: error: --output-dir is required.")
+    state_dir = Path(namespace.state_dir) if namespace.state_dir else None
+    if args.output_dir is None and state_dir is None:
+        raise SystemExit("memit-hf edit: error: --output-dir (or --state-dir) is required.")
     if args.push_to_hub and not args.hub_model_id:
         raise SystemExit("memit-hf edit: error: --push_to_hub needs --hub_model_id.")
+    output_dir = Path(args.output_dir) if args.output_dir else state_dir
+    in_state_dir = state_dir is not None and output_dir.resolve() == state_dir.resolve()
+    if in_state_dir and (namespace.merged or namespace.export_rank is not None):
+        raise SystemExit(
+            "memit-hf edit: error: --merged and --export-rank write to another --output-dir than --state-dir (the "
+            "state folder keeps the exact adapters)."
+        )
     corpus = corpus_paths(namespace.corpus)
     requests = load_requests(namespace.requests)
-    output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     model, tokenizer = load_model(namespace.model, args)
-    editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=corpus)
+    continued = state_dir is not None and is_state_dir(state_dir)
+    if continued:
+        editor = Editor.from_state(model, state_dir, args=args, processing_class=tokenizer, stats_dataset=corpus)
+    else:
+        editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=corpus)
     output = editor.edit(requests)
     resolved = editor.resolved_args.to_dict()
     metrics = dict(output.metrics)
@@ -38,19 +51,31 @@ def run_edit(namespace: argparse.Namespace, args: EditingArguments) -> dict[str,
         "corpus": [str(p) for p in corpus or []],
     }
 
+    report = None
+    if state_dir is not None:
+        report = editor.save_state(state_dir)
     if namespace.merged:
         editor.merge_and_save(output_dir, repo_id=args.hub_model_id)
         written = "the edited checkpoint"
     else:
-        report = editor.save_adapter(output_dir, export_rank=namespace.export_rank, repo_id=args.hub_model_id)
+        if not in_state_dir:
+            report = editor.save_adapter(output_dir, export_rank=namespace.export_rank, repo_id=args.hub_model_id)
         metrics["adapter_bytes"] = report.adapter_bytes
         metrics["adapter_max_reconstruction_error"] = report.max_reconstruction_error
         written = f"the adapter ({report.adapter_bytes / 1e6:.2f} MB, ranks {sorted(set(report.ranks.values()))})"
-    summary = {"metrics": metrics, "args": resolved, "num_requests": len(output.requests)}
+    summary = {"metrics": metrics, "args": resolved, "num_requests": len(output.requests),
+               "num_edits_total": sum(len(o.requests) for o in editor.history), "num_batches": len(editor.history)}  # fmt: skip
     (output_dir / "edit_metrics.json").write_text(json.dumps(jsonable(summary), indent=2) + "\n", encoding="utf-8")
 
     name = namespace.model or getattr(model.config, "_name_or_path", None)
-    print(f"Edited {len(output.requests)} facts in {name} at layers {resolved['layers']}.")
+    print(
+        f"Edited {len(output.requests)} facts in {name} at layers {resolved['layers']} with {resolved['algorithm']}."
+    )
+    if state_dir is not None:
+        print(
+            f"  {'continued' if continued else 'started'} the state in {state_dir}: batch {len(editor.history)}, "
+            f"{summary['num_edits_total']} edits so far (the adapters in it hold all of them; batches/ one each)"
+        )
     print(
         f"  total {metrics['total_seconds']:.1f}s (statistics {metrics['statistics_seconds']:.1f}s, "
         f"values {metrics['values_seconds']:.1f}s, update {metrics['update_seconds']:.1f}s); "

@@ -152,6 +152,14 @@ def make_parser() -> argparse.ArgumentParser:
         help="Also run the CounterFact evaluation (requests need `target_true`) and add it to the metrics.",
     )
     edit.add_argument("--merged", action="store_true", help="Write the full edited checkpoint instead of the adapter.")
+    edit.add_argument(
+        "--state-dir",
+        "--state_dir",
+        metavar="DIR",
+        default=None,
+        help="Sequential editing: continue the editor state saved in DIR (if any), then save the new state there "
+        "with the whole history as one adapter and one adapter per batch (`--output-dir` defaults to DIR).",
+    )
     _add_export_rank(edit)
 
     stats = _editing_parser(

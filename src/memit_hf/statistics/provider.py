@@ -106,6 +106,16 @@ class StatisticsProvider:
                 self._corpus_id = "tokens:" + text_digest(",".join(map(str, piece)) for piece in pieces)
         return self._corpus_id
 
+    def fingerprints(self, layers: list[int]) -> dict[int, dict[str, Any]]:
+        """The fingerprint of every layer's statistics for the model as it is now (no statistics are loaded or
+        collected; [`~memit_hf.statistics.fingerprint_key`] gives each one's short key)."""
+        return {
+            layer: statistics_fingerprint(
+                self.model, self.tokenizer, self.layout, layer, self.corpus_id(), self.args, self._digests
+            )
+            for layer in layers
+        }
+
     def get(self, layers: list[int]) -> dict[str, LayerStatistics]:
         """The statistics of the edited modules at `layers`, by module name.
 
@@ -114,12 +124,7 @@ class StatisticsProvider:
         evaluation mode (dropout off) and restores its mode afterwards.
         """
         with eval_mode(self.model):
-            fingerprints = {
-                layer: statistics_fingerprint(
-                    self.model, self.tokenizer, self.layout, layer, self.corpus_id(), self.args, self._digests
-                )
-                for layer in layers
-            }
+            fingerprints = self.fingerprints(layers)
             fingerprints = {
                 layer: fingerprint
                 for layer, fingerprint in fingerprints.items()

@@ -9,8 +9,8 @@ from .config import AlphaEditConfig
 
 class AlphaEdit(EditAlgorithm):
     """`Delta^T = (P (K K^T + sum_p K_p K_p^T) + alpha I)^-1 P K R^T`, with `P` the projector onto the span of the
-    eigenvectors of `C0` whose eigenvalues are below `nullspace_threshold` times the largest (prepared once per
-    statistics fingerprint). For a preserved key `x` (`P x = 0`), `Delta x = 0` exactly.
+    eigenvectors of `C0` whose eigenvalues are below `nullspace_threshold` times the largest and `alpha =
+    alphaedit_l2 * trace(C0) / d_in` (both prepared once per statistics fingerprint). For a preserved key `x` (`P x = 0`), `Delta x = 0` exactly.
 
     Returned as `B = R` and `A = ((P G + alpha I)^-1 P K)^T`, so the update stays rank <= n.
     """
@@ -22,20 +22,22 @@ class AlphaEdit(EditAlgorithm):
         self._ranks: dict[str, int] = {}
 
     def derive(self, statistics):
-        eigenvalues, eigenvectors = torch.linalg.eigh(statistics.covariance())  # ascending
+        covariance = statistics.covariance()
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
         null = eigenvectors[:, eigenvalues < self.config.nullspace_threshold * eigenvalues[-1]]  # (d_in, r)
         self._ranks[statistics.module_name] = null.shape[1]
-        return null @ null.T  # (d_in, d_in) projector
+        alpha = self.config.alphaedit_l2 * float(covariance.diagonal().mean())  # relative to trace(C0) / d_in
+        return null @ null.T, alpha  # (d_in, d_in) projector, absolute ridge
 
     def solve(self, problem: LayerProblem) -> tuple[torch.Tensor, torch.Tensor]:
-        projector = self.prepared(problem.module_name)
+        projector, alpha = self.prepared(problem.module_name)
         keys = problem.keys  # (n, d_in)
         gram = keys.T @ keys
         earlier = self.layer_state(problem.module_name).get("key_gram")
         if earlier is not None:
             gram = gram + earlier
         eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-        system = projector @ gram + self.config.alphaedit_l2 * eye
+        system = projector @ gram + alpha * eye
         adjusted = torch.linalg.solve(system, projector @ keys.T)  # (d_in, n)
         self.accumulate_gram(problem.module_name, "key_gram", keys)
         return problem.residuals.T.contiguous(), adjusted.T.contiguous()

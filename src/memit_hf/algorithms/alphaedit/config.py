@@ -16,7 +16,9 @@ class AlphaEditConfig(AlgorithmConfig):
             largest one span the null space (a rule relative to the spectrum, so it transfers between models; the
             reference's absolute 2e-2 depends on the activation scale).
         alphaedit_l2 (`float`, *optional*, defaults to `10.0`):
-            The ridge `alpha` of the projected solve (the reference's `L2`).
+            The ridge `alpha` of the projected solve (the reference's `L2`), in units of the mean eigenvalue of the
+            preserved keys' second moment (`trace(C0) / d_in`), so that it transfers between models whose
+            activations differ in scale; the reference's absolute value equals this times that mean.
     """
 
     name: ClassVar[str] = "alphaedit"
@@ -25,7 +27,9 @@ class AlphaEditConfig(AlgorithmConfig):
     nullspace_threshold: float = field(
         default=1e-2, metadata={"help": "AlphaEdit: null space = eigenvalues below this fraction of the largest."}
     )
-    alphaedit_l2: float = field(default=10.0, metadata={"help": "AlphaEdit ridge alpha (the reference's L2)."})
+    alphaedit_l2: float = field(
+        default=10.0, metadata={"help": "AlphaEdit ridge alpha, relative to trace(C0) / d_in."}
+    )
 
     def __post_init__(self):
         if not 0 < self.nullspace_threshold < 1:
