@@ -9,8 +9,8 @@ import torch
 from memit_hf.architectures import get_layout
 from memit_hf.keys import compute_keys_and_outputs, fill
 from memit_hf.requests import load_requests
-from memit_hf.tokenization import encode_targets
-from memit_hf.values import StopRule, compute_target_values, target_margins
+from memit_hf.tokenization import encode_targets, encode_texts
+from memit_hf.values import StopRule, compute_target_values, plan_chunks, suffix_lengths, target_margins
 from tests.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer, subject_final_requests, tiny_requests
 
 
@@ -228,19 +228,41 @@ def test_clamp(clamp, tokenizer):
 def test_schedule_shrinks_as_requests_stop(tokenizer):
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
     requests = load_requests(subject_final_requests())
-    threshold = splitting_threshold(loss_trajectories(model, tokenizer, requests[:3], 6))  # splits the first chunk
+    plan = plan_chunks(tokenizer, requests, 3)
+    first_requests = [requests[i] for i in plan[0]]
+    threshold = splitting_threshold(loss_trajectories(model, tokenizer, first_requests, 6))  # splits the first chunk
     result = run(model, tokenizer, requests, num_steps=6, early_stop_loss=threshold, batch_size=3)
-    assert len(result.schedule) == 2  # one schedule per chunk
-    assert [len(chunk) for chunk in result.schedule] == [int(result.steps[:3].max()) + 1, int(result.steps[3]) + 1]
+    assert result.chunks == plan and len(result.schedule) == 2  # one schedule per chunk
+    steps = [result.steps[members] for members in plan]  # result rows are in request order
+    assert [len(chunk) for chunk in result.schedule] == [int(s.max()) + 1 for s in steps]
     first = result.schedule[0]
     assert first[0] == [0, 1, 2] and len(first[-1]) < 3  # some requests of the first chunk stopped
     for earlier, later in zip(first, first[1:]):
         assert set(later) <= set(earlier)
-    # Request i is active at iteration `it` exactly while it <= steps[i].
-    for chunk_start, chunk in zip((0, 3), result.schedule):
+    # The request at position i of a chunk is active at iteration `it` exactly while it <= its steps.
+    for chunk_steps, chunk in zip(steps, result.schedule):
         for it, active in enumerate(chunk):
-            expected = [i for i in range(len(chunk[0])) if result.steps[chunk_start + i] >= it]
-            assert active == expected, (it, active, result.steps)
+            assert active == [i for i in range(len(chunk[0])) if chunk_steps[i] >= it], (it, active, chunk_steps)
+
+
+def test_chunks_group_requests_by_suffix_length(tokenizer):
+    """The plan orders requests by the number of tokens the blocks after the z layer run (subject-last token to the
+    end of prompt + target), so a chunk pads little; the result is in request order whatever the plan."""
+    requests = load_requests(tiny_requests() + subject_final_requests())
+    lengths = suffix_lengths(tokenizer, requests)
+    targets = encode_targets(tokenizer, [r.target_new for r in requests])
+    prompts = [fill("{}", r) for r in requests]
+    through = [len(ids) for ids in encode_texts(tokenizer, [text for text, _ in prompts])]
+    until = [len(ids) for ids in encode_texts(tokenizer, [text[:end] for text, end in prompts])]
+    assert lengths == [t - u + 1 + len(g) - 1 for t, u, g in zip(through, until, targets)]  # from the subject-last
+    plan = plan_chunks(tokenizer, requests, 3)
+    order = [i for members in plan for i in members]
+    assert sorted(order) == list(range(len(requests))) and [len(m) for m in plan] == [3, 3, 2]
+    assert [lengths[i] for i in order] == sorted(lengths) and len(set(lengths)) > 1
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    chunked = run(model, tokenizer, requests, batch_size=3)
+    singles = torch.cat([run(model, tokenizer, [r]).targets for r in requests])
+    assert max_relative(chunked.targets, singles) <= z_rounding(6)
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma3_text"])
@@ -257,3 +279,46 @@ def test_prefix_cache_is_exact(model_type, tokenizer, caplog):
     torch.testing.assert_close(cached.initial_loss, plain.initial_loss, rtol=z_rounding(1), atol=0)
     torch.testing.assert_close(cached.final_loss, plain.final_loss, rtol=z_rounding(5), atol=0)
     assert torch.equal(cached.steps, plain.steps)
+
+
+def test_a_chunk_that_runs_out_of_memory_is_split_and_gives_the_same_values(tokenizer, caplog):
+    """When an accelerator runs out of memory in a chunk, its halves are optimised one after the other: the same
+    targets and steps (requests are independent), the pieces recorded in `chunks`, and a warning."""
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    requests = load_requests(subject_final_requests())
+    expected = run(model, tokenizer, requests, batch_size=4)
+    rows_per_request = 1 + sum(len(group) for group in TEMPLATES)  # the rewriting prompts and the KL prompt
+
+    def refuse_more_than_two_requests(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[0] > 2 * rows_per_request:
+            raise torch.cuda.OutOfMemoryError("simulated: the chunk does not fit")
+
+    handle = model.model.layers[0].register_forward_pre_hook(refuse_more_than_two_requests, with_kwargs=True)
+    try:
+        with caplog.at_level("WARNING", logger="memit_hf.values"):
+            split = run(model, tokenizer, requests, batch_size=4)
+    finally:
+        handle.remove()
+    assert "Out of memory in the z optimisation of 4 requests" in caplog.text
+    assert [len(members) for members in split.chunks] == [2, 2] and len(split.schedule) == 2
+    assert sorted(i for members in split.chunks for i in members) == [0, 1, 2, 3]
+    assert torch.equal(split.steps, expected.steps)
+    assert max_relative(split.targets, expected.targets) <= z_rounding(6)
+
+
+def test_autocast_runs_the_tail_in_low_precision_and_keeps_float32_state(tokenizer):
+    """With `autocast_dtype`, blocks after the z layer and the LM head compute in bfloat16 (the losses move by
+    bfloat16 rounding) while the delta, the targets and the loss stay float32 and the optimisation takes the same path."""
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    requests = load_requests(tiny_requests())
+    exact = run(model, tokenizer, requests, early_stop_loss=0.0)
+    low = run(model, tokenizer, requests, early_stop_loss=0.0, autocast_dtype=torch.bfloat16)
+    assert low.targets.dtype == torch.float32 and low.final_loss.dtype == torch.float32
+    assert not torch.equal(low.initial_loss, exact.initial_loss)  # bfloat16 really ran
+    # One block and the head after z layer 1: under 8 products in sequence, each rounded to bfloat16 (unit
+    # roundoff 2^-8), so the loss at delta = 0 moves by less than 8 * 2^-8 relative.
+    torch.testing.assert_close(low.initial_loss, exact.initial_loss, rtol=8 * 2**-8, atol=0)
+    torch.testing.assert_close(low.initial, exact.initial, rtol=0, atol=0)  # blocks 0..L stay float32
+    # Each Adam step follows the sign of its gradient coordinates, which bfloat16 rarely flips: the same path.
+    torch.testing.assert_close(low.final_loss, exact.final_loss, rtol=8 * 2**-8, atol=0)

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, fields, replace
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -142,7 +143,15 @@ def resolve_arguments(model: PreTrainedModel, args: EditingArguments, layout: Mo
         if not 0 <= layer < n_layers:
             raise ValueError(f"`layers` has {layer}, outside the model's {n_layers} layers (0..{n_layers - 1}).")
     updates["layers"] = layers
+    if args.v_batch_size is None:
+        updates["v_batch_size"] = default_chunk_size(model.device)
     return replace(args, **updates)
+
+
+def default_chunk_size(device: torch.device) -> int:
+    """Requests per z-optimisation chunk when `v_batch_size` is not set: 16 on a CPU (where larger chunks run slower
+    per request), 128 on an accelerator (where larger chunks keep it busy; a chunk that does not fit is split)."""
+    return 16 if device.type == "cpu" else 128
 
 
 def is_transposed(module: nn.Module) -> bool:

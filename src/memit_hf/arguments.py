@@ -58,8 +58,15 @@ class EditingArguments:
             Steps taken after the margin is first reached. The defaults take 14.3 iterations per request on the first
             100 CounterFact records on SmolLM2 with ES / PS / NS within 1 point of the loss rule alone
             (`benchmarks/README.md`).
-        v_batch_size (`int`, *optional*, defaults to `32`):
-            Requests optimised together in one chunk; lower it to bound memory.
+        v_batch_size (`int`, *optional*):
+            Requests optimised together in one chunk (chunks group requests of equal token lengths). Defaults to 16
+            on a CPU (the fastest on a 2-core machine: 1.34 s per edit against 1.43 s at 32) and 128 on an
+            accelerator, where a chunk that runs out of memory is split in halves and retried (the same results:
+            requests are independent), as `auto_find_batch_size` does for training.
+        v_autocast_dtype (`str`, *optional*):
+            Run the blocks after the z layer and the LM head under `torch.autocast` with this dtype (`"bfloat16"` or
+            `"float16"`) during the z optimisation; the delta, the loss and the Adam state stay float32. Off by
+            default: on a CPU with AMX it made the z optimisation slower, not faster (`benchmarks/README.md`).
         num_context_templates (`int`, *optional*, defaults to `5`):
             Sampled prefixes added to the bare prompt.
         context_template_length (`int`, *optional*, defaults to `10`):
@@ -122,7 +129,12 @@ class EditingArguments:
         metadata={"help": "Stop a request once its targets lead every prompt by this log-prob margin (None: off)."},
     )
     v_early_stop_patience: int = field(default=5, metadata={"help": "Steps taken after the margin is reached."})
-    v_batch_size: int = field(default=32, metadata={"help": "Requests optimised together per chunk."})
+    v_batch_size: int | None = field(
+        default=None, metadata={"help": "Requests optimised together per chunk (default: 16 on CPU, 128 on GPU)."}
+    )
+    v_autocast_dtype: str | None = field(
+        default=None, metadata={"help": "Autocast dtype of the z forward after the z layer (bfloat16/float16)."}
+    )
     num_context_templates: int = field(default=5, metadata={"help": "Number of sampled context prefixes."})
     context_template_length: int = field(default=10, metadata={"help": "Token length of each context prefix."})
     # statistics
@@ -170,9 +182,14 @@ class EditingArguments:
                 raise ValueError(
                     f"`algorithm='{self.algorithm}'` edits exactly {wanted} layer(s), got `layers={self.layers}`."
                 )
+        if self.v_batch_size is not None and self.v_batch_size <= 0:
+            raise ValueError(f"`v_batch_size` must be a positive integer, got {self.v_batch_size}.")
+        if self.v_autocast_dtype not in (None, "bfloat16", "float16"):
+            raise ValueError(
+                f"`v_autocast_dtype` must be `bfloat16`, `float16` or None, got `{self.v_autocast_dtype}`."
+            )
         positive = {
             "v_num_grad_steps": self.v_num_grad_steps,
-            "v_batch_size": self.v_batch_size,
             "stats_num_tokens": self.stats_num_tokens,
             "stats_max_length": self.stats_max_length,
             "stats_batch_tokens": self.stats_batch_tokens,

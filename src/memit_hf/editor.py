@@ -5,7 +5,6 @@ residuals, the method's solve (`algorithms`) and the exact low-rank update (`del
 """
 
 import logging
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from .modes import eval_mode
 from .norms import rms_norm_residuals
 from .requests import EDIT_RECORD_KEYS, EditRequest, load_requests
 from .statistics import LayerStatistics, StatisticsProvider, fingerprint_key, model_identity, tensor_digest
-from .values import ValueResult, compute_target_values
+from .values import ValueResult, compute_target_values, plan_chunks
 
 
 logger = logging.getLogger(__name__)
@@ -273,8 +272,8 @@ class Editor:
                 clamp_norm_factor=args.clamp_norm_factor, kl_factor=args.kl_factor,
                 early_stop_loss=args.v_early_stop_loss, early_stop_margin=args.v_early_stop_margin,
                 early_stop_patience=args.v_early_stop_patience,
-                batch_size=args.v_batch_size,
-                show_progress=self.state.is_main_process, chunks=chunks,
+                batch_size=args.v_batch_size, show_progress=self.state.is_main_process, chunks=chunks,
+                autocast_dtype=getattr(torch, args.v_autocast_dtype) if args.v_autocast_dtype else None,
             )  # fmt: skip
 
         if self.state.num_processes == 1:
@@ -283,18 +282,19 @@ class Editor:
             return result
         from accelerate.utils import gather_object
 
-        n, size = len(requests), args.v_batch_size
-        mine = owned_chunks(math.ceil(n / size), self.state)
+        n = len(requests)
+        plan = plan_chunks(self.tokenizer, requests, args.v_batch_size)
+        mine = owned_chunks(len(plan), self.state)
         local = optimise(mine)
-        indices = [i for chunk in mine for i in range(chunk * size, min(n, (chunk + 1) * size))]
+        indices = [i for chunk in mine for i in plan[chunk]]
         hidden = self.model.get_input_embeddings().weight.shape[1]
         tensors = {name: getattr(local, name) for name in VALUE_FIELDS}
         for name in ("targets", "initial"):
             tensors[name] = tensors[name].reshape(len(indices), hidden)
         full = assemble_rows(n, indices, tensors, self.state)
-        schedules = sorted(gather_object(list(zip(mine, local.schedule))))
+        pieces = sorted(gather_object(list(zip(local.chunks, local.schedule))))
         self._log("Optimised the target values of %d requests on %d processes.", n, self.state.num_processes)
-        return ValueResult(**full, schedule=[schedule for _, schedule in schedules], z_layer=z_layer)
+        return ValueResult(**full, schedule=[s for _, s in pieces], chunks=[c for c, _ in pieces], z_layer=z_layer)
 
     def _through_post_mlp_norm(self, layer: int, residuals: torch.Tensor, edit_outputs: torch.Tensor) -> torch.Tensor:
         """Map block-output residuals `(n, d)` to the edited projection's output space when an RMS norm sits between

@@ -2,7 +2,7 @@
 them, the disk cache, the one-pass collection, and the provider the Editor asks."""
 
 from .cache import StatisticsCache, default_cache_dir
-from .collection import SecondMoment, add_gram, collect_second_moments
+from .collection import SecondMoment, add_gram, collect_second_moments, pack_batches
 from .corpus import MODEL_SAMPLES, corpus_texts, sample_corpus, text_digest, token_pieces
 from .fingerprint import (
     STATS_FORMAT_VERSION,
@@ -29,6 +29,7 @@ __all__ = [
     "default_cache_dir",
     "fingerprint_key",
     "model_identity",
+    "pack_batches",
     "sample_corpus",
     "statistics_fingerprint",
     "tensor_digest",
