@@ -431,6 +431,93 @@ def test_bfloat16_model_is_edited_in_its_dtype(tokenizer, tmp_path):
     assert changed_tensors(model, before) == []
 
 
+def logits_of(model, tokenizer, texts=("The city of the Eiffel Tower", "I think the iPhone is")) -> torch.Tensor:
+    batch = tokenizer(list(texts), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+def test_merge_edits_false_keeps_the_weights_and_applies_the_exact_update(tokenizer, tmp_path):
+    """With `merge_edits=False` the weights never change; the model computes the edit through float32 output hooks,
+    which equal the merged edit in float32 (up to float32 rounding, measured against the exact float64 edit);
+    `unedited()`, `rollback`, `restore` and `merge_and_save` see or remove the hooks, bit for bit."""
+    base = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    merged_model = copy.deepcopy(base)
+    merged = make_editor(merged_model, tokenizer, tmp_path / "stats").edit(subject_final_requests())
+    model = copy.deepcopy(base)
+    before = parameters_snapshot(model)
+    editor = make_editor(model, tokenizer, tmp_path / "stats", merge_edits=False)
+    output = editor.edit(subject_final_requests())
+    assert changed_tensors(model, before) == [] and output.metrics["merge_rounding_error"] == 0.0
+    assert 0 < merged.metrics["merge_rounding_error"] < 1e-5  # float32: a few units of roundoff of |W| / |Delta|
+    exact = copy.deepcopy(base).double()
+    for delta in output.deltas:
+        with torch.no_grad():
+            exact.get_submodule(delta.module_name).weight += delta.lora_B.double() @ delta.lora_A.double()
+    truth = logits_of(exact, tokenizer).double()
+    scale = float(truth.abs().max())
+    budget = 4 * float((logits_of(merged_model, tokenizer).double() - truth).abs().max())
+    budget += 8 * torch.finfo(torch.float32).eps * scale
+    assert float((logits_of(model, tokenizer).double() - truth).abs().max()) <= budget
+    unedited = logits_of(base, tokenizer)
+    with editor.unedited():
+        assert torch.equal(logits_of(model, tokenizer), unedited)
+    editor.merge_and_save(tmp_path / "merged", base_model_name_or_path="tiny/base")
+    assert changed_tensors(model, before) == []  # merged for the save only
+    saved = load_file(tmp_path / "merged" / "model.safetensors")
+    for delta in output.deltas:  # the weights plus the factors, added in float32 as an in-place merge does
+        expected = before[f"{delta.module_name}.weight"] + delta.lora_B @ delta.lora_A
+        assert torch.equal(saved[f"{delta.module_name}.weight"], expected)
+    second = editor.edit(subject_final_requests()[:2])
+    assert changed_tensors(model, before) == [] and len(editor.history) == 2
+    with pytest.raises(ValueError, match="merge_edits=False"):
+        editor.args.merge_edits = True
+        editor.edit(subject_final_requests()[:1])
+    editor.args.merge_edits = False
+    assert len(second.deltas) == 2
+    editor.rollback()
+    assert float((logits_of(model, tokenizer).double() - truth).abs().max()) <= budget
+    editor.restore()
+    assert torch.equal(logits_of(model, tokenizer), unedited) and changed_tensors(model, before) == []
+
+
+def test_merge_edits_false_keeps_a_bfloat16_edit_that_merging_rounds_away(tokenizer, tmp_path):
+    """In bfloat16, merging rounds W + Delta to 8 significant bits: `merge_rounding_error` reports what it lost; the
+    hooks keep the float32 update, so the model is closer to the exact edit."""
+    base = build_tiny_causal_lm("llama", vocab_size=len(tokenizer)).to(torch.bfloat16)
+    merged_model, hooked_model = copy.deepcopy(base), copy.deepcopy(base)
+    merged = make_editor(merged_model, tokenizer, tmp_path / "stats").edit(subject_final_requests())
+    editor = make_editor(hooked_model, tokenizer, tmp_path / "stats", merge_edits=False)
+    editor.edit(subject_final_requests(), values=merged.values)  # the same targets: only the application differs
+    deltas = merged.deltas
+    # Rounding each element of W + Delta to bfloat16 loses up to 2^-9 of it: relative to ||Delta|| that is
+    # 2^-9 ||W + Delta|| / ||Delta|| at most, and well above float32's 1e-7 for these weights.
+    bounds = []
+    for delta in deltas:
+        weight = base.get_submodule(delta.module_name).weight.detach().double()
+        dense = delta.lora_B.double() @ delta.lora_A.double()
+        bounds.append(2**-9 * float((weight + dense).norm() / dense.norm()))
+    assert 1e-5 < merged.metrics["merge_rounding_error"] <= max(bounds)
+    exact = copy.deepcopy(base).double()
+    for delta in deltas:
+        with torch.no_grad():
+            exact.get_submodule(delta.module_name).weight += delta.lora_B.double() @ delta.lora_A.double()
+    truth = logits_of(exact, tokenizer).double()
+    merged_error = float((logits_of(merged_model, tokenizer).double() - truth).abs().max())
+    hooked_error = float((logits_of(hooked_model, tokenizer).double() - truth).abs().max())
+    assert hooked_error <= merged_error
+
+
+def test_failed_edit_with_hooks_removes_its_hooks(tokenizer, tmp_path):
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    unedited = logits_of(model, tokenizer)
+    editor = make_editor(model, tokenizer, tmp_path, callbacks=[FailAtLayer(1)], v_num_grad_steps=3,
+                         merge_edits=False)  # fmt: skip
+    with pytest.raises(RuntimeError, match="callback failed at layer 1"):
+        editor.edit(subject_final_requests())
+    assert torch.equal(logits_of(model, tokenizer), unedited) and editor.history == []
+
+
 # ------------------------------------------------------------------------------------------------- atomicity
 class FailAtLayer(EditorCallback):
     def __init__(self, layer: int, error: type[BaseException] = RuntimeError):

@@ -81,7 +81,7 @@ def test_alphaedit_leaves_preserved_keys_unchanged():
 METHODS = {
     "memit_seq": {},
     "emmet": {"emmet_ridge": 0.0},
-    "alphaedit": {"nullspace_threshold": 0.5, "alphaedit_l2": 1e-3},  # alpha is absolute: tiny keys are small
+    "alphaedit": {"nullspace_threshold": 0.5, "alphaedit_l2": 1e-3},  # a light ridge: the tiny model has few keys
 }
 
 

@@ -72,6 +72,15 @@ class EditingArguments:
         context_template_length (`int`, *optional*, defaults to `10`):
             Token length of each sampled prefix, the start word included.
 
+    > Parameters that control how the edits are applied
+
+    Args:
+        merge_edits (`bool`, *optional*, defaults to `True`):
+            Add each update to the edited weights in place. With `False` the weights stay untouched and every edited
+            module adds its exact low-rank update to its output in float32 (like an un-merged peft LoRA adapter),
+            so nothing of the update is rounded away: use it for half-precision models, where merging in place rounds
+            small updates (see `metrics["merge_rounding_error"]`). The exported adapter is exact either way.
+
     > Parameters that control the covariance statistics
 
     Args:
@@ -137,6 +146,10 @@ class EditingArguments:
     )
     num_context_templates: int = field(default=5, metadata={"help": "Number of sampled context prefixes."})
     context_template_length: int = field(default=10, metadata={"help": "Token length of each context prefix."})
+    # application
+    merge_edits: bool = field(
+        default=True, metadata={"help": "Add updates to the weights in place (False: exact float32 output hooks)."}
+    )
     # statistics
     stats_num_tokens: int = field(default=100_000, metadata={"help": "Token budget of the covariance statistics."})
     stats_max_length: int = field(default=512, metadata={"help": "Max tokens per statistics text piece."})

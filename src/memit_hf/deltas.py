@@ -1,11 +1,15 @@
 """Weight updates as exact low-rank factors, applied to and removed from a model bit-exactly."""
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .architectures import is_transposed
+from .tracing import LowRankAdditions
+from .weights import read_parameter, write_parameter
 
 
 @dataclass
@@ -51,23 +55,128 @@ def make_delta(module_name: str, module: nn.Module, lora_B: torch.Tensor, lora_A
 
 
 @torch.no_grad()
-def add_delta(model: nn.Module, delta: LayerDelta) -> None:
-    """`W += Delta` in place, computed in float32 and cast to the weight's dtype and device."""
-    weight = model.get_submodule(delta.module_name).weight
-    weight.copy_((weight.float() + delta.dense().to(weight.device)).to(weight.dtype))
+def add_delta(model: nn.Module, delta: LayerDelta) -> float:
+    """`W += Delta` in place, computed in float32 and cast to the weight's dtype and device (offloaded weights
+    included, see [`~memit_hf.weights.write_parameter`]).
+
+    Returns:
+        `float`: the rounding error of the merge, `||W_new - (W + Delta)|| / ||Delta||` (Frobenius, float64): what
+        storing the sum in the weight's dtype lost of the update (about 1e-7 in float32; in bfloat16 much of a small
+        update can be rounded away).
+    """
+    module = model.get_submodule(delta.module_name)
+    weight = read_parameter(module)
+    dense = delta.dense().to(weight.device)
+    merged = (weight.float() + dense).to(weight.dtype)
+    lost, size = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for rows in torch.arange(weight.shape[0]).split(1024):  # float64 in row blocks: bounded memory
+        exact = weight[rows].double() + dense[rows].double()
+        lost += (merged[rows].double() - exact).pow(2).sum().cpu()
+        size += dense[rows].double().pow(2).sum().cpu()
+    write_parameter(module, merged)
+    return float(lost.sqrt() / size.sqrt().clamp_min(torch.finfo(torch.float64).tiny))
 
 
 class WeightSnapshot:
-    """Bit-exact copies of some modules' weights, restorable at any time."""
+    """Bit-exact copies of some modules' weights (wherever they live), restorable at any time."""
 
     def __init__(self, model: nn.Module, module_names: list[str]):
         self.model = model
-        self.saved = {name: model.get_submodule(name).weight.detach().clone() for name in module_names}
+        self.saved = {name: read_parameter(model.get_submodule(name)).detach().clone() for name in module_names}
 
     @torch.no_grad()
     def restore(self) -> None:
         for name, original in self.saved.items():
-            self.model.get_submodule(name).weight.copy_(original)
+            write_parameter(self.model.get_submodule(name), original)
 
     def __contains__(self, name: str) -> bool:
         return name in self.saved
+
+
+class AppliedEdits:
+    """The updates a model holds, applied in one of two ways:
+
+    - merged (`merge=True`): added to the weights in place ([`add_delta`]); the original weights are kept to restore
+      them bit for bit;
+    - as hooks (`merge=False`): the weights stay untouched and each edited module adds its exact low-rank update to
+      its output in float32 ([`~memit_hf.tracing.LowRankAdditions`]), like an un-merged LoRA adapter: nothing is
+      rounded to a half-precision weight dtype.
+
+    Args:
+        model (`nn.Module`): the edited model.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.pristine: dict[str, torch.Tensor] = {}
+        """The original weight of every module merged into, by name."""
+        self.additions = LowRankAdditions(model)
+
+    def apply(self, delta: LayerDelta, merge: bool = True) -> float:
+        """Apply `delta`; returns the merge's rounding error (see [`add_delta`]; 0 for hooks)."""
+        if not merge:
+            self.additions.add(delta.module_name, delta.lora_B, delta.lora_A)
+            return 0.0
+        if delta.module_name not in self.pristine:
+            self.pristine[delta.module_name] = read_parameter(self.model.get_submodule(delta.module_name)).clone()
+        return add_delta(self.model, delta)
+
+    def checkpoint(self) -> tuple:
+        """What [`revert`] needs to undo the applications that follow (an edit that fails half-way)."""
+        return WeightSnapshot(self.model, list(self.pristine)), dict(self.pristine), dict(self.additions.factors)
+
+    @torch.no_grad()
+    def revert(self, checkpoint: tuple) -> None:
+        """Undo every application since `checkpoint`, bit for bit."""
+        snapshot, pristine, factors = checkpoint
+        for name in set(self.pristine) - set(pristine):  # merged into for the first time since the checkpoint
+            write_parameter(self.model.get_submodule(name), self.pristine[name])
+        snapshot.restore()
+        self.pristine = pristine
+        self.additions.clear()
+        for name, (lora_B, lora_A) in factors.items():
+            self.additions.add(name, lora_B, lora_A)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Back to the original model, bit for bit: the original weights written back, every hook removed."""
+        for name, original in self.pristine.items():
+            write_parameter(self.model.get_submodule(name), original)
+        self.pristine.clear()
+        self.additions.clear()
+
+    def replay(self, deltas: list[LayerDelta], merge: bool = True) -> None:
+        """Back to the original model, then apply `deltas` in order: bit-identical to applying them the first time."""
+        pristine = dict(self.pristine)
+        self.reset()
+        for delta in deltas:
+            self.apply(delta, merge)
+        self.pristine.update({name: weight for name, weight in pristine.items() if name not in self.pristine})
+
+    @contextlib.contextmanager
+    def unedited(self) -> Iterator[nn.Module]:
+        """Within the context the model computes as the original: original weights swapped in, hooks off."""
+        current = WeightSnapshot(self.model, list(self.pristine))
+        with torch.no_grad():
+            for name, original in self.pristine.items():
+                write_parameter(self.model.get_submodule(name), original)
+        try:
+            with self.additions.disabled():
+                yield self.model
+        finally:
+            current.restore()
+
+    @contextlib.contextmanager
+    def merged(self) -> Iterator[nn.Module]:
+        """Within the context the hooked updates are merged into the weights (to save a full checkpoint); outside it
+        the weights are exactly what they were."""
+        names = list(self.additions.factors)
+        current = WeightSnapshot(self.model, names)
+        try:
+            with self.additions.disabled():
+                for name, (lora_B, lora_A) in self.additions.factors.items():
+                    module = self.model.get_submodule(name)
+                    add_delta(self.model, LayerDelta(name, lora_B.cpu(), lora_A.cpu(), is_transposed(module)))
+                yield self.model
+        finally:
+            current.restore()

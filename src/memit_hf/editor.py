@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .algorithms import EditAlgorithm, LayerProblem, get_algorithm
 from .architectures import get_layout, resolve_arguments
 from .arguments import EditingArguments
-from .deltas import LayerDelta, WeightSnapshot, add_delta, make_delta
+from .deltas import AppliedEdits, LayerDelta, make_delta
 from .distributed import assemble_rows, owned_chunks, process_state
 from .editor_state import (
     BATCH_ADAPTERS_DIR,
@@ -45,6 +45,7 @@ from .norms import rms_norm_residuals
 from .requests import EDIT_RECORD_KEYS, EditRequest, load_requests
 from .statistics import LayerStatistics, StatisticsProvider, fingerprint_key, model_identity, tensor_digest
 from .values import ValueResult, compute_target_values, plan_chunks
+from .weights import read_parameter
 
 
 logger = logging.getLogger(__name__)
@@ -161,7 +162,8 @@ class Editor:
         self._templates: list[list[str]] | None = None
         self._algorithm: EditAlgorithm | None = None
         self._base_model_info: dict[str, Any] | None = None
-        self._pristine: dict[str, torch.Tensor] = {}
+        self._applied = AppliedEdits(model)
+        self._merged: bool | None = None  # how the held edits are applied (`args.merge_edits` of the first edit)
         self.history: list[EditOutput] = []
 
     # --------------------------------------------------------------------------------------------------- stages
@@ -343,6 +345,11 @@ class Editor:
         args = self.resolved_args
         layers, z_layer = args.layers, args.layers[-1]
         algorithm = self.algorithm
+        if self._merged is not None and self._merged != args.merge_edits:
+            raise ValueError(
+                f"The edits held are applied with `merge_edits={self._merged}` but `args` now say "
+                f"`merge_edits={args.merge_edits}`; call `restore()` first."
+            )
         for callback in self.callbacks:
             callback.on_edit_begin(self, requests)
         self._log("Editing %d facts at layers %s with %s.", len(requests), layers, args.algorithm)
@@ -373,22 +380,20 @@ class Editor:
             bad = (~torch.isfinite(values.targets).all(1)).nonzero().squeeze(1).tolist()
             raise ValueError(f"Target values are not finite for requests {[requests[i].record_index for i in bad]}.")
 
-        names = [self.layout.edit_name(layer) for layer in layers]
-        snapshot = WeightSnapshot(self.model, names)
+        checkpoint = self._applied.checkpoint()
         tick = time.perf_counter()
         try:
-            deltas, initial_outputs, final_outputs = self._solve_layers(
+            deltas, initial_outputs, final_outputs, rounding = self._solve_layers(
                 requests, templates, values.targets.double(), statistics, algorithm, args
             )
             increments = algorithm.pending_increments()
             algorithm.commit()
         except BaseException:
-            snapshot.restore()
+            self._applied.revert(checkpoint)
             algorithm.discard()
             raise
         timings["update_seconds"] = time.perf_counter() - tick
-        for name, original in snapshot.saved.items():
-            self._pristine.setdefault(name, original)
+        self._merged = args.merge_edits
 
         targets = values.targets.double()
         wanted = (targets - initial_outputs).norm(dim=1)
@@ -403,6 +408,7 @@ class Editor:
             "z_final_nll": float(values.final_nll.mean()),
             "z_mean_steps": float(values.steps.float().mean()),
             "residual_achieved": float((1 - missed / wanted.clamp_min(1e-12)).mean()),
+            "merge_rounding_error": max(rounding),
             **algorithm.diagnostics(),
         }
         self._log(
@@ -415,7 +421,7 @@ class Editor:
             "layers": list(layers),
             "num_requests": len(requests),
             "hyperparameters": args.to_dict(),
-            "statistics": {name: statistics[name].info() for name in names},
+            "statistics": {name: layer_statistics.info() for name, layer_statistics in statistics.items()},
             "requests": [request.to_dict(EDIT_RECORD_KEYS) for request in requests],
             "metrics": dict(metrics),
         }
@@ -454,10 +460,12 @@ class Editor:
         """Solve and apply the layers in order (MEMIT's spread: each layer writes its share of what is left).
 
         Returns:
-            The deltas, and the block-`z_layer` outputs `(n, d_model)` before the first and after the last update.
+            The deltas, the block-`z_layer` outputs `(n, d_model)` before the first and after the last update, and
+            each update's merge rounding error (see [`~memit_hf.deltas.add_delta`]).
         """
         layers, z_layer = args.layers, args.layers[-1]
         deltas: list[LayerDelta] = []
+        rounding: list[float] = []
         for i, layer in enumerate(layers):
             keys, current, edit_outputs = compute_keys_and_outputs(
                 self.model, self.tokenizer, self.layout, requests, templates, layer, z_layer, return_edit_outputs=True
@@ -472,14 +480,14 @@ class Editor:
             if not (torch.isfinite(lora_B).all() and torch.isfinite(lora_A).all()):
                 raise ValueError(f"The update of `{name}` is not finite.")
             delta = make_delta(name, self.model.get_submodule(name), lora_B, lora_A)
-            add_delta(self.model, delta)
+            rounding.append(self._applied.apply(delta, args.merge_edits))
             deltas.append(delta)
             for callback in self.callbacks:
                 callback.on_layer_end(self, layer, delta)
         _, final_outputs = compute_keys_and_outputs(
             self.model, self.tokenizer, self.layout, requests, [["{}"]], z_layer, z_layer
         )
-        return deltas, initial_outputs, final_outputs
+        return deltas, initial_outputs, final_outputs, rounding
 
     # ---------------------------------------------------------------------------------------------------- export
     def _model_info(self) -> dict[str, Any]:
@@ -587,9 +595,10 @@ class Editor:
         metadata = self.edit_metadata(include_requests)
         if base_model_name_or_path is not None:
             metadata["base_model_name_or_path"] = base_model_name_or_path
-        self._on_main_process(
-            lambda: save_merged_checkpoint(self.model, self.tokenizer, path, metadata, repo_id, **save_kwargs)
-        )
+        with self._applied.merged():  # edits held as hooks (`merge_edits=False`) are merged for the save only
+            self._on_main_process(
+                lambda: save_merged_checkpoint(self.model, self.tokenizer, path, metadata, repo_id, **save_kwargs)
+            )
 
     def push_to_hub(
         self,
@@ -646,14 +655,16 @@ class Editor:
         """Digests of the weights of `names` before the first edit."""
         digests = {}
         for name in names:
-            weight = self._pristine.get(name)
-            digests[name] = tensor_digest(weight if weight is not None else self.model.get_submodule(name).weight)
+            weight = self._applied.pristine.get(name)
+            digests[name] = tensor_digest(
+                weight if weight is not None else read_parameter(self.model.get_submodule(name))
+            )
         return digests
 
     def editor_state(self) -> EditorState:
         """The state of this sequence of edits (what [`save_state`] writes)."""
         args = self.resolved_args
-        names = sorted({self.layout.edit_name(layer) for layer in args.layers} | set(self._pristine))
+        names = sorted({self.layout.edit_name(layer) for layer in args.layers} | set(self._applied.pristine))
         statistics: dict[str, str] = {}
         batches = []
         for output in self.history:
@@ -781,10 +792,8 @@ class Editor:
         with torch.no_grad():
             for batch in state.batches:
                 for delta in batch.deltas:
-                    if delta.module_name not in editor._pristine:
-                        weight = editor.model.get_submodule(delta.module_name).weight
-                        editor._pristine[delta.module_name] = weight.detach().clone()
-                    add_delta(editor.model, delta)
+                    editor._applied.apply(delta, resolved.merge_edits)
+                editor._merged = resolved.merge_edits
                 editor.history.append(
                     EditOutput(
                         deltas=list(batch.deltas),
@@ -804,9 +813,8 @@ class Editor:
     def restore(self) -> None:
         """Return every edited module to its weights before the first `edit()`, bit for bit, and forget the edits
         (the history and the algorithm's state)."""
-        for name, original in self._pristine.items():
-            self.model.get_submodule(name).weight.copy_(original)
-        self._pristine.clear()
+        self._applied.reset()
+        self._merged = None
         self.history.clear()
         self._algorithm = None
 
@@ -825,11 +833,7 @@ class Editor:
         if not 1 <= k <= len(self.history):
             raise ValueError(f"`k` must be between 1 and the number of edits held ({len(self.history)}), got {k}.")
         kept = self.history[: len(self.history) - k]
-        for name, original in self._pristine.items():
-            self.model.get_submodule(name).weight.copy_(original)
-        for output in kept:
-            for delta in output.deltas:
-                add_delta(self.model, delta)
+        self._applied.replay([delta for output in kept for delta in output.deltas], self._merged is not False)
         if self._algorithm is not None:
             self._algorithm.replay([output.state_increments for output in kept])
         self.history = kept
@@ -876,29 +880,13 @@ class Editor:
             perplexity_num_tokens=perplexity_num_tokens, reference_texts=reference_texts, seed=self.args.seed,
         )  # fmt: skip
         results = evaluate_model(self.model, self.tokenizer, requests, **kwargs)
-        if include_pre and self._pristine:
+        if include_pre and self.history:
             with self.unedited():
                 pre = evaluate_model(self.model, self.tokenizer, requests, **kwargs)
             results.update({f"pre_{key}": value for key, value in pre.items()})
         return results
 
     def unedited(self):
-        """Context manager in which `self.model` temporarily has its original weights."""
-        return _Unedited(self)
-
-
-class _Unedited:
-    def __init__(self, editor: Editor):
-        self.editor = editor
-
-    def __enter__(self):
-        model = self.editor.model
-        self.current = WeightSnapshot(model, list(self.editor._pristine))
-        with torch.no_grad():
-            for name, original in self.editor._pristine.items():
-                model.get_submodule(name).weight.copy_(original)
-        return model
-
-    def __exit__(self, *exc):
-        self.current.restore()
-        return False
+        """Context manager in which `self.model` temporarily computes as the original model (original weights swapped
+        in, edit hooks off)."""
+        return self._applied.unedited()

@@ -96,6 +96,13 @@ def check_request_tokens(tokenizer: PreTrainedTokenizerBase, requests: list[Edit
             )
 
 
+def at_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """`hidden[i, positions[i]]` of a captured `(rows, seq, d)` tensor, as float64 on the CPU; the indices follow the
+    tensor to its device (a model dispatched over several devices)."""
+    rows = torch.arange(len(positions), device=hidden.device)
+    return hidden[rows, positions.to(hidden.device)].double().cpu()
+
+
 def template_weights(templates: list[list[str]]) -> torch.Tensor:
     """Weights averaging keys within each template group, then across groups (bare prompt 1/2, prefixes 1/2k)."""
     weights = [1.0 / (len(group) * len(templates)) for group in templates for _ in group]
@@ -127,19 +134,24 @@ def compute_keys_and_outputs(
     weights = template_weights(templates)
     edit_name, layer_name = layout.edit_name(layer), layout.layer_name(z_layer)
     pad = pad_token_id(tokenizer)
-    key_rows, out_rows, edit_rows = [], [], []
+    n, per_request = len(requests), len(flat)
+    # Accumulated batch by batch: memory (n, d) whatever the number of templates, not (n * templates, d).
+    keys = outputs = edit_outputs = None
     for start in range(0, len(ids), batch_size):
         input_ids, mask = pad_batch(ids[start : start + batch_size], pad, model.device)
-        positions = torch.tensor(idx[start : start + batch_size], device=model.device)
-        rows = torch.arange(len(positions), device=model.device)
         with capture(model, inputs=[edit_name], outputs=[edit_name, layer_name], stop_after=layer_name) as store:
             run_until_stopped(lambda ids=input_ids, m=mask: model(input_ids=ids, attention_mask=m, use_cache=False))
-        key_rows.append(store["in:" + edit_name][rows, positions].double().cpu())
-        out_rows.append(store["out:" + layer_name][rows, positions].double().cpu())
-        edit_rows.append(store["out:" + edit_name][rows, positions].double().cpu())
-    keys = torch.cat(key_rows).view(len(requests), len(flat), -1)
-    outputs = torch.cat(out_rows).view(len(requests), len(flat), -1)
-    averaged = torch.einsum("t,ntd->nd", weights, keys)
+        flat_rows = torch.arange(start, start + len(input_ids))
+        request, template = flat_rows // per_request, flat_rows % per_request
+        positions = torch.tensor(idx[start : start + batch_size])
+        names = ("in:" + edit_name, "out:" + layer_name, "out:" + edit_name)
+        found = [at_positions(store[name], positions) for name in names]
+        if keys is None:
+            keys, outputs, edit_outputs = (torch.zeros(n, t.shape[1], dtype=torch.float64) for t in found)
+        keys.index_add_(0, request, found[0] * weights[template][:, None])
+        bare = template == 0  # the bare prompt "{}" is the first template
+        outputs[request[bare]] = found[1][bare]
+        edit_outputs[request[bare]] = found[2][bare]
     if return_edit_outputs:
-        return averaged, outputs[:, 0], torch.cat(edit_rows).view(len(requests), len(flat), -1)[:, 0]
-    return averaged, outputs[:, 0]
+        return keys, outputs, edit_outputs
+    return keys, outputs

@@ -110,3 +110,61 @@ def skip_blocks(blocks: list[nn.Module], last_output: Callable[[], torch.Tensor]
                 block.forward = original
             else:
                 del block.forward
+
+
+class LowRankAdditions:
+    """Exact low-rank updates applied by forward hooks instead of being added to the weights: every hooked module
+    outputs `f(x) + (x A^T) B^T`, the product computed in float32 from float32 factors (as an un-merged peft LoRA
+    adapter does), so nothing is rounded to the weights' dtype. The updates of one module are concatenated into one
+    pair of factors.
+
+    Args:
+        model (`nn.Module`): the model whose modules are hooked.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.enabled = True
+        self._handles: dict[str, Any] = {}
+
+    def add(self, module_name: str, lora_B: torch.Tensor, lora_A: torch.Tensor) -> None:
+        """Add `lora_B @ lora_A` (`(d_out, r)` and `(r, d_in)`) to the update of `module_name`."""
+        lora_B, lora_A = lora_B.detach().float(), lora_A.detach().float()
+        if module_name in self.factors:
+            current_B, current_A = self.factors[module_name]
+            lora_B, lora_A = torch.cat([current_B, lora_B], dim=1), torch.cat([current_A, lora_A], dim=0)
+        self.factors[module_name] = (lora_B, lora_A)
+        if module_name not in self._handles:
+            module = self.model.get_submodule(module_name)
+            self._handles[module_name] = module.register_forward_hook(self._hook(module_name))
+
+    def _hook(self, module_name: str) -> Callable:
+        def hook(module, args, output):
+            if not self.enabled:
+                return output
+            inputs = args[0]
+            lora_B, lora_A = self.factors[module_name]
+            if lora_A.device != inputs.device:
+                lora_B, lora_A = lora_B.to(inputs.device), lora_A.to(inputs.device)
+                self.factors[module_name] = (lora_B, lora_A)
+            update = (inputs.float() @ lora_A.T) @ lora_B.T
+            return (output.float() + update).to(output.dtype)
+
+        return hook
+
+    def clear(self) -> None:
+        """Remove every update and hook."""
+        for handle in self._handles.values():
+            handle.remove()
+        self._handles.clear()
+        self.factors.clear()
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Within the context the hooked modules compute `f(x)` alone."""
+        enabled, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = enabled

@@ -234,7 +234,7 @@ class BlockRunner:
                 )
         finally:
             handle.remove()
-        return store["out:" + self.layer_name]
+        return store["out:" + self.layer_name].to(input_ids.device)  # block L may sit on another device
 
     @torch.no_grad()
     def prefix_cache(self, batch: _Batch):
@@ -271,7 +271,7 @@ class BlockRunner:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM-head logits (float32) of final hidden states, under the runner's autocast."""
         with self.autocast():
-            return lm_logits(self.model, hidden)
+            return lm_logits(self.model, hidden).to(hidden.device)
 
 
 def lm_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
@@ -373,6 +373,7 @@ class ZChunk:
             (rows, self.delta_cols), delta_rows[b.row_request], accumulate=True
         )
         final = self.runner.final_hidden(b, hidden.to(self.hidden.dtype), self.cache, self.use_cache)
+        final = final.to(hidden.device)  # from the last block's device (a dispatched model) to the inputs'
         return final[b.label_rows, self.label_cols], final[b.kl_rows, self.kl_cols]
 
 

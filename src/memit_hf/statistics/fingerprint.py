@@ -9,6 +9,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..architectures import ModelLayout
+from ..weights import read_parameter
 
 
 STATS_FORMAT_VERSION = 2
@@ -30,19 +31,21 @@ def tensor_digest(tensor: torch.Tensor) -> str:
 
 def upstream_parameters(model: PreTrainedModel, layout: ModelLayout, layer: int) -> list[tuple[str, torch.Tensor]]:
     """The parameters the input of block `layer`'s edited module can depend on: everything outside the decoder
-    stack (embeddings, position embeddings, final norm) except an untied LM head, plus blocks `0..layer`."""
+    stack (embeddings, position embeddings, final norm) except an untied LM head, plus blocks `0..layer`; with their
+    values wherever they live (see [`~memit_hf.weights.read_parameter`])."""
     blocks = layout.layers_attr + "."
     wanted = tuple(f"{layout.layer_name(i)}." for i in range(layer + 1))
     output = model.get_output_embeddings()
     head = output.weight if output is not None else None
     tied = head is not None and head is model.get_input_embeddings().weight
     chosen = []
-    for name, parameter in model.named_parameters():
-        if name.startswith(blocks):
-            if name.startswith(wanted):
-                chosen.append((name, parameter))
-        elif tied or parameter is not head:
-            chosen.append((name, parameter))
+    for module_name, module in model.named_modules():
+        for local_name, parameter in module.named_parameters(recurse=False):
+            name = f"{module_name}.{local_name}" if module_name else local_name
+            if name.startswith(blocks) and not name.startswith(wanted):
+                continue
+            if name.startswith(blocks) or tied or parameter is not head:
+                chosen.append((name, read_parameter(module, local_name)))  # offloaded values too
     return chosen
 
 
@@ -75,7 +78,7 @@ def model_identity(model: PreTrainedModel) -> dict[str, Any]:
         "model_type": model.config.model_type,
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(model.dtype).removeprefix("torch."),
-        "embedding_digest": tensor_digest(model.get_input_embeddings().weight),
+        "embedding_digest": tensor_digest(read_parameter(model.get_input_embeddings())),
     }
 
 
