@@ -8,8 +8,10 @@ import torch
 from memit_hf.architectures import get_layout
 from memit_hf.keys import (
     CONTEXT_STARTERS,
+    chat_context_template,
     compute_keys_and_outputs,
     contextualise,
+    continues_a_word,
     fill,
     generate_context_templates,
     template_weights,
@@ -182,3 +184,26 @@ def test_context_templates_are_seeded(template_model):
 def test_zero_context_templates(template_model):
     model, tokenizer = template_model
     assert generate_context_templates(model, tokenizer, num_templates=0) == [["{}"]]
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def test_chat_context_template_group(template_model):
+    """With `chat=True` a third group holds the prompt as the user turn of the chat template, the assistant's turn
+    opened; a BOS that the tokenizer adds itself is not repeated; no chat template, no group."""
+    model, tokenizer = template_model
+    assert chat_context_template(tokenizer) is None
+    assert generate_context_templates(model, tokenizer, num_templates=2, chat=True)[2:] == []
+    chatty = copy.deepcopy(tokenizer)
+    chatty.chat_template = "{{ bos_token }}" + CHAT_TEMPLATE
+    assert chat_context_template(chatty) == "<|user|>{}\n<|assistant|>\n"
+    templates = generate_context_templates(model, chatty, num_templates=2, chat=True)
+    assert len(templates) == 3 and templates[2] == ["<|user|>{}\n<|assistant|>\n"]
+    assert templates[:2] == generate_context_templates(model, chatty, num_templates=2)
+    assert continues_a_word(templates[1][0]) and not continues_a_word(templates[2][0])
+    chatty.chat_template = "{{ '{' }}" + CHAT_TEMPLATE  # braces of its own would break the template format
+    assert chat_context_template(chatty) is None

@@ -10,7 +10,15 @@ from memit_hf.architectures import get_layout
 from memit_hf.keys import compute_keys_and_outputs, fill
 from memit_hf.requests import load_requests
 from memit_hf.tokenization import encode_targets, encode_texts
-from memit_hf.values import StopRule, compute_target_values, plan_chunks, suffix_lengths, target_margins
+from memit_hf.values import (
+    BlockRunner,
+    StopRule,
+    ZChunk,
+    compute_target_values,
+    plan_chunks,
+    suffix_lengths,
+    target_margins,
+)
 from tests.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer, subject_final_requests, tiny_requests
 
 
@@ -322,3 +330,44 @@ def test_autocast_runs_the_tail_in_low_precision_and_keeps_float32_state(tokeniz
     torch.testing.assert_close(low.initial, exact.initial, rtol=0, atol=0)  # blocks 0..L stay float32
     # Each Adam step follows the sign of its gradient coordinates, which bfloat16 rarely flips: the same path.
     torch.testing.assert_close(low.final_loss, exact.final_loss, rtol=8 * 2**-8, atol=0)
+
+
+def test_a_chat_template_row_learns_the_target_without_its_leading_space(tokenizer):
+    """Rows whose template opens a new line (a chat answer) are labelled with the target as a chat answer starts it
+    (no leading space), the others with the reference's spaced target; the optimisation runs over both."""
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    requests = load_requests(tiny_requests())
+    templates = [["{}"], ["I think it will. {}"], ["<s>user: {}\nassistant:\n"]]
+    flat = [t for group in templates for t in group]
+    rows = ZChunk.build(BlockRunner(model, get_layout(model), 1), tokenizer, requests, flat).rows
+    spaced = encode_targets(tokenizer, [r.target_new for r in requests])
+    unspaced = encode_targets(tokenizer, [r.target_new for r in requests], leading_space=False)
+    assert spaced != unspaced
+    for row, labels in enumerate(rows.labels[: len(requests) * len(flat)]):
+        request, template = divmod(row, len(flat))
+        expected = unspaced[request] if template == 2 else spaced[request]
+        assert [token for _, token, _ in labels] == expected
+    result = compute_target_values(
+        model, tokenizer, get_layout(model), requests, templates, 1, **dict(SETTINGS, num_steps=4)
+    )
+    assert torch.isfinite(result.targets).all() and (result.final_loss < result.initial_loss).any()
+
+
+def test_kl_prompt_is_the_subject_alone_and_shares_the_bare_row_when_it_can(tokenizer):
+    """The KL term keeps the next-token distribution after "{subject} is a" (the subject alone, as the reference);
+    a request whose prompt opens with the subject needs no KL row of its own: its bare prompt has the same tokens up
+    to the subject's last token, so the same logits there (causal attention)."""
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    requests = load_requests([
+        {"prompt": "{} is located in", "subject": "the Eiffel Tower", "target_new": "Rome"},
+        {"prompt": "{} is a", "subject": "the Eiffel Tower", "target_new": "bridge"},
+        {"prompt": "I think {} is", "subject": "the iPhone", "target_new": "Microsoft"},
+    ])  # fmt: skip
+    chunk = ZChunk.build(BlockRunner(model, get_layout(model), 1), tokenizer, requests, ["{}"])
+    rows = chunk.rows
+    assert rows.kl_row[:2] == [0, 1] and rows.is_kl == [False, False, False, True]  # one KL row, for the third
+    assert rows.sequences[rows.kl_row[2]] == encode_texts(tokenizer, ["the iPhone is a"])[0]
+    delta = torch.randn(3, D_MODEL, generator=torch.Generator().manual_seed(0))
+    delta[1] = delta[0]  # the same subject and delta: the first request's KL logits are the second's
+    _, kl_hidden = chunk.forward(delta)
+    torch.testing.assert_close(kl_hidden[0], kl_hidden[1], rtol=z_rounding(1), atol=0)

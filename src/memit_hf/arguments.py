@@ -71,6 +71,11 @@ class EditingArguments:
             Sampled prefixes added to the bare prompt.
         context_template_length (`int`, *optional*, defaults to `10`):
             Token length of each sampled prefix, the start word included.
+        context_template_chat (`bool`, *optional*, defaults to `False`):
+            Add a third group of context templates: the prompt sent as a user turn through the tokenizer's chat
+            template, the assistant's turn opened (the target then follows without a leading space). The edit is then
+            also keyed and optimised where an instruct model meets it in chat use. Ignored for tokenizers without a
+            chat template.
 
     > Parameters that control how the edits are applied
 
@@ -146,6 +151,9 @@ class EditingArguments:
     )
     num_context_templates: int = field(default=5, metadata={"help": "Number of sampled context prefixes."})
     context_template_length: int = field(default=10, metadata={"help": "Token length of each context prefix."})
+    context_template_chat: bool = field(
+        default=False, metadata={"help": "Also key and optimise the edit inside the tokenizer's chat template."}
+    )
     # application
     merge_edits: bool = field(
         default=True, metadata={"help": "Add updates to the weights in place (False: exact float32 output hooks)."}

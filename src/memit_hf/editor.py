@@ -220,7 +220,7 @@ class Editor:
             with self.unedited(), eval_mode(self.model):
                 self._templates = generate_context_templates(
                     self.model, self.tokenizer, self.args.num_context_templates, self.args.context_template_length,
-                    self.args.seed,
+                    self.args.seed, chat=self.args.context_template_chat,
                 )  # fmt: skip
         return self._templates
 

@@ -24,8 +24,11 @@ def generate_context_templates(
     num_templates: int = 5,
     length: int = 10,
     seed: int = 42,
+    chat: bool = False,
 ) -> list[list[str]]:
-    """Sample the context templates `[["{}"], [t_1, ..., t_k]]` used to average keys and to optimise z.
+    """Sample the context templates `[["{}"], [t_1, ..., t_k]]` used to average keys and to optimise z; with `chat`,
+    a third group holds the prompt sent through the tokenizer's chat template ([`chat_context_template`]), so the
+    edit is also keyed and optimised where an instruct model meets it in chat use.
 
     Each prefix starts from one of "The", "Therefore", "Because", "I", "You" (cycled) and is sampled with top-k = 5
     up to `length` tokens in total; braces become spaces and `". {}"` is appended, as in the reference. Unlike the
@@ -35,8 +38,18 @@ def generate_context_templates(
     Returns:
         `list[list[str]]`: the bare template group and the sampled group.
     """
-    if num_templates == 0:
-        return [["{}"]]
+    groups = [["{}"]]
+    chat_template = chat_context_template(tokenizer) if chat else None
+    if num_templates > 0:
+        groups.append(_sampled_templates(model, tokenizer, num_templates, length, seed))
+    if chat_template is not None:
+        groups.append([chat_template])
+    return groups
+
+
+def _sampled_templates(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, num_templates: int, length: int, seed: int
+) -> list[str]:
     device = model.device
     generator = torch.Generator(device="cpu").manual_seed(seed)
     templates = []
@@ -54,7 +67,31 @@ def generate_context_templates(
         text = tokenizer.decode(input_ids[0, n_special:], skip_special_tokens=True)
         text = unicodedata.normalize("NFKD", text).replace("\n\n", " ").replace("{", " ").replace("}", " ")
         templates.append(text + ". {}")
-    return [["{}"], templates]
+    return templates
+
+
+def chat_context_template(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The prompt as the user turn of the tokenizer's chat template with the assistant's turn opened, as a context
+    template (`"...user...{}...assistant..."`); `None` when the tokenizer has no chat template (or its rendering
+    holds braces of its own). A BOS token that the tokenizer adds by itself is not repeated in the text."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "\x00PROMPT\x00"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": marker}], add_generation_prompt=True, tokenize=False
+    )
+    if "{" in text or "}" in text or text.count(marker) != 1:
+        return None
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and encode_texts(tokenizer, [""])[0][:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos) :]
+    return text.replace(marker, "{}")
+
+
+def continues_a_word(template: str) -> bool:
+    """Whether a target after this template continues the text on the same line (it then starts with a space, as
+    the reference encodes targets), rather than opening a new turn or line (a chat answer: no leading space)."""
+    return not template.endswith(("\n", " "))
 
 
 def fill(template: str, request: EditRequest) -> tuple[str, int]:
@@ -121,7 +158,9 @@ def compute_keys_and_outputs(
     batch_size: int = 128,
     return_edit_outputs: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """Keys at `layer` and the residual stream at `z_layer`, in one pass stopped after block `z_layer`.
+    """Keys at `layer` and the residual stream at `z_layer`. The bare prompts run to block `z_layer` (the outputs are
+    measured there); the context-templated prompts only to the edited projection's input (their keys are all that
+    is needed of them). Rows are batched by length, so little padding runs.
 
     Returns:
         `tuple[torch.Tensor, ...]`: keys `(n, d_in)` (input of the edited projection at the subject-last token,
@@ -136,22 +175,34 @@ def compute_keys_and_outputs(
     pad = pad_token_id(tokenizer)
     n, per_request = len(requests), len(flat)
     # Accumulated batch by batch: memory (n, d) whatever the number of templates, not (n * templates, d).
-    keys = outputs = edit_outputs = None
-    for start in range(0, len(ids), batch_size):
-        input_ids, mask = pad_batch(ids[start : start + batch_size], pad, model.device)
-        with capture(model, inputs=[edit_name], outputs=[edit_name, layer_name], stop_after=layer_name) as store:
-            run_until_stopped(lambda ids=input_ids, m=mask: model(input_ids=ids, attention_mask=m, use_cache=False))
-        flat_rows = torch.arange(start, start + len(input_ids))
-        request, template = flat_rows // per_request, flat_rows % per_request
-        positions = torch.tensor(idx[start : start + batch_size])
-        names = ("in:" + edit_name, "out:" + layer_name, "out:" + edit_name)
-        found = [at_positions(store[name], positions) for name in names]
-        if keys is None:
-            keys, outputs, edit_outputs = (torch.zeros(n, t.shape[1], dtype=torch.float64) for t in found)
-        keys.index_add_(0, request, found[0] * weights[template][:, None])
-        bare = template == 0  # the bare prompt "{}" is the first template
-        outputs[request[bare]] = found[1][bare]
-        edit_outputs[request[bare]] = found[2][bare]
+    found: dict[str, torch.Tensor] = {}
+
+    def run(rows: list[int], names: tuple[str, ...], **stop) -> None:
+        rows = sorted(rows, key=lambda row: len(ids[row]))
+        for start in range(0, len(rows), batch_size):
+            batch = torch.tensor(rows[start : start + batch_size])
+            input_ids, mask = pad_batch([ids[row] for row in batch], pad, model.device)
+            with capture(model, inputs=[edit_name], outputs=[edit_name, layer_name], **stop) as store:
+                run_until_stopped(lambda i=input_ids, m=mask: model(input_ids=i, attention_mask=m, use_cache=False))
+            request, template = batch // per_request, batch % per_request
+            positions = torch.tensor([idx[row] for row in batch])
+            for name in names:
+                values = at_positions(store[name], positions)
+                if name not in found:
+                    found[name] = torch.zeros(n, values.shape[1], dtype=torch.float64)
+                if name.startswith("in:"):
+                    found[name].index_add_(0, request, values * weights[template][:, None])
+                else:
+                    found[name][request] = values
+
+    bare = [row for row in range(len(ids)) if row % per_request == 0]  # the bare prompt "{}" is the first template
+    run(bare, ("in:" + edit_name, "out:" + layer_name, "out:" + edit_name), stop_after=layer_name)
+    templated = [row for row in range(len(ids)) if row % per_request != 0]
+    if templated:
+        run(templated, ("in:" + edit_name,), stop_before=edit_name)
+    keys, outputs, edit_outputs = (
+        found[name] for name in ("in:" + edit_name, "out:" + layer_name, "out:" + edit_name)
+    )
     if return_edit_outputs:
         return keys, outputs, edit_outputs
     return keys, outputs

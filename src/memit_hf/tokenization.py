@@ -23,15 +23,18 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[l
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
 
 
-def encode_targets(tokenizer: PreTrainedTokenizerBase, targets: list[str]) -> list[list[int]]:
-    """Encode edit targets as continuations: a leading space is added (as the reference does) and no special tokens.
+def encode_targets(
+    tokenizer: PreTrainedTokenizerBase, targets: list[str], leading_space: bool = True
+) -> list[list[int]]:
+    """Encode edit targets as continuations: a leading space is added (as the reference does; `leading_space=False`
+    strips it instead, for a target that opens a line such as a chat answer) and no special tokens.
 
     SentencePiece tokenizers that turn the leading space into a lone `▁` token get that token dropped, so the first
     id is the word itself (algorithm.md section 1.2).
     """
     if not targets:
         return []
-    spaced = [t if t.startswith(" ") else " " + t for t in targets]
+    spaced = [(t if t.startswith(" ") else " " + t) if leading_space else t.lstrip() for t in targets]
     encoded = tokenizer(spaced, add_special_tokens=False)["input_ids"]
     result = []
     for ids in encoded:

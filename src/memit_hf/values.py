@@ -24,16 +24,18 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .architectures import ModelLayout
-from .keys import contextualise
+from .keys import contextualise, continues_a_word
 from .modes import frozen_parameters
 from .requests import EditRequest
-from .tokenization import encode_targets, pad_batch, pad_token_id
+from .tokenization import encode_targets, encode_texts, last_token_indices, pad_batch, pad_token_id
 from .tracing import capture, run_until_stopped, skip_blocks
 
 
 logger = logging.getLogger(__name__)
 
 KL_TEMPLATE = "{} is a"
+"""The KL prompt, filled with the subject alone (as the reference does): the KL keeps the next-token distribution
+after "{subject}" unchanged."""
 
 
 @dataclass
@@ -69,19 +71,22 @@ class ValueResult:
 
 @dataclass
 class _Rows:
-    """Token lists of a chunk: per request `n_prompts` rewriting prompts plus one KL prompt (Python lists)."""
+    """Token lists of a chunk: per request `n_prompts` rewriting prompts (request-major), then the KL prompts that no
+    rewriting prompt stands in for (Python lists)."""
 
     sequences: list[list[int]]
     lookup: list[int]  # subject-last index per row
     row_request: list[int]  # request (0..n-1) of each row
     labels: list[list[tuple[int, int, float]]]  # per row: (column, target id, weight)
-    is_kl: list[bool]
+    is_kl: list[bool]  # a row of its own for a KL prompt
     n_prompts: int
+    kl_row: list[int] = field(default_factory=list)  # per request, the row whose subject-last logits give the KL
 
     def select(self, requests: list[int]) -> tuple["_Rows", list[int]]:
         """Rows of `requests` (renumbered 0..len-1 in the given order) and their indices in this object."""
         new_index = {r: i for i, r in enumerate(requests)}
         keep = [row for row, r in enumerate(self.row_request) if r in new_index]
+        new_row = {row: i for i, row in enumerate(keep)}
         sub = _Rows(
             sequences=[self.sequences[k] for k in keep],
             lookup=[self.lookup[k] for k in keep],
@@ -89,6 +94,7 @@ class _Rows:
             labels=[self.labels[k] for k in keep],
             is_kl=[self.is_kl[k] for k in keep],
             n_prompts=self.n_prompts,
+            kl_row=[new_row[self.kl_row[r]] for r in requests],
         )
         return sub, keep
 
@@ -119,14 +125,17 @@ class _Batch:
 
 def _rows(tokenizer: PreTrainedTokenizerBase, requests: list[EditRequest], templates: list[str]) -> _Rows:
     n, n_prompts = len(requests), len(templates)
-    target_ids = encode_targets(tokenizer, [r.target_new for r in requests])
+    spaced = encode_targets(tokenizer, [r.target_new for r in requests])
+    unspaced = encode_targets(tokenizer, [r.target_new for r in requests], leading_space=False)
     prompt_ids, prompt_idx = contextualise(tokenizer, requests, templates)
-    kl_ids, kl_idx = contextualise(tokenizer, requests, [KL_TEMPLATE])
+    kl_texts = [KL_TEMPLATE.replace("{}", r.subject, 1) for r in requests]  # the subject alone, not the prompt
+    kl_ids = encode_texts(tokenizer, kl_texts)
+    kl_idx = last_token_indices(tokenizer, kl_texts, [len(r.subject) for r in requests])
     rows = _Rows([], [], [], [], [], n_prompts)
     for i in range(n):
-        target = target_ids[i]
-        weight = 1.0 / (len(target) * n_prompts)
         for j in range(n_prompts):
+            target = spaced[i] if continues_a_word(templates[j]) else unspaced[i]
+            weight = 1.0 / (len(target) * n_prompts)
             ids = prompt_ids[i * n_prompts + j]
             # Position p predicts token p + 1: the last prompt token predicts the first target token.
             rows.labels.append([(len(ids) - 1 + k, t, weight) for k, t in enumerate(target)])
@@ -134,7 +143,17 @@ def _rows(tokenizer: PreTrainedTokenizerBase, requests: list[EditRequest], templ
             rows.lookup.append(prompt_idx[i * n_prompts + j])
             rows.row_request.append(i)
             rows.is_kl.append(False)
+    bare = templates.index("{}") if "{}" in templates else None
     for i in range(n):
+        # The KL logits are those at the subject-last token of "{subject} is a": when the bare prompt has the same
+        # tokens up to its own subject-last token (a prompt that opens with the subject), causal attention makes its
+        # logits there the same ones, and the KL prompt needs no row of its own.
+        if bare is not None:
+            row = i * n_prompts + bare
+            if kl_ids[i][: kl_idx[i] + 1] == prompt_ids[row][: prompt_idx[row] + 1]:
+                rows.kl_row.append(row)
+                continue
+        rows.kl_row.append(len(rows.sequences))
         rows.sequences.append(kl_ids[i])
         rows.lookup.append(kl_idx[i])
         rows.row_request.append(i)
@@ -156,11 +175,7 @@ def _batch(rows: _Rows, pad: int, device: torch.device, prefix_width: int | None
     lookup = torch.tensor(rows.lookup, device=device)
     suffix_positions = lookup[:, None] + torch.arange(suffix_ids.shape[1], device=device)
     labels = [(r, c, t, w) for r, row_labels in enumerate(rows.labels) for c, t, w in row_labels]
-    n = max(rows.row_request) + 1
-    kl_rows = [0] * n
-    for row, (request, is_kl) in enumerate(zip(rows.row_request, rows.is_kl)):
-        if is_kl:
-            kl_rows[request] = row
+    kl_rows = rows.kl_row
     return _Batch(
         input_ids=input_ids,
         attention_mask=attention_mask,
