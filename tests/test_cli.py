@@ -5,6 +5,7 @@ import copy
 import json
 from dataclasses import fields
 from hashlib import sha256
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from memit_hf.arguments import EditingArguments
 from memit_hf.tokenization import encode_targets
 from tests.testing_utils import (
     build_tiny_causal_lm,
+    build_tiny_chat_tokenizer,
     build_tiny_tokenizer,
     next_token_argmax,
     subject_final_requests,
@@ -253,6 +255,76 @@ def test_markdown_table():
         "| score | 40.70 | 83.66 |",
         "| perplexity |  | 20.00 |",
     ]
+
+
+def test_comparison_table():
+    metrics = {
+        "efficacy_success": 100.0, "pre_efficacy_success": 0.0,
+        "gen_efficacy_prefix": 75.0, "pre_gen_efficacy_prefix": 0.0,
+        "chat_efficacy_contains": 50.0, "pre_chat_efficacy_contains": 25.0,
+        "neighborhood_success": 80.0, "pre_neighborhood_success": 90.0,
+        "gen_neighborhood_bleed": 12.5, "pre_gen_neighborhood_bleed": 0.0,
+    }  # fmt: skip
+    assert cli.comparison_table(metrics).splitlines() == [
+        "| | teacher-forced | greedy | chat |",
+        "| --- | --- | --- | --- |",
+        "| efficacy | 0.00 -> 100.00 | 0.00 -> 75.00 | 25.00 -> 50.00 |",
+        "| neighborhood bleed |  | 0.00 -> 12.50 |  |",
+    ]
+    assert cli.comparison_table({"gen_multihop_accuracy": 40.0, "multihop_success": 10.0}).splitlines()[2:] == [
+        "| multi-hop | 10.00 | 40.00 |  |"
+    ]
+    assert cli.comparison_table({"efficacy_success": 100.0, "score": 90.0}) == ""
+
+
+def test_evaluate_generative_and_multihop_figures(tmp_path, capsys):
+    tokenizer = build_tiny_chat_tokenizer()
+    model_dir = tmp_path / "tiny-llama-chat"
+    build_tiny_causal_lm("llama", vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps(r) + "\n" for r in subject_final_records()))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(tiny_corpus()))
+    edited = cli.run_evaluate(
+        *cli.parse_args(
+            [
+                "evaluate", "--model", str(model_dir), "--requests", str(requests), "--edit", "--corpus", str(corpus),
+                "--metrics", "counterfact", "generative", "--output-dir", str(tmp_path / "edited"),
+                "--layers", "0", "1", "--stats_cache_dir", str(tmp_path / "s"), "--mom2_update_weight", "1.0",
+            ]
+        )
+    )  # fmt: skip
+    metrics = edited["metrics"]
+    assert {"gen_efficacy_prefix", "chat_neighborhood_bleed", "pre_gen_efficacy_prefix"} <= set(metrics)
+    assert metrics["pre_gen_neighborhood_unchanged"] == metrics["pre_chat_neighborhood_unchanged"] == 100.0
+    markdown = (tmp_path / "edited" / "evaluation.md").read_text()
+    efficacy_row = (
+        f"| efficacy | {metrics['pre_efficacy_success']:.2f} -> {metrics['efficacy_success']:.2f} | "
+        f"{metrics['pre_gen_efficacy_prefix']:.2f} -> {metrics['gen_efficacy_prefix']:.2f} | "
+        f"{metrics['pre_chat_efficacy_contains']:.2f} -> {metrics['chat_efficacy_contains']:.2f} |"
+    )
+    assert "| | teacher-forced | greedy | chat |" in markdown and efficacy_row in markdown
+    assert "| metric | unedited | edited |" in markdown  # the full table follows
+    assert efficacy_row in capsys.readouterr().out
+
+    # MQuAKE records: one request per single-hop edit, the multi-hop questions evaluated once per case.
+    mquake = Path(__file__).parent / "data" / "mquake_cf_sample.jsonl"
+    plain = cli.run_evaluate(
+        *cli.parse_args(
+            [
+                "evaluate", "--model", str(model_dir), "--requests", str(mquake), "--metrics", "multihop",
+                "--output-dir", str(tmp_path / "mquake"),
+            ]
+        )
+    )  # fmt: skip
+    assert plain["num_requests"] == 4
+    assert set(plain["metrics"]) == {
+        "multihop_success", "multihop_alias_success", "multihop_case_success", "gen_multihop_accuracy",
+        "gen_multihop_case_accuracy", "gen_multihop_old_answer", "chat_multihop_accuracy",
+        "chat_multihop_case_accuracy", "chat_multihop_old_answer",
+    }  # fmt: skip
+    assert "| multi-hop |" in (tmp_path / "mquake" / "evaluation.md").read_text()
 
 
 def test_evaluate_end_to_end_on_a_saved_tiny_model(saved_tiny_llama, tmp_path, capsys):

@@ -1,13 +1,15 @@
 """Tests of `memit_hf.requests`: shape detection, normalisation, validation and the dataset round trip."""
 
 import copy
+import dataclasses
 import json
 import re
+from pathlib import Path
 
 import datasets
 import pytest
 
-from memit_hf.requests import CANONICAL_COLUMNS, EditRequest, load_requests, requests_to_dataset
+from memit_hf.requests import CANONICAL_COLUMNS, EditRequest, MultiHopQuestions, load_requests, requests_to_dataset
 
 
 # Literal records copied from the examples in shared/data/README.md (the tests never read shared/).
@@ -113,6 +115,34 @@ CANONICAL_RECORD = {
     "case_id": "eiffel",
 }
 
+MQUAKE_RECORD = {
+    "case_id": 6,
+    "requested_rewrite": [
+        {
+            "prompt": "{} was created by",
+            "relation_id": "P170",
+            "target_new": {"str": "Mark Burnett", "id": "Q1373"},
+            "target_true": {"str": "Alexey Pajitnov", "id": "Q312"},
+            "subject": "Tetris",
+            "question": "Who was Tetris created by?",
+        },
+        {
+            "prompt": "{} was born in the city of",
+            "relation_id": "P19",
+            "target_new": {"str": "Manila", "id": "Q1461"},
+            "target_true": {"str": "London", "id": "Q84"},
+            "subject": "Mark Burnett",
+            "question": "What is the place of birth of Mark Burnett?",
+        },
+    ],
+    "questions": ["Where was the creator of Tetris born?", "In which city was the creator of Tetris born?"],
+    "answer": "Moscow",
+    "answer_alias": ["Moskva", " City of Moscow ", ""],
+    "new_answer": "Manila",
+    "new_answer_alias": ["City of Manila"],
+    "single_hops": [{"question": "Who was Tetris created by?", "cloze": "Tetris was created by", "answer": "x"}],
+}
+
 ALL_RECORDS = [CANONICAL_RECORD, COUNTERFACT_RECORD, EASYEDIT_RECORD, ZSRE_RECORD]
 
 
@@ -190,6 +220,65 @@ def test_counterfact_shape():
     assert request.case_id == 20952
     assert request.record_index == 0
     assert request.text == "Angola is located in"
+
+
+def test_mquake_shape_gives_one_request_per_edit_sharing_the_questions():
+    first, second = load_requests([MQUAKE_RECORD])
+    questions = MultiHopQuestions(
+        questions=["Where was the creator of Tetris born?", "In which city was the creator of Tetris born?"],
+        new_answer="Manila",
+        answer="Moscow",
+        new_answer_aliases=["City of Manila"],
+        answer_aliases=["Moskva", "City of Moscow"],  # stripped, the empty alias dropped
+    )
+    assert first == EditRequest(
+        prompt="{} was created by",
+        subject="Tetris",
+        target_new="Mark Burnett",
+        target_true="Alexey Pajitnov",
+        neighborhood_target="Alexey Pajitnov",
+        multi_hop=questions,
+        case_id=6,
+        record_index=0,
+    )
+    assert (second.text, second.target_new, second.target_true) == (
+        "Mark Burnett was born in the city of",
+        "Manila",
+        "London",
+    )
+    assert second.multi_hop == questions and second.case_id == 6 and second.record_index == 0
+    # The canonical dataset keeps the questions; each row is then a record of its own.
+    restored = load_requests(requests_to_dataset([first, second]))
+    assert restored == [first, dataclasses.replace(second, record_index=1)]
+    # Without questions a list of rewrites still gives the edits; the next record keeps its own index.
+    bare, counterfact = load_requests([_without(MQUAKE_RECORD, "questions"), COUNTERFACT_RECORD])[1:]
+    assert bare.multi_hop is None and counterfact.record_index == 1
+
+
+def test_mquake_file():
+    requests = load_requests(Path(__file__).parent / "data" / "mquake_cf_sample.jsonl")
+    assert [(r.case_id, r.record_index, r.subject) for r in requests] == [
+        (1, 0, "Ellie Kemper"),
+        (6, 1, "Tetris"),
+        (6, 1, "Mark Burnett"),
+        (14, 2, "Marc Cherry"),
+    ]
+    assert requests[0].multi_hop.new_answer == "Kolinda Grabar-Kitarović"
+    assert requests[0].multi_hop.answer == "Donald Trump" and "Trump" in requests[0].multi_hop.answer_aliases
+    assert all(len(r.multi_hop.questions) == 3 for r in requests)
+
+
+def test_canonical_multi_hop_field():
+    record = _with(
+        CANONICAL_RECORD,
+        multi_hop={"questions": ["Which country is the city of the Eiffel Tower in?"], "new_answer": "Italy"},
+    )
+    (request,) = load_requests(record)
+    assert request.multi_hop == MultiHopQuestions(
+        questions=["Which country is the city of the Eiffel Tower in?"], new_answer="Italy"
+    )
+    assert load_requests([request]) == [request]
+    assert load_requests(request.to_dict()) == [request]
 
 
 def test_easyedit_shape():
@@ -457,11 +546,32 @@ def test_empty_record_is_unknown_shape():
         (_with(CANONICAL_RECORD, case_id=True), "case_id", "int or a string"),
         # CounterFact
         (_with(COUNTERFACT_RECORD, requested_rewrite="Angola"), "requested_rewrite", "must be a dict"),
+        # MQuAKE
+        (_with(MQUAKE_RECORD, requested_rewrite=[]), "requested_rewrite", "at least one edit"),
         (
-            _with(COUNTERFACT_RECORD, requested_rewrite=[COUNTERFACT_RECORD["requested_rewrite"]]),
-            "requested_rewrite",
-            "MQuAKE",
+            _with(MQUAKE_RECORD, requested_rewrite=[MQUAKE_RECORD["requested_rewrite"][0], "Manila"]),
+            "requested_rewrite[1]",
+            "must be a dict",
         ),
+        (
+            _with(
+                MQUAKE_RECORD,
+                requested_rewrite=[
+                    MQUAKE_RECORD["requested_rewrite"][0],
+                    {**MQUAKE_RECORD["requested_rewrite"][1], "prompt": "Mark Burnett was born in"},
+                ],
+            ),
+            "requested_rewrite[1].prompt",
+            r"exactly one `\{\}` placeholder",
+        ),
+        (_with(MQUAKE_RECORD, questions="Where?"), "questions", "list of strings"),
+        (_with(MQUAKE_RECORD, questions=[]), "questions", "non-empty list"),
+        (_with(MQUAKE_RECORD, questions=["Where?", " "]), "questions", "non-empty strings"),
+        (_without(MQUAKE_RECORD, "new_answer"), "new_answer", "is missing"),
+        (_with(MQUAKE_RECORD, new_answer_alias="Manila"), "new_answer_alias", "list of strings"),
+        (_with(MQUAKE_RECORD, answer=""), "answer", "empty target"),
+        (_with(CANONICAL_RECORD, multi_hop="Where?"), "multi_hop", "must be a dict"),
+        (_with(CANONICAL_RECORD, multi_hop={"questions": ["Where?"]}), "multi_hop.new_answer", "is missing"),
         (
             _with(
                 COUNTERFACT_RECORD,

@@ -1,19 +1,25 @@
 """Builders for tiny, seeded, offline test models, tokenizers, corpora and requests."""
 
+from collections.abc import Mapping
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     Gemma3TextConfig,
+    GenerationMixin,
     GPT2Config,
     GPTJConfig,
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 
 INIT_RANGE = 0.02
@@ -131,6 +137,96 @@ class OracleLM(nn.Module):
         )
         logits = nn.functional.one_hot(following, self.vocab_size).float() * self.margin
         return type("Output", (), {"logits": logits})()
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<s>{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
+"""A minimal chat template for the tiny tokenizer: `<s>user: {content}\n<s>assistant:`."""
+
+
+def build_tiny_chat_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny tokenizer with `TINY_CHAT_TEMPLATE` as its chat template."""
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+class ScriptedConfig(PretrainedConfig):
+    model_type = "scripted_test_lm"
+
+    def __init__(self, vocab_size: int = 8, margin: float = 5.0, **kwargs):
+        self.vocab_size = vocab_size
+        self.margin = margin
+        super().__init__(**kwargs)
+
+
+class ScriptedLM(PreTrainedModel, GenerationMixin):
+    """A fake causal LM with `generate` whose greedy continuation of each scripted prompt is known in advance.
+
+    `script` maps a prompt (a tuple of token ids, exactly as the model receives it, without padding) to the token ids
+    of its continuation. At every real position the logits put `margin` on one token and 0 elsewhere: when the
+    tokens so far are a scripted prompt followed by the first `k` tokens of its continuation, on continuation token
+    `k` (EOS once the continuation is complete); otherwise on EOS. Padded positions (attention mask 0) get zero logits.
+    So greedy decoding writes the continuation and stops, and teacher-forced scoring gives the scripted tokens a low
+    NLL and every other token the same high one. Assign `script` to change the model's behaviour (an "edit").
+    """
+
+    config_class = ScriptedConfig
+
+    def __init__(self, config: ScriptedConfig, script: Mapping[tuple[int, ...], list[int]] | None = None):
+        super().__init__(config)
+        self.anchor = nn.Parameter(torch.zeros(1))
+        self.script = dict(script or {})
+        self.post_init()
+        self.generation_config.use_cache = False  # every step sees the whole sequence
+
+    def _next(self, ids: list[int]) -> int:
+        for end in range(len(ids), 0, -1):
+            continuation = self.script.get(tuple(ids[:end]))
+            if continuation is not None:
+                written = ids[end:]
+                if continuation[: len(written)] == written:
+                    return continuation[len(written)] if len(written) < len(continuation) else self.config.eos_token_id
+        return self.config.eos_token_id
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        logits = torch.zeros(*input_ids.shape, self.config.vocab_size, device=input_ids.device)
+        for row in range(input_ids.shape[0]):
+            positions = attention_mask[row].nonzero().flatten().tolist()
+            ids = input_ids[row, positions].tolist()
+            for count, position in enumerate(positions, start=1):
+                logits[row, position, self._next(ids[:count])] = self.config.margin
+        return CausalLMOutputWithPast(logits=logits)
+
+
+def scripted_lm(tokenizer, continuations: Mapping[str, str], chat: Mapping[str, str] | None = None) -> ScriptedLM:
+    """A [`ScriptedLM`] that continues each plain prompt of `continuations` (encoded with the tokenizer's special
+    tokens, as the evaluation encodes prompts) with its text, and answers each user message of `chat` (rendered by
+    the tokenizer's chat template with the generation prompt, encoded without special tokens) with its text."""
+    config = ScriptedConfig(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+    model = ScriptedLM(config)
+    model.script = scripts(tokenizer, continuations, chat)
+    return model.eval()
+
+
+def scripts(tokenizer, continuations: Mapping[str, str], chat: Mapping[str, str] | None = None) -> dict:
+    """The `ScriptedLM.script` of [`scripted_lm`]."""
+    script = {}
+    for prompt, text in continuations.items():
+        script[tuple(tokenizer(prompt)["input_ids"])] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for message, text in (chat or {}).items():
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=False
+        )
+        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        script[tuple(ids)] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return script
 
 
 def tiny_requests() -> list[dict]:

@@ -860,7 +860,7 @@ class Editor:
                 (computed with the original weights swapped in by [`unedited`]).
             metrics (`list[str]` or `tuple[str, ...]`, *optional*, defaults to `("counterfact",)`):
                 Metric families of [`~memit_hf.evaluation.evaluate_model`]: `"counterfact"`, `"zsre"`,
-                `"generation"`, `"perplexity"`.
+                `"generation"`, `"generative"`, `"multihop"`, `"perplexity"`.
             perplexity_texts (`list[str]`, `datasets.Dataset` or text file paths, *optional*):
                 Held-out corpus whose perplexity is reported (adds `"perplexity"`).
             perplexity_num_tokens (`int`, *optional*):
@@ -879,7 +879,9 @@ class Editor:
             metrics=metrics, batch_size=batch_size, perplexity_texts=perplexity_texts,
             perplexity_num_tokens=perplexity_num_tokens, reference_texts=reference_texts, seed=self.args.seed,
         )  # fmt: skip
-        results = evaluate_model(self.model, self.tokenizer, requests, **kwargs)
+        # The generative family's neighborhood stability compares with the unedited model's continuations.
+        unedited = self.unedited if self.history else None
+        results = evaluate_model(self.model, self.tokenizer, requests, unedited=unedited, **kwargs)
         if include_pre and self.history:
             with self.unedited():
                 pre = evaluate_model(self.model, self.tokenizer, requests, **kwargs)

@@ -1,8 +1,9 @@
 """Edit requests: the record shapes memit-hf accepts, normalised into one dataclass and validated.
 
-Four record shapes are accepted and detected per record (see [`load_requests`]): the canonical shape, CounterFact as
-released with ROME/MEMIT, EasyEdit's flat CounterFact, and zsRE as released with MEND/ROME. All of them become an
-[`EditRequest`], and every check runs before any weight is touched.
+Five record shapes are accepted and detected per record (see [`load_requests`]): the canonical shape, CounterFact as
+released with ROME/MEMIT, EasyEdit's flat CounterFact, zsRE as released with MEND/ROME, and MQuAKE (a case with several
+single-hop edits and multi-hop questions). All of them become [`EditRequest`]s, and every check runs before any weight
+is touched.
 """
 
 import json
@@ -13,6 +14,41 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+
+
+@dataclass
+class MultiHopQuestions:
+    """The multi-hop questions of an MQuAKE case, whose answer changes when the case's single-hop edits are applied.
+
+    Args:
+        questions (`list[str]`):
+            Questions whose answer chains through the edited facts, e.g. `"Who is the head of state of the country
+            where Ellie Kemper holds a citizenship?"` (MQuAKE gives three paraphrases of one question).
+        new_answer (`str`):
+            The answer once the edits hold, e.g. `"Kolinda Grabar-Kitarović"`.
+        answer (`str`, *optional*):
+            The answer before the edits, e.g. `"Donald Trump"`.
+        new_answer_aliases (`list[str]`):
+            Other names of `new_answer`.
+        answer_aliases (`list[str]`):
+            Other names of `answer`.
+    """
+
+    questions: list[str]
+    new_answer: str
+    answer: str | None = None
+    new_answer_aliases: list[str] = field(default_factory=list)
+    answer_aliases: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The questions as the canonical record's `multi_hop` field."""
+        return {
+            "questions": list(self.questions),
+            "new_answer": self.new_answer,
+            "answer": self.answer,
+            "new_answer_aliases": list(self.new_answer_aliases),
+            "answer_aliases": list(self.answer_aliases),
+        }
 
 
 @dataclass
@@ -39,10 +75,14 @@ class EditRequest:
         attribute_prompts (`list[str]`):
             Prompts about other subjects whose answer is `target_new` (CounterFact), used to build the reference
             texts of the reference score (see [`~memit_hf.evaluation.generation.consistency_texts`]).
+        multi_hop ([`MultiHopQuestions`], *optional*):
+            The multi-hop questions of the case this edit belongs to (MQuAKE): every request of a case carries the
+            same questions, which hold only once all of the case's edits are applied.
         case_id (`int` or `str`, *optional*):
             Identifier carried from the source record.
         record_index (`int`):
-            Position of the source record in the input (used in error messages).
+            Position of the source record in the input (used in error messages); the requests of one MQuAKE record
+            share it.
     """
 
     prompt: str
@@ -54,6 +94,7 @@ class EditRequest:
     neighborhood_target: str | None = None
     generation_prompts: list[str] = field(default_factory=list)
     attribute_prompts: list[str] = field(default_factory=list)
+    multi_hop: MultiHopQuestions | None = None
     case_id: int | str | None = None
     record_index: int = 0
 
@@ -79,6 +120,7 @@ class EditRequest:
             "neighborhood_target": self.neighborhood_target,
             "generation_prompts": list(self.generation_prompts),
             "attribute_prompts": list(self.attribute_prompts),
+            "multi_hop": None if self.multi_hop is None else self.multi_hop.to_dict(),
             "case_id": self.case_id,
         }
         return record if keys is None else {key: record[key] for key in keys}
@@ -101,18 +143,22 @@ CANONICAL_COLUMNS = (
     "neighborhood_target",
     "generation_prompts",
     "attribute_prompts",
+    "multi_hop",
     "case_id",
 )
 """The columns of the canonical record shape, in the order [`requests_to_dataset`] writes them."""
 
 ACCEPTED_SHAPES = (
     "canonical (`prompt` containing `{}`, `subject`, `target_new`; optional `target_true`, `paraphrase_prompts`, "
-    "`neighborhood_prompts`, `neighborhood_target`, `generation_prompts`, `attribute_prompts`, `case_id`); "
+    "`neighborhood_prompts`, `neighborhood_target`, `generation_prompts`, `attribute_prompts`, `multi_hop`, "
+    "`case_id`); "
     "CounterFact (`requested_rewrite` = {`prompt`, `subject`, `target_new`, `target_true`}, `paraphrase_prompts`, "
     "`neighborhood_prompts`, `generation_prompts`, `attribute_prompts`, `case_id`); "
     "EasyEdit flat CounterFact (`prompt` with the subject filled in, `subject`, `target_new`, `ground_truth`, "
     "`rephrase_prompt`, `locality_prompt`, `locality_ground_truth`); "
-    "zsRE (`subject`, `src`, `rephrase`, `alt` and/or `answers`, `loc`, `loc_ans`)"
+    "zsRE (`subject`, `src`, `rephrase`, `alt` and/or `answers`, `loc`, `loc_ans`); "
+    "MQuAKE (`requested_rewrite` = a list of CounterFact rewrites, `questions`, `new_answer`, `new_answer_alias`, "
+    "`answer`, `answer_alias`, `case_id`)"
 )
 """Human-readable list of the accepted record shapes, used in error messages."""
 
@@ -216,6 +262,30 @@ class _Fields:
             )
         return value.replace(subject, "{}", 1)
 
+    def answer_list(self, key: str) -> list[str]:
+        """A list of answer strings (aliases), empty when absent; each stripped, empty ones dropped."""
+        return [item.strip() for item in self.string_list(key) if item.strip()]
+
+    def multi_hop(
+        self,
+        questions: str = "questions",
+        new_answer: str = "new_answer",
+        new_aliases: str = "new_answer_aliases",
+        answer: str = "answer",
+        aliases: str = "answer_aliases",
+    ) -> MultiHopQuestions:
+        """The multi-hop questions held by this record's fields of the given names."""
+        question_list = self.string_list(questions)
+        if not question_list or not all(question.strip() for question in question_list):
+            raise self.error(questions, f"must be a non-empty list of non-empty strings (got {_show(question_list)}).")
+        return MultiHopQuestions(
+            questions=question_list,
+            new_answer=self.target(new_answer, required=True),
+            answer=self.target(answer, required=False),
+            new_answer_aliases=self.answer_list(new_aliases),
+            answer_aliases=self.answer_list(aliases),
+        )
+
     def case_id(self) -> int | str | None:
         value = self.get("case_id")
         if value is None:
@@ -223,6 +293,17 @@ class _Fields:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise self.error("case_id", f"must be an int or a string (got {_described(value)}).")
         return value
+
+
+def _canonical_multi_hop(fields: _Fields) -> MultiHopQuestions | None:
+    value = fields.get("multi_hop")
+    if value is None:
+        return None
+    if isinstance(value, MultiHopQuestions):
+        value = value.to_dict()
+    if not isinstance(value, Mapping):
+        raise fields.error("multi_hop", f"must be a dict with `questions` and `new_answer` (got {_described(value)}).")
+    return _Fields(value, fields.index, prefix="multi_hop.").multi_hop()
 
 
 def _from_canonical(record: Mapping[str, Any], index: int) -> EditRequest:
@@ -251,6 +332,7 @@ def _from_canonical(record: Mapping[str, Any], index: int) -> EditRequest:
         neighborhood_target=fields.target("neighborhood_target", required=False),
         generation_prompts=fields.string_list("generation_prompts"),
         attribute_prompts=fields.string_list("attribute_prompts"),
+        multi_hop=_canonical_multi_hop(fields),
         case_id=fields.case_id(),
         record_index=index,
     )
@@ -260,12 +342,9 @@ def _from_counterfact(record: Mapping[str, Any], index: int) -> EditRequest:
     top = _Fields(record, index)
     rewrite = record["requested_rewrite"]
     if not isinstance(rewrite, Mapping):
-        hint = (
-            " (an MQuAKE record holds a list of edits: give one record per edit)" if isinstance(rewrite, list) else ""
-        )
         raise top.error(
             "requested_rewrite",
-            f"must be a dict with `prompt`, `subject`, `target_new` and `target_true`{hint} "
+            "must be a dict with `prompt`, `subject`, `target_new` and `target_true`, or a list of such dicts (MQuAKE) "
             f"(got {_described(rewrite)}).",
         )
     inner = _Fields(rewrite, index, prefix="requested_rewrite.")
@@ -283,6 +362,39 @@ def _from_counterfact(record: Mapping[str, Any], index: int) -> EditRequest:
         case_id=top.case_id(),
         record_index=index,
     )
+
+
+def _from_mquake(record: Mapping[str, Any], index: int) -> list[EditRequest]:
+    """One request per single-hop edit of an MQuAKE case, all carrying the case's multi-hop questions."""
+    top = _Fields(record, index)
+    rewrites = record["requested_rewrite"]
+    if not rewrites:
+        raise top.error("requested_rewrite", "must hold at least one edit (got an empty list).")
+    multi_hop = None
+    if top.get("questions") is not None:
+        multi_hop = top.multi_hop(new_aliases="new_answer_alias", aliases="answer_alias")
+    requests = []
+    for position, rewrite in enumerate(rewrites):
+        if not isinstance(rewrite, Mapping):
+            raise top.error(
+                f"requested_rewrite[{position}]",
+                f"must be a dict with `prompt`, `subject`, `target_new` and `target_true` (got {_described(rewrite)}).",
+            )
+        inner = _Fields(rewrite, index, prefix=f"requested_rewrite[{position}].")
+        target_true = inner.target("target_true", required=False)
+        requests.append(
+            EditRequest(
+                prompt=inner.template("prompt"),
+                subject=inner.subject(),
+                target_new=inner.target("target_new", required=True),
+                target_true=target_true,
+                neighborhood_target=target_true,
+                multi_hop=multi_hop,
+                case_id=top.case_id(),
+                record_index=index,
+            )
+        )
+    return requests
 
 
 def _from_easyedit(record: Mapping[str, Any], index: int) -> EditRequest:
@@ -331,23 +443,26 @@ def _from_zsre(record: Mapping[str, Any], index: int) -> EditRequest:
     )
 
 
-def _normalise(record: Any, index: int) -> EditRequest:
-    """One record of any accepted shape as a validated [`EditRequest`] whose `record_index` is `index`."""
+def _normalise(record: Any, index: int) -> list[EditRequest]:
+    """The validated [`EditRequest`]s of one record of any accepted shape (one, or one per edit of an MQuAKE case),
+    with `record_index` set to `index`."""
     if isinstance(record, EditRequest):
-        return _from_canonical(record.to_dict(), index)
+        return [_from_canonical(record.to_dict(), index)]
     if not isinstance(record, Mapping):
         raise TypeError(
             f"Request {index}: expected a dict (one record) or an `EditRequest`, got {_described(record)}."
         )
     present = {key for key, value in record.items() if value is not None}
     if "requested_rewrite" in present:
-        return _from_counterfact(record, index)
+        if isinstance(record["requested_rewrite"], (list, tuple)):
+            return _from_mquake(record, index)
+        return [_from_counterfact(record, index)]
     if present & set(_ZSRE_KEYS):
-        return _from_zsre(record, index)
+        return [_from_zsre(record, index)]
     if present & set(_EASYEDIT_KEYS):
-        return _from_easyedit(record, index)
+        return [_from_easyedit(record, index)]
     if present & {"prompt", "target_new"}:
-        return _from_canonical(record, index)
+        return [_from_canonical(record, index)]
     raise ValueError(
         f"Request {index}: unrecognised record shape with keys {sorted(map(str, record))}. "
         f"Accepted shapes: {ACCEPTED_SHAPES}."
@@ -398,7 +513,8 @@ def load_requests(data: RequestsInput) -> list[EditRequest]:
 
     - **canonical**: `prompt` (with one `{}` where the subject goes), `subject`, `target_new` (a string or
       `{"str": ...}`); optional `target_true` (same), `paraphrase_prompts`, `neighborhood_prompts`,
-      `neighborhood_target`, `generation_prompts`, `attribute_prompts`, `case_id`.
+      `neighborhood_target`, `generation_prompts`, `attribute_prompts`, `case_id`, and `multi_hop` =
+      `{questions, new_answer, answer, new_answer_aliases, answer_aliases}` (see [`MultiHopQuestions`]).
     - **CounterFact** (ROME/MEMIT): `requested_rewrite` = `{prompt, subject, target_new{str}, target_true{str}}`,
       `paraphrase_prompts`, `neighborhood_prompts`, `generation_prompts`, `attribute_prompts`, `case_id`. The
       neighborhood target is `target_true`.
@@ -411,8 +527,13 @@ def load_requests(data: RequestsInput) -> list[EditRequest]:
       (-> paraphrase), `loc` (-> neighborhood), `loc_ans` (-> `neighborhood_target`). The new target is `alt` when
       it is non-empty, as in MEND/EasyEdit (then `target_true` is `answers[0]`), else `answers[0]`, as in ROME (then
       `target_true` is `None`).
+    - **MQuAKE** (detected by a *list* `requested_rewrite`): each entry is a CounterFact rewrite `{prompt, subject,
+      target_new{str}, target_true{str}}` and becomes its own request (neighborhood target `target_true`); when the
+      record has `questions`, every request of the case carries them as `multi_hop` ([`MultiHopQuestions`]) with
+      `new_answer`, `new_answer_alias`, `answer` and `answer_alias`. Other MQuAKE keys (`single_hops`, `orig`, AKEW's
+      extras) are ignored.
 
-    The detection order is: `requested_rewrite` -> CounterFact; a zsRE key -> zsRE; an EasyEdit key -> EasyEdit;
+    The detection order is: a list `requested_rewrite` -> MQuAKE; `requested_rewrite` -> CounterFact; a zsRE key -> zsRE; an EasyEdit key -> EasyEdit;
     `prompt` or `target_new` -> canonical; anything else is an unrecognised shape.
 
     Targets are stripped of surrounding whitespace (the leading space is added at tokenisation).
@@ -424,8 +545,8 @@ def load_requests(data: RequestsInput) -> list[EditRequest]:
             records) or a `.jsonl` file (one record a line).
 
     Returns:
-        `list[EditRequest]`: one request per record, in input order, with `record_index` set to the record's
-        position in the input. An empty input gives an empty list.
+        `list[EditRequest]`: one request per record (one per edit for an MQuAKE record), in input order, with
+        `record_index` set to the record's position in the input. An empty input gives an empty list.
 
     Raises:
         ValueError: on the first invalid record, with a message naming the record index and the field, e.g.
@@ -454,7 +575,7 @@ def load_requests(data: RequestsInput) -> list[EditRequest]:
             "`load_requests` expects a `datasets.Dataset`, a list of records, a single record (dict) or the path of "
             f"a `.json`/`.jsonl` file, got {type(data).__name__}."
         )
-    return [_normalise(record, index) for index, record in enumerate(records)]
+    return [request for index, record in enumerate(records) for request in _normalise(record, index)]
 
 
 def requests_to_dataset(requests: Sequence[EditRequest]) -> datasets.Dataset:
@@ -491,6 +612,13 @@ def requests_to_dataset(requests: Sequence[EditRequest]) -> datasets.Dataset:
             "neighborhood_target": string,
             "generation_prompts": strings,
             "attribute_prompts": strings,
+            "multi_hop": {
+                "questions": strings,
+                "new_answer": string,
+                "answer": string,
+                "new_answer_aliases": strings,
+                "answer_aliases": strings,
+            },
             "case_id": string if string_ids else datasets.Value("int64"),
         }
     )

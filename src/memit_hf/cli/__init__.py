@@ -24,7 +24,7 @@ import warnings
 from .adapters import run_export, run_push
 from .demo import DEMO_REQUESTS, run_demo
 from .edit import run_edit, run_stats
-from .evaluate import markdown_table, run_evaluate
+from .evaluate import comparison_table, markdown_table, run_evaluate
 from .parsing import (
     COMMANDS,
     DEMO_DEFAULTS,
@@ -47,6 +47,7 @@ __all__ = [
     "EDITING_COMMANDS",
     "EDITING_FIELDS",
     "EVALUATION_CHOICES",
+    "comparison_table",
     "main",
     "make_parser",
     "make_script_parser",

@@ -37,6 +37,49 @@ def _cell(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}"
 
 
+COMPARISON_ROWS = (
+    ("efficacy", "efficacy_success", "gen_efficacy_prefix", "chat_efficacy_contains"),
+    ("paraphrase", "paraphrase_success", "gen_paraphrase_prefix", "chat_paraphrase_contains"),
+    ("neighborhood kept", "neighborhood_success", "gen_neighborhood_first_word", "chat_neighborhood_unchanged"),
+    ("neighborhood bleed", None, "gen_neighborhood_bleed", "chat_neighborhood_bleed"),
+    ("multi-hop", "multihop_success", "gen_multihop_accuracy", "chat_multihop_accuracy"),
+)
+"""Rows of [`comparison_table`]: `(row, teacher-forced key, greedy key, chat key)`, `None` where no metric fits."""
+
+
+def comparison_table(metrics: dict[str, float]) -> str:
+    """A Markdown table putting the teacher-forced, greedy and chat figures of the same question side by side.
+
+    Each cell shows the edited figure, preceded by the unedited one (`unedited -> edited`) when the `pre_*` figures
+    are present. Rows whose metrics are all absent are left out. Teacher-forced: `*_success` (P(new) > P(true), or
+    for neighbors P(true) > P(new); multi-hop: P(new answer) > P(old answer)); greedy: the continuation starts with
+    the new object (neighborhood: same first word as the unedited model; bleed: names the new object; multi-hop:
+    the answer names the new answer or an alias); chat: the assistant's answer names the new object (neighborhood:
+    identical to the unedited model's answer).
+
+    Args:
+        metrics (`dict[str, float]`): the output of [`Editor.evaluate`] with the `"generative"` (and `"multihop"`)
+            families.
+
+    Returns:
+        `str`: the table ending with a newline, or `""` when `metrics` has no greedy or chat figure.
+    """
+    rows = [row for row in COMPARISON_ROWS if any(key in metrics for key in row[2:])]
+    if not rows:
+        return ""
+    lines = ["| | teacher-forced | greedy | chat |", "| --- | --- | --- | --- |"]
+    for name, *keys in rows:
+        lines.append(f"| {name} | " + " | ".join(_comparison_cell(metrics, key) for key in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _comparison_cell(metrics: dict[str, float], key: str | None) -> str:
+    if key is None or key not in metrics:
+        return ""
+    pre = metrics.get(f"pre_{key}")
+    return _cell(metrics[key]) if pre is None else f"{_cell(pre)} -> {_cell(metrics[key])}"
+
+
 def run_evaluate(namespace: argparse.Namespace, args: EditingArguments) -> dict[str, Any]:
     """`memit-hf evaluate`: (optionally edit, then) evaluate, and write `evaluation.json` and `evaluation.md`."""
     from ..editor import Editor
@@ -69,7 +112,7 @@ def run_evaluate(namespace: argparse.Namespace, args: EditingArguments) -> dict[
         from ..loading import load_edits
 
         model = load_edits(model, namespace.adapter)
-        metrics = evaluate_model(model, tokenizer, requests, **options)
+        metrics = evaluate_model(model, tokenizer, requests, unedited=model.disable_adapter, **options)
         with model.disable_adapter():
             pre = evaluate_model(model, tokenizer, requests, **options)
         metrics.update({f"pre_{key}": value for key, value in pre.items()})
@@ -92,6 +135,9 @@ def run_evaluate(namespace: argparse.Namespace, args: EditingArguments) -> dict[
     }
     (output_dir / "evaluation.json").write_text(json.dumps(jsonable(summary), indent=2) + "\n", encoding="utf-8")
     table = markdown_table(metrics)
+    comparison = comparison_table(metrics)
+    if comparison:
+        table = f"{comparison}\n{table}"
     heading = f"Evaluation of {summary['model']} on {len(requests)} requests from {namespace.requests}"
     (output_dir / "evaluation.md").write_text(f"# {heading}\n\n{table}", encoding="utf-8")
     note = (

@@ -29,7 +29,7 @@ DEMO_DEFAULTS = dict(stats_sample_texts=32, stats_sample_length=96, num_context_
 """Defaults of `memit-hf demo` that keep it well under two minutes on 2 CPU cores (flags still override them)."""
 
 
-EVALUATION_CHOICES = ("counterfact", "zsre", "generation", "perplexity")
+EVALUATION_CHOICES = ("counterfact", "zsre", "generation", "generative", "multihop", "perplexity")
 """`--metrics` choices of `memit-hf evaluate` (`memit_hf.evaluation.EVALUATION_METRICS`, kept here so that `--help`
 imports no torch)."""
 
@@ -343,7 +343,8 @@ def _add_evaluate_parser(subparsers) -> None:
     evaluate = _editing_parser(
         subparsers,
         "evaluate",
-        "Evaluate a model on requests (CounterFact, zsRE, generation, perplexity); write JSON and Markdown.",
+        "Evaluate a model on requests (CounterFact, zsRE, generation, generative, multi-hop, perplexity); write JSON "
+        "and Markdown.",
         "Evaluate the model on the requests, optionally after editing it with them (`--edit`: the unedited figures "
         "are reported beside the edited ones), and write `evaluation.json` and `evaluation.md` to --output-dir.",
     )
@@ -352,14 +353,16 @@ def _add_evaluate_parser(subparsers) -> None:
         "--requests",
         metavar="FILE",
         required=True,
-        help="JSON or JSONL file of requests (canonical, CounterFact, EasyEdit or zsRE records).",
+        help="JSON or JSONL file of requests (canonical, CounterFact, EasyEdit, zsRE or MQuAKE records).",
     )
     evaluate.add_argument(
         "--metrics",
         nargs="+",
         choices=EVALUATION_CHOICES,
         default=["counterfact"],
-        help="Metric families; `perplexity` needs --perplexity-corpus (which adds it).",
+        help="Metric families: `counterfact` and `zsre` (teacher-forced), `generation` (sampled-text fluency), "
+        "`generative` (greedy answers, plain and through the chat template), `multihop` (MQuAKE questions); "
+        "`perplexity` needs --perplexity-corpus (which adds it).",
     )
     evaluate.add_argument("--edit", action="store_true", help="Edit the model with the requests before evaluating.")
     evaluate.add_argument(

@@ -1,12 +1,17 @@
-"""Evaluation of edited models: the CounterFact, zsRE, generation and perplexity metric families.
+"""Evaluation of edited models: the CounterFact, zsRE, generation, generative, multi-hop and perplexity metric families.
 
 The package imports one way, leaves first:
 
 - `scoring`: teacher-forced scoring of `(prompt, target)` pairs ([`target_nlls`], [`target_token_hits`]);
 - `aggregation`: the prompt kinds and the per-case aggregation ([`per_case_mean`], [`harmonic_mean`]);
+- `answers`: matching generated text against answers ([`normalize_answer`], [`starts_with_answer`],
+  [`contains_answer`], [`first_word`]);
+- `decoding`: greedy decoding, plain or through the chat template ([`greedy_continuations`], [`chat_texts`]);
 - the metric families, which import only the leaves: `counterfact` ([`counterfact_scores`],
   [`evaluate_counterfact`]), `zsre` ([`zsre_scores`], [`evaluate_zsre`]), `generation` ([`generation_entropy`],
-  [`reference_score`], [`evaluate_generation`]) and `perplexity` ([`perplexity`]);
+  [`reference_score`], [`evaluate_generation`]: fluency of sampled text), `generative` ([`evaluate_generative`]:
+  whether greedy answers state the new object and leave the neighbors alone), `multihop` ([`evaluate_multihop`]:
+  MQuAKE multi-hop questions) and `perplexity` ([`perplexity`]);
 - `families`: the read-only registry of the families (`METRIC_FAMILIES`, `EVALUATION_METRICS`) and
   [`evaluate_model`], which runs the chosen ones.
 
@@ -15,7 +20,9 @@ This module re-exports their public names. Note that the name `perplexity` here 
 """
 
 from .aggregation import NEIGHBORHOOD, PARAPHRASE, PROMPT_KINDS, REWRITE, check_groups, harmonic_mean, per_case_mean
+from .answers import answer_words, contains_answer, first_word, normalize_answer, starts_with_answer
 from .counterfact import METRIC_KEYS, counterfact_scores, evaluate_counterfact
+from .decoding import DEFAULT_CHAT_MESSAGE, chat_texts, greedy_continuations, has_chat_template
 from .families import EVALUATION_METRICS, METRIC_FAMILIES, MetricFamily, evaluate_model
 from .generation import (
     GENERATION_METRIC_KEYS,
@@ -31,16 +38,22 @@ from .generation import (
     tfidf_similarity,
     word_tokenize,
 )
+from .generative import GENERATIVE_METRIC_KEYS, evaluate_generative
+from .multihop import MULTIHOP_METRIC_KEYS, MULTIHOP_QUESTION_TEMPLATE, evaluate_multihop, multihop_cases
 from .perplexity import perplexity
 from .scoring import target_nlls, target_token_hits
 from .zsre import ZSRE_METRIC_KEYS, evaluate_zsre, zsre_scores
 
 
 __all__ = [
+    "DEFAULT_CHAT_MESSAGE",
     "EVALUATION_METRICS",
     "GENERATION_METRIC_KEYS",
+    "GENERATIVE_METRIC_KEYS",
     "METRIC_FAMILIES",
     "METRIC_KEYS",
+    "MULTIHOP_METRIC_KEYS",
+    "MULTIHOP_QUESTION_TEMPLATE",
     "MetricFamily",
     "NEIGHBORHOOD",
     "NGRAM_ORDERS",
@@ -50,20 +63,31 @@ __all__ = [
     "REWRITE",
     "TfidfVectorizer",
     "ZSRE_METRIC_KEYS",
+    "answer_words",
+    "chat_texts",
     "check_groups",
     "consistency_texts",
+    "contains_answer",
     "counterfact_scores",
     "evaluate_counterfact",
     "evaluate_generation",
+    "evaluate_generative",
     "evaluate_model",
+    "evaluate_multihop",
     "evaluate_zsre",
+    "first_word",
     "generate_texts",
     "generation_entropy",
+    "greedy_continuations",
     "harmonic_mean",
+    "has_chat_template",
+    "multihop_cases",
     "ngram_entropy",
+    "normalize_answer",
     "per_case_mean",
     "perplexity",
     "reference_score",
+    "starts_with_answer",
     "target_nlls",
     "target_token_hits",
     "tfidf_similarity",

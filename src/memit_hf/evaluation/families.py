@@ -1,13 +1,14 @@
 """The registry of metric families and [`evaluate_model`], which runs the chosen ones and merges their results.
 
 `METRIC_FAMILIES` maps each family name to a function with the common signature
-`(model, tokenizer, requests, *, batch_size, perplexity_texts, perplexity_num_tokens, reference_texts, seed)` returning
-a flat `dict[str, float]`; it is a read-only mapping, fixed at import. `EVALUATION_METRICS` is the tuple of its names,
-in the order in which [`evaluate_model`] runs them. [`Editor.evaluate`] calls [`evaluate_model`] on the edited and on
-the unedited weights.
+`(model, tokenizer, requests, *, batch_size, perplexity_texts, perplexity_num_tokens, reference_texts, seed, unedited)`
+returning a flat `dict[str, float]`; it is a read-only mapping, fixed at import. `EVALUATION_METRICS` is the tuple of
+its names, in the order in which [`evaluate_model`] runs them. [`Editor.evaluate`] calls [`evaluate_model`] on the
+edited weights (passing [`Editor.unedited`] as `unedited`) and on the unedited weights.
 """
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from types import MappingProxyType
 from typing import Any
 
@@ -16,6 +17,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..requests import EditRequest
 from .counterfact import evaluate_counterfact
 from .generation import evaluate_generation
+from .generative import evaluate_generative
+from .multihop import evaluate_multihop
 from .perplexity import perplexity
 from .zsre import evaluate_zsre
 
@@ -41,6 +44,14 @@ def _generation(
     )
 
 
+def _generative(model, tokenizer, requests, *, batch_size: int, unedited, **_: Any) -> dict[str, float]:
+    return evaluate_generative(model, tokenizer, requests, unedited=unedited, batch_size=batch_size)
+
+
+def _multihop(model, tokenizer, requests, *, batch_size: int, **_: Any) -> dict[str, float]:
+    return evaluate_multihop(model, tokenizer, requests, batch_size=batch_size)
+
+
 def _perplexity(
     model, tokenizer, requests, *, perplexity_texts, perplexity_num_tokens, seed: int, **_: Any
 ) -> dict[str, float]:
@@ -48,14 +59,24 @@ def _perplexity(
 
 
 METRIC_FAMILIES: Mapping[str, MetricFamily] = MappingProxyType(
-    {"counterfact": _counterfact, "zsre": _zsre, "generation": _generation, "perplexity": _perplexity}
+    {
+        "counterfact": _counterfact,
+        "zsre": _zsre,
+        "generation": _generation,
+        "generative": _generative,
+        "multihop": _multihop,
+        "perplexity": _perplexity,
+    }
 )
 """Family name -> runner (read-only): CounterFact probabilities ([`~memit_hf.evaluation.evaluate_counterfact`]),
-zsRE token accuracy ([`~memit_hf.evaluation.evaluate_zsre`]), CounterFact generation entropy and reference score
-([`~memit_hf.evaluation.evaluate_generation`]) and corpus perplexity ([`~memit_hf.evaluation.perplexity`])."""
+zsRE token accuracy ([`~memit_hf.evaluation.evaluate_zsre`]), CounterFact generation entropy and reference score of
+sampled text ([`~memit_hf.evaluation.evaluate_generation`]), greedy answers, plain and through the chat template
+([`~memit_hf.evaluation.evaluate_generative`]), MQuAKE multi-hop questions
+([`~memit_hf.evaluation.evaluate_multihop`]) and corpus perplexity ([`~memit_hf.evaluation.perplexity`])."""
 
 EVALUATION_METRICS = tuple(METRIC_FAMILIES)
-"""The metric families [`evaluate_model`] runs, in its order: `("counterfact", "zsre", "generation", "perplexity")`."""
+"""The metric families [`evaluate_model`] runs, in its order: `("counterfact", "zsre", "generation", "generative",
+"multihop", "perplexity")`."""
 
 
 def evaluate_model(
@@ -68,6 +89,7 @@ def evaluate_model(
     perplexity_num_tokens: int | None = None,
     reference_texts: Sequence[Sequence[str]] | None = None,
     seed: int = 0,
+    unedited: Callable[[], AbstractContextManager] | None = None,
 ) -> dict[str, float]:
     """Run the chosen metric families on `model` and merge their results into one flat dictionary (percentages,
     except `generation_entropy` and `perplexity`).
@@ -85,7 +107,8 @@ def evaluate_model(
             Families from `EVALUATION_METRICS` (or one name). `"perplexity"` is added when `perplexity_texts` is
             given.
         batch_size (`int`, *optional*, defaults to 64):
-            Sequences per forward pass (prompts per `generate` call for `"generation"`).
+            Sequences per forward pass (prompts per `generate` call for `"generation"`, `"generative"` and
+            `"multihop"`).
         perplexity_texts (`list[str]`, `datasets.Dataset` or text file paths, *optional*):
             Held-out corpus for `"perplexity"`.
         perplexity_num_tokens (`int`, *optional*):
@@ -95,10 +118,14 @@ def evaluate_model(
             [`~memit_hf.evaluation.evaluate_generation`]).
         seed (`int`, *optional*, defaults to 0):
             Seed of the sampled generations and of the perplexity's text order.
+        unedited (`Callable[[], AbstractContextManager]`, *optional*):
+            A factory of context managers inside which `model` has its unedited weights (e.g.
+            [`~memit_hf.Editor.unedited`]): the reference of the `"generative"` neighborhood stability. By default
+            the model as it is is its own reference.
 
     Returns:
         `dict[str, float]`: the union of the families' keys: `METRIC_KEYS`, `ZSRE_METRIC_KEYS`, `generation_entropy`
-        (and `reference_score`), `perplexity`.
+        (and `reference_score`), `GENERATIVE_METRIC_KEYS`, `MULTIHOP_METRIC_KEYS`, `perplexity`.
 
     Raises:
         ValueError: for an unknown family, or `"perplexity"` without `perplexity_texts`.
@@ -117,6 +144,7 @@ def evaluate_model(
         perplexity_num_tokens=perplexity_num_tokens,
         reference_texts=reference_texts,
         seed=seed,
+        unedited=unedited,
     )
     results: dict[str, float] = {}
     for name in EVALUATION_METRICS:

@@ -1,0 +1,144 @@
+"""Teacher-forced against generative figures on SmolLM2-135M-Instruct: does the edited model *say* the new object?
+
+The first n CounterFact records are evaluated on the unedited model (`counterfact` and `generative` families), then
+edited in one batch and evaluated again; the generative neighborhood stability of the edited model is measured
+against the unedited model's greedy continuations (`Editor.evaluate` passes `Editor.unedited`). With
+`--mquake-cases m`, the first m MQuAKE cases are then evaluated with the `multihop` family before and after editing
+all of their single-hop facts in one batch (the CounterFact edit restored first). It prints the side-by-side table
+of `memit-hf evaluate` and the full table, and writes JSON with the metrics, timings and example continuations.
+
+    python benchmarks/generative_counterfact.py --num-records 100 --stats-cache-dir /tmp/bench_stats \\
+        --output benchmarks/results/generative_counterfact.json
+"""
+
+import argparse
+import time
+
+import common
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(common.SHARED / "counterfact.jsonl"), help="CounterFact records.")
+    parser.add_argument("--num-records", type=int, default=100, help="Evaluate (and edit) the first n records.")
+    parser.add_argument("--no-edit", action="store_true", help="Evaluate the unedited model only.")
+    parser.add_argument(
+        "--corpus",
+        nargs="+",
+        default=common.WIKITEXT,
+        help="Statistics corpus files (split at blank lines); `none` for the offline model-sampled source.",
+    )
+    parser.add_argument("--stats-tokens", type=int, default=408_567, help="Token budget of the statistics.")
+    parser.add_argument("--stats-cache-dir", default=None, help="Reuse statistics from here (default: a fresh dir).")
+    parser.add_argument("--mquake", default=str(common.SHARED / "mquake_cf_akew.jsonl"), help="MQuAKE records.")
+    parser.add_argument("--mquake-cases", type=int, default=0, help="Also run the multi-hop test on m cases.")
+    parser.add_argument("--examples", type=int, default=5, help="Save the continuations of this many records.")
+    parser.add_argument("--batch-size", type=int, default=64, help="Sequences per forward pass / generate call.")
+    parser.add_argument("--device", default=None, help="`cuda` or `cpu` (default: cuda when available).")
+    parser.add_argument("--seed", type=int, default=42, help="The editing seed (the library default).")
+    parser.add_argument(
+        "--output", default=str(common.REPO / "benchmarks" / "results" / "generative_counterfact.json")
+    )
+    return parser.parse_args(argv)
+
+
+def examples(model, tokenizer, requests) -> list[dict]:
+    """The greedy and chat continuations of the rewrite, paraphrase and neighborhood prompts of `requests`."""
+    from memit_hf.evaluation import greedy_continuations
+
+    prompts = [p for r in requests for p in [r.text, *r.paraphrase_prompts, *r.neighborhood_prompts]]
+    plain = greedy_continuations(model, tokenizer, prompts)
+    chat = greedy_continuations(model, tokenizer, prompts, chat=True, max_new_tokens=32)
+    return [{"prompt": p, "greedy": g, "chat": c} for p, g, c in zip(prompts, plain, chat)]
+
+
+def main(argv=None) -> dict:
+    options = parse_args(argv)
+    common.setup()
+    import tempfile
+
+    from memit_hf import EditingArguments, Editor, load_requests
+    from memit_hf.cli.evaluate import comparison_table, markdown_table
+    from memit_hf.evaluation import evaluate_model
+
+    device = options.device or common.default_device()
+    model, tokenizer = common.load_model(device)
+    requests = load_requests(options.data)[: options.num_records]
+    corpus = common.corpus_option(options.corpus)
+    args = EditingArguments(
+        stats_num_tokens=options.stats_tokens,
+        stats_cache_dir=options.stats_cache_dir or tempfile.mkdtemp(prefix="memit-stats-"),
+        seed=options.seed,
+    )
+    editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=corpus)
+    metrics = ["counterfact", "generative"]
+    timings: dict[str, float] = {}
+    shown = requests[: options.examples]
+
+    tick = time.perf_counter()
+    pre = evaluate_model(model, tokenizer, requests, metrics=metrics, batch_size=options.batch_size)
+    timings["evaluate_unedited_s"] = time.perf_counter() - tick
+    result = dict(pre) if options.no_edit else {f"pre_{key}": value for key, value in pre.items()}
+    before = examples(model, tokenizer, shown)
+    after = None
+    edit_metrics = None
+    if not options.no_edit:
+        tick = time.perf_counter()
+        edit_metrics = editor.edit(requests).metrics
+        timings["edit_s"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        post = editor.evaluate(requests, metrics=metrics, batch_size=options.batch_size, include_pre=False)
+        timings["evaluate_edited_s"] = time.perf_counter() - tick
+        result = {**post, **result}
+        after = examples(model, tokenizer, shown)
+        editor.restore()
+
+    multihop = None
+    if options.mquake_cases:
+        mquake = load_requests(options.mquake)
+        case_ids = list(dict.fromkeys(r.case_id for r in mquake))[: options.mquake_cases]
+        cases = [r for r in mquake if r.case_id in set(case_ids)]
+        tick = time.perf_counter()
+        multihop_pre = evaluate_model(model, tokenizer, cases, metrics=["multihop"], batch_size=options.batch_size)
+        timings["multihop_unedited_s"] = time.perf_counter() - tick
+        multihop = dict(multihop_pre) if options.no_edit else {f"pre_{k}": v for k, v in multihop_pre.items()}
+        if not options.no_edit:
+            tick = time.perf_counter()
+            editor.edit(cases)
+            timings["multihop_edit_s"] = time.perf_counter() - tick
+            tick = time.perf_counter()
+            multihop_post = editor.evaluate(
+                cases, metrics=["multihop"], batch_size=options.batch_size, include_pre=False
+            )
+            timings["multihop_edited_s"] = time.perf_counter() - tick
+            multihop.update(multihop_post)
+            editor.restore()
+        result.update(multihop)
+        multihop = {"num_cases": len(case_ids), "num_edits": len(cases), "metrics": multihop}
+
+    table = comparison_table(result) + "\n" + markdown_table(result)
+    print(f"{len(requests)} CounterFact records from {options.data}" + (" (unedited only)" if options.no_edit else ""))
+    print(table)
+    common.write_json(
+        options.output,
+        {
+            "data": options.data,
+            "num_records": len(requests),
+            "edited": not options.no_edit,
+            "machine": common.machine(device),
+            "args": editor.resolved_args.to_dict(),
+            "stats_corpus": corpus,
+            "metrics": result,
+            "multihop": multihop,
+            "timings": timings,
+            "edit_metrics": edit_metrics,
+            "examples": {"unedited": before, "edited": after},
+            "table": table,
+        },
+    )
+    print(f"wrote {options.output}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
