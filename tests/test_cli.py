@@ -21,6 +21,7 @@ from tests.testing_utils import (
     build_tiny_causal_lm,
     build_tiny_chat_tokenizer,
     build_tiny_tokenizer,
+    fake_dataset_hub,
     next_token_argmax,
     subject_final_requests,
     tiny_corpus,
@@ -420,6 +421,45 @@ def test_push_uploads_a_folder_with_a_card_naming_the_repository(tmp_path, capsy
     assert 'PeftModel.from_pretrained(base, "me/edits")' in card
     assert (folder / "README.md").read_text() == "old card"  # the local folder is untouched
     assert "Pushed" in capsys.readouterr().out
+
+
+def test_stats_push_to_hub_takes_the_repository(tmp_path):
+    _, args = cli.parse_args(["stats", "--push_to_hub", "me/stats"])
+    assert args.push_to_hub is True and args.hub_model_id == "me/stats"
+    _, args = cli.parse_args(["stats", "--push_to_hub", "--hub_model_id", "me/other"])
+    assert args.push_to_hub is True and args.hub_model_id == "me/other"
+    _, args = cli.parse_args(["stats", "--push-to-hub", "false"])
+    assert args.push_to_hub is False
+    with pytest.raises(SystemExit, match=r"needs a repository: --push_to_hub REPO"):
+        cli.run_stats(*cli.parse_args(["stats", "--push_to_hub"]))
+    with pytest.raises(SystemExit):  # `edit` pushes an adapter to --hub_model_id: its flag stays a boolean
+        cli.parse_args(["edit", "--requests", "r.jsonl", "--push_to_hub", "me/edits"])
+    _, args = cli.parse_args(["stats", "--stats_repo", "me/stats", "--stats_repo_revision", "v1",
+                              "--stats_checkpoint_every", "50", "--stats_checkpoint_seconds", "60"])  # fmt: skip
+    assert (args.stats_repo, args.stats_repo_revision) == ("me/stats", "v1")
+    assert (args.stats_checkpoint_every, args.stats_checkpoint_seconds) == (50, 60.0)
+
+
+def test_stats_pushed_to_the_hub_are_used_by_edit_without_a_corpus(saved_tiny_llama, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(tiny_corpus()))
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps(r) + "\n" for r in subject_final_requests()))
+    tiny = ["--layers", "0", "1", "--mom2_update_weight", "1.0", "--v_lr", "0.5", "--clamp_norm_factor", "4.0",
+            "--v_weight_decay", "0.001", "--v_num_grad_steps", "40"]  # fmt: skip
+    with fake_dataset_hub(tmp_path / "hub") as hub:
+        cli.main(["stats", "--model", str(saved_tiny_llama), "--corpus", str(corpus), "--layers", "0", "1",
+                  "--stats_cache_dir", str(tmp_path / "stats"), "--push_to_hub", "me/tiny-stats"])  # fmt: skip
+        assert "pushed to the dataset repository me/tiny-stats" in capsys.readouterr().out
+        (upload,) = hub.uploads
+        assert upload["repo_type"] == "dataset" and len(upload["files"]) == 5 and "README.md" in upload["files"]
+        cli.main(["edit", "--model", str(saved_tiny_llama), "--requests", str(requests), *tiny,
+                  "--output-dir", str(tmp_path / "out"), "--stats_cache_dir", str(tmp_path / "fresh"),
+                  "--stats_repo", "me/tiny-stats"])  # fmt: skip
+    edited = json.loads((tmp_path / "out" / "memit_edits.json").read_text())["batches"][0]["statistics"]
+    pushed = {p.name for p in (tmp_path / "stats").glob("*.json")}
+    assert {p.name for p in (tmp_path / "fresh").glob("*.json")} == pushed
+    assert {f"{name}-{info['key']}.json" for name, info in edited.items()} == pushed
 
 
 def test_export_rank_parses_ints_and_fractions():

@@ -49,3 +49,15 @@ def test_smollm2_recipe_is_the_library_default():
     defaults = EditingArguments()
     for key in ("v_num_grad_steps", "kl_factor", "num_context_templates", "context_template_length", "seed"):
         assert getattr(args, key) == getattr(defaults, key), key
+
+
+@pytest.mark.parametrize("name, distributed_type, num_processes", [
+    ("single_process.yaml", "NO", 1),
+    ("multi_gpu.yaml", "MULTI_GPU", 8),
+])  # fmt: skip
+def test_accelerate_configs_load(name, distributed_type, num_processes):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(RECIPES / "accelerate_configs" / name))
+    assert config.distributed_type == distributed_type and config.num_processes == num_processes
+    assert config.mixed_precision == "no" and not config.use_cpu

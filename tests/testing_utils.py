@@ -1,8 +1,16 @@
-"""Builders for tiny, seeded, offline test models, tokenizers, corpora and requests."""
+"""Builders for tiny, seeded, offline test models, tokenizers, corpora and requests, and a fake Hub."""
+
+import contextlib
+import fnmatch
+import shutil
+from types import SimpleNamespace
+from unittest import mock
 
 from collections.abc import Mapping
 
 import torch
+from huggingface_hub import HfApi
+from huggingface_hub.errors import LocalEntryNotFoundError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from torch import nn
 from transformers import (
@@ -321,3 +329,55 @@ def changed_tensors(model, snapshot: dict[str, torch.Tensor]) -> list[str]:
     """Names of the parameters and buffers of `model` that are not bit-identical to `snapshot`."""
     current = parameters_snapshot(model)
     return sorted(name for name, tensor in snapshot.items() if not torch.equal(current[name], tensor))
+
+
+FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+class FakeDatasetHub:
+    """Keeps the last uploaded folder of each repository and serves it back through `snapshot_download` (only the
+    files matching `allow_patterns`, in a folder named by the commit, as the Hub cache does); records every call."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.created, self.uploads, self.downloads = [], [], []
+        self.offline = False
+
+    def repo(self, repo_id):
+        return self.directory / "repos" / repo_id.replace("/", "--")
+
+    def create_repo(self, api, repo_id, private=None, exist_ok=False, repo_type=None, **kwargs):
+        self.created.append({"repo_id": repo_id, "private": private, "repo_type": repo_type, "token": api.token})
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, api, folder_path, repo_id, repo_type=None, commit_message=None, revision=None, **kw):
+        shutil.rmtree(self.repo(repo_id), ignore_errors=True)
+        shutil.copytree(folder_path, self.repo(repo_id))
+        files = sorted(path.name for path in self.repo(repo_id).iterdir())
+        self.uploads.append({"repo_id": repo_id, "repo_type": repo_type, "message": commit_message, "files": files})
+        return SimpleNamespace(commit_url=f"https://huggingface.co/datasets/{repo_id}/commit/0", oid="0")
+
+    def snapshot_download(self, api, repo_id, repo_type=None, revision=None, allow_patterns=None, **kwargs):
+        self.downloads.append({"repo_id": repo_id, "repo_type": repo_type, "revision": revision,
+                               "allow_patterns": allow_patterns})  # fmt: skip
+        if self.offline or not self.repo(repo_id).is_dir():
+            raise LocalEntryNotFoundError("not in the local cache")
+        snapshot = self.directory / "snapshots" / repo_id.replace("/", "--") / FAKE_COMMIT
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for path in self.repo(repo_id).iterdir():
+            if allow_patterns is None or any(fnmatch.fnmatch(path.name, p) for p in allow_patterns):
+                shutil.copyfile(path, snapshot / path.name)
+        return str(snapshot)
+
+
+@contextlib.contextmanager
+def fake_dataset_hub(directory):
+    """`HfApi.create_repo`, `upload_folder` and `snapshot_download` served by a [`FakeDatasetHub`] in `directory`
+    (`huggingface_hub` objects patched, none of ours)."""
+    hub = FakeDatasetHub(directory)
+    with (
+        mock.patch.object(HfApi, "create_repo", autospec=True, side_effect=hub.create_repo),
+        mock.patch.object(HfApi, "upload_folder", autospec=True, side_effect=hub.upload_folder),
+        mock.patch.object(HfApi, "snapshot_download", autospec=True, side_effect=hub.snapshot_download),
+    ):
+        yield hub

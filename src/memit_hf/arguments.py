@@ -101,6 +101,20 @@ class EditingArguments:
             When no corpus is given, the number of texts sampled from the model itself (offline default source).
         stats_sample_length (`int`, *optional*, defaults to `128`):
             Token length of each model-sampled text.
+        stats_checkpoint_every (`int`, *optional*):
+            Save the partial sums of a statistics collection after every this many batches (of each process), next
+            to the cache entries; an interrupted collection resumes from its last checkpoint with bit-identical
+            results. The checkpoint is removed once the statistics are cached.
+        stats_checkpoint_seconds (`float`, *optional*, defaults to `600.0`):
+            Also save a checkpoint whenever this many seconds have passed since the last one; `None` turns the
+            timed checkpoints off.
+        stats_repo (`str`, *optional*):
+            A Hugging Face Hub dataset repository id or a local folder holding statistics (as `memit-hf stats
+            --push_to_hub` writes them). They are fetched into `stats_cache_dir` and used instead of collecting
+            statistics over a corpus, after checking that their fingerprint matches the model (model weights,
+            dtype, layer); `stats_dataset` is then not used.
+        stats_repo_revision (`str`, *optional*):
+            Branch, tag or commit of `stats_repo`.
 
     > Parameters that control the run
 
@@ -165,6 +179,16 @@ class EditingArguments:
     stats_cache_dir: str | None = field(default=None, metadata={"help": "Statistics cache directory."})
     stats_sample_texts: int = field(default=64, metadata={"help": "Model-sampled texts when no corpus is given."})
     stats_sample_length: int = field(default=128, metadata={"help": "Tokens per model-sampled text."})
+    stats_checkpoint_every: int | None = field(
+        default=None, metadata={"help": "Checkpoint a statistics collection every this many batches (resumable)."}
+    )
+    stats_checkpoint_seconds: float | None = field(
+        default=600.0, metadata={"help": "Checkpoint a statistics collection every this many seconds (None: off)."}
+    )
+    stats_repo: str | None = field(
+        default=None, metadata={"help": "Hub dataset repo or folder of statistics to use (checked against the model)."}
+    )
+    stats_repo_revision: str | None = field(default=None, metadata={"help": "Revision of `stats_repo`."})
     # run
     output_dir: str | None = field(default=None, metadata={"help": "Output directory of the CLI."})
     seed: int = field(default=42, metadata={"help": "Seed for templates and sampled statistics text."})
@@ -221,6 +245,14 @@ class EditingArguments:
         for name, value in positive.items():
             if value is None or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {value}.")
+        if self.stats_checkpoint_every is not None and self.stats_checkpoint_every <= 0:
+            raise ValueError(
+                f"`stats_checkpoint_every` must be a positive integer or None, got {self.stats_checkpoint_every}."
+            )
+        if self.stats_checkpoint_seconds is not None and self.stats_checkpoint_seconds <= 0:
+            raise ValueError(
+                f"`stats_checkpoint_seconds` must be positive or None, got {self.stats_checkpoint_seconds}."
+            )
         if self.v_early_stop_patience < 0:
             raise ValueError(f"`v_early_stop_patience` must be >= 0, got {self.v_early_stop_patience}.")
         if self.num_context_templates < 0:

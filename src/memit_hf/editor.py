@@ -226,11 +226,12 @@ class Editor:
 
     @property
     def statistics(self) -> StatisticsProvider:
-        """The provider of second moments for this model, tokenizer, `stats_dataset` and the `stats_*` arguments (a
-        new one when those arguments or `stats_dataset` change)."""
+        """The provider of second moments for this model, tokenizer, `stats_dataset` (or `stats_repo`) and the
+        `stats_*` arguments (a new one when those arguments or `stats_dataset` change)."""
         a = self.args
         settings = (a.stats_num_tokens, a.stats_max_length, a.stats_batch_tokens, a.stats_cache_dir,
-                    a.stats_sample_texts, a.stats_sample_length, a.seed, id(self.stats_dataset))  # fmt: skip
+                    a.stats_sample_texts, a.stats_sample_length, a.seed, id(self.stats_dataset), a.stats_repo,
+                    a.stats_repo_revision)  # fmt: skip
         if self._statistics is None or self._statistics_settings != settings:
             self._statistics = StatisticsProvider(self.model, self.tokenizer, self.layout, a, self.stats_dataset)
             self._statistics_settings = settings

@@ -8,10 +8,17 @@ from ..arguments import EditingArguments
 
 
 def load_model(path: str | None, args: EditingArguments):
-    """The `--model` of a command (the embedded default model when `None`) and its tokenizer."""
+    """The `--model` of a command (the embedded default model when `None`) and its tokenizer. Without a
+    `device_map` in `--model_init_kwargs`, the model goes to this process's accelerator when there is one (under
+    `accelerate launch`, each process's own GPU), as `Trainer` places it."""
+    from ..distributed import process_state
     from ..models import load_model_and_tokenizer
 
-    return load_model_and_tokenizer(path, args.model_init_kwargs)
+    model, tokenizer = load_model_and_tokenizer(path, args.model_init_kwargs)
+    device = process_state().device
+    if "device_map" not in (args.model_init_kwargs or {}) and device.type != "cpu":
+        model = model.to(device)
+    return model, tokenizer
 
 
 def corpus_paths(corpus: list[str] | None) -> list[Path] | None:

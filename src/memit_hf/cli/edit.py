@@ -57,14 +57,16 @@ def run_edit(namespace: argparse.Namespace, args: EditingArguments) -> dict[str,
     if namespace.merged:
         editor.merge_and_save(output_dir, repo_id=args.hub_model_id)
         written = "the edited checkpoint"
-    else:
-        if not in_state_dir:
-            report = editor.save_adapter(output_dir, export_rank=namespace.export_rank, repo_id=args.hub_model_id)
+    elif not in_state_dir:
+        report = editor.save_adapter(output_dir, export_rank=namespace.export_rank, repo_id=args.hub_model_id)
+    summary = {"metrics": metrics, "args": resolved, "num_requests": len(output.requests),
+               "num_edits_total": sum(len(o.requests) for o in editor.history), "num_batches": len(editor.history)}  # fmt: skip
+    if not editor.state.is_main_process:  # under `accelerate launch`: the main process wrote the files and reports
+        return summary
+    if not namespace.merged:
         metrics["adapter_bytes"] = report.adapter_bytes
         metrics["adapter_max_reconstruction_error"] = report.max_reconstruction_error
         written = f"the adapter ({report.adapter_bytes / 1e6:.2f} MB, ranks {sorted(set(report.ranks.values()))})"
-    summary = {"metrics": metrics, "args": resolved, "num_requests": len(output.requests),
-               "num_edits_total": sum(len(o.requests) for o in editor.history), "num_batches": len(editor.history)}  # fmt: skip
     (output_dir / "edit_metrics.json").write_text(json.dumps(jsonable(summary), indent=2) + "\n", encoding="utf-8")
 
     name = namespace.model or getattr(model.config, "_name_or_path", None)
@@ -100,9 +102,12 @@ def run_edit(namespace: argparse.Namespace, args: EditingArguments) -> dict[str,
 
 
 def run_stats(namespace: argparse.Namespace, args: EditingArguments) -> dict[str, int]:
-    """`memit-hf stats`: compute or load the statistics of `args.layers` (default: the model's edited layers)."""
+    """`memit-hf stats`: compute or load the statistics of `args.layers` (default: the model's edited layers); with
+    `--push_to_hub`, upload them with a card to the Hub dataset repository `--hub_model_id` (main process only)."""
     from ..editor import Editor
 
+    if args.push_to_hub and not args.hub_model_id:
+        raise SystemExit("memit-hf stats: error: --push_to_hub needs a repository: --push_to_hub REPO.")
     corpus = corpus_paths(namespace.corpus)
     model, tokenizer = load_model(namespace.model, args)
     editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=corpus)
@@ -111,8 +116,22 @@ def run_stats(namespace: argparse.Namespace, args: EditingArguments) -> dict[str
     statistics = editor.get_statistics(layers)
     seconds = time.perf_counter() - start
     cache_dir = editor.statistics.cache.directory
-    source = ", ".join(str(path) for path in corpus) if corpus else "text sampled from the model (offline default)"
-    print(f"Statistics of {len(statistics)} modules from {source} in {seconds:.1f}s, cached in {cache_dir}:")
-    for name, layer in statistics.items():
-        print(f"  {name}: {layer.count} tokens, dim {layer.moment.total.shape[0]} ({layer.source}, key {layer.key})")
+    if args.stats_repo:
+        source = f"`stats_repo` {args.stats_repo}"
+    else:
+        source = ", ".join(str(path) for path in corpus) if corpus else "text sampled from the model (offline default)"
+    main = editor.statistics.state.is_main_process
+    if main:
+        print(f"Statistics of {len(statistics)} modules from {source} in {seconds:.1f}s, cached in {cache_dir}:")
+        for name, layer in statistics.items():
+            dim = layer.moment.total.shape[0]
+            print(f"  {name}: {layer.count} tokens, dim {dim} ({layer.source}, key {layer.key})")
+    if args.push_to_hub and main:
+        from ..statistics import push_statistics
+
+        commit = push_statistics(
+            args.hub_model_id, [layer.fingerprint for layer in statistics.values()], editor.statistics.cache,
+            private=args.hub_private_repo, token=args.hub_token,
+        )  # fmt: skip
+        print(f"  pushed to the dataset repository {args.hub_model_id}: {getattr(commit, 'commit_url', commit)}")
     return {name: layer.count for name, layer in statistics.items()}

@@ -82,6 +82,14 @@ def _boolean(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+def _boolean_or_repo(value: str) -> bool | str:
+    """`memit-hf stats --push_to_hub`: a boolean, or the repository id to push to."""
+    try:
+        return _boolean(value)
+    except argparse.ArgumentTypeError:
+        return value
+
+
 def _add_method_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per hyperparameter of the registered methods (default `None`: the method's own default)."""
     seen: set[str] = set()
@@ -167,9 +175,19 @@ def make_parser() -> argparse.ArgumentParser:
         "stats",
         "Compute (or load from cache) the covariance statistics of the edited layers.",
         "Compute the second-moment statistics of the edited modules' inputs and cache them on disk, so that later "
-        "edits with the same model, corpus and budget reuse them.",
+        "edits with the same model, corpus and budget reuse them. Run it under `accelerate launch` to split the "
+        "corpus between processes; an interrupted run resumes from its checkpoint. `--push_to_hub REPO` uploads "
+        "them to a Hub dataset repository that `--stats_repo REPO` reads back.",
     )
     _add_model_and_corpus(stats)
+    for action in stats._actions:
+        if action.dest == "push_to_hub":  # `--push_to_hub REPO` as well as `--push_to_hub --hub_model_id REPO`
+            action.type = _boolean_or_repo
+            action.metavar = "REPO"
+            action.help = (
+                "Upload the statistics (safetensors + fingerprint JSON of every layer, and a dataset card) to this "
+                "Hub dataset repository, or to --hub_model_id."
+            )
     _add_evaluate_parser(subparsers)
 
     demo = _editing_parser(
@@ -281,6 +299,8 @@ def editing_arguments(namespace: argparse.Namespace, parser: argparse.ArgumentPa
         SystemExit: with the validation error of `EditingArguments`.
     """
     values = {name: getattr(namespace, name) for name in EDITING_FIELDS}
+    if isinstance(values["push_to_hub"], str):  # `memit-hf stats --push_to_hub REPO`
+        values["hub_model_id"], values["push_to_hub"] = values["push_to_hub"], True
     values.update({name: getattr(namespace, name) for name in METHOD_FIELDS if getattr(namespace, name) is not None})
     try:
         return EditingArguments.from_flat(values, where="the command line")

@@ -1,11 +1,15 @@
 """Second-moment statistics `C = E[k k^T]` of the edited modules' inputs: the corpus, the fingerprint that identifies
-them, the disk cache, the one-pass collection, and the provider the Editor asks."""
+them, the disk cache, the one-pass collection with its resumable checkpoints, sharing through the Hub, and the
+provider the Editor asks."""
 
-from .cache import StatisticsCache, default_cache_dir
-from .collection import SecondMoment, add_gram, collect_second_moments, pack_batches
-from .corpus import MODEL_SAMPLES, corpus_texts, sample_corpus, text_digest, token_pieces
+from .cache import StatisticsCache, default_cache_dir, entry_name
+from .checkpoint import CollectionProgress, StatisticsCheckpoint, collection_key
+from .collection import CollectionInterrupted, SecondMoment, collect_second_moments, pack_batches
+from .corpus import MODEL_SAMPLES, corpus_description, corpus_texts, sample_corpus, text_digest, token_pieces
 from .fingerprint import (
+    MODEL_FIELDS,
     STATS_FORMAT_VERSION,
+    fingerprint_differences,
     fingerprint_key,
     model_identity,
     statistics_fingerprint,
@@ -13,24 +17,54 @@ from .fingerprint import (
     upstream_parameters,
     weights_digest,
 )
+from .gram import GRAM_BLOCKS, add_gram, gram_edges, mirror_gram
+from .hub import (
+    STATISTICS_REPO_TYPE,
+    StatisticsEntry,
+    StatisticsMismatchError,
+    build_statistics_card,
+    fetch_statistics,
+    push_statistics,
+    select_statistics,
+    statistics_entries,
+)
 from .provider import LayerStatistics, StatisticsProvider
 
 
 __all__ = [
+    "GRAM_BLOCKS",
+    "MODEL_FIELDS",
     "MODEL_SAMPLES",
+    "STATISTICS_REPO_TYPE",
     "STATS_FORMAT_VERSION",
+    "CollectionInterrupted",
+    "CollectionProgress",
     "LayerStatistics",
     "SecondMoment",
     "StatisticsCache",
+    "StatisticsCheckpoint",
+    "StatisticsEntry",
+    "StatisticsMismatchError",
     "StatisticsProvider",
     "add_gram",
+    "build_statistics_card",
     "collect_second_moments",
+    "collection_key",
+    "corpus_description",
     "corpus_texts",
     "default_cache_dir",
+    "entry_name",
+    "fetch_statistics",
+    "fingerprint_differences",
     "fingerprint_key",
+    "gram_edges",
+    "mirror_gram",
     "model_identity",
     "pack_batches",
+    "push_statistics",
     "sample_corpus",
+    "select_statistics",
+    "statistics_entries",
     "statistics_fingerprint",
     "tensor_digest",
     "text_digest",

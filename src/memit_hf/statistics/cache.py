@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,24 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def entry_name(fingerprint: dict[str, Any]) -> str:
+    """The file stem of a statistic: its module and fingerprint key (`<module>-<key>`, `/` replaced by `_`)."""
+    return fingerprint["module"].replace("/", "_") + "-" + fingerprint_key(fingerprint)
+
+
+def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Put `source` at `target` atomically: a hard link when on the same file system, else a copy (links such as a
+    Hub snapshot's are followed)."""
+    source, target = Path(source).resolve(), Path(target)
+    temporary = target.parent / f".{target.name}.{os.getpid()}.tmp"
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(source, temporary)
+    except OSError:
+        shutil.copyfile(source, temporary)
+    os.replace(temporary, target)
+
+
 class StatisticsCache:
     """Second moments on disk, keyed by their fingerprint.
 
@@ -47,7 +66,7 @@ class StatisticsCache:
 
     def paths(self, fingerprint: dict[str, Any]) -> tuple[Path, Path]:
         """The tensor file and the JSON file of `fingerprint`."""
-        stem = fingerprint["module"].replace("/", "_") + "-" + fingerprint_key(fingerprint)
+        stem = entry_name(fingerprint)
         return self.directory / f"{stem}.safetensors", self.directory / f"{stem}.json"
 
     def load(self, fingerprint: dict[str, Any]) -> SecondMoment | None:
@@ -70,17 +89,38 @@ class StatisticsCache:
             logger.warning("Ignoring damaged statistics cache %s (%s); recomputing.", tensor_path, error)
             return None
 
-    def save(self, fingerprint: dict[str, Any], moment: SecondMoment) -> Path:
-        """Write the statistic atomically (temporary file, then rename) with its fingerprint and checksum."""
+    def save(self, fingerprint: dict[str, Any], moment: SecondMoment, info: dict[str, Any] | None = None) -> Path:
+        """Write the statistic atomically (temporary file, then rename) with its fingerprint and checksum.
+
+        Args:
+            info (`dict`, *optional*): a description stored beside the fingerprint (the layer index, a readable name
+                of the corpus) for the statistics' card; it does not identify the statistics.
+        """
         self.directory.mkdir(parents=True, exist_ok=True)
         tensor_path, meta_path = self.paths(fingerprint)
         with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".tmp", delete=False) as handle:
             tmp_tensor = Path(handle.name)
         save_file({"total": moment.total.contiguous(), "count": torch.tensor([moment.count])}, str(tmp_tensor))
         meta = {"fingerprint": fingerprint, "sha256": file_sha256(tmp_tensor), "count": moment.count}
+        if info:
+            meta["info"] = info
         with tempfile.NamedTemporaryFile("w", dir=self.directory, suffix=".tmp", delete=False) as handle:
             json.dump(meta, handle, indent=2)
             tmp_meta = Path(handle.name)
         os.replace(tmp_tensor, tensor_path)
         os.replace(tmp_meta, meta_path)
         return tensor_path
+
+    def add(self, tensor_path: str | os.PathLike, meta_path: str | os.PathLike) -> dict[str, Any]:
+        """Put a cache entry made elsewhere (a statistics folder or Hub repository) into this cache: hard-linked
+        when on the same file system, else copied; each file lands atomically under its cache name.
+
+        Returns:
+            `dict`: the entry's fingerprint (read its statistic with [`load`], which verifies the checksum).
+        """
+        fingerprint = json.loads(Path(meta_path).read_text())["fingerprint"]
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for source, target in zip((tensor_path, meta_path), self.paths(fingerprint)):
+            if Path(source).resolve() != target.resolve():
+                link_or_copy(source, target)
+        return fingerprint

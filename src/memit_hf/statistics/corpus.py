@@ -18,6 +18,10 @@ MODEL_SAMPLES = "model-samples"
 """Corpus identity prefix of the offline source (text sampled from the model itself)."""
 
 
+def _is_path(item) -> bool:
+    return isinstance(item, os.PathLike) or (isinstance(item, str) and "\n" not in item and os.path.isfile(item))
+
+
 def corpus_texts(corpus) -> list[str]:
     """Texts of a statistics corpus: a `datasets.Dataset` with a `text` column, a list of strings, or text file paths
     (a path string, `Path`, or a list of them; files are split into documents at blank lines).
@@ -33,7 +37,7 @@ def corpus_texts(corpus) -> list[str]:
         items = [corpus] if isinstance(corpus, (str, os.PathLike)) else list(corpus)
         texts = []
         for item in items:
-            if isinstance(item, os.PathLike) or (isinstance(item, str) and "\n" not in item and os.path.isfile(item)):
+            if _is_path(item):
                 texts.extend(re.split(r"\n[ \t]*\n", Path(item).read_text(encoding="utf-8")))
             elif isinstance(item, str):
                 texts.append(item)
@@ -43,6 +47,21 @@ def corpus_texts(corpus) -> list[str]:
     if not texts:
         raise ValueError("`stats_dataset` holds no non-empty text.")
     return texts
+
+
+def corpus_description(corpus) -> str:
+    """A readable name of a statistics corpus for cards and logs (it does not identify the corpus: the fingerprint's
+    token digest does): the file names, the dataset's name and size, or the number of texts."""
+    if hasattr(corpus, "column_names"):
+        info = getattr(corpus, "info", None)
+        name = getattr(info, "dataset_name", None) or getattr(info, "builder_name", None) or "a datasets.Dataset"
+        split = getattr(corpus, "split", None)
+        return f"{name}{f' ({split})' if split else ''}, {len(corpus)} rows"
+    items = [corpus] if isinstance(corpus, (str, os.PathLike)) else list(corpus)
+    files = [Path(item).name for item in items if _is_path(item)]
+    if files and len(files) == len(items):
+        return ", ".join(files)
+    return f"{len(items)} texts" if not files else f"{', '.join(files)} and {len(items) - len(files)} texts"
 
 
 def text_digest(data: Iterable[str]) -> str:

@@ -15,6 +15,13 @@ from ..weights import read_parameter
 STATS_FORMAT_VERSION = 2
 DIGEST_SAMPLES = 4096
 """Elements sampled (evenly strided) from each weight tensor for its digest, besides its exact float64 sums."""
+MODEL_FIELDS = (
+    "format_version", "model_type", "num_parameters", "dtype", "embedding_digest", "weights_digest", "module",
+    "vocab_size", "accumulation",
+)  # fmt: skip
+"""The fingerprint fields a model must match to use statistics collected elsewhere (`stats_repo`): everything the
+module's inputs depend on. The others name where the model and tokenizer were loaded from or describe the corpus
+and the collection settings (`corpus`, `num_tokens`, `max_length`, `seed`), which the statistics bring with them."""
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
@@ -116,3 +123,14 @@ def statistics_fingerprint(
 def fingerprint_key(fingerprint: dict[str, Any]) -> str:
     """A short hash of a statistics fingerprint: the cache file's key, also recorded in exported edit metadata."""
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def fingerprint_differences(
+    expected: dict[str, Any], found: dict[str, Any], fields: tuple[str, ...] = MODEL_FIELDS
+) -> dict[str, tuple[Any, Any]]:
+    """The `fields` whose values differ between two fingerprints.
+
+    Returns:
+        `dict[str, tuple]`: by field, `(expected value, found value)` (`None` where a fingerprint lacks the field).
+    """
+    return {name: (expected.get(name), found.get(name)) for name in fields if expected.get(name) != found.get(name)}

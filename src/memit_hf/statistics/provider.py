@@ -11,9 +11,11 @@ from ..architectures import ModelLayout
 from ..distributed import process_state
 from ..modes import eval_mode
 from .cache import StatisticsCache
+from .checkpoint import StatisticsCheckpoint, collection_key
 from .collection import SecondMoment, collect_second_moments
-from .corpus import MODEL_SAMPLES, corpus_texts, sample_corpus, text_digest, token_pieces
+from .corpus import MODEL_SAMPLES, corpus_description, corpus_texts, sample_corpus, text_digest, token_pieces
 from .fingerprint import fingerprint_key, statistics_fingerprint
+from .hub import fetch_statistics
 
 
 logger = logging.getLogger(__name__)
@@ -28,7 +30,8 @@ class LayerStatistics:
         moment ([`SecondMoment`]): the float64 sum and token count.
         fingerprint (`dict`): everything that determined it (see [`statistics_fingerprint`]).
         key (`str`): the fingerprint's short hash (the cache key, recorded in exported metadata).
-        source (`str`): where the provider got it: `"cache"` or `"collected"` (one pass over the corpus).
+        source (`str`): where the provider got it: `"cache"`, `"collected"` (one pass over the corpus) or `"repo"`
+            (`stats_repo`, fetched into the cache).
     """
 
     module_name: str
@@ -59,7 +62,10 @@ class StatisticsProvider:
     """Second moments of the edited modules' inputs for one model, tokenizer and corpus.
 
     Statistics are looked up in memory, then in the [`StatisticsCache`], and the missing ones are collected in one
-    pass over the corpus (on the model as it is when asked: the Editor asks with the original weights in place).
+    pass over the corpus (on the model as it is when asked: the Editor asks with the original weights in place),
+    checkpointed as `stats_checkpoint_every` / `stats_checkpoint_seconds` say and resumed from a checkpoint left by
+    an interrupted run. With `stats_repo`, they come from that Hub repository or folder instead (fetched into the
+    cache once, and refused unless their fingerprint matches the model).
 
     Args:
         model (`PreTrainedModel`), tokenizer (`PreTrainedTokenizerBase`), layout ([`ModelLayout`]).
@@ -83,12 +89,14 @@ class StatisticsProvider:
         self._pieces: list[list[int]] | None = None
         self._corpus_id: str | None = None
         self._digests: dict = {}  # tensor digests by (storage, in-place version): see `weights_digest`
+        self._repo_fingerprints: dict[str, dict[str, Any]] = {}  # by the model's fingerprint key (`stats_repo`)
         self.num_collections = 0
         """How many collection passes over the corpus this provider has run."""
 
     def corpus_pieces(self) -> list[list[int]] | None:
-        """The token pieces of a user corpus (seeded order, cut to `stats_num_tokens`); `None` without a corpus."""
-        if self._pieces is None and self.corpus is not None:
+        """The token pieces of a user corpus (seeded order, cut to `stats_num_tokens`); `None` without a corpus (and
+        with `stats_repo`, which replaces it)."""
+        if self._pieces is None and self.corpus is not None and not self.args.stats_repo:
             a = self.args
             texts = corpus_texts(self.corpus)
             self._pieces = token_pieces(self.tokenizer, texts, a.stats_num_tokens, a.stats_max_length, a.seed)
@@ -99,22 +107,82 @@ class StatisticsProvider:
         model-sampled source (the model's own weights are in the fingerprint already)."""
         if self._corpus_id is None:
             pieces = self.corpus_pieces()
-            if pieces is None:
+            if self.args.stats_repo:
+                self._corpus_id = f"stats_repo:{self.args.stats_repo}"  # the statistics bring their own corpus
+            elif pieces is None:
                 a = self.args
                 self._corpus_id = f"{MODEL_SAMPLES}:{a.stats_sample_texts}x{a.stats_sample_length}"
             else:
                 self._corpus_id = "tokens:" + text_digest(",".join(map(str, piece)) for piece in pieces)
         return self._corpus_id
 
-    def fingerprints(self, layers: list[int]) -> dict[int, dict[str, Any]]:
-        """The fingerprint of every layer's statistics for the model as it is now (no statistics are loaded or
-        collected; [`~memit_hf.statistics.fingerprint_key`] gives each one's short key)."""
+    def corpus_description(self) -> str:
+        """A readable name of the corpus, stored beside the statistics for their card."""
+        if self.corpus is None:
+            a = self.args
+            return (
+                f"text sampled from the model itself ({a.stats_sample_texts} texts of {a.stats_sample_length} tokens)"
+            )
+        return corpus_description(self.corpus)
+
+    def model_fingerprints(self, layers: list[int]) -> dict[int, dict[str, Any]]:
+        """The fingerprint that statistics collected now would have, for every layer: the model as it is, the corpus
+        and the `stats_*` arguments."""
         return {
             layer: statistics_fingerprint(
                 self.model, self.tokenizer, self.layout, layer, self.corpus_id(), self.args, self._digests
             )
             for layer in layers
         }
+
+    def fingerprints(self, layers: list[int]) -> dict[int, dict[str, Any]]:
+        """The fingerprint of every layer's statistics for the model as it is now: those of
+        [`model_fingerprints`], or with `stats_repo` those of the repository's statistics that match the model
+        (fetched into the cache on first use). No statistics are collected;
+        [`~memit_hf.statistics.fingerprint_key`] gives each one's short key.
+
+        Raises:
+            StatisticsMismatchError: with `stats_repo`, when the repository has no statistics of a layer's module
+                that match the model (see [`~memit_hf.statistics.select_statistics`]).
+        """
+        fingerprints = self.model_fingerprints(layers)
+        if not self.args.stats_repo:
+            return fingerprints
+        missing = {
+            self.layout.edit_name(layer): fingerprint
+            for layer, fingerprint in fingerprints.items()
+            if fingerprint_key(fingerprint) not in self._repo_fingerprints
+        }
+        if missing:
+            a = self.args
+            settings = {"num_tokens": a.stats_num_tokens, "max_length": a.stats_max_length, "seed": a.seed}
+            # Every process fetches for itself (the Hub cache locks its files, `cache.add` renames atomically), so
+            # that a refusal is raised on every process rather than leaving the others at a barrier.
+            fetched = fetch_statistics(a.stats_repo, missing, self.cache, settings, a.stats_repo_revision, a.hub_token)
+            for module, fingerprint in missing.items():
+                self._repo_fingerprints[fingerprint_key(fingerprint)] = fetched[module]
+        return {layer: self._repo_fingerprints[fingerprint_key(fp)] for layer, fp in fingerprints.items()}
+
+    def checkpoint(
+        self, layers: list[int], fingerprints: dict[int, dict[str, Any]] | None = None
+    ) -> StatisticsCheckpoint:
+        """The checkpoint of a collection pass over `layers` for this process: in the cache directory, keyed by the
+        layers' fingerprints and `stats_batch_tokens`, saved as `stats_checkpoint_every` and
+        `stats_checkpoint_seconds` say.
+
+        Args:
+            fingerprints (`dict[int, dict]`, *optional*): the layers' fingerprints, if already computed.
+        """
+        fingerprints = fingerprints or self.model_fingerprints(layers)
+        a = self.args
+        return StatisticsCheckpoint(
+            self.cache.directory,
+            collection_key([fingerprints[layer] for layer in layers], a.stats_batch_tokens),
+            every_batches=a.stats_checkpoint_every,
+            every_seconds=a.stats_checkpoint_seconds,
+            process_index=self.state.process_index,
+            num_processes=self.state.num_processes,
+        )
 
     def get(self, layers: list[int]) -> dict[str, LayerStatistics]:
         """The statistics of the edited modules at `layers`, by module name.
@@ -132,14 +200,20 @@ class StatisticsProvider:
                 or self._memory[self.layout.edit_name(layer)].key != fingerprint_key(fingerprint)
             }
             to_collect = []
+            source = "repo" if self.args.stats_repo else "cache"
             for layer, fingerprint in fingerprints.items():
                 name = self.layout.edit_name(layer)
                 moment = self.cache.load(fingerprint)
+                if moment is None and self.args.stats_repo:
+                    raise ValueError(
+                        f"The statistics of `{name}` fetched from `stats_repo` {self.args.stats_repo} are damaged "
+                        f"(see the warning above); delete {self.cache.paths(fingerprint)[0]} and fetch them again."
+                    )
                 if moment is None:
                     to_collect.append(layer)
                 else:
                     self._memory[name] = LayerStatistics(
-                        name, moment, fingerprint, fingerprint_key(fingerprint), "cache"
+                        name, moment, fingerprint, fingerprint_key(fingerprint), source
                     )
             if to_collect:
                 self._collect(to_collect, fingerprints)
@@ -154,18 +228,22 @@ class StatisticsProvider:
             texts = sample_corpus(self.model, self.tokenizer, a.stats_sample_texts, a.stats_sample_length, a.seed)
             pieces = token_pieces(self.tokenizer, texts, a.stats_num_tokens, a.stats_max_length, a.seed)
         names = [self.layout.edit_name(layer) for layer in layers]
+        checkpoint = self.checkpoint(layers, fingerprints)
         self.num_collections += 1
         moments = collect_second_moments(
             self.model, self.tokenizer, names, pieces, self.args.stats_batch_tokens,
-            show_progress=self.state.is_main_process,
+            show_progress=self.state.is_main_process, checkpoint=checkpoint,
         )  # fmt: skip
+        description = self.corpus_description()
         for layer, name in zip(layers, names):
             fingerprint = fingerprints[layer]
             if self.state.is_main_process:
-                self.cache.save(fingerprint, moments[name])
+                info = {"layer": layer, "dim": moments[name].total.shape[0], "corpus_description": description}
+                self.cache.save(fingerprint, moments[name], info)
             self._memory[name] = LayerStatistics(
                 name, moments[name], fingerprint, fingerprint_key(fingerprint), "collected"
             )
         self.state.wait_for_everyone()
+        checkpoint.remove(others=self.state.is_main_process)
         if self.state.is_main_process:
             logger.info("Collected statistics for %d modules over %d tokens.", len(names), moments[names[0]].count)
