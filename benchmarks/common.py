@@ -105,3 +105,14 @@ def pyplot():
 
 def fmt(value: float | None, digits: int = 1) -> str:
     return "" if value is None else f"{value:.{digits}f}"
+
+
+def parse_settings(settings: list[str]) -> dict[str, Any]:
+    """`FIELD=VALUE` pairs as a flat `EditingArguments` mapping (numbers, booleans, lists and `None` parsed as YAML)."""
+    import yaml
+
+    values = {}
+    for setting in settings:
+        name, _, text = setting.partition("=")
+        values[name] = None if text.lower() == "none" else yaml.safe_load(text)
+    return values

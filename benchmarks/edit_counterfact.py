@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import common
 import torch
-import yaml
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,16 +111,6 @@ def bare_statistics_forward_seconds(editor, layers) -> float:
     return time.perf_counter() - tick
 
 
-def parse_settings(settings: list[str]) -> dict:
-    """`FIELD=VALUE` pairs as a flat `EditingArguments` mapping (numbers, booleans and `None` parsed)."""
-    values = {}
-    for setting in settings:
-        name, _, text = setting.partition("=")
-        value = yaml.safe_load(text)
-        values[name] = None if text.lower() == "none" else value
-    return values
-
-
 def main(argv=None):
     options = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -135,7 +125,7 @@ def main(argv=None):
     cache_dir = options.stats_cache_dir or tempfile.mkdtemp(prefix="memit-stats-")
     had_cache = any(Path(cache_dir).glob("*.safetensors"))
     model, tokenizer = load_default_model()
-    flat = {"stats_num_tokens": options.stats_tokens, "layers": options.layers, **parse_settings(options.set)}
+    flat = {"stats_num_tokens": options.stats_tokens, "layers": options.layers, **common.parse_settings(options.set)}
     if options.mom2_update_weight is not None:
         flat["mom2_update_weight"] = options.mom2_update_weight
     args = EditingArguments.from_flat({**flat, "stats_cache_dir": cache_dir})

@@ -7,8 +7,15 @@ against the unedited model's greedy continuations (`Editor.evaluate` passes `Edi
 all of their single-hop facts in one batch (the CounterFact edit restored first). It prints the side-by-side table
 of `memit-hf evaluate` and the full table, and writes JSON with the metrics, timings and example continuations.
 
+`--variant NAME FIELD=VALUE ...` (repeatable) edits the same records once per variant of the editing arguments (the
+unedited model is evaluated once) and adds a table with one row per variant: how settings meant to make the edit
+carry over to generation and chat (more or other context templates, chat-formatted templates, ...) compare with the
+defaults, teacher-forced figures included.
+
     python benchmarks/generative_counterfact.py --num-records 100 --stats-cache-dir /tmp/bench_stats \\
         --output benchmarks/results/generative_counterfact.json
+    python benchmarks/generative_counterfact.py --variant default --variant chat context_template_chat=true \\
+        --variant templates10 num_context_templates=10 --output benchmarks/results/generative_variants.json
 """
 
 import argparse
@@ -34,6 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mquake-cases", type=int, default=0, help="Also run the multi-hop test on m cases.")
     parser.add_argument("--examples", type=int, default=5, help="Save the continuations of this many records.")
     parser.add_argument("--batch-size", type=int, default=64, help="Sequences per forward pass / generate call.")
+    parser.add_argument(
+        "--variant", nargs="+", action="append", default=None, metavar=("NAME", "FIELD=VALUE"),
+        help="A named variant of the editing arguments (repeatable; default: one variant, the defaults).",
+    )  # fmt: skip
     parser.add_argument("--device", default=None, help="`cuda` or `cpu` (default: cuda when available).")
     parser.add_argument("--seed", type=int, default=42, help="The editing seed (the library default).")
     parser.add_argument(
@@ -52,6 +63,35 @@ def examples(model, tokenizer, requests) -> list[dict]:
     return [{"prompt": p, "greedy": g, "chat": c} for p, g, c in zip(prompts, plain, chat)]
 
 
+VARIANT_COLUMNS = {
+    "ES": "efficacy_success",
+    "PS": "paraphrase_success",
+    "NS": "neighborhood_success",
+    "gen ES (prefix)": "gen_efficacy_prefix",
+    "gen PS (prefix)": "gen_paraphrase_prefix",
+    "gen PS (contains)": "gen_paraphrase_contains",
+    "gen NS first word": "gen_neighborhood_first_word",
+    "gen bleed": "gen_neighborhood_bleed",
+    "chat ES": "chat_efficacy_contains",
+    "chat PS": "chat_paraphrase_contains",
+    "chat bleed": "chat_neighborhood_bleed",
+}
+"""The columns of the variants table: teacher-forced, greedy and chat figures."""
+
+
+def variant_row(name: str, metrics: dict) -> str:
+    """One Markdown row of the variants table."""
+    return f"| {name} | " + " | ".join(common.fmt(metrics.get(key)) for key in VARIANT_COLUMNS.values()) + " |"
+
+
+def variants_table(by_variant: dict[str, dict], pre: dict) -> str:
+    """One row per variant (and the unedited model), the columns of `VARIANT_COLUMNS`."""
+    lines = ["| variant | " + " | ".join(VARIANT_COLUMNS) + " |", "| --- " * (len(VARIANT_COLUMNS) + 1) + "|"]
+    lines.append(variant_row("unedited", pre))
+    lines.extend(variant_row(name, entry["metrics"]) for name, entry in by_variant.items())
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> dict:
     options = parse_args(argv)
     common.setup()
@@ -65,12 +105,10 @@ def main(argv=None) -> dict:
     model, tokenizer = common.load_model(device)
     requests = load_requests(options.data)[: options.num_records]
     corpus = common.corpus_option(options.corpus)
-    args = EditingArguments(
-        stats_num_tokens=options.stats_tokens,
-        stats_cache_dir=options.stats_cache_dir or tempfile.mkdtemp(prefix="memit-stats-"),
-        seed=options.seed,
-    )
-    editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=corpus)
+    base = {"stats_num_tokens": options.stats_tokens, "seed": options.seed,
+            "stats_cache_dir": options.stats_cache_dir or tempfile.mkdtemp(prefix="memit-stats-")}  # fmt: skip
+    variants = {name: common.parse_settings(settings) for name, *settings in options.variant or [["default"]]}
+    editor = Editor(model, args=EditingArguments.from_flat(base), processing_class=tokenizer, stats_dataset=corpus)
     metrics = ["counterfact", "generative"]
     timings: dict[str, float] = {}
     shown = requests[: options.examples]
@@ -82,19 +120,31 @@ def main(argv=None) -> dict:
     before = examples(model, tokenizer, shown)
     after = None
     edit_metrics = None
-    if not options.no_edit:
+    by_variant: dict[str, dict] = {}
+    for name, settings in ({} if options.no_edit else variants).items():
+        editor = Editor(model, args=EditingArguments.from_flat({**base, **settings}), processing_class=tokenizer,
+                        stats_dataset=corpus)  # fmt: skip
         tick = time.perf_counter()
-        edit_metrics = editor.edit(requests).metrics
-        timings["edit_s"] = time.perf_counter() - tick
+        variant_edit = editor.edit(requests).metrics
+        edit_seconds = time.perf_counter() - tick
         tick = time.perf_counter()
         post = editor.evaluate(requests, metrics=metrics, batch_size=options.batch_size, include_pre=False)
-        timings["evaluate_edited_s"] = time.perf_counter() - tick
-        result = {**post, **result}
-        after = examples(model, tokenizer, shown)
+        evaluate_seconds = time.perf_counter() - tick
+        by_variant[name] = {"settings": settings, "metrics": post, "edit_metrics": variant_edit,
+                            "timings": {"edit_s": edit_seconds, "evaluate_edited_s": evaluate_seconds}}  # fmt: skip
+        print(f"variant {name} {settings}: " + variant_row(name, post))
+        if after is None:  # the first variant is the one reported in full
+            result = {**post, **result}
+            after = examples(model, tokenizer, shown)
+            edit_metrics = variant_edit
+            timings.update(by_variant[name]["timings"])
         editor.restore()
 
     multihop = None
     if options.mquake_cases:
+        first = next(iter(variants.values()))  # the multi-hop edit uses the first variant's settings
+        editor = Editor(model, args=EditingArguments.from_flat({**base, **first}), processing_class=tokenizer,
+                        stats_dataset=corpus)  # fmt: skip
         mquake = load_requests(options.mquake)
         case_ids = list(dict.fromkeys(r.case_id for r in mquake))[: options.mquake_cases]
         cases = [r for r in mquake if r.case_id in set(case_ids)]
@@ -117,6 +167,8 @@ def main(argv=None) -> dict:
         multihop = {"num_cases": len(case_ids), "num_edits": len(cases), "metrics": multihop}
 
     table = comparison_table(result) + "\n" + markdown_table(result)
+    if len(by_variant) > 1:
+        table += "\n" + variants_table(by_variant, pre)
     print(f"{len(requests)} CounterFact records from {options.data}" + (" (unedited only)" if options.no_edit else ""))
     print(table)
     common.write_json(
@@ -132,6 +184,7 @@ def main(argv=None) -> dict:
             "multihop": multihop,
             "timings": timings,
             "edit_metrics": edit_metrics,
+            "variants": by_variant,
             "examples": {"unedited": before, "edited": after},
             "table": table,
         },

@@ -3,10 +3,9 @@
 import contextlib
 import fnmatch
 import shutil
+from collections.abc import Mapping
 from types import SimpleNamespace
 from unittest import mock
-
-from collections.abc import Mapping
 
 import torch
 from huggingface_hub import HfApi

@@ -110,7 +110,6 @@ def collect_second_moments(
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     modules = sorted(modules, key=order.__getitem__)
     dims = {name: _input_dim(model.get_submodule(name)) for name in modules}
-    devices = {name: model.get_submodule(name).weight.device for name in modules}
     batches = pack_batches(pieces, batch_tokens)
     mine = owned_chunks(len(batches), state)
     pad = pad_token_id(tokenizer)
@@ -123,9 +122,9 @@ def collect_second_moments(
             "Resuming the statistics collection at batch %d of %d (process %d) from %s.",
             progress.position, len(mine), state.process_index, checkpoint.path,
         )  # fmt: skip
-    # The sums live beside the module (no per-batch transfer off an accelerator); only their upper block triangle is
-    # accumulated until `mirror_gram` at the end.
-    progress.totals = {name: total.to(devices[name]) for name, total in progress.totals.items()}
+    # The sums move to the device the module's inputs arrive on (its execution device, also for a module offloaded
+    # by accelerate, whose weight is on "meta") at the first batch and stay there: no per-batch transfer off an
+    # accelerator. Only their upper block triangle is accumulated until `mirror_gram` at the end.
     if checkpoint is not None:
         checkpoint.start(progress.position)
     end = len(mine) if max_batches is None else min(len(mine), progress.position + max_batches)
@@ -146,6 +145,8 @@ def collect_second_moments(
             keys = hidden.reshape(-1, hidden.shape[-1])  # (batch * length, d_in)
             if rows is not None:
                 keys = keys.index_select(0, rows.to(keys.device))  # (tokens, d_in)
+            if progress.totals[name].device != keys.device:
+                progress.totals[name] = progress.totals[name].to(keys.device)
             add_gram(progress.totals[name], keys.float(), mirror=False)
         progress.count += tokens
         progress.position = position + 1
