@@ -116,3 +116,15 @@ def parse_settings(settings: list[str]) -> dict[str, Any]:
         name, _, text = setting.partition("=")
         values[name] = None if text.lower() == "none" else yaml.safe_load(text)
     return values
+
+
+def add_statistics_options(parser) -> None:
+    """`--corpus`, `--stats-tokens` and `--stats-cache-dir`: where the statistics come from (wikitext by default)."""
+    parser.add_argument(
+        "--corpus",
+        nargs="+",
+        default=WIKITEXT,
+        help="Statistics corpus files (split at blank lines); `none` for the offline model-sampled source.",
+    )
+    parser.add_argument("--stats-tokens", type=int, default=408_567, help="Token budget of the statistics.")
+    parser.add_argument("--stats-cache-dir", default=None, help="Reuse statistics from here (default: a fresh dir).")

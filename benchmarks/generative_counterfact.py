@@ -29,14 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", default=str(common.SHARED / "counterfact.jsonl"), help="CounterFact records.")
     parser.add_argument("--num-records", type=int, default=100, help="Evaluate (and edit) the first n records.")
     parser.add_argument("--no-edit", action="store_true", help="Evaluate the unedited model only.")
-    parser.add_argument(
-        "--corpus",
-        nargs="+",
-        default=common.WIKITEXT,
-        help="Statistics corpus files (split at blank lines); `none` for the offline model-sampled source.",
-    )
-    parser.add_argument("--stats-tokens", type=int, default=408_567, help="Token budget of the statistics.")
-    parser.add_argument("--stats-cache-dir", default=None, help="Reuse statistics from here (default: a fresh dir).")
+    common.add_statistics_options(parser)
     parser.add_argument("--mquake", default=str(common.SHARED / "mquake_cf_akew.jsonl"), help="MQuAKE records.")
     parser.add_argument("--mquake-cases", type=int, default=0, help="Also run the multi-hop test on m cases.")
     parser.add_argument("--examples", type=int, default=5, help="Save the continuations of this many records.")

@@ -27,14 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="CounterFact records (any shape memit-hf reads); the first n are edited.",
     )
     parser.add_argument("--num-edits", type=int, nargs="+", default=[10, 100, 400, 1000, 4000])
-    parser.add_argument(
-        "--corpus",
-        nargs="+",
-        default=common.WIKITEXT,
-        help="Statistics corpus files (split at blank lines); `none` for the offline model-sampled source.",
-    )
-    parser.add_argument("--stats-tokens", type=int, default=408_567, help="Token budget of the statistics.")
-    parser.add_argument("--stats-cache-dir", default=None, help="Reuse statistics from here (default: a fresh dir).")
+    common.add_statistics_options(parser)
     parser.add_argument(
         "--perplexity-corpus",
         nargs="+",

@@ -2,7 +2,14 @@
 
 import pytest
 
-from memit_hf.evaluation.answers import answer_words, contains_answer, first_word, normalize_answer, starts_with_answer
+from memit_hf.evaluation.answers import (
+    answer_words,
+    contains_answer,
+    first_word,
+    leading_word,
+    normalize_answer,
+    starts_with_answer,
+)
 
 
 @pytest.mark.parametrize(
@@ -71,3 +78,10 @@ def test_aliases_match_when_any_does():
 )
 def test_first_word(text, expected):
     assert first_word(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected", [(" Paris, France", "paris"), (" the Paris of the north", "the"), (" A city", "a"), (" , ", "")]
+)
+def test_leading_word(text, expected):
+    assert leading_word(text) == expected

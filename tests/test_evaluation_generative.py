@@ -82,6 +82,7 @@ EXPECTED = {
     "gen_paraphrase_prefix": 100 * (0 / 2 + 1) / 2,
     "gen_paraphrase_contains": 100 * (1 / 2 + 1) / 2,
     "gen_neighborhood_first_word": 100 * (1 / 2 + 1) / 2,
+    "gen_neighborhood_leading_word": 100 * (1 / 2 + 1) / 2,
     "gen_neighborhood_unchanged": 100 * (0 / 2 + 1) / 2,
     "gen_neighborhood_bleed": 100 * (1 / 2 + 0) / 2,
     "chat_efficacy_contains": 100 * (1 + 0) / 2,
@@ -121,8 +122,9 @@ def test_generative_metrics_on_hand_built_answers():
     # Without a reference the model is its own: stable by construction; bleed and efficacy do not change.
     alone = evaluate_generative(model, tokenizer, requests, batch_size=3)
     assert alone["gen_neighborhood_first_word"] == alone["gen_neighborhood_unchanged"] == 100.0
+    assert alone["gen_neighborhood_leading_word"] == 100.0
     assert alone["chat_neighborhood_unchanged"] == 100.0
-    unchanged = {key: value for key, value in EXPECTED.items() if "first_word" not in key and "unchanged" not in key}
+    unchanged = {key: value for key, value in EXPECTED.items() if "_word" not in key and "unchanged" not in key}
     assert {key: alone[key] for key in unchanged} == pytest.approx(unchanged)
 
     # The unedited model itself: its own answers, none names the new objects here.
@@ -220,3 +222,20 @@ def test_editor_evaluate_compares_neighbors_with_the_unedited_weights(tmp_path):
     ]
     assert all(answer.startswith(first) for answer, first in zip(answers, first_tokens))
     assert after["pre_gen_efficacy_contains"] == 0.0
+
+
+def test_leading_word_keeps_the_article_and_first_word_drops_it():
+    """A neighbor whose continuation keeps its article but changes the noun after it: the leading word is unchanged,
+    the first content word is not."""
+    tokenizer = build_tiny_chat_tokenizer()
+    request = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome",
+               "neighborhood_prompts": ["The Louvre is located in the city of"]}  # fmt: skip
+    edited = {request["prompt"].format(request["subject"]): " Rome", request["neighborhood_prompts"][0]: " the Rome"}
+    unedited_script = scripts(tokenizer, {**edited, request["neighborhood_prompts"][0]: " the Paris"})
+    model = scripted_lm(tokenizer, edited)
+    results = evaluate_generative(model, tokenizer, load_requests([request]), chat=False,
+                                  unedited=lambda: _scripted_as(model, unedited_script))  # fmt: skip
+    assert results["gen_neighborhood_leading_word"] == 100.0
+    assert results["gen_neighborhood_first_word"] == 0.0
+    assert results["gen_neighborhood_unchanged"] == 0.0
+    assert results["gen_neighborhood_bleed"] == 100.0

@@ -20,7 +20,7 @@ This module re-exports their public names. Note that the name `perplexity` here 
 """
 
 from .aggregation import NEIGHBORHOOD, PARAPHRASE, PROMPT_KINDS, REWRITE, check_groups, harmonic_mean, per_case_mean
-from .answers import answer_words, contains_answer, first_word, normalize_answer, starts_with_answer
+from .answers import answer_words, contains_answer, first_word, leading_word, normalize_answer, starts_with_answer
 from .counterfact import METRIC_KEYS, counterfact_scores, evaluate_counterfact
 from .decoding import DEFAULT_CHAT_MESSAGE, chat_texts, greedy_continuations, has_chat_template
 from .families import EVALUATION_METRICS, METRIC_FAMILIES, MetricFamily, evaluate_model
@@ -76,6 +76,7 @@ __all__ = [
     "evaluate_multihop",
     "evaluate_zsre",
     "first_word",
+    "leading_word",
     "generate_texts",
     "generation_entropy",
     "greedy_continuations",

@@ -7,7 +7,8 @@ leading article (`a`, `an`, `the`) removed. The tests then work on whole words, 
 
 - [`starts_with_answer`]: the text's words begin with the answer's words (the model says the answer first);
 - [`contains_answer`]: the answer's words appear contiguously anywhere in the text (the model names the answer);
-- [`first_word`]: the first word of the normalised text (the first content word: a leading article is dropped).
+- [`first_word`]: the first word of the normalised text (the first content word: a leading article is dropped);
+- [`leading_word`]: the very first word, article kept (what a reader sees first).
 
 An answer that normalises to nothing (e.g. `"?"`) never matches. This module imports no other evaluation module.
 """
@@ -17,7 +18,15 @@ import unicodedata
 from collections.abc import Sequence
 
 
-__all__ = ["ARTICLES", "answer_words", "contains_answer", "first_word", "normalize_answer", "starts_with_answer"]
+__all__ = [
+    "ARTICLES",
+    "answer_words",
+    "contains_answer",
+    "first_word",
+    "leading_word",
+    "normalize_answer",
+    "starts_with_answer",
+]
 
 ARTICLES = ("a", "an", "the")
 """English articles removed from the start of a normalised text."""
@@ -25,7 +34,7 @@ ARTICLES = ("a", "an", "the")
 _SPACES = re.compile(r"\s+")
 
 
-def normalize_answer(text: str) -> str:
+def normalize_answer(text: str, drop_article: bool = True) -> str:
     """Normalise a text or an answer for comparison.
 
     The steps, in order: NFKD decomposition with combining marks removed (`"Côte"` -> `"Cote"`), lower case, every
@@ -35,6 +44,7 @@ def normalize_answer(text: str) -> str:
 
     Args:
         text (`str`): the text.
+        drop_article (`bool`, *optional*, defaults to `True`): remove one leading article.
 
     Returns:
         `str`: the normalised text, e.g. `"united kingdom"` for `"  The United-Kingdom."`.
@@ -47,7 +57,7 @@ def normalize_answer(text: str) -> str:
             continue
         characters.append(" " if category[0] in "PS" else character)
     words = _SPACES.sub(" ", "".join(characters).lower()).strip().split(" ")
-    if len(words) > 1 and words[0] in ARTICLES:
+    if drop_article and len(words) > 1 and words[0] in ARTICLES:
         words = words[1:]
     return " ".join(word for word in words if word)
 
@@ -95,6 +105,20 @@ def contains_answer(text: str, answers: str | Sequence[str]) -> bool:
         if any(words[start : start + width] == answer for start in range(len(words) - width + 1)):
             return True
     return False
+
+
+def leading_word(text: str) -> str:
+    """The very first word of the normalised `text`, a leading article kept.
+
+    Args:
+        text (`str`): the generated text.
+
+    Returns:
+        `str`: e.g. `"the"` for `" the Paris of the north"`, `"paris"` for `" Paris, France"`; `""` for a text
+        without words.
+    """
+    words = normalize_answer(text, drop_article=False).split(" ")
+    return words[0]
 
 
 def first_word(text: str) -> str:

@@ -14,7 +14,10 @@ Per prompt (each a 0/1 value), averaged within each case, then across the cases 
 - `gen_efficacy_contains` / `gen_paraphrase_contains`: it contains `target_new` anywhere
   ([`~memit_hf.evaluation.answers.contains_answer`]);
 - `gen_neighborhood_first_word`: the first word of a neighborhood prompt's continuation
-  ([`~memit_hf.evaluation.answers.first_word`]) equals the first word of the unedited model's continuation;
+  ([`~memit_hf.evaluation.answers.first_word`], the first content word: a leading article dropped) equals the
+  first word of the unedited model's continuation;
+- `gen_neighborhood_leading_word`: the same with the article kept
+  ([`~memit_hf.evaluation.answers.leading_word`]): laxer, since most continuations start with "the" or "a";
 - `gen_neighborhood_unchanged`: the whole decoded continuation is identical to the unedited model's;
 - `gen_neighborhood_bleed`: the continuation contains `target_new` (the edited object leaks into facts about other
   subjects; compare with the unedited model's `pre_` figure, which counts neighbors that say it anyway);
@@ -39,7 +42,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..requests import EditRequest
 from .aggregation import PARAPHRASE, REWRITE, per_case_mean
-from .answers import contains_answer, first_word, starts_with_answer
+from .answers import contains_answer, first_word, leading_word, starts_with_answer
 from .decoding import DEFAULT_CHAT_MESSAGE, greedy_continuations, has_chat_template
 
 
@@ -53,6 +56,7 @@ GENERATIVE_METRIC_KEYS = (
     "gen_paraphrase_prefix",
     "gen_paraphrase_contains",
     "gen_neighborhood_first_word",
+    "gen_neighborhood_leading_word",
     "gen_neighborhood_unchanged",
     "gen_neighborhood_bleed",
     "chat_efficacy_contains",
@@ -72,6 +76,10 @@ def _rate(values: Iterable[bool], cases: Sequence[Hashable]) -> float:
 
 def _same_first_word(text: str, reference: str) -> bool:
     return first_word(text) == first_word(reference)
+
+
+def _same_leading_word(text: str, reference: str) -> bool:
+    return leading_word(text) == leading_word(reference)
 
 
 def evaluate_generative(
@@ -176,6 +184,7 @@ def evaluate_generative(
     cases = [case for case, _ in neighbor_items]
     targets = [target for _, target in neighbor_items]
     results["gen_neighborhood_first_word"] = _rate(map(_same_first_word, neighbors, references), cases)
+    results["gen_neighborhood_leading_word"] = _rate(map(_same_leading_word, neighbors, references), cases)
     results["gen_neighborhood_unchanged"] = _rate(map(str.__eq__, neighbors, references), cases)
     results["gen_neighborhood_bleed"] = _rate(map(contains_answer, neighbors, targets), cases)
     if chat:
