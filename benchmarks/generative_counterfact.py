@@ -64,6 +64,7 @@ VARIANT_COLUMNS = {
     "gen PS (prefix)": "gen_paraphrase_prefix",
     "gen PS (contains)": "gen_paraphrase_contains",
     "gen NS first word": "gen_neighborhood_first_word",
+    "gen NS leading word": "gen_neighborhood_leading_word",
     "gen bleed": "gen_neighborhood_bleed",
     "chat ES": "chat_efficacy_contains",
     "chat PS": "chat_paraphrase_contains",
