@@ -100,6 +100,18 @@ def test_sequential_methods_edit_a_tiny_model(method, tokenizer, tmp_path):
     assert all(d.rank <= len(second) for d in output.deltas)
     if method == "alphaedit":
         assert all(value >= 1 for key, value in output.metrics.items() if key.startswith("nullspace_rank/"))
+        # The spectrum of each layer's statistics is cached beside them, and a new editor gets the same projector.
+        spectra = sorted(tmp_path.glob("*.spectrum.safetensors"))
+        assert len(spectra) == len(editor.resolved_args.layers)
+        fresh = Editor(build_tiny_causal_lm("llama", vocab_size=len(tokenizer)), args=args,
+                       processing_class=tokenizer, stats_dataset=tiny_corpus())  # fmt: skip
+        fresh.edit(first)
+        for name in (delta.module_name for delta in output.deltas):
+            projector, alpha = editor.algorithm.prepared(name)
+            assert (
+                torch.equal(fresh.algorithm.prepared(name)[0], projector)
+                and fresh.algorithm.prepared(name)[1] == alpha
+            )
     prompts = [r["prompt"].replace("{}", r["subject"]) for r in second]
     targets = [tokenizer(" " + r["target_new"], add_special_tokens=False)["input_ids"][0] for r in second]
     assert next_token_argmax(model, tokenizer, prompts) == targets

@@ -13,6 +13,7 @@ from datasets import Dataset
 from memit_hf.architectures import get_layout
 from memit_hf.editor import Editor
 from memit_hf.statistics import (
+    LayerStatistics,
     SecondMoment,
     StatisticsCache,
     add_gram,
@@ -405,3 +406,44 @@ def test_save_and_load_cached_round_trip(tmp_path):
     assert torch.equal(loaded.total, total) and loaded.count == 12
     assert cache.load({**fingerprint, "x": 2}) is None
     assert StatisticsCache(tmp_path / "missing").load(fingerprint) is None
+
+
+def _layer_statistics(cache, fingerprint, total, count=10):
+    return LayerStatistics("m.0", SecondMoment(total, count), fingerprint, "k", "cache", cache)
+
+
+def test_spectrum_is_cached_beside_the_statistics_it_was_made_from(tmp_path, caplog):
+    fingerprint = {"module": "m.0", "format_version": 1}
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(50, 6, dtype=torch.float64, generator=generator)
+    total = keys.T @ keys
+    cache = StatisticsCache(tmp_path)
+    cache.save(fingerprint, SecondMoment(total, 10))
+    eigenvalues, eigenvectors = _layer_statistics(cache, fingerprint, total).spectrum()
+    # The decomposition itself: C V = V diag(lambda), ascending.
+    covariance = total / 10
+    bound = 64 * torch.finfo(torch.float64).eps * float(eigenvalues.abs().max())
+    torch.testing.assert_close(covariance @ eigenvectors, eigenvectors * eigenvalues, rtol=0, atol=bound)
+    assert bool((eigenvalues[1:] >= eigenvalues[:-1]).all())
+    assert cache.spectrum_path(fingerprint).exists()
+    # Another LayerStatistics of the same entry reads it back bit for bit (no new decomposition).
+    again = _layer_statistics(cache, fingerprint, torch.zeros(6, 6, dtype=torch.float64)).spectrum()
+    assert torch.equal(again[0], eigenvalues) and torch.equal(again[1], eigenvectors)
+
+    # The entry replaced by other statistics: the old spectrum no longer matches its checksum and is recomputed.
+    other = total + torch.eye(6, dtype=torch.float64)
+    cache.save(fingerprint, SecondMoment(other, 10))
+    assert cache.load_spectrum(fingerprint) is None
+    assert "made from other statistics" in caplog.text
+    recomputed = _layer_statistics(cache, fingerprint, other).spectrum()
+    torch.testing.assert_close(recomputed[0], eigenvalues + 0.1, rtol=0, atol=bound)
+    assert torch.equal(cache.load_spectrum(fingerprint)[0], recomputed[0])
+
+
+def test_spectrum_without_a_cache_entry_is_computed_and_not_written(tmp_path):
+    total = torch.eye(3, dtype=torch.float64) * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    cache = StatisticsCache(tmp_path)
+    eigenvalues, _ = _layer_statistics(cache, {"module": "m.0"}, total, count=1).spectrum()
+    assert eigenvalues.tolist() == [1.0, 2.0, 3.0]
+    assert not cache.spectrum_path({"module": "m.0"}).exists()
+    assert _layer_statistics(None, {"module": "m.0"}, total, count=1).spectrum()[0].tolist() == [1.0, 2.0, 3.0]

@@ -1,5 +1,7 @@
 """The on-disk statistics cache: one safetensors file per module, named by its fingerprint key, with the fingerprint
-and a checksum beside it in JSON; written atomically and verified on load."""
+and a checksum beside it in JSON; written atomically and verified on load. Beside an entry, its spectrum (the
+eigendecomposition of the covariance that null-space methods need) is cached once computed, tied to the entry's
+checksum."""
 
 import hashlib
 import json
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .collection import SecondMoment
@@ -110,6 +113,52 @@ class StatisticsCache:
         os.replace(tmp_tensor, tensor_path)
         os.replace(tmp_meta, meta_path)
         return tensor_path
+
+    def spectrum_path(self, fingerprint: dict[str, Any]) -> Path:
+        """The file of the spectrum of `fingerprint`'s statistics."""
+        return self.directory / f"{entry_name(fingerprint)}.spectrum.safetensors"
+
+    def _statistics_sha256(self, fingerprint: dict[str, Any]) -> str | None:
+        meta_path = self.paths(fingerprint)[1]
+        return json.loads(meta_path.read_text())["sha256"] if meta_path.exists() else None
+
+    def load_spectrum(self, fingerprint: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The cached spectrum of `fingerprint`'s statistics: `(eigenvalues (d,), eigenvectors (d, d))`, float64,
+        eigenvalues ascending; `None` when absent, damaged or made from other statistics than the cached entry (its
+        checksum is recorded in the spectrum file)."""
+        path = self.spectrum_path(fingerprint)
+        if not path.exists():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                made_from = (handle.metadata() or {}).get("statistics_sha256")
+            if made_from is None or made_from != self._statistics_sha256(fingerprint):
+                raise ValueError("made from other statistics")
+            tensors = load_file(str(path))
+            eigenvalues, eigenvectors = tensors["eigenvalues"], tensors["eigenvectors"]
+            size = eigenvalues.shape[0]
+            if eigenvalues.dtype != torch.float64 or eigenvectors.shape != (size, size):
+                raise ValueError("unexpected content")
+            return eigenvalues, eigenvectors
+        except Exception as error:  # recompute, never use a doubtful spectrum
+            logger.warning("Ignoring the cached spectrum %s (%s); recomputing.", path, error)
+            return None
+
+    def save_spectrum(
+        self, fingerprint: dict[str, Any], eigenvalues: torch.Tensor, eigenvectors: torch.Tensor
+    ) -> Path | None:
+        """Write the spectrum of `fingerprint`'s statistics beside them, atomically, tied to their checksum; nothing
+        is written (`None`) when the statistics themselves are not in this cache."""
+        made_from = self._statistics_sha256(fingerprint)
+        if made_from is None:
+            return None
+        with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".tmp", delete=False) as handle:
+            tmp_path = Path(handle.name)
+        tensors = {"eigenvalues": eigenvalues.contiguous(), "eigenvectors": eigenvectors.contiguous()}
+        save_file(tensors, str(tmp_path), metadata={"statistics_sha256": made_from})
+        path = self.spectrum_path(fingerprint)
+        os.replace(tmp_path, path)
+        return path
 
     def add(self, tensor_path: str | os.PathLike, meta_path: str | os.PathLike) -> dict[str, Any]:
         """Put a cache entry made elsewhere (a statistics folder or Hub repository) into this cache: hard-linked

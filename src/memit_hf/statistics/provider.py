@@ -1,7 +1,7 @@
 """The statistics provider the Editor asks for second moments: from memory, the disk cache, or one collection pass."""
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ class LayerStatistics:
         key (`str`): the fingerprint's short hash (the cache key, recorded in exported metadata).
         source (`str`): where the provider got it: `"cache"`, `"collected"` (one pass over the corpus) or `"repo"`
             (`stats_repo`, fetched into the cache).
+        cache ([`StatisticsCache`], *optional*): the cache holding them, where [`spectrum`] keeps what it computes.
     """
 
     module_name: str
@@ -39,6 +40,7 @@ class LayerStatistics:
     fingerprint: dict[str, Any]
     key: str
     source: str
+    cache: StatisticsCache | None = field(default=None, repr=False, compare=False)
 
     @property
     def count(self) -> int:
@@ -47,6 +49,22 @@ class LayerStatistics:
     def covariance(self) -> torch.Tensor:
         """E[k k^T], float64 `(d_in, d_in)`."""
         return self.moment.mean()
+
+    def spectrum(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eigendecomposition of [`covariance`], read from the cache when it was computed before (for these very
+        statistics: the file records their checksum), else computed and written beside them.
+
+        Returns:
+            `tuple[torch.Tensor, torch.Tensor]`: eigenvalues `(d_in,)` ascending and eigenvectors `(d_in, d_in)` (as
+            columns), float64.
+        """
+        cached = self.cache.load_spectrum(self.fingerprint) if self.cache is not None else None
+        if cached is not None:
+            return cached
+        eigenvalues, eigenvectors = torch.linalg.eigh(self.covariance())
+        if self.cache is not None:
+            self.cache.save_spectrum(self.fingerprint, eigenvalues, eigenvectors)
+        return eigenvalues, eigenvectors
 
     def info(self) -> dict[str, Any]:
         """What exported edit metadata records about these statistics."""
@@ -213,7 +231,7 @@ class StatisticsProvider:
                     to_collect.append(layer)
                 else:
                     self._memory[name] = LayerStatistics(
-                        name, moment, fingerprint, fingerprint_key(fingerprint), source
+                        name, moment, fingerprint, fingerprint_key(fingerprint), source, self.cache
                     )
             if to_collect:
                 self._collect(to_collect, fingerprints)
@@ -241,7 +259,7 @@ class StatisticsProvider:
                 info = {"layer": layer, "dim": moments[name].total.shape[0], "corpus_description": description}
                 self.cache.save(fingerprint, moments[name], info)
             self._memory[name] = LayerStatistics(
-                name, moments[name], fingerprint, fingerprint_key(fingerprint), "collected"
+                name, moments[name], fingerprint, fingerprint_key(fingerprint), "collected", self.cache
             )
         self.state.wait_for_everyone()
         checkpoint.remove(others=self.state.is_main_process)
