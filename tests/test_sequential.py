@@ -78,6 +78,28 @@ def test_alphaedit_leaves_preserved_keys_unchanged():
     assert torch.linalg.matrix_rank(delta) <= len(keys)
 
 
+def test_alphaedit_energy_rule_keeps_the_smallest_directions_within_the_energy_share():
+    d_in, d_out = 24, 8
+    statistics = random_statistics(d_in, seed=3)
+    eigenvalues, eigenvectors = torch.linalg.eigh(statistics.covariance())
+    share = 0.2
+    # The null space: as many of the smallest eigenvalues as sum to at most 20 % of the trace.
+    expected_rank = int((torch.cumsum(eigenvalues, 0) <= share * eigenvalues.sum()).sum())
+    assert 0 < expected_rank < d_in
+    alphaedit = get_algorithm("alphaedit", {"nullspace_energy": share, "nullspace_threshold": 0.999})
+    alphaedit.prepare(statistics)
+    diagnostics = alphaedit.diagnostics()
+    assert int(diagnostics["nullspace_rank/m"]) == expected_rank  # the energy rule, not the (ignored) threshold
+    energy = float(eigenvalues[:expected_rank].sum() / eigenvalues.sum())
+    assert diagnostics["nullspace_energy/m"] == pytest.approx(energy, rel=1e-12) and energy <= share
+    keys, residuals = batch(4, d_in, d_out, 4)
+    delta = torch.matmul(*alphaedit.solve(LayerProblem("m", 0, keys, residuals, statistics)))
+    preserved = eigenvectors[:, expected_rank:]
+    assert float((delta @ preserved).norm() / delta.norm()) < 1e-12
+    with pytest.raises(ValueError, match="nullspace_energy"):
+        get_algorithm("alphaedit", {"nullspace_energy": 1.5})
+
+
 METHODS = {
     "memit_seq": {},
     "emmet": {"emmet_ridge": 0.0},

@@ -9,7 +9,8 @@ from .config import AlphaEditConfig
 
 class AlphaEdit(EditAlgorithm):
     """`Delta^T = (P (K K^T + sum_p K_p K_p^T) + alpha I)^-1 P K R^T`, with `P` the projector onto the span of the
-    eigenvectors of `C0` whose eigenvalues are below `nullspace_threshold` times the largest and `alpha =
+    eigenvectors of `C0` whose eigenvalues are below `nullspace_threshold` times the largest (or, with
+    `nullspace_energy`, the smallest ones summing to at most that share of the trace) and `alpha =
     alphaedit_l2 * trace(C0) / d_in` (both prepared once per statistics fingerprint; the eigendecomposition of `C0` is cached beside the statistics). For a preserved key `x` (`P x = 0`), `Delta x = 0` exactly.
 
     Returned as `B = R` and `A = ((P G + alpha I)^-1 P K)^T`, so the update stays rank <= n.
@@ -20,13 +21,19 @@ class AlphaEdit(EditAlgorithm):
     def __init__(self, config=None):
         super().__init__(config)
         self._ranks: dict[str, int] = {}
+        self._energies: dict[str, float] = {}
 
     def derive(self, statistics):
         # The spectrum is cached beside the statistics (any threshold reuses it): eigh of a 14336-wide float64
         # matrix takes minutes on a CPU.
         eigenvalues, eigenvectors = statistics.spectrum()  # ascending
-        null = eigenvectors[:, eigenvalues < self.config.nullspace_threshold * eigenvalues[-1]]  # (d_in, r)
+        if self.config.nullspace_energy is not None:
+            in_null = torch.cumsum(eigenvalues, 0) <= self.config.nullspace_energy * eigenvalues.sum()
+        else:
+            in_null = eigenvalues < self.config.nullspace_threshold * eigenvalues[-1]
+        null = eigenvectors[:, in_null]  # (d_in, r)
         self._ranks[statistics.module_name] = null.shape[1]
+        self._energies[statistics.module_name] = float(eigenvalues[in_null].sum() / eigenvalues.sum())
         alpha = self.config.alphaedit_l2 * float(eigenvalues.mean())  # relative to trace(C0) / d_in
         return null @ null.T, alpha  # (d_in, d_in) projector, absolute ridge
 
@@ -44,4 +51,5 @@ class AlphaEdit(EditAlgorithm):
         return problem.residuals.T.contiguous(), adjusted.T.contiguous()
 
     def diagnostics(self) -> dict[str, float]:
-        return {f"nullspace_rank/{name}": float(rank) for name, rank in self._ranks.items()}
+        ranks = {f"nullspace_rank/{name}": float(rank) for name, rank in self._ranks.items()}
+        return ranks | {f"nullspace_energy/{name}": energy for name, energy in self._energies.items()}
