@@ -1,12 +1,12 @@
 """Sequential editing: a batch of corrections each week, each week in a fresh process, on one saved state.
 
 Each week the base model is loaded again, the state saved the week before is continued (`Editor.from_state`), the
-week's facts are edited with a method that protects the earlier ones (AlphaEdit by default), and the new state is
-saved with the whole history as one peft adapter and one adapter per week. At the end the last week is rolled back,
-bit for bit.
+week's facts are edited with a method that protects the earlier ones (accumulated-key MEMIT, `memit_seq`, by
+default), and the new state is saved with the whole history as one peft adapter and one adapter per week. At the end
+the last week is rolled back, bit for bit.
 
     python examples/weekly_corrections.py --state_dir out/facts
-    python examples/weekly_corrections.py --state_dir out/facts --weeks week1.jsonl week2.jsonl --algorithm memit_seq
+    python examples/weekly_corrections.py --state_dir out/facts --weeks week1.jsonl week2.jsonl --algorithm alphaedit
 
 Every `EditingArguments` field and method hyperparameter is a flag, as for `memit-hf edit`.
 """
@@ -35,7 +35,7 @@ def make_parser():
     parser = make_script_parser(__doc__)
     parser.add_argument("--weeks", nargs="+", default=None, help="One JSON/JSONL requests file per week.")
     parser.add_argument("--state_dir", "--state-dir", required=True, help="Where the editor state lives.")
-    parser.set_defaults(algorithm="alphaedit")
+    parser.set_defaults(algorithm="memit_seq")  # the best of the sequential methods in benchmarks/sequential.py
     return parser
 
 
