@@ -16,6 +16,8 @@ from memit_hf.values import (
     ZChunk,
     compute_target_values,
     plan_chunks,
+    prefix_cache_matches,
+    prefix_cache_tolerance,
     suffix_lengths,
     target_margins,
 )
@@ -287,6 +289,32 @@ def test_prefix_cache_is_exact(model_type, tokenizer, caplog):
     torch.testing.assert_close(cached.initial_loss, plain.initial_loss, rtol=z_rounding(1), atol=0)
     torch.testing.assert_close(cached.final_loss, plain.final_loss, rtol=z_rounding(5), atol=0)
     assert torch.equal(cached.steps, plain.steps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefix_cache_check_accepts_rounding_and_refuses_a_misplaced_cache(dtype, tokenizer, caplog):
+    """The self-check of the KV-cache shortcut accepts the rounding of the model's dtype (a bfloat16 model keeps the
+    shortcut) and refuses a cache whose rows belong to other prompts, with a warning naming the error."""
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer)).to(dtype)
+    requests = load_requests(tiny_requests())
+    flat = [t for group in TEMPLATES for t in group]
+    chunk = ZChunk.build(BlockRunner(model, get_layout(model), 1), tokenizer, requests, flat, use_cache=True)
+    with caplog.at_level("WARNING", logger="memit_hf.values"):
+        assert prefix_cache_matches(chunk)
+    assert not caplog.records
+    rows = chunk.hidden_full.shape[0]
+    chunk.cache.batch_select_indices(torch.arange(rows).flip(0))  # every row now sees another row's prefix
+    with caplog.at_level("WARNING", logger="memit_hf.values"):
+        assert not prefix_cache_matches(chunk)
+    (warning,) = caplog.records
+    assert "relative error" in warning.getMessage() and str(dtype) in warning.getMessage()
+
+
+def test_prefix_cache_tolerance_follows_the_dtype():
+    """1e-3 of a row's norm in float32/float64; 8 epsilons in half precision."""
+    assert prefix_cache_tolerance(torch.float32) == prefix_cache_tolerance(torch.float64) == 1e-3
+    assert prefix_cache_tolerance(torch.bfloat16) == 8 * 2**-7
+    assert prefix_cache_tolerance(torch.float16) == 8 * 2**-10
 
 
 def test_a_chunk_that_runs_out_of_memory_is_split_and_gives_the_same_values(tokenizer, caplog):
