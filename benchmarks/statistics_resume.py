@@ -91,7 +91,11 @@ def compare(uninterrupted: Path, resumed: Path) -> list[dict]:
         equal = bool(expected) and expected.keys() == actual.keys()
         equal = equal and all(torch.equal(expected[name], actual[name]) for name in expected)
         difference = max(
-            (float((expected[name].double() - actual[name].double()).abs().max()) for name in expected if name in actual),
+            (
+                float((expected[name].double() - actual[name].double()).abs().max())
+                for name in expected
+                if name in actual
+            ),
             default=float("nan"),
         )
         rows.append(
@@ -120,8 +124,10 @@ def main(argv=None) -> dict:
     resumed_seconds = run_to_end(command, options.timeout)
     rows = compare(plain_dir, resumed_dir)
     leftovers = sorted(p.name for p in resumed_dir.glob("*.ckpt"))
-    print(f"{options.stats_tokens} tokens: uninterrupted {plain_seconds:.1f} s; killed after {killed_after:.1f} s "
-          f"(checkpoint {', '.join(checkpoints)}); resumed run {resumed_seconds:.1f} s; checkpoints left: {leftovers}")
+    print(
+        f"{options.stats_tokens} tokens: uninterrupted {plain_seconds:.1f} s; killed after {killed_after:.1f} s "
+        f"(checkpoint {', '.join(checkpoints)}); resumed run {resumed_seconds:.1f} s; checkpoints left: {leftovers}"
+    )
     print("| entry | bit-identical | max abs difference | tokens (uninterrupted / resumed) |")
     print("|---|---|---|---|")
     for row in rows:
