@@ -6,7 +6,7 @@ ratio), keys + solves, the residual diagnostic and the peak memory; and once, th
 against a bare forward over the same token batches. It prints a table and writes JSON.
 
     python benchmarks/edit_counterfact.py --num-edits 100 --output benchmarks/results/edit_counterfact.json
-    python benchmarks/edit_counterfact.py --num-edits 100 --set v_early_stop_margin=none  # the reference's stop
+    python benchmarks/edit_counterfact.py --num-edits 100 --set v_early_stop_margin=1.0  # the faster margin stop
 """
 
 import argparse
@@ -45,7 +45,7 @@ def parse_args(argv=None):
     parser.add_argument("--mom2-update-weight", type=float, default=None)
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="FIELD=VALUE",
-        help="EditingArguments fields or method hyperparameters, flat (e.g. `v_early_stop_margin=none`).",
+        help="EditingArguments fields or method hyperparameters, flat (e.g. `v_early_stop_margin=1.0`).",
     )  # fmt: skip
     parser.add_argument(
         "--measure-statistics", action=argparse.BooleanOptionalAction, default=True,
