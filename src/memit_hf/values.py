@@ -581,7 +581,7 @@ def prefix_cache_matches(cached: "ZChunk") -> bool:
 
 def prefix_cache_tolerance(dtype: torch.dtype) -> float:
     """Largest relative error of an output row that [`prefix_cache_matches`] accepts for a model computing in `dtype`:
-    `1e-3`, or 8 machine epsilons of a half-precision dtype (6.2e-2 for bfloat16, 7.8e-3 for float16).
+    `1e-3`, or 8 machine epsilons of a half-precision dtype (6.25e-2 for bfloat16, 7.8e-3 for float16).
 
     Args:
         dtype (`torch.dtype`): the dtype of the model's hidden states.
