@@ -17,10 +17,12 @@ import pytest
 import torch
 from peft import PeftModel
 
+from memit_hf.architectures import get_layout
 from memit_hf.arguments import EditingArguments
 from memit_hf.editor import Editor
 from memit_hf.models import load_default_model
 from memit_hf.requests import load_requests
+from memit_hf.values import BlockRunner, ZChunk, prefix_cache_error, prefix_cache_matches, prefix_cache_tolerance
 
 
 pytestmark = pytest.mark.integration
@@ -158,3 +160,15 @@ def test_adapter_reproduces_the_edit_with_plain_peft(run):
     assert config["r"] == config["lora_alpha"] == 20 and len(config["target_modules"]) == 5
     assert report.max_reconstruction_error == 0.0
     assert report.adapter_bytes < report.dense_bytes / 10  # 20 * (576 + 1536) vs 576 * 1536 numbers per layer
+
+
+def test_bfloat16_keeps_the_prefix_cache_shortcut():
+    """In bfloat16 the cached and plain forwards of SmolLM2 differ by bfloat16 rounding (well above float32's
+    tolerance, which made every bfloat16 edit fall back to the slow plain forward), within the bfloat16 tolerance."""
+    model, tokenizer = load_default_model(torch.bfloat16)
+    requests = load_requests(REQUESTS_FILE)[:4]
+    templates = ["{}", "The weather is nice today. {}", "In 1990, the city {}"]
+    chunk = ZChunk.build(BlockRunner(model, get_layout(model), 7), tokenizer, requests, templates, use_cache=True)
+    error = prefix_cache_error(chunk)
+    assert prefix_cache_tolerance(torch.float32) < error <= prefix_cache_tolerance(torch.bfloat16)
+    assert prefix_cache_matches(chunk)

@@ -557,14 +557,7 @@ def prefix_cache_matches(cached: "ZChunk") -> bool:
     differs from the float32 one by 3.1e-2). A cache that mishandles positions or masks is off by tens of percent.
     """
     runner = cached.runner
-    plain = ZChunk(runner, cached.rows, cached.hidden_full, cached.pad, use_cache=False)
-    zeros = torch.zeros(cached.num_requests, cached.hidden_full.shape[2], device=cached.hidden_full.device)
-    expected = plain.forward(zeros.float())
-    actual = cached.forward(zeros.float())
-    error = max(
-        float(((a.float() - e.float()).norm(dim=-1) / e.float().norm(dim=-1).clamp_min(1e-12)).max())
-        for a, e in zip(actual, expected)
-    )
+    error = prefix_cache_error(cached)
     tolerance = prefix_cache_tolerance(cached.hidden_full.dtype)
     if not error <= tolerance:  # NaN (e.g. float64 left padding in some architectures) fails too
         logger.warning(
@@ -577,6 +570,27 @@ def prefix_cache_matches(cached: "ZChunk") -> bool:
         )
         return False
     return True
+
+
+@torch.no_grad()
+def prefix_cache_error(cached: "ZChunk") -> float:
+    """The largest relative error of an output row of the prefix-cache forward of `cached` (a chunk built with
+    `use_cache=True`) against the plain forward of the same rows, with a zero delta.
+
+    Args:
+        cached ([`ZChunk`]): the chunk.
+
+    Returns:
+        `float`: `max_row ||cached - plain|| / ||plain||` over the label and KL outputs (NaN when either is NaN).
+    """
+    plain = ZChunk(cached.runner, cached.rows, cached.hidden_full, cached.pad, use_cache=False)
+    zeros = torch.zeros(cached.num_requests, cached.hidden_full.shape[2], device=cached.hidden_full.device)
+    expected = plain.forward(zeros.float())
+    actual = cached.forward(zeros.float())
+    return max(
+        float(((a.float() - e.float()).norm(dim=-1) / e.float().norm(dim=-1).clamp_min(1e-12)).max())
+        for a, e in zip(actual, expected)
+    )
 
 
 def prefix_cache_tolerance(dtype: torch.dtype) -> float:
