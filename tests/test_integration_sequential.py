@@ -60,7 +60,7 @@ def run(tmp_path_factory):
 
     # A fresh model and editor continue the saved state and edit the second batch again.
     fresh_model, _ = load_default_model()
-    continued = Editor.from_state(fresh_model, state_dir, processing_class=tokenizer,
+    continued = Editor.from_state(fresh_model, state_dir, args=args, processing_class=tokenizer,
                                   stats_dataset=[DATA / "stats_corpus.txt"])  # fmt: skip
     continued.edit(second)
     results["continued"] = _edited_weights(fresh_model, names)

@@ -207,3 +207,24 @@ def test_chat_context_template_group(template_model):
     assert continues_a_word(templates[1][0]) and not continues_a_word(templates[2][0])
     chatty.chat_template = "{{ '{' }}" + CHAT_TEMPLATE  # braces of its own would break the template format
     assert chat_context_template(chatty) is None
+
+
+def test_requests_longer_than_the_model_are_refused_before_any_weight_changes(tmp_path):
+    """Point 10 of the trust issue: a prompt past `max_position_embeddings` is a clear error naming the request,
+    not a raw IndexError (or a device-side assert on a GPU) in the middle of the edit."""
+    from memit_hf import Editor
+    from tests.testing_utils import changed_tensors, parameters_snapshot, tiny_corpus, tiny_editing_arguments
+
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    limit = model.config.max_position_embeddings
+    editor = Editor(
+        model, args=tiny_editing_arguments(tmp_path), processing_class=tokenizer, stats_dataset=tiny_corpus()
+    )
+    snapshot = parameters_snapshot(model)
+    long_prompt = "The city " * limit + "of {} is"
+    requests = [tiny_requests()[0], {"prompt": long_prompt, "subject": "Rome", "target_new": "Paris"}]
+    with pytest.raises(ValueError, match=rf"Request 1: fields `prompt` and `target_new` give rows of up to \d+ tokens.*"
+                                         rf"{limit} positions"):  # fmt: skip
+        editor.edit(requests)
+    assert changed_tensors(model, snapshot) == [] and not editor.history

@@ -54,3 +54,14 @@ def test_missing_tokenizer_error_names_what_to_pass(saved, tmp_path):
     nameless = build_tiny_causal_lm("llama", vocab_size=len(build_tiny_tokenizer()))
     with pytest.raises(ValueError, match=r"the model records no `name_or_path`\. Pass it as"):
         Editor(nameless, args=tiny_editing_arguments(tmp_path / "stats"))
+
+
+def test_the_tokenizer_is_loaded_with_the_models_location_kwargs(tmp_path):
+    """Point 10 of the trust issue: `model_init_kwargs` such as `subfolder`, `revision` or `token` say where the
+    tokenizer comes from too (before, the tokenizer was loaded from the bare path and failed here)."""
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_causal_lm("llama", vocab_size=len(tokenizer)).save_pretrained(tmp_path / "repo" / "sub")
+    tokenizer.save_pretrained(tmp_path / "repo" / "sub")
+    model, loaded = load_model_and_tokenizer(tmp_path / "repo", {"subfolder": "sub", "revision": "main"})
+    assert loaded("The city of Rome")["input_ids"] == tokenizer("The city of Rome")["input_ids"]
+    assert model.config.vocab_size == len(tokenizer)

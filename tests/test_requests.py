@@ -657,3 +657,14 @@ def test_validation_errors_from_dataset_and_path_inputs(tmp_path):
     path.write_text("\n".join(json.dumps(record) for record in bad), encoding="utf-8")
     with pytest.raises(ValueError, match=_error(1, "prompt")):
         load_requests(path)
+
+
+def test_an_edit_to_the_true_target_is_refused():
+    """Point 10 of the trust issue: `target_new == target_true` is an edit that changes nothing."""
+    from memit_hf.requests import check_edit_targets
+
+    requests = load_requests([{"prompt": "{} is in", "subject": "Paris", "target_new": "France", "target_true": "Spain"},
+                              {"prompt": "{} is in", "subject": "Rome", "target_new": " Italy", "target_true": "italy"}])  # fmt: skip
+    with pytest.raises(ValueError, match=r"Request 1: field `target_new` \('Italy'\) equals `target_true`"):
+        check_edit_targets(requests)
+    check_edit_targets(requests[:1])

@@ -8,6 +8,17 @@ import yaml
 
 from .algorithms.config import AlgorithmConfig
 from .algorithms.registry import ALGORITHM_NAMES, get_config_class, method_field_names
+from .redaction import redact
+
+
+CALLER_FIELDS = (
+    "model_init_kwargs", "stats_cache_dir", "stats_repo", "stats_repo_revision", "stats_checkpoint_every",
+    "stats_checkpoint_seconds", "output_dir", "push_to_hub", "hub_model_id", "hub_private_repo", "hub_token",
+    "redact_keys",
+)  # fmt: skip
+"""Fields that say how a model is loaded, where statistics live and where outputs go (the Hub included): they belong to
+the caller, so [`~memit_hf.Editor.from_state`] never takes them from a saved state (a state folder is data, not
+configuration of loading or publishing)."""
 
 
 @dataclass
@@ -135,6 +146,17 @@ class EditingArguments:
             Hub token; never written to exported metadata. Defaults to the logged-in token or `HF_TOKEN`.
         model_init_kwargs (`dict`, *optional*):
             Keyword arguments of `AutoModelForCausalLM.from_pretrained` when `Editor` is given a model id or path.
+        redact_keys (`list[str]`, *optional*):
+            Further keys whose values are secrets, redacted (`"<REDACTED>"`) wherever the arguments are written
+            (adapters, checkpoints, states, CLI outputs), besides `token`, `hub_token`, `use_auth_token`, `api_key`,
+            ... and any `hf_...` token inside a string (see [`~memit_hf.redaction.redact`]).
+        keep_history (`int`, *optional*):
+            How many of the latest `edit()` calls keep what [`~memit_hf.Editor.rollback`] needs (their own factors,
+            the method's Gram increments and target values). Older batches are consolidated: their updates are summed
+            exactly into one low-rank update per module (re-factored to at most `min(d_in, d_out)` when wider), and a
+            bit-exact copy of the edited weights and of the method's state at that point becomes the rollback floor.
+            Memory then stays constant in the number of edits (history and saved state). `None` (default) keeps
+            every batch: rollback to any point, memory growing with the edits.
         edit_module_template, layer_module_template (`str`, *optional*):
             Overrides for architectures missing from the layout table, e.g. `"model.layers.{}.mlp.down_proj"` and
             `"model.layers.{}"`.
@@ -174,6 +196,9 @@ class EditingArguments:
     merge_edits: bool = field(
         default=True, metadata={"help": "Add updates to the weights in place (False: exact float32 output hooks)."}
     )
+    keep_history: int | None = field(
+        default=None, metadata={"help": "Batches kept for rollback; older ones are consolidated (None: all)."}
+    )
     # statistics
     stats_num_tokens: int = field(default=100_000, metadata={"help": "Token budget of the covariance statistics."})
     stats_max_length: int = field(default=512, metadata={"help": "Max tokens per statistics text piece."})
@@ -201,6 +226,9 @@ class EditingArguments:
     hub_model_id: str | None = field(default=None, metadata={"help": "Repository of `push_to_hub`, `user/name`."})
     hub_private_repo: bool | None = field(default=None, metadata={"help": "Create the repository as private."})
     hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
+    redact_keys: list[str] | None = field(
+        default=None, metadata={"help": "Further secret keys redacted wherever arguments are written."}
+    )
     edit_module_template: str | None = field(default=None, metadata={"help": "Override, e.g. `h.{}.mlp.proj`."})
     layer_module_template: str | None = field(default=None, metadata={"help": "Override, e.g. `h.{}`."})
 
@@ -255,6 +283,10 @@ class EditingArguments:
             raise ValueError(
                 f"`stats_checkpoint_seconds` must be positive or None, got {self.stats_checkpoint_seconds}."
             )
+        if self.keep_history is not None and self.keep_history < 0:
+            raise ValueError(f"`keep_history` must be >= 0 or None, got {self.keep_history}.")
+        if self.redact_keys is not None:
+            self.redact_keys = [str(key) for key in self.redact_keys]
         if self.v_early_stop_patience < 0:
             raise ValueError(f"`v_early_stop_patience` must be >= 0, got {self.v_early_stop_patience}.")
         if self.num_context_templates < 0:
@@ -298,11 +330,31 @@ class EditingArguments:
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        """The arguments as a plain JSON/YAML-serialisable dict (`hub_token` redacted, as `TrainingArguments` does)."""
-        values = asdict(self)
-        if values.get("hub_token") is not None:
-            values["hub_token"] = "<HUB_TOKEN>"
-        return values
+        """The arguments as a plain JSON/YAML-serialisable dict, every secret redacted (`hub_token`, a `token` in
+        `model_init_kwargs`, the `redact_keys`, any `hf_...` token; see [`~memit_hf.redaction.redact`]): what every
+        file memit-hf writes records of them."""
+        return redact(asdict(self), self.redact_keys or ())
+
+    def editing_values(self) -> dict[str, Any]:
+        """[`to_dict`] without the [`CALLER_FIELDS`]: what a saved editor state records as its hyperparameters."""
+        return {key: value for key, value in self.to_dict().items() if key not in CALLER_FIELDS}
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any], caller: "EditingArguments | None" = None) -> "EditingArguments":
+        """Arguments to continue a saved editor state: the editing hyperparameters of `saved` (see
+        [`editing_values`]), with every [`CALLER_FIELDS`] field from `caller` (default: the defaults). Nothing of
+        `saved` chooses how a model is loaded, where statistics come from or where anything is published.
+
+        Raises:
+            ValueError: when `saved` is not a mapping or holds values these arguments refuse (naming the field).
+        """
+        if not isinstance(saved, dict):
+            raise ValueError(f"The saved arguments must be a mapping, got {type(saved).__name__}.")
+        known = {f.name for f in fields(cls)}
+        values = {key: value for key, value in saved.items() if key in known and key not in CALLER_FIELDS}
+        caller_values = asdict(caller) if caller is not None else {}
+        values.update({key: caller_values[key] for key in CALLER_FIELDS if key in caller_values})
+        return cls(**values)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "EditingArguments":

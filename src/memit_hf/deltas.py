@@ -55,6 +55,23 @@ def make_delta(module_name: str, module: nn.Module, lora_B: torch.Tensor, lora_A
 
 
 @torch.no_grad()
+def merged_weight(weight: torch.Tensor, delta: LayerDelta, dense: torch.Tensor | None = None) -> torch.Tensor:
+    """`W + Delta` as [`add_delta`] computes it (in float32, cast to the weight's dtype): bit-identical to merging
+    `delta` into a module whose weight is `weight`.
+
+    Args:
+        weight (`torch.Tensor`): the weight before the update.
+        delta ([`LayerDelta`]): the update.
+        dense (`torch.Tensor`, *optional*): `delta.dense()` on the weight's device, when already computed.
+
+    Returns:
+        `torch.Tensor`: the merged weight, in `weight`'s dtype and on its device.
+    """
+    dense = delta.dense().to(weight.device) if dense is None else dense
+    return (weight.float() + dense).to(weight.dtype)
+
+
+@torch.no_grad()
 def add_delta(model: nn.Module, delta: LayerDelta) -> float:
     """`W += Delta` in place, computed in float32 and cast to the weight's dtype and device (offloaded weights
     included, see [`~memit_hf.weights.write_parameter`]).
@@ -67,7 +84,7 @@ def add_delta(model: nn.Module, delta: LayerDelta) -> float:
     module = model.get_submodule(delta.module_name)
     weight = read_parameter(module)
     dense = delta.dense().to(weight.device)
-    merged = (weight.float() + dense).to(weight.dtype)
+    merged = merged_weight(weight, delta, dense)
     lost, size = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     for rows in torch.arange(weight.shape[0]).split(1024):  # float64 in row blocks: bounded memory
         exact = weight[rows].double() + dense[rows].double()
@@ -145,10 +162,25 @@ class AppliedEdits:
         self.pristine.clear()
         self.additions.clear()
 
-    def replay(self, deltas: list[LayerDelta], merge: bool = True) -> None:
-        """Back to the original model, then apply `deltas` in order: bit-identical to applying them the first time."""
+    @torch.no_grad()
+    def replay(
+        self, deltas: list[LayerDelta], merge: bool = True, base_weights: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Back to the original model, then apply `deltas` in order: bit-identical to applying them the first time.
+
+        Args:
+            deltas (`list[LayerDelta]`): the updates to apply, in order.
+            merge (`bool`, *optional*, defaults to `True`): merge them (else add them as hooks).
+            base_weights (`dict[str, torch.Tensor]`, *optional*): weights written into these modules before the
+                updates (a consolidated history's floor); the original weights are still what [`reset`] restores.
+        """
         pristine = dict(self.pristine)
         self.reset()
+        for name, weight in (base_weights or {}).items():
+            module = self.model.get_submodule(name)
+            if name not in self.pristine:
+                self.pristine[name] = read_parameter(module).clone()
+            write_parameter(module, weight)
         for delta in deltas:
             self.apply(delta, merge)
         self.pristine.update({name: weight for name, weight in pristine.items() if name not in self.pristine})

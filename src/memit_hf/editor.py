@@ -17,14 +17,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .algorithms import EditAlgorithm, LayerProblem, get_algorithm
 from .architectures import get_layout, resolve_arguments
 from .arguments import EditingArguments
-from .deltas import AppliedEdits, LayerDelta, make_delta
+from .deltas import AppliedEdits, LayerDelta, make_delta, merged_weight
 from .distributed import assemble_rows, owned_chunks, process_state
 from .editor_state import (
     BATCH_ADAPTERS_DIR,
     EditorState,
+    HistoryFloor,
     SavedBatch,
     StateMismatchError,
     check_model,
+    check_state_content,
     check_statistics,
     read_state,
     write_state,
@@ -33,16 +35,17 @@ from .export import (
     ExportReport,
     base_model_id,
     edit_metadata,
+    prepare_deltas,
     save_adapter_files,
     save_merged_checkpoint,
     write_edit_adapter,
 )
 from .hub import push_folder
-from .keys import check_request_tokens, compute_keys_and_outputs, generate_context_templates
+from .keys import check_request_lengths, check_request_tokens, compute_keys_and_outputs, generate_context_templates
 from .models import load_model_and_tokenizer, load_tokenizer_for
 from .modes import eval_mode
 from .norms import rms_norm_residuals
-from .requests import EDIT_RECORD_KEYS, EditRequest, load_requests
+from .requests import EDIT_RECORD_KEYS, EditRequest, check_edit_targets, load_requests
 from .statistics import LayerStatistics, StatisticsProvider, fingerprint_key, model_identity, tensor_digest
 from .values import ValueResult, compute_target_values, plan_chunks
 from .weights import read_parameter
@@ -164,6 +167,7 @@ class Editor:
         self._base_model_info: dict[str, Any] | None = None
         self._applied = AppliedEdits(model)
         self._merged: bool | None = None  # how the held edits are applied (`args.merge_edits` of the first edit)
+        self._floor: HistoryFloor | None = None  # the batches `keep_history` consolidated
         self.history: list[EditOutput] = []
 
     # --------------------------------------------------------------------------------------------------- stages
@@ -337,6 +341,7 @@ class Editor:
         requests = load_requests(requests)
         if not requests:
             raise ValueError("`requests` is empty.")
+        check_edit_targets(requests)
         check_request_tokens(self.tokenizer, requests)
         return requests
 
@@ -355,8 +360,11 @@ class Editor:
             callback.on_edit_begin(self, requests)
         self._log("Editing %d facts at layers %s with %s.", len(requests), layers, args.algorithm)
 
+        if args.keep_history is not None and not args.merge_edits:
+            raise ValueError("`keep_history` consolidates merged edits: it needs `merge_edits=True`.")
         tick = time.perf_counter()
         templates = self.context_templates
+        check_request_lengths(self.tokenizer, requests, templates, self.model.config)
         timings["templates_seconds"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -432,15 +440,53 @@ class Editor:
             state_increments=increments,
         )  # fmt: skip
         self.history.append(output)
+        if args.keep_history is not None:
+            self._consolidate(len(self.history) - args.keep_history)
         for callback in self.callbacks:
             callback.on_edit_end(self, output)
         return output
 
+    @torch.no_grad()
+    def _consolidate(self, num_batches: int) -> None:
+        """Fold the oldest `num_batches` batches of `history` into the floor (see `keep_history`): the edited weights
+        and the method's state after them are kept bit for bit, their updates summed into one per module."""
+        if num_batches <= 0:
+            return
+        old, self.history = self.history[:num_batches], self.history[num_batches:]
+        floor = self._floor
+        weights = dict(floor.weights) if floor else {}
+        for output in old:
+            for delta in output.deltas:
+                base = weights.get(delta.module_name)
+                if base is None:
+                    base = self._applied.pristine[delta.module_name]
+                weights[delta.module_name] = merged_weight(base, delta)
+        algorithm_state = {}
+        if self._algorithm is not None and self._algorithm.state_dict():
+            current = {name: tensor.clone() for name, tensor in self._algorithm.state_dict().items()}
+            self._algorithm.replay(
+                [output.state_increments for output in old], floor.algorithm_state if floor else None
+            )
+            algorithm_state = {name: tensor.clone() for name, tensor in self._algorithm.state_dict().items()}
+            self._algorithm.load_state_dict(current)
+        deltas, _ = prepare_deltas([*(floor.deltas if floor else []), *(d for o in old for d in o.deltas)])
+        batches = [*(floor.batches if floor else []), *(output.metadata["batch"] for output in old)]
+        self._floor = HistoryFloor(weights, algorithm_state, deltas, batches)
+
+    def _batch_records(self) -> list[dict[str, Any]]:
+        """The metadata entry of every batch the model holds, consolidated ones first."""
+        return [*(self._floor.batches if self._floor else []), *(output.metadata["batch"] for output in self.history)]
+
+    def _held_deltas(self) -> list[LayerDelta]:
+        """Every update the model holds, in order (the consolidated ones summed per module first)."""
+        return [*(self._floor.deltas if self._floor else []), *(d for output in self.history for d in output.deltas)]
+
     def _check_state_statistics(self, algorithm: EditAlgorithm, statistics: dict[str, LayerStatistics]) -> None:
         """A method that holds state from earlier edits continues only with the statistics those edits used."""
-        if not algorithm.state_dict() or not self.history:
+        batches = self._batch_records()
+        if not algorithm.state_dict() or not batches:
             return
-        used = self.history[-1].metadata["batch"]["statistics"]
+        used = batches[-1]["statistics"]
         for name, layer_statistics in statistics.items():
             if name in used and used[name]["key"] != layer_statistics.key:
                 raise StateMismatchError(
@@ -515,9 +561,9 @@ class Editor:
         Raises:
             ValueError: when the model holds no edit.
         """
-        if not self.history:
+        batches = self._batch_records()
+        if not batches:
             raise ValueError("The model holds no edit: call `edit()` first (`restore()` discards the edits).")
-        batches = [output.metadata["batch"] for output in self.history]
         return edit_metadata(self._model_info(), batches, include_requests)
 
     def _on_main_process(self, write: Any) -> Any:
@@ -562,7 +608,7 @@ class Editor:
         metadata = self.edit_metadata(include_requests)
         if base_model_name_or_path is not None:
             metadata["base_model_name_or_path"] = base_model_name_or_path
-        deltas = [delta for output in self.history for delta in output.deltas]
+        deltas = self._held_deltas()
 
         def write() -> ExportReport:
             report = write_edit_adapter(deltas, path, metadata, export_rank, repo_id)
@@ -645,7 +691,7 @@ class Editor:
                 self.save_adapter(folder, export_rank, base_model_name_or_path, include_requests, repo_id)
             result = None
             if self.state.is_main_process:
-                num_edits = sum(len(output.requests) for output in self.history)
+                num_edits = sum(int(batch.get("num_requests", 0)) for batch in self._batch_records())
                 message = commit_message or f"Add {num_edits} fact edits ({'merged model' if merged else 'adapter'})"
                 result = push_folder(folder, repo_id, private, token, message, revision)
             self.state.wait_for_everyone()
@@ -663,29 +709,30 @@ class Editor:
         return digests
 
     def editor_state(self) -> EditorState:
-        """The state of this sequence of edits (what [`save_state`] writes)."""
+        """The state of this sequence of edits (what [`save_state`] writes). Its arguments are the editing
+        hyperparameters alone (no loading, statistics-location or Hub setting, every secret redacted)."""
         args = self.resolved_args
         names = sorted({self.layout.edit_name(layer) for layer in args.layers} | set(self._applied.pristine))
         statistics: dict[str, str] = {}
+        for batch in self._batch_records():
+            statistics.update({name: info["key"] for name, info in batch["statistics"].items()})
         batches = []
         for output in self.history:
-            batch = output.metadata["batch"]
-            statistics.update({name: info["key"] for name, info in batch["statistics"].items()})
             requests = [request.to_dict() for request in output.requests]
-            batches.append(SavedBatch(list(output.deltas), list(output.state_increments), batch, requests))
-        arguments = args.to_dict()
-        arguments["hub_token"] = None
+            batches.append(SavedBatch(list(output.deltas), list(output.state_increments), output.metadata["batch"],
+                                      requests))  # fmt: skip
         algorithm = self._algorithm
         return EditorState(
             model=self._model_info(),
             original_weights=self._original_weight_digests(names),
             algorithm=args.algorithm,
             algorithm_config=args.algorithm_config,
-            arguments=arguments,
+            arguments=args.editing_values(),
             context_templates=self.context_templates,
             statistics=statistics,
             batches=batches,
             algorithm_state=algorithm.state_dict() if algorithm is not None else {},
+            floor=self._floor,
         )
 
     def save_state(
@@ -694,14 +741,18 @@ class Editor:
         save_adapters: bool = True,
         include_requests: bool = True,
         base_model_name_or_path: str | None = None,
+        on_step: Any = None,
     ) -> ExportReport | None:
         """Save this sequence of edits so that another process continues it with [`from_state`].
 
-        The folder gets `editor_state.json` and `editor_state.safetensors` (the exact factors of every batch, the
-        method's accumulated state and what [`rollback`] needs), and with `save_adapters` the whole history as one
-        peft adapter at its top level (`PeftModel.from_pretrained(base, path)` loads it; its model card lists the
-        batches in order) and every batch as its own adapter in `batches/0000`, `batches/0001`, ... (stack or toggle
-        them with peft).
+        The folder gets `editor_state.json` (the manifest) and the state's tensors (the exact factors of every
+        batch, the method's accumulated state and what [`rollback`] needs), and with `save_adapters` the whole
+        history as one peft adapter at its top level (`PeftModel.from_pretrained(base, path)` loads it; its model
+        card lists the batches in order) and every batch as its own adapter in `batches/0000`, `batches/0001`, ...
+        (stack or toggle them with peft). The folder is written as one transaction (see
+        [`~memit_hf.editor_state.write_state`]): a reader sees the previous state or this one, never a mix, and the
+        adapters of batches undone by [`rollback`] are removed. Run [`~memit_hf.editor_state.StateLock`] around a
+        load-edit-save cycle that other runs may share.
 
         Args:
             path (`str` or `Path`): the state folder (created; a state already there is replaced).
@@ -709,6 +760,8 @@ class Editor:
             include_requests (`bool`, *optional*, defaults to `True`): list the requests in the adapters' metadata
                 and cards (the state itself always keeps them: it needs them to be continued and rolled back).
             base_model_name_or_path (`str`, *optional*): the base model's Hub id to record in the adapters.
+            on_step (`Callable[[str], None]`, *optional*): called before each file operation of the commit (a seam
+                for tests of interrupted saves).
 
         Returns:
             [`~memit_hf.export.ExportReport`] of the whole-history adapter (`None` without adapters, without edits
@@ -716,22 +769,30 @@ class Editor:
         """
         path = Path(path)
         state = self.editor_state()
+        reports: list[ExportReport] = []
+
+        def write_exports(folder: Path) -> None:
+            if not (save_adapters and self._batch_records()):
+                return
+            metadata = self.edit_metadata(include_requests)
+            if base_model_name_or_path is not None:
+                metadata["base_model_name_or_path"] = base_model_name_or_path
+            reports.append(write_edit_adapter(self._held_deltas(), folder, metadata))
+            offset = len(self._floor.batches) if self._floor else 0
+            for i, output in enumerate(self.history):  # named like the whole-history adapter (warned once)
+                one = edit_metadata(self._model_info(), [output.metadata["batch"]], include_requests)
+                one["base_model_name_or_path"] = metadata["base_model_name_or_path"]
+                save_adapter_files(output.deltas, folder / BATCH_ADAPTERS_DIR / f"{offset + i:04d}",
+                                   one["base_model_name_or_path"], one.get("base_model_revision"), None, one)  # fmt: skip
 
         def write() -> ExportReport | None:
-            write_state(state, path)
-            report = None
-            if save_adapters and self.history:
-                metadata = self.edit_metadata(include_requests)
-                if base_model_name_or_path is not None:
-                    metadata["base_model_name_or_path"] = base_model_name_or_path
-                deltas = [delta for output in self.history for delta in output.deltas]
-                report = write_edit_adapter(deltas, path, metadata)
-                for i, output in enumerate(self.history):  # named like the whole-history adapter (warned once)
-                    one = edit_metadata(self._model_info(), [output.metadata["batch"]], include_requests)
-                    one["base_model_name_or_path"] = metadata["base_model_name_or_path"]
-                    save_adapter_files(output.deltas, path / BATCH_ADAPTERS_DIR / f"{i:04d}",
-                                       one["base_model_name_or_path"], one.get("base_model_revision"), None, one)  # fmt: skip
-            self._log("Saved the editor state (%d batches, %d edits) to %s.", len(self.history), state.num_edits, path)
+            write_state(state, path, write_exports, on_step)
+            self._log("Saved the editor state (%d batches, %d edits) to %s.", len(self._batch_records()),
+                      state.num_edits, path)  # fmt: skip
+            if not reports:
+                return None
+            report = reports[0]
+            report.path = str(path)
             return report
 
         return self._on_main_process(write)
@@ -750,72 +811,109 @@ class Editor:
         and restore the method's state, the context templates and the history (so [`rollback`] and the exports work
         across processes).
 
+        A state folder is data: it never chooses how `model` is loaded, where statistics come from or where anything
+        is published (`model_init_kwargs`, `stats_repo`, `stats_cache_dir`, `hub_*`, `output_dir` always come from
+        `args` or the defaults, see [`~memit_hf.arguments.CALLER_FIELDS`]). It is trusted input for the edits it
+        holds: every factor is checked (module among the state's edited layers, shape, finite values) and every
+        request validated before anything is applied, and any failure leaves `model` bit-identical to what it was.
+
         Args:
             model (`PreTrainedModel` or `str`): the original base model the state was made on (not a merged
-                checkpoint), or its id / path.
+                checkpoint), or its id / path (loaded with `args.model_init_kwargs`, never the state's).
             path (`str` or `Path`): the state folder.
-            args ([`EditingArguments`], *optional*): the arguments of the next edits; default: those saved with the
-                state. They must name the saved method, configuration and layers.
-            processing_class, stats_dataset, callbacks: as in [`Editor`]; `stats_dataset` must be the corpus the
-                saved edits used (the statistics fingerprints are checked).
+            args ([`EditingArguments`], *optional*): the arguments of the next edits; default: the editing
+                hyperparameters saved with the state and the defaults for everything else. They must name the saved
+                method, configuration and layers.
+            processing_class, stats_dataset, callbacks: as in [`Editor`]; `stats_dataset` (or `args.stats_repo`)
+                must give the statistics the saved edits used (the statistics fingerprints are checked).
 
         Returns:
             [`Editor`]: holding the saved edits.
 
         Raises:
             FileNotFoundError: when `path` holds no state.
-            StateMismatchError: for a state made for another model, other statistics, or other method settings;
-                the model is then unchanged.
+            StateMismatchError: for a malformed state or one made for another model, other statistics, or other
+                method settings; the model is then unchanged.
         """
         path = Path(path)
         state = read_state(path)
-        saved_args = EditingArguments(**state.arguments)
-        args = args if args is not None else saved_args
+        if args is None:
+            try:
+                args = EditingArguments.from_saved(state.arguments)
+            except (TypeError, ValueError) as error:
+                raise StateMismatchError(
+                    f"The arguments saved in the editor state in `{path}` are invalid: {error}"
+                ) from error
         editor = cls(model, args=args, processing_class=processing_class, stats_dataset=stats_dataset,
                      callbacks=callbacks)  # fmt: skip
-        resolved = editor.resolved_args
-        wanted = (state.algorithm, state.algorithm_config, saved_args.layers)
+        editor._load_state(state, path)
+        editor._log("Continued the editor state in %s: %d batches, %d edits.", path, len(editor._batch_records()),
+                    state.num_edits)  # fmt: skip
+        return editor
+
+    def _load_state(self, state: EditorState, path: Path) -> None:
+        """Check `state` against this editor's model, arguments and statistics, then apply it (all or nothing)."""
+        resolved = self.resolved_args
+        saved_layers = state.arguments.get("layers")
+        wanted = (state.algorithm, state.algorithm_config, saved_layers)
         if (resolved.algorithm, resolved.algorithm_config, resolved.layers) != wanted:
             raise StateMismatchError(
                 f"The editor state in `{path}` holds `{state.algorithm}` {state.algorithm_config} at layers "
-                f"{saved_args.layers}, but `args` say `{resolved.algorithm}` {resolved.algorithm_config} at layers "
+                f"{saved_layers}, but `args` say `{resolved.algorithm}` {resolved.algorithm_config} at layers "
                 f"{resolved.layers}."
             )
-        check_model(state, editor._model_info(), editor._original_weight_digests(list(state.original_weights)),
-                    str(path))  # fmt: skip
+        if state.floor is not None and not resolved.merge_edits:
+            raise StateMismatchError(f"The editor state in `{path}` is consolidated; continue it with `merge_edits`.")
+        check_model(state, self._model_info(), self._original_weight_digests(list(state.original_weights)), str(path))
+        edited = {self.layout.edit_name(layer) for layer in resolved.layers}
+        check_state_content(state, self.model, edited, str(path))
+        try:
+            requests = [load_requests(batch.requests) for batch in state.batches]
+        except (TypeError, ValueError) as error:
+            raise StateMismatchError(f"The editor state in `{path}` holds an invalid request: {error}") from error
         if state.statistics:
-            layers = sorted({layer for batch in state.batches for layer in batch.metadata["layers"]})
-            fingerprints = editor.statistics.fingerprints(layers)
-            keys = {editor.layout.edit_name(layer): fingerprint_key(fp) for layer, fp in fingerprints.items()}
+            layers = sorted({layer for batch in self._saved_batches(state) for layer in batch["layers"]})
+            fingerprints = self.statistics.fingerprints(layers)
+            keys = {self.layout.edit_name(layer): fingerprint_key(fp) for layer, fp in fingerprints.items()}
             check_statistics(state, keys, str(path))
-        editor._templates = [list(group) for group in state.context_templates]
-        model_info = editor._model_info()
-        with torch.no_grad():
-            for batch in state.batches:
-                for delta in batch.deltas:
-                    editor._applied.apply(delta, resolved.merge_edits)
-                editor._merged = resolved.merge_edits
-                editor.history.append(
-                    EditOutput(
-                        deltas=list(batch.deltas),
-                        metrics=dict(batch.metadata.get("metrics", {})),
-                        requests=load_requests(batch.requests),
-                        metadata={"model": model_info, "batch": batch.metadata},
-                        state_increments=list(batch.increments),
-                    )  # fmt: skip
-                )
-        if state.algorithm_state:
-            editor.algorithm.load_state_dict(state.algorithm_state)
-        editor._log("Continued the editor state in %s: %d batches, %d edits.", path, len(state.batches),
-                    state.num_edits)  # fmt: skip
-        return editor
+        model_info = self._model_info()
+        checkpoint = self._applied.checkpoint()
+        try:
+            with torch.no_grad():
+                floor = state.floor
+                self._applied.replay([d for batch in state.batches for d in batch.deltas], resolved.merge_edits,
+                                     floor.weights if floor else None)  # fmt: skip
+            if state.algorithm_state:
+                self.algorithm.load_state_dict(state.algorithm_state)
+        except BaseException:
+            self._applied.revert(checkpoint)
+            self._algorithm = None
+            raise
+        self._templates = [list(group) for group in state.context_templates]
+        self._merged = resolved.merge_edits
+        self._floor = state.floor
+        self.history = [
+            EditOutput(
+                deltas=list(batch.deltas),
+                metrics=dict(batch.metadata.get("metrics", {})),
+                requests=batch_requests,
+                metadata={"model": model_info, "batch": batch.metadata},
+                state_increments=list(batch.increments),
+            )  # fmt: skip
+            for batch, batch_requests in zip(state.batches, requests)
+        ]
+
+    @staticmethod
+    def _saved_batches(state: EditorState) -> list[dict[str, Any]]:
+        return [*(state.floor.batches if state.floor else []), *(batch.metadata for batch in state.batches)]
 
     @torch.no_grad()
     def restore(self) -> None:
         """Return every edited module to its weights before the first `edit()`, bit for bit, and forget the edits
-        (the history and the algorithm's state)."""
+        (the history, the consolidated batches and the algorithm's state)."""
         self._applied.reset()
         self._merged = None
+        self._floor = None
         self.history.clear()
         self._algorithm = None
 
@@ -823,20 +921,28 @@ class Editor:
     def rollback(self, k: int = 1) -> None:
         """Undo the last `k` edits: the weights become bit-identical to what they were before them (the original
         weights with the kept edits' deltas added again, in order), and the method's state equal to what it was (its
-        accumulated key Gram replayed from the kept edits' factors).
+        accumulated key Gram replayed from the kept edits' factors). With `keep_history`, the batches it
+        consolidated cannot be undone (use [`restore`]).
 
         Args:
             k (`int`, *optional*, defaults to 1): how many of the latest `edit()` calls to undo.
 
         Raises:
-            ValueError: if `k` is not between 1 and the number of edits held.
+            ValueError: if `k` is not between 1 and the number of edits held (not consolidated).
         """
         if not 1 <= k <= len(self.history):
-            raise ValueError(f"`k` must be between 1 and the number of edits held ({len(self.history)}), got {k}.")
+            floor = f" ({len(self._floor.batches)} more are consolidated by `keep_history`)" if self._floor else ""
+            raise ValueError(
+                f"`k` must be between 1 and the number of edits held ({len(self.history)}){floor}, got {k}."
+            )
         kept = self.history[: len(self.history) - k]
-        self._applied.replay([delta for output in kept for delta in output.deltas], self._merged is not False)
+        floor = self._floor
+        self._applied.replay([delta for output in kept for delta in output.deltas], self._merged is not False,
+                             floor.weights if floor else None)  # fmt: skip
         if self._algorithm is not None:
-            self._algorithm.replay([output.state_increments for output in kept])
+            self._algorithm.replay(
+                [output.state_increments for output in kept], floor.algorithm_state if floor else None
+            )
         self.history = kept
 
     def evaluate(
@@ -881,9 +987,10 @@ class Editor:
             perplexity_num_tokens=perplexity_num_tokens, reference_texts=reference_texts, seed=self.args.seed,
         )  # fmt: skip
         # The generative family's neighborhood stability compares with the unedited model's continuations.
-        unedited = self.unedited if self.history else None
+        edited = bool(self._batch_records())
+        unedited = self.unedited if edited else None
         results = evaluate_model(self.model, self.tokenizer, requests, unedited=unedited, **kwargs)
-        if include_pre and self.history:
+        if include_pre and edited:
             with self.unedited():
                 pre = evaluate_model(self.model, self.tokenizer, requests, **kwargs)
             results.update({f"pre_{key}": value for key, value in pre.items()})

@@ -4,6 +4,7 @@ Also owns the context templates (algorithm.md section 2) and the subject-last in
 """
 
 import unicodedata
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -130,6 +131,32 @@ def check_request_tokens(tokenizer: PreTrainedTokenizerBase, requests: list[Edit
             raise ValueError(
                 f"Request {request.record_index}: field `subject` ({request.subject!r}) is not found as its own "
                 f"tokens in the prompt {request.text!r}."
+            )
+
+
+def check_request_lengths(
+    tokenizer: PreTrainedTokenizerBase, requests: list[EditRequest], templates: list[list[str]], config: Any
+) -> None:
+    """Refuse requests whose longest row (the longest context template, the prompt and the target) does not fit the
+    model's positions, before any weight changes (it would fail with a raw index error, or a device-side assert on a
+    GPU). Models without `max_position_embeddings` are not checked.
+
+    Raises:
+        ValueError: naming the request (its record index), its length in tokens and the model's limit.
+    """
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0 or not requests:
+        return
+    flat = [template for group in templates for template in group] or ["{}"]
+    longest = max(len(ids) for ids in encode_texts(tokenizer, [t.replace("{}", "") for t in flat]))
+    prompts = encode_texts(tokenizer, [request.text for request in requests])
+    targets = encode_targets(tokenizer, [request.target_new for request in requests])
+    for request, prompt, target in zip(requests, prompts, targets):
+        length = longest + len(prompt) + len(target)
+        if length > limit:
+            raise ValueError(
+                f"Request {request.record_index}: fields `prompt` and `target_new` give rows of up to {length} tokens "
+                f"with the context templates, more than the model's {limit} positions (`max_position_embeddings`)."
             )
 
 

