@@ -15,7 +15,7 @@ import torch
 
 from memit_hf import Editor, load_requests
 from memit_hf.cli import make_script_parser, parse_script_args
-from memit_hf.editor_state import is_state_dir
+from memit_hf.editor_state import StateLock, is_state_dir
 from memit_hf.models import load_model_and_tokenizer
 
 
@@ -42,13 +42,14 @@ def make_parser():
 def edit_one_week(namespace, args, requests) -> Editor:
     """What a weekly job does, in a process of its own: load the base model, continue the state, edit, save."""
     model, tokenizer = load_model_and_tokenizer(namespace.model, args.model_init_kwargs)
-    if is_state_dir(namespace.state_dir):
-        editor = Editor.from_state(model, namespace.state_dir, args=args, processing_class=tokenizer,
-                                   stats_dataset=namespace.corpus)  # fmt: skip
-    else:
-        editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=namespace.corpus)
-    editor.edit(requests)
-    editor.save_state(namespace.state_dir)
+    with StateLock(namespace.state_dir):  # a second job on the same state stops here instead of losing a batch
+        if is_state_dir(namespace.state_dir):
+            editor = Editor.from_state(model, namespace.state_dir, args=args, processing_class=tokenizer,
+                                       stats_dataset=namespace.corpus)  # fmt: skip
+        else:
+            editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=namespace.corpus)
+        editor.edit(requests)
+        editor.save_state(namespace.state_dir)
     return editor
 
 
