@@ -540,3 +540,78 @@ def test_edit_with_a_state_dir_continues_the_saved_state(saved_tiny_llama, tmp_p
 
     with pytest.raises(SystemExit, match="--merged and --export-rank write to another --output-dir"):
         cli.main(["edit", *editing, "--requests", str(weeks[0]), "--state-dir", str(state_dir), "--merged"])
+
+
+TINY_EDIT = ["--layers", "0", "1", "--mom2_update_weight", "1.0", "--v_lr", "0.5", "--clamp_norm_factor", "4.0",
+             "--v_weight_decay", "0.001", "--v_num_grad_steps", "5"]  # fmt: skip
+
+
+def edit_inputs(tmp_path, model_dir) -> list[str]:
+    """`--model`, `--requests`, `--corpus` and a statistics cache for a quick tiny edit."""
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps(r) + "\n" for r in subject_final_requests()))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(tiny_corpus()))
+    return ["--model", str(model_dir), "--requests", str(requests), "--corpus", str(corpus),
+            "--stats_cache_dir", str(tmp_path / "stats"), *TINY_EDIT]  # fmt: skip
+
+
+def test_edit_push_uploads_exactly_what_the_run_wrote(saved_tiny_llama, tmp_path, capsys):
+    """`--push_to_hub` publishes the files this run wrote (adapter, metadata, card, metrics), not the output folder:
+    no `.env`, no older file; none of them holds a token or a local path."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".env").write_text("HF_TOKEN=hf_env\n")
+    (out / "stale.bin").write_bytes(b"an older run")
+    with fake_dataset_hub(tmp_path / "hub") as hub:
+        code = cli.main(["edit", *edit_inputs(tmp_path, saved_tiny_llama), "--output-dir", str(out),
+                         "--push_to_hub", "--hub_model_id", "me/edits", "--hub_token", "hf_secret",
+                         "--model_init_kwargs", '{"token": "hf_init"}'])  # fmt: skip
+    assert code == 0 and "pushed to me/edits" in capsys.readouterr().out
+    (upload,) = hub.uploads
+    written = [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "edit_metrics.json",
+        "memit_edits.json",
+    ]
+    assert upload["files"] == written and hub.created[0]["token"] == "hf_secret"
+    for path in hub.repo("me/edits").iterdir():
+        content = path.read_bytes()
+        assert b"hf_secret" not in content and b"hf_init" not in content, path.name
+        assert str(tmp_path).encode() not in content, path.name  # output, corpus, requests and cache paths
+    pushed = json.loads((hub.repo("me/edits") / "edit_metrics.json").read_text())
+    assert pushed["args"]["output_dir"] == "out" and pushed["num_requests"] == 4
+    local = (out / "edit_metrics.json").read_text()
+    assert "hf_secret" not in local and "hf_init" not in local
+    assert json.loads(local)["args"]["output_dir"] == str(out)  # the local files keep the local paths
+    # the folder itself is left as it was, besides the files written; no staging folder remains
+    assert sorted(p.name for p in out.iterdir()) == sorted([*written, ".env", "stale.bin"])
+
+
+def test_edit_refuses_to_mix_an_adapter_and_a_merged_checkpoint(saved_tiny_llama, tmp_path, capsys):
+    """`edit --merged` into a folder holding an adapter (and the reverse) stops before editing, naming the folder and
+    the files; `--overwrite_output_dir` removes the other kind's files and writes the new artefact."""
+    inputs, out = edit_inputs(tmp_path, saved_tiny_llama), tmp_path / "out"
+    cli.main(["edit", *inputs, "--output-dir", str(out)])
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit) as error:
+        cli.main(["edit", *inputs, "--merged", "--output-dir", str(out)])
+    message = str(error.value)
+    assert message.startswith(f"memit-hf edit: error: The output folder {out} already holds a peft adapter")
+    assert "(adapter_config.json, adapter_model.safetensors)" in message and "--overwrite_output_dir" in message
+    assert "Edited" not in capsys.readouterr().out  # refused before the model was even loaded
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    cli.main(["edit", *inputs, "--merged", "--overwrite_output_dir", "--output-dir", str(out)])
+    assert f"removed adapter_config.json, adapter_model.safetensors from {out}" in capsys.readouterr().out
+    files = sorted(p.name for p in out.iterdir())
+    assert not any(name.startswith("adapter") for name in files)
+    assert files == sorted([*json.loads((out / "memit_edits.json").read_text())["files"], "edit_metrics.json"])
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert not getattr(loaded, "_hf_peft_config_loaded", False)  # a plain checkpoint, no adapter on top
+
+    with pytest.raises(SystemExit, match=r"already holds a full model checkpoint \(config\.json, "):
+        cli.main(["edit", *inputs, "--output-dir", str(out)])

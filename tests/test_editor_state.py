@@ -420,20 +420,6 @@ def test_the_state_lock_refuses_a_second_run(tmp_path):
         pass
 
 
-def test_remove_stale_staging_keeps_live_writers(tmp_path):
-    from memit_hf.editor_state import remove_stale_staging
-
-    live = tmp_path / f".staging-{os.getpid()}-abc"
-    dead = tmp_path / ".staging-999999999-abc"
-    live.mkdir()
-    dead.mkdir()
-    removed = remove_stale_staging(tmp_path)
-    assert removed == [dead] and live.is_dir() and not dead.exists()
-    old = 1_000_000_000
-    os.utime(live, (old, old))
-    assert remove_stale_staging(tmp_path) == [live]
-
-
 # ----------------------------------------------------------------------------------------------- keep_history
 def test_keep_history_bounds_the_history_and_keeps_rollback_and_state_exact(tokenizer, tmp_path):
     requests = subject_final_requests()

@@ -3,7 +3,16 @@ peft and transformers load it (un-merged, merged, disabled), SVD compression is 
 error below it, and the metadata and sizes are right."""
 
 import copy
+import errno
 import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -16,13 +25,20 @@ from memit_hf.editor import Editor
 from memit_hf.export import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
+    STAGING_PREFIX,
+    STALE_STAGING_SECONDS,
+    artefact_files,
     base_model_id,
+    check_output_dir,
     combine_deltas,
     compress_delta,
+    edit_metadata,
     lora_config,
     prepare_deltas,
     read_edits_metadata,
+    remove_stale_staging,
     save_adapter_files,
+    save_merged_checkpoint,
 )
 from tests.testing_utils import (
     TINY_MODEL_TYPES,
@@ -391,3 +407,231 @@ def test_include_requests_false_writes_nothing_of_the_requests(tokenizer, tmp_pa
         assert batch["requests"] is None and batch["num_requests"] == 4
         assert batch["requests_sha256"] == public["batches"][0]["requests_sha256"]
         assert "The requests were not stored" in (tmp_path / folder / "README.md").read_text()
+
+
+# ------------------------------------------------------------------------ output folders: one artefact, staged
+def folder_state(path):
+    """Every file under `path` (hidden ones included) with its bytes, for before/after comparisons."""
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def small_adapter(path, base="tiny/base", **kwargs):
+    """A two-module adapter with metadata, written by `save_adapter_files`."""
+    deltas = [random_delta(32, 64, 2, seed=0, name="model.layers.0.mlp.down_proj"),
+              random_delta(32, 64, 2, seed=1, name="model.layers.1.mlp.down_proj")]  # fmt: skip
+    metadata = {"base_model_name_or_path": base, "num_edits": 2, "batches": []}
+    return save_adapter_files(deltas, path, base, None, None, metadata, **kwargs)
+
+
+@pytest.fixture
+def tiny_checkpoint(tokenizer):
+    return build_tiny_causal_lm("llama", vocab_size=len(tokenizer)), tokenizer
+
+
+CHECKPOINT_METADATA = {"base_model_name_or_path": "tiny/base", "num_edits": 0, "batches": []}
+
+
+def test_merged_checkpoint_is_refused_in_an_adapter_folder_unless_overwritten(tiny_checkpoint, tmp_path):
+    """An adapter beside merged weights would be applied on top of them by `from_pretrained` (a double edit): saving a
+    checkpoint where an adapter is raises, naming the folder and the files; `overwrite_output_dir=True` removes the
+    adapter's files (only those: other files stay) and writes the checkpoint."""
+    model, tokenizer = tiny_checkpoint
+    out = tmp_path / "out"
+    small_adapter(out)
+    (out / "notes.txt").write_text("mine")
+    before = folder_state(out)
+    with pytest.raises(ValueError) as error:
+        save_merged_checkpoint(model, tokenizer, out, CHECKPOINT_METADATA)
+    message = str(error.value)
+    assert str(out) in message and "adapter_config.json, adapter_model.safetensors" in message
+    assert "overwrite_output_dir=True" in message
+    assert folder_state(out) == before  # refused before anything was written
+
+    files = save_merged_checkpoint(model, tokenizer, out, CHECKPOINT_METADATA, overwrite_output_dir=True)
+    assert not (out / ADAPTER_CONFIG_NAME).exists() and not (out / ADAPTER_WEIGHTS_NAME).exists()
+    assert (out / "notes.txt").read_text() == "mine"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "memit_edits.json", "README.md"} <= set(files)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*files, "notes.txt"])
+    assert read_edits_metadata(out)["files"] == files
+    loaded = AutoModelForCausalLM.from_pretrained(out)  # a plain model: no adapter on top
+    assert all(torch.equal(p, dict(model.named_parameters())[name]) for name, p in loaded.named_parameters())
+
+
+def test_adapter_is_refused_in_a_checkpoint_folder_unless_overwritten(tiny_checkpoint, tmp_path):
+    model, tokenizer = tiny_checkpoint
+    out = tmp_path / "out"
+    checkpoint_files = save_merged_checkpoint(model, tokenizer, out, CHECKPOINT_METADATA)
+    (out / "edit_metrics.json").write_text("{}")
+    before = folder_state(out)
+    with pytest.raises(ValueError, match=r"already holds a full model checkpoint \(config\.json, ") as error:
+        small_adapter(out)
+    assert str(out) in str(error.value) and "model.safetensors" in str(error.value)
+    assert folder_state(out) == before
+
+    report = small_adapter(out, overwrite_output_dir=True)
+    assert report.files == ["README.md", ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, "memit_edits.json"]
+    # The checkpoint's files are gone, tokenizer and generation config included; what is not a checkpoint file stays.
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(
+        checkpoint_files
+    )
+    assert sorted(p.name for p in out.iterdir()) == sorted([*report.files, "edit_metrics.json"])
+
+
+def test_tokenizer_files_beside_an_adapter_are_no_checkpoint(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    tokenizer_files = sorted(p.name for p in tmp_path.iterdir())
+    report = small_adapter(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*tokenizer_files, *report.files])
+    assert artefact_files(tmp_path, "adapter") == [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME]
+    assert check_output_dir(tmp_path, "adapter") == []
+    with pytest.raises(ValueError, match="`kind` must be one of"):
+        artefact_files(tmp_path, "merged")
+
+
+def test_rewriting_an_artefact_removes_the_files_the_new_one_lacks(tiny_checkpoint, tmp_path):
+    """A checkpoint saved again in fewer shards leaves no stale shard or index (transformers' own clean-up of
+    `save_pretrained`); an adapter replaces an older `adapter_model.bin`."""
+    model, tokenizer = tiny_checkpoint
+    sharded = save_merged_checkpoint(model, tokenizer, tmp_path / "merged", CHECKPOINT_METADATA, max_shard_size="40KB")
+    assert "model.safetensors.index.json" in sharded and sum(name.startswith("model-") for name in sharded) > 1
+    files = save_merged_checkpoint(model, tokenizer, tmp_path / "merged", CHECKPOINT_METADATA)
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == files
+    assert "model.safetensors" in files and not any(name.startswith("model-") for name in files)
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_model.bin").write_bytes(b"old weights")
+    report = small_adapter(tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == report.files
+
+
+def test_staging_happens_inside_the_output_folder(tiny_checkpoint, tmp_path):
+    """A mounted volume's root (`--output-dir /output`) is writable while its parent is not: the writes stage inside
+    the output folder, never beside it. As root, `chmod` does not stop writes: the refusal of the read-only parent is
+    then made by `tempfile.mkdtemp` itself."""
+    model, tokenizer = tiny_checkpoint
+    parent = tmp_path / "root"
+    volume = parent / "output"
+    volume.mkdir(parents=True)
+    real_mkdtemp, staged_in = tempfile.mkdtemp, []
+
+    def mkdtemp(suffix=None, prefix=None, dir=None):
+        if dir is not None and Path(dir).resolve() == parent.resolve():
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        staged_in.append(Path(dir).resolve() if dir is not None else None)
+        return real_mkdtemp(suffix, prefix, dir)
+
+    parent.chmod(0o555)
+    try:
+        with mock.patch.object(tempfile, "mkdtemp", side_effect=mkdtemp):
+            report = small_adapter(volume)
+            assert sorted(p.name for p in volume.iterdir()) == report.files  # no staging folder left
+            save_merged_checkpoint(model, tokenizer, volume / "merged", CHECKPOINT_METADATA)
+    finally:
+        parent.chmod(0o755)
+    assert staged_in == [volume.resolve(), (volume / "merged").resolve()]
+    assert sorted(p.name for p in parent.iterdir()) == ["output"]
+    assert (volume / "merged" / "config.json").is_file()
+
+
+def test_stale_staging_folders_are_removed_and_live_ones_kept(tmp_path):
+    """A killed run leaves its `.staging-<pid>-*` folder: the next write removes it when its process is gone or when
+    it is more than a day old, and keeps one a live process is writing."""
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()  # a process id that no longer runs
+    dead = tmp_path / f"{STAGING_PREFIX}{finished.pid}-abc"
+    live = tmp_path / f"{STAGING_PREFIX}{os.getpid()}-def"
+    old = tmp_path / f"{STAGING_PREFIX}{os.getpid()}-ghi"
+    other = tmp_path / ".cache"
+    for folder in (dead, live, old, other):
+        folder.mkdir()
+        (folder / ADAPTER_WEIGHTS_NAME).write_bytes(b"partial")
+    two_days_ago = time.time() - 2 * STALE_STAGING_SECONDS
+    os.utime(old, (two_days_ago, two_days_ago))
+    assert remove_stale_staging(tmp_path) == sorted([dead.name, old.name])
+    assert live.is_dir() and other.is_dir() and not dead.exists() and not old.exists()
+
+    dead.mkdir()
+    report = small_adapter(tmp_path)  # every write cleans up first
+    assert not dead.exists() and live.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*report.files, live.name, other.name])
+
+
+def test_a_failed_adapter_write_leaves_the_previous_adapter(tmp_path):
+    """The new adapter's config and weights are staged, then its metadata cannot be written: the folder keeps the
+    previous adapter byte for byte, and no staging folder."""
+    small_adapter(tmp_path / "out")
+    before = folder_state(tmp_path / "out")
+    loop = []
+    loop.append(loop)  # JSON cannot encode it: `memit_edits.json` fails after the weights were written
+    deltas = [random_delta(32, 64, 3, seed=5, name="model.layers.0.mlp.down_proj")]
+    with pytest.raises(ValueError, match="Circular reference"):
+        save_adapter_files(deltas, tmp_path / "out", "tiny/base", metadata={"batches": [], "loop": loop})
+    assert folder_state(tmp_path / "out") == before
+
+
+def test_a_failed_checkpoint_save_leaves_the_previous_checkpoint(tiny_checkpoint, tmp_path):
+    model, tokenizer = tiny_checkpoint
+    save_merged_checkpoint(model, tokenizer, tmp_path / "out", CHECKPOINT_METADATA)
+    before = folder_state(tmp_path / "out")
+
+    class FullDisk:
+        def save_pretrained(self, path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    changed = build_tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=1)
+    with pytest.raises(OSError, match="No space left"):  # the model's weights were staged, the tokenizer fails
+        save_merged_checkpoint(changed, FullDisk(), tmp_path / "out", CHECKPOINT_METADATA)
+    assert folder_state(tmp_path / "out") == before
+
+
+def test_for_hub_exports_name_no_local_path(tiny_checkpoint, tmp_path, caplog):
+    """A base model loaded from a local folder: local saves record its path (peft loads the base from it), exports
+    `for_hub` write `None` with a warning, and no absolute local path appears in any file they write."""
+    model, tokenizer = tiny_checkpoint
+    base = tmp_path / "models" / "my-llama"
+    local = {
+        "base_model_name_or_path": str(base), "num_edits": 0,
+        "batches": [{"algorithm": "memit", "num_requests": 0, "requests": [],
+                     "hyperparameters": {"layers": [0], "output_dir": str(tmp_path / "out"),
+                                         "stats_repo": str(tmp_path / "stats")},
+                     "statistics": {"m": {"corpus": f"stats_repo:{tmp_path / 'stats'}", "num_tokens": 10}},
+                     "source": {"requests": str(tmp_path / "requests.jsonl"), "corpus": [str(tmp_path / "wiki.txt")]}}],
+    }  # fmt: skip
+    deltas = [random_delta(32, 64, 2, name="model.layers.0.mlp.down_proj")]
+    save_adapter_files(deltas, tmp_path / "local", str(base), None, None, local)
+    assert json.loads((tmp_path / "local" / ADAPTER_CONFIG_NAME).read_text())["base_model_name_or_path"] == str(base)
+    assert read_edits_metadata(tmp_path / "local")["base_model_name_or_path"] == str(base)
+
+    with caplog.at_level(logging.WARNING, logger="memit_hf"):
+        report = save_adapter_files(deltas, tmp_path / "hub", str(base), None, None, local, for_hub=True)
+        files = save_merged_checkpoint(model, tokenizer, tmp_path / "merged", local, for_hub=True)
+    warnings = [r.getMessage() for r in caplog.records if "local path" in r.getMessage()]
+    assert len(warnings) == 2 and all('base_model_name_or_path="<hub id>"' in w for w in warnings)
+    assert json.loads((tmp_path / "hub" / ADAPTER_CONFIG_NAME).read_text())["base_model_name_or_path"] is None
+    for folder, written in (("hub", report.files), ("merged", files)):
+        metadata = read_edits_metadata(tmp_path / folder)
+        assert metadata["base_model_name_or_path"] is None
+        (batch,) = metadata["batches"]
+        assert batch["source"] == {"requests": "requests.jsonl", "corpus": ["wiki.txt"]}
+        assert batch["statistics"]["m"]["corpus"] == "stats_repo:stats"
+        for name in written:
+            text = (tmp_path / folder / name).read_text(errors="replace")
+            assert str(tmp_path) not in text, (folder, name)
+    assert "base_model:" not in (tmp_path / "hub" / "README.md").read_text().split("---")[1]
+
+
+def test_model_card_of_a_local_save_prints_no_local_path(tmp_path):
+    report_dir = tmp_path / "adapter"
+    small_adapter(report_dir, base=str(tmp_path / "models" / "my-llama"))
+    card = (report_dir / "README.md").read_text()
+    assert str(tmp_path) not in card and "`my-llama`" in card
+
+
+def test_edit_metadata_and_arguments_hold_no_token():
+    arguments = {
+        "layers": [1],
+        "hub_token": "hf_secret",
+        "model_init_kwargs": {"token": "hf_init", "dtype": "float32"},
+    }
+    metadata = edit_metadata({"base_model_name_or_path": "org/base"}, [{"hyperparameters": arguments}])
+    assert "hf_secret" not in json.dumps(metadata) and "hf_init" not in json.dumps(metadata)

@@ -429,7 +429,7 @@ class Editor:
             "algorithm": args.algorithm,
             "layers": list(layers),
             "num_requests": len(requests),
-            "hyperparameters": args.to_dict(),
+            "hyperparameters": args.editing_values(),
             "statistics": {name: layer_statistics.info() for name, layer_statistics in statistics.items()},
             "requests": [request.to_dict(EDIT_RECORD_KEYS) for request in requests],
             "metrics": dict(metrics),

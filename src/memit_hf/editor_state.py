@@ -59,8 +59,6 @@ LOCK_NAME = ".memit-hf.lock"
 """The lock file of a run that uses the folder ([`StateLock`])."""
 COMMIT_LOCK_NAME = ".memit-hf-commit.lock"
 """The lock file held while a write moves its files in (two writers never interleave their moves)."""
-STAGING_PREFIX = ".staging-"
-STALE_STAGING_SECONDS = 24 * 3600.0
 
 IDENTITY_FIELDS = ("model_type", "num_parameters", "dtype", "embedding_digest")
 """The fields of the base model's identity that must match for a state to be loaded."""
@@ -152,48 +150,6 @@ class EditorState:
 def is_state_dir(path: str | os.PathLike) -> bool:
     """Whether `path` holds a saved editor state."""
     return (Path(path) / STATE_MANIFEST_NAME).is_file()
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_staging(path: str | os.PathLike, max_age_seconds: float = STALE_STAGING_SECONDS) -> list[Path]:
-    """Remove the staging folders (`.staging-<pid>-*`) a killed write left in `path`: those whose process is gone,
-    or older than `max_age_seconds`.
-
-    Returns:
-        `list[Path]`: the folders removed.
-    """
-    removed = []
-    now = time.time()
-    for folder in Path(path).glob(f"{STAGING_PREFIX}*"):
-        match = re.match(rf"^{re.escape(STAGING_PREFIX)}(\d+)-", folder.name)
-        try:
-            old = now - folder.stat().st_mtime > max_age_seconds
-        except FileNotFoundError:
-            continue
-        if old or match is None or not _process_alive(int(match.group(1))):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed
-
-
-def make_staging(path: str | os.PathLike) -> Path:
-    """A fresh staging folder inside `path` (so its files move in by rename on the same file system), named after this
-    process; stale ones from killed writes are removed first."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(path)
-    staging = path / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    staging.mkdir()
-    return staging
 
 
 @contextmanager
@@ -336,12 +292,11 @@ def write_state(
             commit (a seam to test interrupted writes).
     """
     from . import __version__
-    from .export import write_json
+    from .export import staging_folder, write_json
 
     step = on_step or (lambda what: None)
     path = Path(path)
-    staging = make_staging(path)
-    try:
+    with staging_folder(path) as staging:
         tensors, batches, floor = state_tensors(state)
         generation = f"{int(time.time() * 1000):x}{uuid.uuid4().hex[:8]}"
         tensors_name = f"editor_state-{generation}.safetensors"
@@ -390,8 +345,6 @@ def write_state(
             if not any(f.startswith(f"{BATCH_ADAPTERS_DIR}/") for f in files) and (path / BATCH_ADAPTERS_DIR).is_dir():
                 if not any((path / BATCH_ADAPTERS_DIR).iterdir()):
                     (path / BATCH_ADAPTERS_DIR).rmdir()
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def previous_files(path: Path) -> set[str]:

@@ -7,6 +7,7 @@ exceeds `min(d_in, d_out)` the product is re-factored through a thin QR and an S
 up to float error); a lower `export_rank` truncates it, and the relative error is reported.
 """
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -14,8 +15,10 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from .deltas import LayerDelta
+from .redaction import redact
 
 
 logger = logging.getLogger(__name__)
@@ -33,8 +37,30 @@ EDITS_METADATA_NAME = "memit_edits.json"
 """File next to the adapter (or merged checkpoint) holding the edit metadata: requests, algorithm, layers,
 hyperparameters, statistics fingerprints and library version."""
 METADATA_FORMAT_VERSION = 1
+CARD_NAME = "README.md"
+EDIT_METRICS_NAME = "edit_metrics.json"
+"""The metrics and resolved arguments `memit-hf edit` writes beside the edit."""
+
+ARTEFACT_KINDS = ("adapter", "checkpoint")
+"""What an output folder holds: a peft `"adapter"` or a full (merged) `"checkpoint"`; never both."""
+ADAPTER_FILES = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, "adapter_model.bin")
+"""The files of a peft adapter (`adapter_model.bin`: the weights of older peft saves)."""
+CHECKPOINT_FILES = (
+    "config.json", "generation_config.json", "model*.safetensors", "model*.safetensors.index.json",
+    "pytorch_model*.bin", "pytorch_model*.bin.index.json", "tokenizer.json", "tokenizer_config.json",
+    "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+    "spiece.model", "chat_template.jinja", "chat_template.json",
+)  # fmt: skip
+"""Name patterns (`fnmatch`) of the files `save_pretrained` writes for a model and its tokenizer."""
+CHECKPOINT_MARKERS = CHECKPOINT_FILES[:6]
+"""The patterns that make a folder a checkpoint (tokenizer files alone may sit beside an adapter)."""
+STAGING_PREFIX = ".staging-"
+"""Name prefix of the staging folders made inside an output folder: `.staging-<pid>-<random>`."""
+STALE_STAGING_SECONDS = 24 * 3600.0
+"""Age after which a staging folder is removed even if its process id is alive (ids are reused)."""
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_STAGING_NAME = re.compile(rf"^{re.escape(STAGING_PREFIX)}(\d+)-")
 
 
 @dataclass
@@ -49,6 +75,8 @@ class ExportReport:
         num_parameters (`int`): numbers stored in the adapter (sum of `r (d_in + d_out)`).
         adapter_bytes (`int`): size of `adapter_model.safetensors` on disk.
         dense_bytes (`int`): size the same updates would take as dense float32 matrices.
+        export_rank (`int` or `float`, *optional*): the requested rank or energy fraction.
+        files (`list[str]`): the files this export wrote, relative to `path` (what a push of it uploads).
     """
 
     path: str
@@ -58,6 +86,7 @@ class ExportReport:
     adapter_bytes: int
     dense_bytes: int
     export_rank: int | float | None = None
+    files: list[str] = field(default_factory=list)
 
     @property
     def max_reconstruction_error(self) -> float:
@@ -235,6 +264,187 @@ def write_json(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
+# ------------------------------------------------------------------------------------ output folders and staging
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # `os.kill(pid, 0)` would stop the process on Windows: judge by age only there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # `PermissionError`: the process exists, under another user
+        return True
+    return True
+
+
+def remove_stale_staging(path: str | os.PathLike, max_age: float = STALE_STAGING_SECONDS) -> list[str]:
+    """Remove the staging folders (`.staging-<pid>-<random>`) in `path` that killed writers left behind: those whose
+    process is gone, and those older than `max_age` seconds (process ids are reused). A live writer's folder is
+    kept.
+
+    Args:
+        path (`str` or `os.PathLike`): the output folder.
+        max_age (`float`, *optional*, defaults to one day): age in seconds (of the folder's last change) after which
+            a staging folder is removed whatever its process.
+
+    Returns:
+        `list[str]`: the names of the folders removed.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    now, removed = time.time(), []
+    for entry in sorted(path.iterdir()):
+        match = _STAGING_NAME.match(entry.name)
+        if match is None or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            age = now - entry.stat().st_mtime
+        except FileNotFoundError:  # its writer just finished
+            continue
+        if age <= max_age and _process_alive(int(match.group(1))):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry.name)
+    if removed:
+        logger.info("Removed stale staging folders %s from %s.", removed, path)
+    return removed
+
+
+@contextmanager
+def staging_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A new empty folder `path/.staging-<pid>-<random>` to write files into before moving them into `path`, removed
+    on exit.
+
+    It lies inside `path` (created if needed), so moving a file from it is a rename within one file system (atomic per
+    file) and nothing is written next to `path`, whose parent may be read-only (a mounted volume's root). The stale
+    staging folders in `path` are removed first (see [`remove_stale_staging`]).
+
+    Args:
+        path (`str` or `os.PathLike`): the output folder.
+
+    Yields:
+        `Path`: the staging folder.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(path)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=path))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in ARTEFACT_KINDS:
+        raise ValueError(f"`kind` must be one of {ARTEFACT_KINDS}, got {kind!r}.")
+
+
+def _other_kind(kind: str) -> str:
+    return "checkpoint" if kind == "adapter" else "adapter"
+
+
+def _describe_kind(kind: str) -> str:
+    return "a peft adapter" if kind == "adapter" else "a full model checkpoint"
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def artefact_files(path: str | os.PathLike, kind: str) -> list[str]:
+    """The files at the top of `path` that belong to an artefact of `kind`: [`ADAPTER_FILES`] for `"adapter"`, the
+    patterns of [`CHECKPOINT_FILES`] (model, generation config, weights, tokenizer) for `"checkpoint"`.
+
+    Args:
+        path (`str` or `os.PathLike`): the folder (missing: no files).
+        kind (`str`): `"adapter"` or `"checkpoint"`.
+
+    Returns:
+        `list[str]`: the file names, sorted.
+
+    Raises:
+        ValueError: for an unknown `kind`.
+    """
+    _check_kind(kind)
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    patterns = ADAPTER_FILES if kind == "adapter" else CHECKPOINT_FILES
+    return sorted(entry.name for entry in path.iterdir() if entry.is_file() and _matches(entry.name, patterns))
+
+
+def check_output_dir(path: str | os.PathLike, kind: str, overwrite_output_dir: bool = False) -> list[str]:
+    """Check that writing an artefact of `kind` into `path` mixes no two kinds: a folder holding an adapter next to a
+    full checkpoint makes `from_pretrained` load the adapter on top of the (already edited) merged weights.
+
+    Args:
+        path (`str` or `os.PathLike`): the output folder.
+        kind (`str`): what is about to be written, `"adapter"` or `"checkpoint"`.
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`): consent to remove the other kind's files.
+
+    Returns:
+        `list[str]`: the other kind's files in `path` that the write removes (empty when there are none).
+
+    Raises:
+        ValueError: when `path` holds the other kind of artefact and `overwrite_output_dir` is `False`; the message
+            names the folder and the files found.
+    """
+    _check_kind(kind)
+    other = _other_kind(kind)
+    found = artefact_files(path, other)
+    markers = ADAPTER_FILES if other == "adapter" else CHECKPOINT_MARKERS
+    if not any(_matches(name, markers) for name in found):
+        return []  # nothing, or only tokenizer files (which may sit beside an adapter)
+    if not overwrite_output_dir:
+        raise ValueError(
+            f"The output folder {path} already holds {_describe_kind(other)} ({', '.join(found)}); writing "
+            f"{_describe_kind(kind)} there would mix the two (`from_pretrained` would load the adapter on top of the "
+            "merged weights, a double edit). Write to another folder, or pass `overwrite_output_dir=True` "
+            "(`memit-hf edit --overwrite_output_dir`) to remove those files."
+        )
+    return found
+
+
+def remove_artefact_files(path: str | os.PathLike, kind: str) -> list[str]:
+    """Delete the files of an artefact of `kind` at the top of `path` (see [`artefact_files`]), and nothing else.
+
+    Returns:
+        `list[str]`: the names of the files removed.
+    """
+    removed = artefact_files(path, kind)
+    for name in removed:
+        (Path(path) / name).unlink(missing_ok=True)
+    if removed:
+        logger.info("Removed the %s files %s from %s.", kind, removed, path)
+    return removed
+
+
+def _staged_files(staging: Path) -> list[str]:
+    return sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+
+
+def _install(staging: Path, path: Path, kind: str, overwrite_output_dir: bool) -> list[str]:
+    """Move the files staged for an artefact of `kind` into `path`: the other kind's files are removed first (with
+    consent), the config moves last (it makes the folder loadable), and the files of `kind` that the new artefact does
+    not have (older shards, an `adapter_model.bin`) are removed at the end. Returns the files moved in."""
+    written = _staged_files(staging)
+    other = check_output_dir(path, kind, overwrite_output_dir)  # again: the folder may have changed meanwhile
+    for name in other:
+        (path / name).unlink(missing_ok=True)
+    if other:
+        logger.warning("Removed the %s files %s from %s (overwrite_output_dir).", _other_kind(kind), other, path)
+    config = ADAPTER_CONFIG_NAME if kind == "adapter" else "config.json"
+    for name in sorted(written, key=lambda name: (name == config, name)):
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / name, path / name)
+    for name in artefact_files(path, kind):
+        if name not in written:
+            (path / name).unlink(missing_ok=True)
+    return written
+
+
 def save_adapter_files(
     deltas: Iterable[LayerDelta],
     path: str | os.PathLike,
@@ -243,12 +453,17 @@ def save_adapter_files(
     export_rank: int | float | None = None,
     metadata: dict[str, Any] | None = None,
     repo_id: str | None = None,
+    overwrite_output_dir: bool = False,
+    for_hub: bool = False,
 ) -> ExportReport:
     """Write a peft LoRA adapter holding `deltas` to `path`.
 
     Files: `adapter_config.json`, `adapter_model.safetensors`, and when given `memit_edits.json` (`metadata`, completed
-    with the export report) and the model card `README.md` built from both. The files are written in a temporary sibling directory and
-    renamed into `path` one by one, the config last; other files already in `path` are left alone.
+    with the export report and the list of files written) and the model card `README.md` built from both. They are
+    written in a staging folder inside `path` (see [`staging_folder`]), then moved into `path` one by one, the config
+    last, so a failed write leaves what `path` held untouched. Other files already in `path` (metrics, a tokenizer)
+    are kept, except an older `adapter_model.bin`; a full checkpoint there is refused (or, with
+    `overwrite_output_dir`, removed): one folder holds one kind of artefact.
 
     Args:
         deltas (`Iterable[LayerDelta]`): the updates (several per module are summed exactly).
@@ -259,17 +474,27 @@ def save_adapter_files(
             of each update's energy (`float`); lossy below the true rank, the error is reported.
         metadata (`dict`, *optional*): the edit metadata for `memit_edits.json`.
         repo_id (`str`, *optional*): repository named in the model card's loading snippets.
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`): remove the files of a full checkpoint found in
+            `path` (instead of raising).
+        for_hub (`bool`, *optional*, defaults to `False`): the folder is to be published: a local base model path is
+            written as `None` (with a warning) and no local absolute path goes into the metadata or the card (see
+            [`~memit_hf.hub.public_metadata`]).
 
     Returns:
-        [`ExportReport`]: ranks, reconstruction errors and sizes.
+        [`ExportReport`]: ranks, reconstruction errors, sizes and the files written.
+
+    Raises:
+        ValueError: if `deltas` is empty, or `path` holds a full checkpoint and `overwrite_output_dir` is `False`.
     """
-    prepared, errors = prepare_deltas(deltas, export_rank)
-    config = lora_config(prepared, base_model_name_or_path, revision)
-    tensors = adapter_state_dict(prepared)
+    from .hub import public_base_model, public_metadata
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    check_output_dir(path, "adapter", overwrite_output_dir)  # before any work
+    prepared, errors = prepare_deltas(deltas, export_rank)
+    config = lora_config(prepared, public_base_model(base_model_name_or_path) if for_hub else base_model_name_or_path,
+                         revision)  # fmt: skip
+    tensors = adapter_state_dict(prepared)
+    with staging_folder(path) as staging:
         config.save_pretrained(str(staging))
         save_file(tensors, str(staging / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
         report = ExportReport(
@@ -282,14 +507,11 @@ def save_adapter_files(
             export_rank=export_rank,
         )
         if metadata is not None:
-            write_metadata_and_card(staging, {**metadata, "export": report.to_dict()}, repo_id)
-        path.mkdir(parents=True, exist_ok=True)
-        # Move file by file (the config last), so other files in `path` (metrics, a tokenizer) are kept.
-        for name in (ADAPTER_WEIGHTS_NAME, EDITS_METADATA_NAME, "README.md", ADAPTER_CONFIG_NAME):
-            if (staging / name).exists():
-                os.replace(staging / name, path / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            files = sorted({*_staged_files(staging), EDITS_METADATA_NAME, CARD_NAME})
+            export = {key: value for key, value in report.to_dict().items() if key != "files"}
+            metadata = {**metadata, "files": files, "export": export}
+            write_metadata_and_card(staging, public_metadata(metadata) if for_hub else metadata, repo_id)
+        report.files = _install(staging, path, "adapter", overwrite_output_dir)
     if report.max_reconstruction_error > 1e-4:
         logger.warning(
             "Adapter rank %s loses part of the edit: max relative reconstruction error %.2e.",
@@ -308,7 +530,7 @@ def write_metadata_and_card(
 
     folder = Path(folder)
     write_json(folder / EDITS_METADATA_NAME, metadata)
-    (folder / "README.md").write_text(build_model_card(metadata, repo_id, merged=merged), encoding="utf-8")
+    (folder / CARD_NAME).write_text(build_model_card(metadata, repo_id, merged=merged), encoding="utf-8")
 
 
 def save_merged_checkpoint(
@@ -317,20 +539,47 @@ def save_merged_checkpoint(
     path: str | os.PathLike,
     metadata: dict[str, Any],
     repo_id: str | None = None,
+    overwrite_output_dir: bool = False,
+    for_hub: bool = False,
     **save_kwargs: Any,
-) -> None:
-    """Save the edited model as a full checkpoint (`save_pretrained`) with its tokenizer, `memit_edits.json` and a
-    model card.
+) -> list[str]:
+    """Save the edited model as a full checkpoint (`save_pretrained`) with its tokenizer, `memit_edits.json` (which
+    lists the files written) and a model card.
+
+    Everything is written in a staging folder inside `path` first (see [`staging_folder`]) and moved in when complete,
+    the config last, so a failed save leaves what `path` held untouched; the checkpoint files of an older checkpoint
+    that the new one lacks (other shards, tokenizer files) are removed. An adapter in `path` is refused (or, with
+    `overwrite_output_dir`, removed): one folder holds one kind of artefact.
 
     Args:
+        model (`PreTrainedModel`): the model to save, edits merged.
+        tokenizer (`PreTrainedTokenizerBase`): its tokenizer.
+        path (`str` or `os.PathLike`): the output directory (created if needed).
+        metadata (`dict`): the edit metadata (see [`edit_metadata`]).
+        repo_id (`str`, *optional*): repository named in the model card's loading snippets.
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`): remove the adapter files found in `path`
+            (instead of raising).
+        for_hub (`bool`, *optional*, defaults to `False`): the folder is to be published: no local absolute path goes
+            into the metadata or the card (see [`~memit_hf.hub.public_metadata`]).
         save_kwargs: passed to `save_pretrained` (e.g. `max_shard_size`).
+
+    Returns:
+        `list[str]`: the files written, relative to `path`.
+
+    Raises:
+        ValueError: if `path` holds an adapter and `overwrite_output_dir` is `False`.
     """
+    from .hub import public_metadata
+
     warn_if_unnamed(metadata, "checkpoint's card")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, **save_kwargs)
-    tokenizer.save_pretrained(path)
-    write_metadata_and_card(path, metadata, repo_id, merged=True)
+    check_output_dir(path, "checkpoint", overwrite_output_dir)  # before any work
+    with staging_folder(path) as staging:
+        model.save_pretrained(staging, **save_kwargs)
+        tokenizer.save_pretrained(staging)
+        metadata = {**metadata, "files": sorted({*_staged_files(staging), EDITS_METADATA_NAME, CARD_NAME})}
+        write_metadata_and_card(staging, public_metadata(metadata) if for_hub else metadata, repo_id, merged=True)
+        return _install(staging, path, "checkpoint", overwrite_output_dir)
 
 
 def read_edits_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -364,8 +613,7 @@ def edit_metadata(
     for batch in batches:
         requests = batch.get("requests") or []
         digest = hashlib.sha256(json.dumps(requests, sort_keys=True, default=str).encode()).hexdigest()
-        hyper = dict(batch.get("hyperparameters", {}))
-        hyper.pop("hub_token", None)
+        hyper = redact(batch.get("hyperparameters", {}))
         out_batches.append(
             {
                 **batch,
@@ -389,16 +637,23 @@ def write_edit_adapter(
     metadata: dict[str, Any],
     export_rank: int | float | None = None,
     repo_id: str | None = None,
+    overwrite_output_dir: bool = False,
+    for_hub: bool = False,
 ) -> ExportReport:
     """[`save_adapter_files`] for the edits described by `metadata` (see [`edit_metadata`]), whose base model it names.
 
+    Args:
+        deltas, path, export_rank, repo_id, overwrite_output_dir, for_hub: as in [`save_adapter_files`].
+        metadata (`dict`): the edit metadata; its `base_model_name_or_path` and `base_model_revision` go to the
+            adapter's config.
+
     Returns:
-        [`ExportReport`]: ranks, reconstruction errors and sizes.
+        [`ExportReport`]: ranks, reconstruction errors, sizes and the files written.
     """
     warn_if_unnamed(metadata, "adapter")
     return save_adapter_files(
         deltas, path, metadata.get("base_model_name_or_path"), metadata.get("base_model_revision"), export_rank,
-        metadata, repo_id,
+        metadata, repo_id, overwrite_output_dir=overwrite_output_dir, for_hub=for_hub,
     )  # fmt: skip
 
 

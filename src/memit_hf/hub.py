@@ -1,11 +1,21 @@
-"""Model cards for edit adapters and merged checkpoints, and pushing a folder to the Hugging Face Hub."""
+"""Model cards for edit adapters and merged checkpoints, and pushing a folder to the Hugging Face Hub (exactly the
+files of an export, with no local path in what is published)."""
 
+import contextlib
+import json
+import logging
 import os
-from pathlib import Path
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .algorithms.registry import ALGORITHM_CONFIGS
 
+
+logger = logging.getLogger(__name__)
 
 MAX_CARD_ROWS = 100
 """Edits listed in a model card's table; the rest are counted (all of them are in `memit_edits.json`)."""
@@ -16,6 +26,81 @@ CITATION = """@inproceedings{meng2023memit,
   booktitle = {The Eleventh International Conference on Learning Representations (ICLR)},
   year      = {2023}
 }"""
+
+
+_LOCAL_PATH = re.compile(r"(?<![\w.~/\\-])(?:~[\\/]|[A-Za-z]:[\\/]|/(?!/))[^\s,;|'\"()\[\]{}<>`]*")
+"""An absolute (or home-relative) local path inside a text: `/...` not part of a URL (`https://`) or of a Hub id
+(`org/name`), `~/...`, `C:\\...`."""
+
+
+def is_local_path(name: Any) -> bool:
+    """Whether `name` (a `base_model_name_or_path`) is a local path that means nothing on the Hub: absolute,
+    home-relative (`~/`) or explicitly relative (`./`, `../`)."""
+    if not isinstance(name, str) or not name:
+        return False
+    return (
+        os.path.isabs(name)
+        or name.startswith(("~", "./", "../", ".\\", "..\\"))
+        or re.match(r"^[A-Za-z]:[\\/]", name) is not None
+    )
+
+
+def hide_local_paths(text: str) -> str:
+    """`text` with every absolute local path in it replaced by its last component (a file or folder name), e.g.
+    `"stats_repo:/home/me/stats"` -> `"stats_repo:stats"`; URLs and Hub ids are kept."""
+
+    def name(match: re.Match) -> str:
+        last = re.split(r"[\\/]", match.group(0).rstrip("/\\"))[-1]
+        return last or match.group(0)
+
+    return _LOCAL_PATH.sub(name, text)
+
+
+def public_base_model(name: str | None) -> str | None:
+    """`name` as a published adapter or card may name its base model: `None` for a local path."""
+    return None if is_local_path(name) else name
+
+
+def warn_local_base_model(name: str) -> None:
+    """Warn that the published files name no base model because `name` is a local path."""
+    logger.warning(
+        "The base model is the local path %s, which means nothing on the Hub: what is published names no base model "
+        "(`base_model_name_or_path` is null in adapter_config.json and memit_edits.json, the model card has no "
+        '`base_model`). Pass `base_model_name_or_path="<hub id>"` to name it.',
+        name,
+    )
+
+
+def _hide_in(value: Any) -> Any:
+    if isinstance(value, str):
+        return hide_local_paths(value)
+    if isinstance(value, dict):
+        return {
+            key: item if key == "requests" and isinstance(item, list) else _hide_in(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [_hide_in(item) for item in value]
+    return value
+
+
+def public_metadata(metadata: dict[str, Any], warn: bool = True) -> dict[str, Any]:
+    """A copy of the edit metadata (`memit_edits.json`) fit to publish: a local `base_model_name_or_path` becomes
+    `None` and every other absolute local path (the export folder, corpus and request files, a local `stats_repo`)
+    is cut to its last component. The requests are kept as they are.
+
+    Args:
+        metadata (`dict`): the metadata.
+        warn (`bool`, *optional*, defaults to `True`): warn when the base model was a local path.
+
+    Returns:
+        `dict`: the metadata to publish.
+    """
+    base = metadata.get("base_model_name_or_path")
+    public = {**_hide_in(metadata), "base_model_name_or_path": public_base_model(base)}
+    if warn and is_local_path(base):
+        warn_local_base_model(base)
+    return public
 
 
 def _cell(value: Any) -> str:
@@ -102,9 +187,10 @@ def _method(metadata: dict[str, Any]) -> str:
         stats = batch.get("statistics", {})
         first = next(iter(stats.values()), {})
         source = f"{first.get('corpus', '?')}, {first.get('num_tokens', '?')} tokens" if first else "?"
+        settings = hide_local_paths(_settings(hyper.get("algorithm_config")))
         rows.append(
             f"| {i} | {batch.get('algorithm', '?')} | {batch.get('num_requests', '?')} | {hyper.get('layers')} | "
-            f"{_cell(_settings(hyper.get('algorithm_config')))} | {_cell(source)} |"
+            f"{_cell(settings)} | {_cell(hide_local_paths(source))} |"
         )
     return "\n".join(rows) + "\n"
 
@@ -112,6 +198,10 @@ def _method(metadata: dict[str, Any]) -> str:
 def build_model_card(metadata: dict[str, Any], repo_id: str | None = None, merged: bool = False) -> str:
     """The README.md of an edit adapter (or merged checkpoint): YAML metadata the Hub reads (`base_model`,
     `library_name`, `tags`), the edits as a table, the method and its settings, how to load it, and the citation.
+
+    The card prints no local path: a base model loaded from a local folder is not named in the YAML metadata or the
+    loading snippets (only its folder name in the text), and file paths in the statistics column are cut to their
+    file names.
 
     Args:
         metadata (`dict`): the content of `memit_edits.json` (see [`Editor.save_adapter`]).
@@ -121,13 +211,20 @@ def build_model_card(metadata: dict[str, Any], repo_id: str | None = None, merge
     Returns:
         `str`: the model card.
     """
-    base_model = metadata.get("base_model_name_or_path")
+    local_base = metadata.get("base_model_name_or_path")
+    base_model = public_base_model(local_base)
     requests = [request for batch in metadata.get("batches", []) for request in batch.get("requests") or []]
     num_edits = sum(batch.get("num_requests", 0) for batch in metadata.get("batches", []))
     algorithms = sorted({batch.get("algorithm", "memit") for batch in metadata.get("batches", [])})
     paper = ", ".join(f"[{name.upper()}]({_paper(name)})" for name in algorithms or ["memit"])
     kind = "a merged checkpoint of" if merged else "a LoRA adapter for"
-    base_link = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "its base model"
+    if base_model:
+        base_link = f"[{base_model}](https://huggingface.co/{base_model})"
+    elif local_base:
+        folder = PurePosixPath(local_base.replace("\\", "/")).name or local_base
+        base_link = f"its base model (loaded from a local folder, `{folder}`)"
+    else:
+        base_link = "its base model"
     exact = metadata.get("export", {})
     error = exact.get("max_reconstruction_error")
     fidelity = (
@@ -166,6 +263,105 @@ def build_model_card(metadata: dict[str, Any], repo_id: str | None = None, merge
     return "\n".join(sections)
 
 
+def _relative_file(name: str, folder: Path) -> PurePosixPath:
+    relative = PurePosixPath(str(name).replace("\\", "/"))
+    if not str(name) or relative.is_absolute() or ".." in relative.parts or re.match(r"^[A-Za-z]:", str(name)):
+        raise ValueError(f"Files to push must be paths inside {folder}, got {name!r}.")
+    return relative
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not supported
+        shutil.copy2(source, target)
+
+
+def default_push_files(folder: str | os.PathLike) -> list[str]:
+    """What [`push_folder`] uploads from `folder` by default: the files its `memit_edits.json` lists (those the export
+    wrote), else every file whose path has no hidden (`.`-prefixed) part.
+
+    Args:
+        folder (`str` or `os.PathLike`): the folder.
+
+    Returns:
+        `list[str]`: paths relative to `folder`.
+    """
+    from .export import read_edits_metadata
+
+    folder = Path(folder)
+    listed = (read_edits_metadata(folder) or {}).get("files")
+    if isinstance(listed, list):
+        return [str(name) for name in listed]
+    return sorted(
+        path.relative_to(folder).as_posix()
+        for path in folder.rglob("*")
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
+
+
+def stage_for_hub(
+    folder: str | os.PathLike, files: Iterable[str], destination: str | os.PathLike, repo_id: str | None = None
+) -> list[str]:
+    """Put `files` of `folder` into the empty folder `destination` as they are to be published: hard links (or
+    copies) of the files as they are, except the files that may name local paths, which are rewritten:
+    `adapter_config.json` gets `base_model_name_or_path: null` when it is a local path, `memit_edits.json` becomes
+    its [`public_metadata`] (when that differs), the model card `README.md` beside it is rebuilt from that (naming `repo_id`), and the
+    paths in `edit_metrics.json` are cut to their last component. Warns once when the base model was a local path.
+
+    Args:
+        folder (`str` or `os.PathLike`): the folder the files are in.
+        files (`Iterable[str]`): paths relative to `folder`.
+        destination (`str` or `os.PathLike`): the staging folder.
+        repo_id (`str`, *optional*): the repository the model card names.
+
+    Returns:
+        `list[str]`: the files staged, relative to `destination`.
+
+    Raises:
+        ValueError: for a path that is not inside `folder`.
+        FileNotFoundError: for a listed file that `folder` does not hold.
+    """
+    from .export import ADAPTER_CONFIG_NAME, CARD_NAME, EDIT_METRICS_NAME, EDITS_METADATA_NAME, write_json
+
+    folder, destination = Path(folder), Path(destination)
+    relative = sorted({_relative_file(name, folder) for name in files})
+    listed = set(relative)
+    local_bases = []
+    for name in relative:
+        source, target = folder / name, destination / name
+        if not source.is_file():
+            raise FileNotFoundError(f"Cannot push {name}: {source} is not a file.")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if name.name == CARD_NAME and name.with_name(EDITS_METADATA_NAME) in listed:
+            continue  # rebuilt from the metadata
+        if name.name not in (EDITS_METADATA_NAME, ADAPTER_CONFIG_NAME, EDIT_METRICS_NAME):
+            _link_or_copy(source, target)
+            continue
+        content = json.loads(source.read_text(encoding="utf-8"))
+        public = _hide_in(content)  # edit_metrics.json: paths in the resolved arguments
+        if isinstance(content, dict) and name.name != EDIT_METRICS_NAME:
+            local_bases.append(content.get("base_model_name_or_path"))
+            if name.name == EDITS_METADATA_NAME:
+                public = public_metadata(content, warn=False)
+            else:  # adapter_config.json: only its base model may be a local path
+                public = {
+                    **content,
+                    "base_model_name_or_path": public_base_model(content.get("base_model_name_or_path")),
+                }
+        if public == content:
+            _link_or_copy(source, target)
+        else:
+            write_json(target, public)
+        if name.name == EDITS_METADATA_NAME and name.with_name(CARD_NAME) in listed:
+            merged = not (source.parent / ADAPTER_CONFIG_NAME).is_file()
+            target.with_name(CARD_NAME).write_text(build_model_card(public, repo_id, merged=merged), encoding="utf-8")
+    local = next((base for base in local_bases if is_local_path(base)), None)
+    if local is not None:
+        warn_local_base_model(local)
+    return [name.as_posix() for name in relative]
+
+
 def push_folder(
     folder: str | os.PathLike,
     repo_id: str,
@@ -173,8 +369,14 @@ def push_folder(
     token: str | None = None,
     commit_message: str | None = None,
     revision: str | None = None,
+    files: Iterable[str] | None = None,
 ) -> Any:
-    """Create `repo_id` if needed and upload `folder` to it, as `Trainer.push_to_hub` does.
+    """Create `repo_id` if needed and upload exactly `files` of `folder` to it, as `Trainer.push_to_hub` does.
+
+    The files are staged by [`stage_for_hub`] in a clean folder inside `folder` (in the system's temporary folder when
+    `folder` is read-only) and that folder is uploaded: nothing else in `folder` (a `.env`, an older adapter, stale
+    files) is published, and the published `adapter_config.json`, `memit_edits.json` and model card carry no local
+    path.
 
     Args:
         folder (`str` or `os.PathLike`): the adapter or checkpoint directory.
@@ -183,20 +385,36 @@ def push_folder(
         token (`str`, *optional*): Hub token (`None`: the logged-in one or `HF_TOKEN`).
         commit_message (`str`, *optional*): defaults to "Upload fact edits with memit-hf".
         revision (`str`, *optional*): branch to push to.
+        files (`Iterable[str]`, *optional*): the paths to upload, relative to `folder`; default:
+            [`default_push_files`] (the files the folder's `memit_edits.json` lists, else every non-hidden file).
 
     Returns:
         `huggingface_hub.CommitInfo`: the upload's commit.
+
+    Raises:
+        FileNotFoundError: if `folder` is not a directory or lacks one of `files`.
+        ValueError: for a path in `files` outside `folder`.
     """
     from huggingface_hub import HfApi
 
-    if not Path(folder).is_dir():
+    from .export import staging_folder
+
+    folder = Path(folder)
+    if not folder.is_dir():
         raise FileNotFoundError(f"Nothing to push: {folder} is not a directory.")
-    api = HfApi(token=token)
-    repo = api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
-    return api.upload_folder(
-        folder_path=str(folder),
-        repo_id=getattr(repo, "repo_id", repo_id),
-        repo_type="model",
-        commit_message=commit_message or "Upload fact edits with memit-hf",
-        revision=revision,
-    )
+    files = default_push_files(folder) if files is None else list(files)
+    with contextlib.ExitStack() as stack:
+        try:
+            staging = stack.enter_context(staging_folder(folder))
+        except OSError:  # a read-only folder
+            staging = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="memit-hf-push-")))
+        stage_for_hub(folder, files, staging, repo_id)
+        api = HfApi(token=token)
+        repo = api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+        return api.upload_folder(
+            folder_path=str(staging),
+            repo_id=getattr(repo, "repo_id", repo_id),
+            repo_type="model",
+            commit_message=commit_message or "Upload fact edits with memit-hf",
+            revision=revision,
+        )

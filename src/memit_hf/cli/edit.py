@@ -1,7 +1,7 @@
 """`memit-hf edit` and `memit-hf stats`."""
 
 import argparse
-import json
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -12,10 +12,13 @@ from .common import corpus_paths, jsonable, load_model
 
 def run_edit(namespace: argparse.Namespace, args: EditingArguments) -> dict[str, Any]:
     """`memit-hf edit`: edit, then write the adapter (or, with `--merged`, the edited checkpoint) and
-    `edit_metrics.json` to `--output-dir`; push it when `--push_to_hub`. With `--state-dir`, continue the editor state
-    saved there (if any) and save the new one there, with the adapters (`--output-dir` defaults to it)."""
-    from ..editor import Editor
-    from ..editor_state import is_state_dir
+    `edit_metrics.json` to `--output-dir`; push exactly those files when `--push_to_hub`. With `--state-dir`, continue
+    the editor state saved there (if any) and save the new one there, with the adapters (`--output-dir` defaults to
+    it). A folder holding the other kind of artefact is refused before the edit runs, unless `--overwrite_output_dir`
+    (then its files are removed)."""
+    from ..export import (
+        check_output_dir,
+    )
     from ..requests import load_requests
 
     state_dir = Path(namespace.state_dir) if namespace.state_dir else None
@@ -30,9 +33,70 @@ def run_edit(namespace: argparse.Namespace, args: EditingArguments) -> dict[str,
             "memit-hf edit: error: --merged and --export-rank write to another --output-dir than --state-dir (the "
             "state folder keeps the exact adapters)."
         )
+    # One kind of artefact per folder: checked before the edit runs, so that a refusal costs nothing.
+    kind = "checkpoint" if namespace.merged else "adapter"
+    folders = {output_dir: kind} | ({state_dir: "adapter"} if state_dir is not None and not in_state_dir else {})
+    try:
+        replaced = {folder: bool(check_output_dir(folder, new, namespace.overwrite_output_dir))
+                    for folder, new in folders.items()}  # fmt: skip
+    except ValueError as error:
+        raise SystemExit(f"memit-hf edit: error: {error}") from None
     corpus = corpus_paths(namespace.corpus)
     requests = load_requests(namespace.requests)
     output_dir.mkdir(parents=True, exist_ok=True)
+
+    with state_lock(state_dir):  # the whole load-edit-save cycle: a second run on the state stops with a message
+        return edit_and_write(
+            namespace, args, requests, corpus, state_dir, output_dir, in_state_dir, folders, replaced
+        )
+
+
+def state_lock(state_dir: Path | None) -> contextlib.ExitStack:
+    """The lock of `--state-dir`, held by the main process until the returned context exits (nothing without a state
+    folder). Every process learns whether it was taken, so a refusal stops all of them instead of leaving the others
+    at a barrier.
+
+    Raises:
+        SystemExit: when another run holds the lock, with its message.
+    """
+    from ..distributed import process_state
+    from ..editor_state import StateLock, StateLockedError
+
+    held = contextlib.ExitStack()
+    if state_dir is None:
+        return held
+    state = process_state()
+    error = None
+    if state.is_main_process:
+        try:
+            held.enter_context(StateLock(state_dir))
+        except StateLockedError as refused:
+            error = str(refused)
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        raise SystemExit(f"memit-hf edit: error: {error}")
+    return held
+
+
+def edit_and_write(
+    namespace: argparse.Namespace,
+    args: EditingArguments,
+    requests: Any,
+    corpus: Any,
+    state_dir: Path | None,
+    output_dir: Path,
+    in_state_dir: bool,
+    folders: dict[Path, str],
+    replaced: dict[Path, bool],
+) -> dict[str, Any]:
+    """The body of [`run_edit`] once its arguments are checked (under the state's lock)."""
+    from ..editor import Editor
+    from ..editor_state import is_state_dir
+    from ..export import EDIT_METRICS_NAME, read_edits_metadata, remove_artefact_files, write_json
+    from ..redaction import redact
 
     model, tokenizer = load_model(namespace.model, args)
     continued = state_dir is not None and is_state_dir(state_dir)
@@ -51,6 +115,11 @@ def run_edit(namespace: argparse.Namespace, args: EditingArguments) -> dict[str,
         "corpus": [str(p) for p in corpus or []],
     }
 
+    if editor.state.is_main_process:  # `--overwrite_output_dir`: the other kind goes before the new files come
+        for folder, new in folders.items():
+            if replaced[folder]:
+                removed = remove_artefact_files(folder, "adapter" if new == "checkpoint" else "checkpoint")
+                print(f"  removed {', '.join(removed)} from {folder} (--overwrite_output_dir)")
     report = None
     if state_dir is not None:
         report = editor.save_state(state_dir)
@@ -59,7 +128,7 @@ def run_edit(namespace: argparse.Namespace, args: EditingArguments) -> dict[str,
         written = "the edited checkpoint"
     elif not in_state_dir:
         report = editor.save_adapter(output_dir, export_rank=namespace.export_rank, repo_id=args.hub_model_id)
-    summary = {"metrics": metrics, "args": resolved, "num_requests": len(output.requests),
+    summary = {"metrics": metrics, "args": redact(resolved), "num_requests": len(output.requests),
                "num_edits_total": sum(len(o.requests) for o in editor.history), "num_batches": len(editor.history)}  # fmt: skip
     if not editor.state.is_main_process:  # under `accelerate launch`: the main process wrote the files and reports
         return summary
@@ -67,7 +136,7 @@ def run_edit(namespace: argparse.Namespace, args: EditingArguments) -> dict[str,
         metrics["adapter_bytes"] = report.adapter_bytes
         metrics["adapter_max_reconstruction_error"] = report.max_reconstruction_error
         written = f"the adapter ({report.adapter_bytes / 1e6:.2f} MB, ranks {sorted(set(report.ranks.values()))})"
-    (output_dir / "edit_metrics.json").write_text(json.dumps(jsonable(summary), indent=2) + "\n", encoding="utf-8")
+    write_json(output_dir / EDIT_METRICS_NAME, jsonable(summary))
 
     name = namespace.model or getattr(model.config, "_name_or_path", None)
     print(
@@ -93,9 +162,11 @@ def run_edit(namespace: argparse.Namespace, args: EditingArguments) -> dict[str,
     if args.push_to_hub:
         from ..hub import push_folder
 
+        # Exactly what this run wrote (the export lists its files in memit_edits.json), nothing else in the folder.
+        files = [*read_edits_metadata(output_dir)["files"], EDIT_METRICS_NAME]
         commit = push_folder(
             output_dir, args.hub_model_id, args.hub_private_repo, args.hub_token,
-            f"Add {len(output.requests)} fact edits with memit-hf",
+            f"Add {len(output.requests)} fact edits with memit-hf", files=files,
         )  # fmt: skip
         print(f"  pushed to {args.hub_model_id}: {getattr(commit, 'commit_url', commit)}")
     return summary

@@ -161,6 +161,12 @@ def make_parser() -> argparse.ArgumentParser:
     )
     edit.add_argument("--merged", action="store_true", help="Write the full edited checkpoint instead of the adapter.")
     edit.add_argument(
+        "--overwrite_output_dir", "--overwrite-output-dir", action="store_true",
+        help="Replace the other kind of artefact found in --output-dir (a merged checkpoint when writing the adapter, "
+        "the adapter with --merged): its files are removed. Without it such a folder is refused, so that an adapter "
+        "never sits beside merged weights.",
+    )  # fmt: skip
+    edit.add_argument(
         "--state-dir",
         "--state_dir",
         metavar="DIR",
