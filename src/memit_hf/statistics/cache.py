@@ -1,5 +1,6 @@
 """The on-disk statistics cache: one safetensors file per module, named by its fingerprint key, with the fingerprint
-and a checksum beside it in JSON; written atomically and verified on load. Beside an entry, its spectrum (the
+and a checksum beside it in JSON; written atomically under a per-entry lock (the folder may be shared between
+processes and users) and verified on load. Beside an entry, its spectrum (the
 eigendecomposition of the covariance that null-space methods need) is cached once computed, tied to the entry's
 checksum."""
 
@@ -8,15 +9,15 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .collection import SecondMoment
+from .files import LOCK_SUFFIX, entry_lock, remove_stale_temporary_files, save_tensors, temporary_folder
 from .fingerprint import fingerprint_key
 
 
@@ -46,15 +47,16 @@ def entry_name(fingerprint: dict[str, Any]) -> str:
 
 def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
     """Put `source` at `target` atomically: a hard link when on the same file system, else a copy (links such as a
-    Hub snapshot's are followed)."""
+    Hub snapshot's are followed; a copy gets the permissions of a new file, `0o666` less the umask), made in a
+    [`~memit_hf.statistics.temporary_folder`] and renamed into place."""
     source, target = Path(source).resolve(), Path(target)
-    temporary = target.parent / f".{target.name}.{os.getpid()}.tmp"
-    temporary.unlink(missing_ok=True)
-    try:
-        os.link(source, temporary)
-    except OSError:
-        shutil.copyfile(source, temporary)
-    os.replace(temporary, target)
+    with temporary_folder(target) as folder:
+        temporary = folder / target.name
+        try:
+            os.link(source, temporary)
+        except OSError:
+            shutil.copyfile(source, temporary)
+        os.replace(temporary, target)
 
 
 class StatisticsCache:
@@ -71,6 +73,10 @@ class StatisticsCache:
         """The tensor file and the JSON file of `fingerprint`."""
         stem = entry_name(fingerprint)
         return self.directory / f"{stem}.safetensors", self.directory / f"{stem}.json"
+
+    def lock_path(self, fingerprint: dict[str, Any]) -> Path:
+        """The lock file held while the entry of `fingerprint` is written (see [`~memit_hf.statistics.entry_lock`])."""
+        return self.directory / f"{entry_name(fingerprint)}{LOCK_SUFFIX}"
 
     def load(self, fingerprint: dict[str, Any]) -> SecondMoment | None:
         """The cached statistic of `fingerprint`, or `None` when absent, truncated, corrupted or stale (logged)."""
@@ -93,25 +99,28 @@ class StatisticsCache:
             return None
 
     def save(self, fingerprint: dict[str, Any], moment: SecondMoment, info: dict[str, Any] | None = None) -> Path:
-        """Write the statistic atomically (temporary file, then rename) with its fingerprint and checksum.
+        """Write the statistic atomically (files in a temporary folder named by this process, then renamed into
+        place, under the entry's lock so that two processes writing it at once do not mix their files) with its
+        fingerprint and checksum; the files get the permissions of new files under the umask. Temporary files
+        that killed runs left in the cache are removed first (see
+        [`~memit_hf.statistics.remove_stale_temporary_files`]).
 
         Args:
             info (`dict`, *optional*): a description stored beside the fingerprint (the layer index, a readable name
                 of the corpus) for the statistics' card; it does not identify the statistics.
         """
         self.directory.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporary_files(self.directory)
         tensor_path, meta_path = self.paths(fingerprint)
-        with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".tmp", delete=False) as handle:
-            tmp_tensor = Path(handle.name)
-        save_file({"total": moment.total.contiguous(), "count": torch.tensor([moment.count])}, str(tmp_tensor))
-        meta = {"fingerprint": fingerprint, "sha256": file_sha256(tmp_tensor), "count": moment.count}
-        if info:
-            meta["info"] = info
-        with tempfile.NamedTemporaryFile("w", dir=self.directory, suffix=".tmp", delete=False) as handle:
-            json.dump(meta, handle, indent=2)
-            tmp_meta = Path(handle.name)
-        os.replace(tmp_tensor, tensor_path)
-        os.replace(tmp_meta, meta_path)
+        with entry_lock(self.lock_path(fingerprint)), temporary_folder(tensor_path) as folder:
+            tmp_tensor, tmp_meta = folder / tensor_path.name, folder / meta_path.name
+            save_tensors({"total": moment.total.contiguous(), "count": torch.tensor([moment.count])}, tmp_tensor)
+            meta = {"fingerprint": fingerprint, "sha256": file_sha256(tmp_tensor), "count": moment.count}
+            if info:
+                meta["info"] = info
+            tmp_meta.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+            os.replace(tmp_tensor, tensor_path)
+            os.replace(tmp_meta, meta_path)
         return tensor_path
 
     def spectrum_path(self, fingerprint: dict[str, Any]) -> Path:
@@ -152,24 +161,27 @@ class StatisticsCache:
         made_from = self._statistics_sha256(fingerprint)
         if made_from is None:
             return None
-        with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".tmp", delete=False) as handle:
-            tmp_path = Path(handle.name)
-        tensors = {"eigenvalues": eigenvalues.contiguous(), "eigenvectors": eigenvectors.contiguous()}
-        save_file(tensors, str(tmp_path), metadata={"statistics_sha256": made_from})
+        remove_stale_temporary_files(self.directory)
         path = self.spectrum_path(fingerprint)
-        os.replace(tmp_path, path)
+        with temporary_folder(path) as folder:
+            tensors = {"eigenvalues": eigenvalues.contiguous(), "eigenvectors": eigenvectors.contiguous()}
+            save_tensors(tensors, folder / path.name, metadata={"statistics_sha256": made_from})
+            os.replace(folder / path.name, path)
         return path
 
     def add(self, tensor_path: str | os.PathLike, meta_path: str | os.PathLike) -> dict[str, Any]:
         """Put a cache entry made elsewhere (a statistics folder or Hub repository) into this cache: hard-linked
-        when on the same file system, else copied; each file lands atomically under its cache name.
+        when on the same file system, else copied; each file lands atomically under its cache name, both under the
+        entry's lock (see [`save`]).
 
         Returns:
             `dict`: the entry's fingerprint (read its statistic with [`load`], which verifies the checksum).
         """
         fingerprint = json.loads(Path(meta_path).read_text())["fingerprint"]
         self.directory.mkdir(parents=True, exist_ok=True)
-        for source, target in zip((tensor_path, meta_path), self.paths(fingerprint)):
-            if Path(source).resolve() != target.resolve():
-                link_or_copy(source, target)
+        remove_stale_temporary_files(self.directory)
+        with entry_lock(self.lock_path(fingerprint)):
+            for source, target in zip((tensor_path, meta_path), self.paths(fingerprint)):
+                if Path(source).resolve() != target.resolve():
+                    link_or_copy(source, target)
         return fingerprint
