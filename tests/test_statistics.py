@@ -1,10 +1,11 @@
 """Tests of `memit_hf.statistics`: second moments against an explicit sum, one pass for several modules, the disk
-cache (reuse, damage checks, locked writes from several processes, stale temporary files, permissions),
+cache (reuse, damage and content checks, locked writes from several processes, stale temporary files, permissions),
 the fingerprint (every upstream weight, the dtype, the corpus), the provider, token pieces, corpus inputs and the
 model-sampled corpus."""
 
 import copy
 import errno
+import hashlib
 import json
 import multiprocessing
 import os
@@ -18,6 +19,7 @@ from unittest import mock
 import pytest
 import torch
 from datasets import Dataset
+from safetensors.torch import save_file
 
 from memit_hf.architectures import get_layout
 from memit_hf.editor import Editor
@@ -31,6 +33,7 @@ from memit_hf.statistics import (
     collect_second_moments,
     corpus_texts,
     entry_lock,
+    read_second_moment,
     remove_stale_temporary_files,
     sample_corpus,
     statistics_fingerprint,
@@ -262,7 +265,31 @@ def damage_meta(path: Path):
     meta_path.write_text(meta_path.read_text()[:-10])
 
 
-@pytest.mark.parametrize("damage", [damage_truncate, damage_flip, damage_meta], ids=["truncated", "flipped", "meta"])
+def damage_count(path: Path):
+    """The JSON's count changed (its checksum of the tensor file still right)."""
+    meta_path = path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta["count"] -= 1
+    meta_path.write_text(json.dumps(meta))
+
+
+def damage_symmetry(path: Path):
+    """One entry of the sum changed and the checksum updated: only a content check sees it."""
+    read = read_second_moment(path)
+    total = read.total.clone()
+    total[5, 2] += 1.0
+    save_file({"total": total, "count": torch.tensor([read.count])}, str(path))
+    meta_path = path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    meta_path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [damage_truncate, damage_flip, damage_meta, damage_count, damage_symmetry],
+    ids=["truncated", "flipped", "meta", "count", "asymmetric"],
+)
 def test_damaged_cache_is_detected_and_recomputed(model, tokenizer, tmp_path, caplog, damage):
     editor = make_editor(model, tokenizer, tmp_path)
     original = editor.get_statistics([0, 1])
@@ -412,7 +439,8 @@ def test_fingerprint_digest_is_cheap_on_a_real_size_tensor():
 
 def test_save_and_load_cached_round_trip(tmp_path):
     fingerprint = {"module": "m.0", "format_version": 1, "x": 1}
-    total = torch.randn(4, 4, dtype=torch.float64)
+    keys = torch.randn(12, 4, dtype=torch.float64)
+    total = keys.T @ keys  # a sum of k k^T: a random (asymmetric) matrix is refused on load
     cache = StatisticsCache(tmp_path / "sub")
     path = cache.save(fingerprint, SecondMoment(total, 12))
     assert path.exists() and path.suffix == ".safetensors"
@@ -465,10 +493,43 @@ def test_spectrum_without_a_cache_entry_is_computed_and_not_written(tmp_path):
     assert _layer_statistics(None, {"module": "m.0"}, total, count=1).spectrum()[0].tolist() == [1.0, 2.0, 3.0]
 
 
-# ----------------------------------------------------------------------------------- safe writes of the cache
+# ------------------------------------------------------------------- content checks and safe writes of the cache
 def sound_total(dim: int = 6, tokens: int = 50, seed: int = 0) -> torch.Tensor:
     keys = torch.randn(tokens, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     return keys.T @ keys
+
+
+@pytest.mark.parametrize(
+    "total, count, dim, reason",
+    [
+        (sound_total(), 11, None, "`count` 11 exceeds the fingerprint's token budget `num_tokens` 10"),
+        (sound_total().index_put((torch.tensor([0]), torch.tensor([1])), torch.tensor([9.0], dtype=torch.float64)),
+         10, None, "`total` is not symmetric"),
+        (torch.full((6, 6), float("inf"), dtype=torch.float64), 10, None, "`total` holds non-finite values"),
+        (-torch.eye(6, dtype=torch.float64), 10, None, "`total` has a negative diagonal entry (-1 at index 0)"),
+        (sound_total(), 10, 7, "`total` is 6 x 6 but the module's input has `d_in` 7"),
+        (sound_total(), 0, None, "`count` is 0 (it must be positive)"),
+    ],
+    ids=["over-budget", "asymmetric", "infinite", "negative-diagonal", "side", "zero-count"],
+)  # fmt: skip
+def test_cache_load_checks_the_content(tmp_path, caplog, total, count, dim, reason):
+    fingerprint = {"module": "m.0", "format_version": 1, "num_tokens": 10}
+    cache = StatisticsCache(tmp_path)
+    cache.save(fingerprint, SecondMoment(total, count))  # the checksum is right: only the content is wrong
+    with caplog.at_level("WARNING", logger="memit_hf.statistics.cache"):
+        assert cache.load(fingerprint, dim) is None
+    assert "Ignoring damaged statistics cache" in caplog.text and reason in caplog.text
+    cache.save(fingerprint, SecondMoment(sound_total(), 10))
+    assert torch.equal(cache.load(fingerprint, dim=6).total, sound_total())
+
+
+def test_cache_load_checks_the_count_against_the_json(tmp_path, caplog):
+    fingerprint = {"module": "m.0", "format_version": 1}
+    cache = StatisticsCache(tmp_path)
+    cache.save(fingerprint, SecondMoment(sound_total(), 12))
+    damage_count(cache.paths(fingerprint)[0])
+    assert cache.load(fingerprint) is None
+    assert "`count` is 12 in the tensors but 11 in the JSON" in caplog.text
 
 
 def save_repeatedly(directory: str, seed: int, barrier, rounds: int) -> None:
