@@ -1,30 +1,49 @@
 """Tests of `memit_hf.statistics`: second moments against an explicit sum, one pass for several modules, the disk
-cache (reuse, damage detection), the fingerprint (every upstream weight, the dtype, the corpus), the provider, token
-pieces, corpus inputs and the model-sampled corpus."""
+cache (reuse, damage and content checks, locked writes from several processes, stale temporary files, permissions),
+the fingerprint (every upstream weight, the dtype, the corpus), the provider, token pieces, corpus inputs and the
+model-sampled corpus."""
 
 import copy
+import errno
+import hashlib
 import json
+import multiprocessing
+import os
+import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 from datasets import Dataset
+from safetensors.torch import save_file
 
 from memit_hf.architectures import get_layout
 from memit_hf.editor import Editor
 from memit_hf.statistics import (
+    CollectionProgress,
     LayerStatistics,
     SecondMoment,
     StatisticsCache,
+    StatisticsCheckpoint,
     add_gram,
     collect_second_moments,
     corpus_texts,
+    entry_lock,
+    read_second_moment,
+    remove_stale_temporary_files,
     sample_corpus,
     statistics_fingerprint,
+    temporary_owner,
+    temporary_path,
     token_pieces,
     upstream_parameters,
 )
 from memit_hf.statistics.collection import pack_batches
+from memit_hf.statistics.files import host_name
 from tests.testing_utils import (
     build_tiny_causal_lm,
     build_tiny_tokenizer,
@@ -246,7 +265,31 @@ def damage_meta(path: Path):
     meta_path.write_text(meta_path.read_text()[:-10])
 
 
-@pytest.mark.parametrize("damage", [damage_truncate, damage_flip, damage_meta], ids=["truncated", "flipped", "meta"])
+def damage_count(path: Path):
+    """The JSON's count changed (its checksum of the tensor file still right)."""
+    meta_path = path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta["count"] -= 1
+    meta_path.write_text(json.dumps(meta))
+
+
+def damage_symmetry(path: Path):
+    """One entry of the sum changed and the checksum updated: only a content check sees it."""
+    read = read_second_moment(path)
+    total = read.total.clone()
+    total[5, 2] += 1.0
+    save_file({"total": total, "count": torch.tensor([read.count])}, str(path))
+    meta_path = path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    meta_path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [damage_truncate, damage_flip, damage_meta, damage_count, damage_symmetry],
+    ids=["truncated", "flipped", "meta", "count", "asymmetric"],
+)
 def test_damaged_cache_is_detected_and_recomputed(model, tokenizer, tmp_path, caplog, damage):
     editor = make_editor(model, tokenizer, tmp_path)
     original = editor.get_statistics([0, 1])
@@ -396,7 +439,8 @@ def test_fingerprint_digest_is_cheap_on_a_real_size_tensor():
 
 def test_save_and_load_cached_round_trip(tmp_path):
     fingerprint = {"module": "m.0", "format_version": 1, "x": 1}
-    total = torch.randn(4, 4, dtype=torch.float64)
+    keys = torch.randn(12, 4, dtype=torch.float64)
+    total = keys.T @ keys  # a sum of k k^T: a random (asymmetric) matrix is refused on load
     cache = StatisticsCache(tmp_path / "sub")
     path = cache.save(fingerprint, SecondMoment(total, 12))
     assert path.exists() and path.suffix == ".safetensors"
@@ -447,3 +491,193 @@ def test_spectrum_without_a_cache_entry_is_computed_and_not_written(tmp_path):
     assert eigenvalues.tolist() == [1.0, 2.0, 3.0]
     assert not cache.spectrum_path({"module": "m.0"}).exists()
     assert _layer_statistics(None, {"module": "m.0"}, total, count=1).spectrum()[0].tolist() == [1.0, 2.0, 3.0]
+
+
+# ------------------------------------------------------------------- content checks and safe writes of the cache
+def sound_total(dim: int = 6, tokens: int = 50, seed: int = 0) -> torch.Tensor:
+    keys = torch.randn(tokens, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return keys.T @ keys
+
+
+@pytest.mark.parametrize(
+    "total, count, dim, reason",
+    [
+        (sound_total(), 11, None, "`count` 11 exceeds the fingerprint's token budget `num_tokens` 10"),
+        (sound_total().index_put((torch.tensor([0]), torch.tensor([1])), torch.tensor([9.0], dtype=torch.float64)),
+         10, None, "`total` is not symmetric"),
+        (torch.full((6, 6), float("inf"), dtype=torch.float64), 10, None, "`total` holds non-finite values"),
+        (-torch.eye(6, dtype=torch.float64), 10, None, "`total` has a negative diagonal entry (-1 at index 0)"),
+        (sound_total(), 10, 7, "`total` is 6 x 6 but the module's input has `d_in` 7"),
+        (sound_total(), 0, None, "`count` is 0 (it must be positive)"),
+    ],
+    ids=["over-budget", "asymmetric", "infinite", "negative-diagonal", "side", "zero-count"],
+)  # fmt: skip
+def test_cache_load_checks_the_content(tmp_path, caplog, total, count, dim, reason):
+    fingerprint = {"module": "m.0", "format_version": 1, "num_tokens": 10}
+    cache = StatisticsCache(tmp_path)
+    cache.save(fingerprint, SecondMoment(total, count))  # the checksum is right: only the content is wrong
+    with caplog.at_level("WARNING", logger="memit_hf.statistics.cache"):
+        assert cache.load(fingerprint, dim) is None
+    assert "Ignoring damaged statistics cache" in caplog.text and reason in caplog.text
+    cache.save(fingerprint, SecondMoment(sound_total(), 10))
+    assert torch.equal(cache.load(fingerprint, dim=6).total, sound_total())
+
+
+def test_cache_load_checks_the_count_against_the_json(tmp_path, caplog):
+    fingerprint = {"module": "m.0", "format_version": 1}
+    cache = StatisticsCache(tmp_path)
+    cache.save(fingerprint, SecondMoment(sound_total(), 12))
+    damage_count(cache.paths(fingerprint)[0])
+    assert cache.load(fingerprint) is None
+    assert "`count` is 12 in the tensors but 11 in the JSON" in caplog.text
+
+
+def save_repeatedly(directory: str, seed: int, barrier, rounds: int) -> None:
+    """Spawned: write one entry `rounds` times, starting together with the other writer."""
+    cache = StatisticsCache(directory)
+    moment = SecondMoment(sound_total(dim=256, tokens=300, seed=seed), 300)
+    barrier.wait()
+    for _ in range(rounds):
+        cache.save({"module": "m.0", "format_version": 1}, moment)
+
+
+def hold_lock(path: str, held, seconds: float, marker: str) -> None:
+    """Spawned: hold `entry_lock(path)` for `seconds`, then write `marker` and release."""
+    with entry_lock(path):
+        held.set()
+        time.sleep(seconds)
+        Path(marker).write_text("released")
+
+
+def test_two_processes_writing_one_entry_at_once_leave_a_sound_entry(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    writers = [context.Process(target=save_repeatedly, args=(str(tmp_path), seed, barrier, 25)) for seed in (1, 2)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=300)
+    assert [writer.exitcode for writer in writers] == [0, 0]
+    fingerprint = {"module": "m.0", "format_version": 1}
+    loaded = StatisticsCache(tmp_path).load(fingerprint)  # the checksum and the content verify
+    assert loaded is not None and loaded.count == 300
+    candidates = [sound_total(dim=256, tokens=300, seed=seed) for seed in (1, 2)]
+    assert any(torch.equal(loaded.total, total) for total in candidates)
+    stem = StatisticsCache(tmp_path).paths(fingerprint)[0].stem
+    assert sorted(path.name for path in tmp_path.iterdir()) == [f"{stem}.json", f"{stem}.safetensors"]  # no lock left
+
+
+def test_a_writer_waits_for_the_lock_of_the_entry(tmp_path):
+    fingerprint = {"module": "m.0", "format_version": 1}
+    cache = StatisticsCache(tmp_path / "cache")
+    context = multiprocessing.get_context("spawn")
+    held, marker = context.Event(), tmp_path / "released"
+    holder = context.Process(target=hold_lock, args=(str(cache.lock_path(fingerprint)), held, 2.0, str(marker)))
+    holder.start()
+    try:
+        assert held.wait(timeout=300)
+        cache.save(fingerprint, SecondMoment(sound_total(), 10))
+        assert marker.read_text() == "released"  # the save waited until the other process let the lock go
+    finally:
+        holder.join(timeout=300)
+    assert holder.exitcode == 0 and cache.load(fingerprint) is not None
+    assert not cache.lock_path(fingerprint).exists()
+
+
+def test_without_flock_writes_are_not_locked_and_say_so(tmp_path):
+    with pytest.warns(RuntimeWarning, match=r"not locked .*`fcntl.flock` is not available"):
+        with entry_lock(tmp_path / "entry.lock", use_flock=False):
+            pass
+    assert not (tmp_path / "entry.lock").exists()
+    # a file system that cannot lock (some network file systems): the entry is written unlocked, with a warning
+    fingerprint = {"module": "m.0", "format_version": 1}
+    cache = StatisticsCache(tmp_path / "cache")
+    with mock.patch("fcntl.flock", side_effect=OSError(errno.ENOLCK, "No locks available")):
+        with pytest.warns(RuntimeWarning, match=r"not locked .*: the file system cannot lock"):
+            cache.save(fingerprint, SecondMoment(sound_total(), 10))
+    assert torch.equal(cache.load(fingerprint).total, sound_total())
+    assert not cache.lock_path(fingerprint).exists()
+
+
+def test_stale_temporary_files_are_removed_on_the_next_write(tmp_path, caplog):
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()  # its pid no longer runs
+    here, day = host_name(), 24 * 3600
+    names = {
+        "dead": f".m.0-k.safetensors.memit-tmp.{here}.{finished.pid}.0a1b2c3d.tmp",
+        "live": temporary_path(tmp_path / "m.0-k.safetensors").name,  # this process's
+        "elsewhere": f".m.0-k.json.memit-tmp.other-machine.{finished.pid}.00ff00ff.tmp",
+        "elsewhere-old": f".m.0-k.json.memit-tmp.other-machine.{finished.pid}.11ff11ff.tmp",
+        "legacy-old": "tmpab12cd_4.tmp",
+        "legacy": "tmpzz99yy88.tmp",
+        "safetensors-old": ".tmpAb12Cd",
+        "unrelated-old": "notes.tmp",
+    }
+    for key, name in names.items():
+        if key in ("dead", "live", "elsewhere-old"):  # temporary folders, as the cache writes them
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "m.0-k.safetensors").write_bytes(b"partial")
+            (tmp_path / name / ".tmpXy12Zw").write_bytes(b"safetensors' own temporary file")
+        else:
+            (tmp_path / name).write_bytes(b"partial")
+        if key.endswith("-old"):
+            old = time.time() - day - 60
+            os.utime(tmp_path / name, (old, old))
+    assert temporary_owner(tmp_path / names["live"]) == (here, os.getpid())
+    assert temporary_owner(tmp_path / names["dead"]) == (here, finished.pid)
+    assert temporary_owner(tmp_path / names["legacy"]) is None
+    with caplog.at_level("INFO", logger="memit_hf.statistics.files"):
+        StatisticsCache(tmp_path).save({"module": "m.0", "format_version": 1}, SecondMoment(sound_total(), 10))
+    kept = {key for key, name in names.items() if (tmp_path / name).exists()}
+    assert kept == {"live", "elsewhere", "legacy", "unrelated-old"}
+    assert f"Removed the stale temporary file {tmp_path / names['dead']}" in caplog.text
+    # past the age limit every temporary file goes, even one whose pid runs (it may be another process's by now)
+    removed = remove_stale_temporary_files(tmp_path, max_age=60, now=time.time() + 61)
+    assert sorted(path.name for path in removed) == sorted([names["elsewhere"], names["legacy"], names["live"]])
+    assert [path.name for path in tmp_path.iterdir() if path.suffix != ".json" and "safetensors" not in path.name] == [
+        "notes.tmp"
+    ]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_cache_files_get_the_permissions_of_the_umask(tmp_path, umask):
+    """Not `tempfile`'s 0o600: a cache shared between users stays readable by them."""
+    fingerprint = {"module": "m.0", "format_version": 1}
+    previous = os.umask(umask)
+    try:
+        cache = StatisticsCache(tmp_path / "cache")
+        tensor_path, meta_path = cache.paths(fingerprint)
+        cache.save(fingerprint, SecondMoment(sound_total(), 10))
+        spectrum = cache.save_spectrum(fingerprint, *torch.linalg.eigh(sound_total()))
+        copied = StatisticsCache(tmp_path / "copied")
+        with mock.patch("os.link", side_effect=OSError("cross-device link")):  # another file system: a copy
+            copied.add(tensor_path, meta_path)
+        checkpoint = StatisticsCheckpoint(tmp_path / "cache", "key", every_batches=1)
+        checkpoint.save(CollectionProgress({"m.0": sound_total()}, 10, 1), 2)
+    finally:
+        os.umask(previous)
+    files = [tensor_path, meta_path, spectrum, *copied.paths(fingerprint), checkpoint.path]
+    assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in files} == dict.fromkeys(
+        (path.name for path in files), 0o666 & ~umask
+    )
+
+
+def test_cache_writes_go_through_temporary_files_named_by_their_owner(tmp_path):
+    """A run killed between writing a temporary file and renaming it leaves a file whose name says whose it is."""
+    renamed = []
+    real_replace = os.replace
+
+    def replace(source, target):
+        renamed.append((Path(source), Path(target)))
+        real_replace(source, target)
+
+    fingerprint = {"module": "m.0", "format_version": 1}
+    cache = StatisticsCache(tmp_path)
+    with mock.patch("os.replace", side_effect=replace):
+        cache.save(fingerprint, SecondMoment(sound_total(), 10))
+    assert [target for _, target in renamed] == list(cache.paths(fingerprint))
+    for source, target in renamed:
+        assert source.name == target.name and source.parent.parent == tmp_path
+        assert source.parent.name.startswith(f".{cache.paths(fingerprint)[0].name}.memit-tmp.")
+        assert temporary_owner(source.parent) == (host_name(), os.getpid())
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(path.name for path in cache.paths(fingerprint))

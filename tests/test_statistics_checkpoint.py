@@ -2,6 +2,10 @@
 from its checkpoint gives sums bit-identical to an uninterrupted one; unusable checkpoints are ignored; the provider
 resumes what an interrupted run left and removes the checkpoint once the statistics are cached."""
 
+import multiprocessing
+import os
+from unittest import mock
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -15,8 +19,11 @@ from memit_hf.statistics import (
     collect_second_moments,
     collection_key,
     pack_batches,
+    temporary_owner,
+    temporary_path,
     token_pieces,
 )
+from memit_hf.statistics.files import host_name
 from tests.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer, tiny_corpus, tiny_editing_arguments
 
 
@@ -212,3 +219,25 @@ def test_checkpoint_arguments_are_validated():
     with pytest.raises(ValueError, match="`stats_checkpoint_seconds` must be positive or None"):
         EditingArguments(stats_checkpoint_seconds=-1.0)
     assert EditingArguments(stats_checkpoint_seconds=None).stats_checkpoint_seconds is None
+
+
+def save_then_die(directory: str) -> None:
+    """Spawned: a checkpoint save killed after writing its file and before renaming it over the checkpoint."""
+    with mock.patch("os.replace", side_effect=lambda *args: os._exit(3)):
+        write_progress(StatisticsCheckpoint(directory, "key"), dict.fromkeys(MODULES, 64))
+
+
+def test_the_next_save_removes_what_a_killed_save_left(tmp_path):
+    process = multiprocessing.get_context("spawn").Process(target=save_then_die, args=(str(tmp_path),))
+    process.start()
+    process.join(timeout=300)
+    assert process.exitcode == 3
+    checkpoint = StatisticsCheckpoint(tmp_path, "key")
+    (left,) = tmp_path.iterdir()  # the partial sums, in a folder that names the killed process
+    assert temporary_owner(left) == (host_name(), process.pid) and not checkpoint.path.exists()
+    assert [path.name for path in left.iterdir()] == [checkpoint.path.name]
+    running = temporary_path(checkpoint.path)  # a save of a process that still runs (this one) is left alone
+    running.mkdir()
+    write_progress(checkpoint, dict.fromkeys(MODULES, 64))
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([checkpoint.path.name, running.name])
+    assert checkpoint.load(dict.fromkeys(MODULES, 64), 13).position == 5

@@ -2,10 +2,31 @@
 them, the disk cache, the one-pass collection with its resumable checkpoints, sharing through the Hub, and the
 provider the Editor asks."""
 
-from .cache import StatisticsCache, default_cache_dir, entry_name
+from .cache import (
+    SYMMETRY_TOLERANCE,
+    StatisticsCache,
+    default_cache_dir,
+    entry_name,
+    read_second_moment,
+    statistics_problems,
+)
 from .checkpoint import CollectionProgress, StatisticsCheckpoint, collection_key
-from .collection import CollectionInterrupted, SecondMoment, collect_second_moments, pack_batches
+from .collection import CollectionInterrupted, SecondMoment, collect_second_moments, input_dim, pack_batches
 from .corpus import MODEL_SAMPLES, corpus_description, corpus_texts, sample_corpus, text_digest, token_pieces
+from .files import (
+    LOCK_SUFFIX,
+    STALE_TEMPORARY_SECONDS,
+    TEMPORARY_MARKER,
+    entry_lock,
+    host_name,
+    new_file_mode,
+    process_alive,
+    remove_stale_temporary_files,
+    save_tensors,
+    temporary_folder,
+    temporary_owner,
+    temporary_path,
+)
 from .fingerprint import (
     MODEL_FIELDS,
     STATS_FORMAT_VERSION,
@@ -20,11 +41,14 @@ from .fingerprint import (
 from .gram import GRAM_BLOCKS, add_gram, gram_edges, mirror_gram
 from .hub import (
     STATISTICS_REPO_TYPE,
+    FetchedStatistics,
     StatisticsEntry,
     StatisticsMismatchError,
     build_statistics_card,
+    check_statistics_file,
     fetch_statistics,
     push_statistics,
+    resolve_stats_repo,
     select_statistics,
     statistics_entries,
 )
@@ -33,12 +57,17 @@ from .provider import LayerStatistics, StatisticsProvider
 
 __all__ = [
     "GRAM_BLOCKS",
+    "LOCK_SUFFIX",
     "MODEL_FIELDS",
     "MODEL_SAMPLES",
+    "STALE_TEMPORARY_SECONDS",
     "STATISTICS_REPO_TYPE",
     "STATS_FORMAT_VERSION",
+    "SYMMETRY_TOLERANCE",
+    "TEMPORARY_MARKER",
     "CollectionInterrupted",
     "CollectionProgress",
+    "FetchedStatistics",
     "LayerStatistics",
     "SecondMoment",
     "StatisticsCache",
@@ -48,24 +77,38 @@ __all__ = [
     "StatisticsProvider",
     "add_gram",
     "build_statistics_card",
+    "check_statistics_file",
     "collect_second_moments",
     "collection_key",
     "corpus_description",
     "corpus_texts",
     "default_cache_dir",
+    "entry_lock",
     "entry_name",
     "fetch_statistics",
     "fingerprint_differences",
     "fingerprint_key",
     "gram_edges",
+    "host_name",
+    "input_dim",
     "mirror_gram",
     "model_identity",
+    "new_file_mode",
     "pack_batches",
+    "process_alive",
     "push_statistics",
+    "read_second_moment",
+    "remove_stale_temporary_files",
+    "resolve_stats_repo",
     "sample_corpus",
+    "save_tensors",
     "select_statistics",
     "statistics_entries",
     "statistics_fingerprint",
+    "statistics_problems",
+    "temporary_folder",
+    "temporary_owner",
+    "temporary_path",
     "tensor_digest",
     "text_digest",
     "token_pieces",

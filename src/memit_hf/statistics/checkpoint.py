@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,8 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from .files import remove_stale_temporary_files, save_tensors, temporary_folder
 from .fingerprint import fingerprint_key
 from .gram import GRAM_BLOCKS
 
@@ -110,7 +109,9 @@ class StatisticsCheckpoint:
         return self.every_seconds is not None and time.monotonic() - self._last_time >= self.every_seconds
 
     def save(self, progress: CollectionProgress, num_batches: int) -> Path:
-        """Write `progress` atomically (a temporary file renamed over the checkpoint).
+        """Write `progress` atomically: a file in a temporary folder named by its owner (which the next write
+        removes if this process is killed first: see [`~memit_hf.statistics.remove_stale_temporary_files`]),
+        renamed over the checkpoint, with the permissions of a new file under the umask.
 
         Args:
             progress ([`CollectionProgress`]): the state after `progress.position` whole batches.
@@ -129,13 +130,10 @@ class StatisticsCheckpoint:
             "modules": json.dumps(sorted(progress.totals)),
             "sums": f"upper-blocks-{GRAM_BLOCKS}",
         }
-        with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".tmp", delete=False) as handle:
-            temporary = Path(handle.name)
-        try:
-            save_file(tensors, str(temporary), metadata=metadata)
-            os.replace(temporary, self.path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        remove_stale_temporary_files(self.directory)
+        with temporary_folder(self.path) as folder:
+            save_tensors(tensors, folder / self.path.name, metadata=metadata)
+            os.replace(folder / self.path.name, self.path)
         self.start(progress.position)
         return self.path
 

@@ -61,7 +61,9 @@ def pack_batches(pieces: list[list[int]], batch_tokens: int) -> list[list[list[i
     return batches
 
 
-def _input_dim(module: torch.nn.Module) -> int:
+def input_dim(module: torch.nn.Module) -> int:
+    """The size `d_in` of `module`'s input: its weight's second dimension, or the first for a weight stored
+    transposed (GPT-2's `Conv1D`, see [`~memit_hf.architectures.is_transposed`])."""
     return module.weight.shape[0] if is_transposed(module) else module.weight.shape[1]
 
 
@@ -109,7 +111,7 @@ def collect_second_moments(
     state = process_state()
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     modules = sorted(modules, key=order.__getitem__)
-    dims = {name: _input_dim(model.get_submodule(name)) for name in modules}
+    dims = {name: input_dim(model.get_submodule(name)) for name in modules}
     batches = pack_batches(pieces, batch_tokens)
     mine = owned_chunks(len(batches), state)
     pad = pad_token_id(tokenizer)

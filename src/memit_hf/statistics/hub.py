@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cache import StatisticsCache, entry_name, link_or_copy
+from .cache import StatisticsCache, entry_name, file_sha256, link_or_copy, read_second_moment, statistics_problems
 from .fingerprint import fingerprint_differences, fingerprint_key
 
 
@@ -22,8 +22,97 @@ SETTINGS_FIELDS = ("num_tokens", "max_length", "seed")
 """Collection settings that choose between several matching statistics of one module in a repository."""
 
 
+COMMIT_PATTERN = re.compile(r"[0-9a-f]{40}")
+"""A full commit sha: the name of a Hub snapshot folder."""
+HUB_ID_HELP = "a Hub repository id is `name` or `namespace/name` (letters, digits, `-`, `_` and `.`)"
+
+
 class StatisticsMismatchError(ValueError):
-    """Statistics from `stats_repo` that do not fit the model: another model, dtype, weights or layer."""
+    """Statistics from `stats_repo` that do not fit the model (another model, dtype, weights or layer) or whose
+    content is unsound (a wrong checksum, token count or matrix)."""
+
+
+@dataclass(frozen=True)
+class FetchedStatistics:
+    """Statistics fetched from `stats_repo` into the cache, and where they came from.
+
+    Args:
+        fingerprint (`dict`): their fingerprint (read them with [`StatisticsCache.load`]).
+        repo (`str`): the Hub repository id, or the name of the local folder (never its path).
+        revision (`str`, *optional*): the commit sha of the Hub snapshot they came from; `None` for a local folder.
+        sha256 (`str`): the SHA-256 of their safetensors file, as checked.
+    """
+
+    fingerprint: dict[str, Any]
+    repo: str
+    revision: str | None
+    sha256: str
+
+    def provenance(self) -> dict[str, Any]:
+        """`repo`, `revision` and `sha256`, as recorded in the edit metadata (see
+        [`~memit_hf.statistics.LayerStatistics.info`])."""
+        return {"repo": self.repo, "revision": self.revision, "sha256": self.sha256}
+
+
+def _looks_like_path(text: str) -> str | None:
+    """Why `text` is taken for a path (see [`resolve_stats_repo`]), or `None`."""
+    for prefix in ("/", "./", "../", "~"):
+        if text.startswith(prefix):
+            return f"it starts with `{prefix}`"
+    if text in (".", ".."):
+        return f"it is `{text}`"
+    if text.endswith(("/", os.sep)):
+        return "it ends with a path separator"
+    if "\\" in text:
+        return "it contains a backslash"
+    if text.count("/") > 1:
+        return "it has more than one `/`"
+    if "/" in text and Path(text.split("/")[0]).is_dir():
+        return f"`{text.split('/')[0]}` is a local folder"
+    return None
+
+
+def resolve_stats_repo(source: str | os.PathLike) -> Path | str:
+    """What `stats_repo` names: a local folder or a Hub repository id.
+
+    It is a path when it is an `os.PathLike`, is an existing folder, or looks like a path: it starts with `/`,
+    `./`, `../` or `~`, ends with a separator, contains a backslash, has more than one `/`, or its first component
+    is a local folder. Anything else must be a Hub repository id (`name` or `namespace/name`, see
+    `huggingface_hub.utils.validate_repo_id`).
+
+    Args:
+        source (`str` or `os.PathLike`): the `stats_repo` value.
+
+    Returns:
+        `Path` (the folder, `~` expanded) or `str` (the repository id).
+
+    Raises:
+        FileNotFoundError: when it looks like a path but is not a folder.
+        ValueError: when it is empty, or neither looks like a path nor is a valid Hub repository id.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    text = os.fspath(source)
+    if not text:
+        raise ValueError(f"`stats_repo` is empty: give a folder of statistics or a Hub repository id ({HUB_ID_HELP}).")
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        return folder
+    reason = "it is a path object" if not isinstance(source, str) else _looks_like_path(text)
+    if reason is not None:
+        what = "a file, not a folder" if folder.exists() else "no such folder"
+        raise FileNotFoundError(
+            f"`stats_repo` {text!r} is taken for a local path ({reason}) but it is {what}. Give an existing folder "
+            f"of statistics, or a Hub repository id: {HUB_ID_HELP}."
+        )
+    try:
+        validate_repo_id(text)
+    except HFValidationError as error:
+        raise ValueError(
+            f"`stats_repo` {text!r} is neither an existing folder nor a valid Hub repository id ({error}): "
+            f"{HUB_ID_HELP}; a folder is an existing path such as `./stats`."
+        ) from error
+    return text
 
 
 @dataclass
@@ -112,6 +201,42 @@ def select_statistics(
     return chosen
 
 
+def check_statistics_file(entry: StatisticsEntry, tensor_path: Path, source: str, dim: int | None = None) -> str:
+    """Check statistics fetched from `stats_repo` before they enter the cache: the safetensors file's SHA-256
+    against the JSON's, and its content (see [`~memit_hf.statistics.statistics_problems`]).
+
+    Args:
+        entry ([`StatisticsEntry`]): the JSON.
+        tensor_path (`Path`): the safetensors file as fetched.
+        source (`str`): the repository or folder, for messages.
+        dim (`int`, *optional*): the input size `d_in` of the module the statistics are for.
+
+    Returns:
+        `str`: the file's SHA-256.
+
+    Raises:
+        StatisticsMismatchError: naming the file and what is wrong.
+    """
+    where = f"`stats_repo` {source}: {tensor_path.name}"
+    sha256 = file_sha256(tensor_path)
+    if sha256 != entry.meta.get("sha256"):
+        raise StatisticsMismatchError(
+            f"{where} has SHA-256 {sha256}, but {entry.meta_path.name} records {entry.meta.get('sha256')}: the file "
+            "is damaged or does not belong to this JSON, so the statistics are refused."
+        )
+    try:
+        moment = read_second_moment(tensor_path)
+    except Exception as error:
+        raise StatisticsMismatchError(f"{where} cannot be read as statistics: {error}.") from error
+    problems = statistics_problems(moment, entry.meta, dim)
+    if problems:
+        raise StatisticsMismatchError(
+            f"{where} holds unsound statistics, so they are refused: {'; '.join(problems)}. Collect them again, or "
+            "leave `stats_repo` unset to collect them here."
+        )
+    return sha256
+
+
 def _hub_api(token: str | None):
     from huggingface_hub import HfApi
 
@@ -140,42 +265,50 @@ def fetch_statistics(
     settings: dict[str, Any] | None = None,
     revision: str | None = None,
     token: str | None = None,
-) -> dict[str, dict[str, Any]]:
+    dims: dict[str, int] | None = None,
+) -> dict[str, FetchedStatistics]:
     """Fetch the statistics of the modules in `expected` from a Hub dataset repository or a local folder into
-    `cache`, after checking that they match the model.
+    `cache`, after checking that they match the model and that their content is sound.
 
     Only the JSON files are fetched first; the chosen modules' tensors are fetched once every module matched, so
-    refused statistics cost no download. Offline (`HF_HUB_OFFLINE=1`) a repository is read from the local Hub cache.
+    refused statistics cost no download, and from the very commit the JSON files came from. Offline
+    (`HF_HUB_OFFLINE=1`) a repository is read from the local Hub cache.
 
     Args:
-        source (`str` or `os.PathLike`): an existing folder, or a Hub repository id (`"user/name"`).
+        source (`str` or `os.PathLike`): an existing folder, or a Hub repository id (`"user/name"`): see
+            [`resolve_stats_repo`].
         expected (`dict[str, dict]`): by module name, the fingerprint of the model as it is now.
         cache ([`StatisticsCache`]): where the files are put.
         settings (`dict`, *optional*): see [`select_statistics`].
-        revision (`str`, *optional*): branch, tag or commit of the repository.
+        revision (`str`, *optional*): branch, tag or commit of the repository (pin a commit sha for statistics you
+            did not make: the commit used is recorded either way).
         token (`str`, *optional*): Hub token.
+        dims (`dict[str, int]`, *optional*): by module name, its input size `d_in`, which the statistics' side must
+            equal.
 
     Returns:
-        `dict[str, dict]`: by module name, the fingerprint of the statistics now in `cache` (read them with
-        [`StatisticsCache.load`]).
+        `dict[str, FetchedStatistics]`: by module name, the fingerprint of the statistics now in `cache` (read them
+        with [`StatisticsCache.load`]) and where they came from: the repository id (or the folder's name), the
+        commit and the file's SHA-256.
 
     Raises:
-        StatisticsMismatchError: see [`select_statistics`] (raised before any tensor is fetched).
-        FileNotFoundError: when the repository cannot be reached or lacks a file.
+        StatisticsMismatchError: see [`select_statistics`] (raised before any tensor is fetched), and
+            [`check_statistics_file`] (a damaged or unsound file, which is not put into the cache).
+        FileNotFoundError: when the repository cannot be reached or lacks a file; see [`resolve_stats_repo`].
+        ValueError: see [`resolve_stats_repo`].
     """
-    folder = Path(source)
-    api = None
-    if not folder.is_dir():
-        text = str(source)
-        if os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1 or folder.exists():
-            raise FileNotFoundError(f"`stats_repo` {text} is neither a folder of statistics nor a Hub repository id.")
-        api = _hub_api(token)
-        folder = _snapshot(api, str(source), revision, ["*.json"])
-        if re.fullmatch(r"[0-9a-f]{40}", folder.name):
-            revision = folder.name  # the tensors from the very commit the JSON files came from
+    resolved = resolve_stats_repo(source)
+    api, commit = None, None
+    if isinstance(resolved, Path):
+        folder, name = resolved, resolved.resolve().name  # a folder's name only: no local path in the metadata
+    else:
+        api, name = _hub_api(token), resolved
+        folder = _snapshot(api, resolved, revision, ["*.json"])
+        if COMMIT_PATTERN.fullmatch(folder.name):
+            commit = revision = folder.name  # the tensors from the very commit the JSON files came from
     chosen = select_statistics(statistics_entries(folder), expected, settings or {}, str(source))
     if api is not None:
-        folder = _snapshot(api, str(source), revision, sorted(entry.tensor_path.name for entry in chosen.values()))
+        folder = _snapshot(api, name, revision, sorted(entry.tensor_path.name for entry in chosen.values()))
     fetched = {}
     for module, entry in chosen.items():
         tensor_path = folder / entry.tensor_path.name
@@ -184,7 +317,9 @@ def fetch_statistics(
                 f"`stats_repo` {source} lists {entry.meta_path.name} but {tensor_path.name} is not there (with "
                 "HF_HUB_OFFLINE set, only files already in the local Hub cache are found)."
             )
-        fetched[module] = cache.add(tensor_path, entry.meta_path)
+        sha256 = check_statistics_file(entry, tensor_path, str(source), (dims or {}).get(module))
+        fingerprint = cache.add(tensor_path, entry.meta_path)
+        fetched[module] = FetchedStatistics(fingerprint, name, commit, sha256)
     return fetched
 
 

@@ -12,7 +12,7 @@ from ..distributed import process_state
 from ..modes import eval_mode
 from .cache import StatisticsCache
 from .checkpoint import StatisticsCheckpoint, collection_key
-from .collection import SecondMoment, collect_second_moments
+from .collection import SecondMoment, collect_second_moments, input_dim
 from .corpus import MODEL_SAMPLES, corpus_description, corpus_texts, sample_corpus, text_digest, token_pieces
 from .fingerprint import fingerprint_key, statistics_fingerprint
 from .hub import fetch_statistics
@@ -33,6 +33,9 @@ class LayerStatistics:
         source (`str`): where the provider got it: `"cache"`, `"collected"` (one pass over the corpus) or `"repo"`
             (`stats_repo`, fetched into the cache).
         cache ([`StatisticsCache`], *optional*): the cache holding them, where [`spectrum`] keeps what it computes.
+        provenance (`dict`, *optional*): for `"repo"` statistics, where they were fetched from: `repo` (the Hub
+            repository id, or the local folder's name), `revision` (the commit sha of the Hub snapshot; `None` for a
+            folder) and `sha256` (of the safetensors file) (see [`~memit_hf.statistics.FetchedStatistics`]).
     """
 
     module_name: str
@@ -41,6 +44,7 @@ class LayerStatistics:
     key: str
     source: str
     cache: StatisticsCache | None = field(default=None, repr=False, compare=False)
+    provenance: dict[str, Any] | None = None
 
     @property
     def count(self) -> int:
@@ -67,12 +71,23 @@ class LayerStatistics:
         return eigenvalues, eigenvectors
 
     def info(self) -> dict[str, Any]:
-        """What exported edit metadata records about these statistics."""
+        """What exported edit metadata (and a saved editor state) records about these statistics.
+
+        Returns:
+            `dict`: `key` (the fingerprint key), `corpus`, `num_tokens` and `count`; `source` (`"repo"`, `"cache"`
+            or `"collected"`); and for statistics from `stats_repo` where they came from, `repo`, `revision` (the
+            commit sha) and `sha256` (of the file), which are `None` for the other sources.
+        """
+        provenance = self.provenance or {}
         return {
             "key": self.key,
             "corpus": self.fingerprint["corpus"],
             "num_tokens": self.fingerprint["num_tokens"],
             "count": self.count,
+            "source": self.source,
+            "repo": provenance.get("repo"),
+            "revision": provenance.get("revision"),
+            "sha256": provenance.get("sha256"),
         }
 
 
@@ -108,6 +123,7 @@ class StatisticsProvider:
         self._corpus_id: str | None = None
         self._digests: dict = {}  # tensor digests by (storage, in-place version): see `weights_digest`
         self._repo_fingerprints: dict[str, dict[str, Any]] = {}  # by the model's fingerprint key (`stats_repo`)
+        self._provenance: dict[str, dict[str, Any]] = {}  # by the fetched statistics' key (`stats_repo`)
         self.num_collections = 0
         """How many collection passes over the corpus this provider has run."""
 
@@ -156,12 +172,14 @@ class StatisticsProvider:
     def fingerprints(self, layers: list[int]) -> dict[int, dict[str, Any]]:
         """The fingerprint of every layer's statistics for the model as it is now: those of
         [`model_fingerprints`], or with `stats_repo` those of the repository's statistics that match the model
-        (fetched into the cache on first use). No statistics are collected;
-        [`~memit_hf.statistics.fingerprint_key`] gives each one's short key.
+        (fetched into the cache on first use, checked, and remembered with where they came from: see
+        [`LayerStatistics.info`]). No statistics are collected; [`~memit_hf.statistics.fingerprint_key`] gives each
+        one's short key.
 
         Raises:
             StatisticsMismatchError: with `stats_repo`, when the repository has no statistics of a layer's module
-                that match the model (see [`~memit_hf.statistics.select_statistics`]).
+                that match the model (see [`~memit_hf.statistics.select_statistics`]), or their file is damaged or
+                unsound (see [`~memit_hf.statistics.check_statistics_file`]).
         """
         fingerprints = self.model_fingerprints(layers)
         if not self.args.stats_repo:
@@ -176,10 +194,18 @@ class StatisticsProvider:
             settings = {"num_tokens": a.stats_num_tokens, "max_length": a.stats_max_length, "seed": a.seed}
             # Every process fetches for itself (the Hub cache locks its files, `cache.add` renames atomically), so
             # that a refusal is raised on every process rather than leaving the others at a barrier.
-            fetched = fetch_statistics(a.stats_repo, missing, self.cache, settings, a.stats_repo_revision, a.hub_token)
+            dims = {module: self.input_dim(module) for module in missing}
+            fetched = fetch_statistics(
+                a.stats_repo, missing, self.cache, settings, a.stats_repo_revision, a.hub_token, dims
+            )
             for module, fingerprint in missing.items():
-                self._repo_fingerprints[fingerprint_key(fingerprint)] = fetched[module]
+                self._repo_fingerprints[fingerprint_key(fingerprint)] = fetched[module].fingerprint
+                self._provenance[fingerprint_key(fetched[module].fingerprint)] = fetched[module].provenance()
         return {layer: self._repo_fingerprints[fingerprint_key(fp)] for layer, fp in fingerprints.items()}
+
+    def input_dim(self, module: str) -> int:
+        """The input size `d_in` of the edited module `module` (the side of its statistics)."""
+        return input_dim(self.model.get_submodule(module))
 
     def checkpoint(
         self, layers: list[int], fingerprints: dict[int, dict[str, Any]] | None = None
@@ -221,7 +247,7 @@ class StatisticsProvider:
             source = "repo" if self.args.stats_repo else "cache"
             for layer, fingerprint in fingerprints.items():
                 name = self.layout.edit_name(layer)
-                moment = self.cache.load(fingerprint)
+                moment = self.cache.load(fingerprint, self.input_dim(name))
                 if moment is None and self.args.stats_repo:
                     raise ValueError(
                         f"The statistics of `{name}` fetched from `stats_repo` {self.args.stats_repo} are damaged "
@@ -230,8 +256,10 @@ class StatisticsProvider:
                 if moment is None:
                     to_collect.append(layer)
                 else:
+                    key = fingerprint_key(fingerprint)
+                    provenance = self._provenance.get(key) if self.args.stats_repo else None
                     self._memory[name] = LayerStatistics(
-                        name, moment, fingerprint, fingerprint_key(fingerprint), source, self.cache
+                        name, moment, fingerprint, key, source, self.cache, provenance
                     )
             if to_collect:
                 self._collect(to_collect, fingerprints)
