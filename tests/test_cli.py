@@ -615,3 +615,85 @@ def test_edit_refuses_to_mix_an_adapter_and_a_merged_checkpoint(saved_tiny_llama
 
     with pytest.raises(SystemExit, match=r"already holds a full model checkpoint \(config\.json, "):
         cli.main(["edit", *inputs, "--output-dir", str(out)])
+
+
+SECRET = "sentinel-secret-0b7c"
+HUB_SECRET = "hf_" + "Z9y8X7w6V5" * 4
+
+
+def test_no_file_memit_hf_writes_holds_a_secret(saved_tiny_llama, tmp_path, capsys):
+    """A token given as `hub_token` or as `model_init_kwargs["token"]` (the usual way to load a gated model) reaches
+    no file: adapter, merged checkpoint, state, CLI outputs (`edit_metrics.json`, `evaluation.json`), pushed adapters
+    and checkpoints, pushed statistics. Before, `model_init_kwargs["token"]` was in `memit_edits.json`,
+    `editor_state.json`, `edit_metrics.json` and `evaluation.json`, and pushed."""
+    from memit_hf import Editor
+    from tests.testing_utils import tiny_editing_arguments
+
+    inputs = edit_inputs(tmp_path, saved_tiny_llama)
+    secrets = ["--hub_token", HUB_SECRET, "--model_init_kwargs", json.dumps({"token": SECRET})]
+    with fake_dataset_hub(tmp_path / "hub") as hub:
+        assert cli.main(["edit", *inputs, *secrets, "--output-dir", str(tmp_path / "out"), "--state-dir",
+                         str(tmp_path / "state"), "--push_to_hub", "--hub_model_id", "me/edits"]) == 0  # fmt: skip
+        assert cli.main(["edit", *inputs, *secrets, "--merged", "--output-dir", str(tmp_path / "merged")]) == 0
+        assert cli.main(["evaluate", *inputs[:4], "--num-requests", "2", "--edit", *inputs[4:], *secrets,
+                         "--output-dir", str(tmp_path / "evaluation")]) == 0  # fmt: skip
+        assert cli.main(["stats", "--model", str(saved_tiny_llama), *inputs[4:], *secrets,
+                         "--push_to_hub", "me/stats"]) == 0  # fmt: skip
+
+        args = tiny_editing_arguments(tmp_path / "stats", hub_token=HUB_SECRET, model_init_kwargs={"token": SECRET})
+        editor = Editor(str(saved_tiny_llama), args=args, stats_dataset=tiny_corpus())
+        editor.edit(subject_final_requests()[:2])
+        editor.save_adapter(tmp_path / "library" / "adapter")
+        editor.merge_and_save(tmp_path / "library" / "merged")
+        editor.save_state(tmp_path / "library" / "state")
+        editor.push_to_hub("me/library-adapter")
+        editor.push_to_hub("me/library-merged", merged=True)
+    assert {"me/edits", "me/stats", "me/library-adapter", "me/library-merged"} <= {u["repo_id"] for u in hub.uploads}
+    assert hub.created[0]["token"] == HUB_SECRET  # it was used, not only dropped
+    scanned = 0
+    for file in tmp_path.rglob("*"):
+        if file.is_file():
+            content = file.read_bytes()
+            scanned += 1
+            assert SECRET.encode() not in content and HUB_SECRET.encode() not in content, file
+    assert scanned > 40
+    assert (tmp_path / "evaluation" / "evaluation.json").is_file() and (
+        tmp_path / "out" / "edit_metrics.json"
+    ).is_file()
+
+
+STATE_HOLDER = """
+import sys
+from memit_hf.editor_state import StateLock
+with StateLock(sys.argv[1]):
+    print("locked", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_a_second_run_on_a_state_dir_stops_with_a_clear_message(saved_tiny_llama, tmp_path, capsys):
+    """Two runs on one `--state-dir`: the one that holds the lock (another process here) goes on; the other stops
+    before loading anything, saying so, and nothing of the state is lost; once the first is done, it runs."""
+    import os
+    import subprocess
+    import sys
+
+    inputs = edit_inputs(tmp_path, saved_tiny_llama)
+    state = tmp_path / "state"
+    assert cli.main(["edit", *inputs, "--algorithm", "memit_seq", "--state-dir", str(state)]) == 0
+    before = {p.relative_to(state): p.read_bytes() for p in state.rglob("*") if p.is_file() and ".lock" not in p.name}
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo / "src")}
+    holder = subprocess.Popen([sys.executable, "-c", STATE_HOLDER, str(state)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit, match=rf"in use by another memit-hf run \(pid {holder.pid}"):
+            cli.main(["edit", *inputs, "--algorithm", "memit_seq", "--state-dir", str(state)])
+    finally:
+        holder.communicate("\n", timeout=60)
+    after = {p.relative_to(state): p.read_bytes() for p in state.rglob("*") if p.is_file() and ".lock" not in p.name}
+    assert after == before
+    capsys.readouterr()
+    assert cli.main(["edit", *inputs, "--algorithm", "memit_seq", "--state-dir", str(state)]) == 0
+    assert "batch 2, 8 edits so far" in capsys.readouterr().out
