@@ -478,7 +478,7 @@ def save_adapter_files(
             `path` (instead of raising).
         for_hub (`bool`, *optional*, defaults to `False`): the folder is to be published: a local base model path is
             written as `None` (with a warning) and no local absolute path goes into the metadata or the card (see
-            [`~memit_hf.hub.public_metadata`]).
+            [`~memit_hf.cards.public_metadata`]).
 
     Returns:
         [`ExportReport`]: ranks, reconstruction errors, sizes and the files written.
@@ -486,7 +486,7 @@ def save_adapter_files(
     Raises:
         ValueError: if `deltas` is empty, or `path` holds a full checkpoint and `overwrite_output_dir` is `False`.
     """
-    from .hub import public_base_model, public_metadata
+    from .cards import public_base_model, public_metadata
 
     path = Path(path)
     check_output_dir(path, "adapter", overwrite_output_dir)  # before any work
@@ -526,7 +526,7 @@ def write_metadata_and_card(
 ) -> None:
     """Write `memit_edits.json` and the model card `README.md` built from it into `folder`: the one writer of both,
     for adapters and merged checkpoints alike."""
-    from .hub import build_model_card
+    from .cards import build_model_card
 
     folder = Path(folder)
     write_json(folder / EDITS_METADATA_NAME, metadata)
@@ -560,7 +560,7 @@ def save_merged_checkpoint(
         overwrite_output_dir (`bool`, *optional*, defaults to `False`): remove the adapter files found in `path`
             (instead of raising).
         for_hub (`bool`, *optional*, defaults to `False`): the folder is to be published: no local absolute path goes
-            into the metadata or the card (see [`~memit_hf.hub.public_metadata`]).
+            into the metadata or the card (see [`~memit_hf.cards.public_metadata`]).
         save_kwargs: passed to `save_pretrained` (e.g. `max_shard_size`).
 
     Returns:
@@ -569,7 +569,7 @@ def save_merged_checkpoint(
     Raises:
         ValueError: if `path` holds an adapter and `overwrite_output_dir` is `False`.
     """
-    from .hub import public_metadata
+    from .cards import public_metadata
 
     warn_if_unnamed(metadata, "checkpoint's card")
     path = Path(path)
