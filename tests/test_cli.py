@@ -697,3 +697,104 @@ def test_a_second_run_on_a_state_dir_stops_with_a_clear_message(saved_tiny_llama
     capsys.readouterr()
     assert cli.main(["edit", *inputs, "--algorithm", "memit_seq", "--state-dir", str(state)]) == 0
     assert "batch 2, 8 edits so far" in capsys.readouterr().out
+
+
+def test_version_is_the_package_version(capsys):
+    import re
+
+    import memit_hf
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    (version,) = re.findall(r'^version = "([^"]+)"$', pyproject, flags=re.MULTILINE)
+    assert capsys.readouterr().out == f"memit-hf {version}\n" and memit_hf.__version__ == version
+
+
+def test_edit_help_lists_the_z_and_loading_flags_and_they_parse(capsys):
+    """`memit-hf edit --help` lists the flags of the z optimisation's stop rule, chunks and precision, the chat
+    templates, the model loading and the statistics revision, and each parses into its `EditingArguments` field."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["edit", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    values = {
+        "v_early_stop_margin": ("0.5", 0.5), "v_early_stop_patience": ("2", 2),
+        "v_autocast_dtype": ("bfloat16", "bfloat16"), "context_template_chat": ("true", True),
+        "v_batch_size": ("8", 8), "model_init_kwargs": ('{"dtype": "bfloat16"}', {"dtype": "bfloat16"}),
+        "stats_repo_revision": ("v1.0", "v1.0"),
+    }  # fmt: skip
+    for flag in [*values, "merged", "export-rank"]:
+        assert f"--{flag}" in text, flag
+    argv = ["edit", "--requests", "r.jsonl"] + [
+        item for name, (value, _) in values.items() for item in (f"--{name}", value)
+    ]
+    _, args = cli.parse_args(argv)
+    assert {name: getattr(args, name) for name in values} == {name: parsed for name, (_, parsed) in values.items()}
+
+
+def edit_argv(model_dir, tmp_path, records) -> list[str]:
+    """`memit-hf edit` of `records` on a saved tiny model with the settings of `tiny_editing_arguments`."""
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps(r) + "\n" for r in records))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(tiny_corpus()))
+    return ["edit", "--model", str(model_dir), "--requests", str(requests), "--corpus", str(corpus),
+            "--layers", "0", "1", "--stats_cache_dir", str(tmp_path / "stats"), "--mom2_update_weight", "1.0",
+            "--v_lr", "0.5", "--clamp_norm_factor", "4.0", "--v_weight_decay", "0.001"]  # fmt: skip
+
+
+def test_edit_merged_writes_the_edited_checkpoint(saved_tiny_llama, tmp_path, capsys):
+    """`edit --merged` writes the edited model as a full checkpoint (no adapter), bit for bit the library's edit with
+    the same arguments; the model is loaded with `--model_init_kwargs` (bfloat16 here) and the z optimisation stops
+    on `--v_early_stop_margin` / `--v_early_stop_patience` (every target leads by -1000 nats: 2 steps each)."""
+    from memit_hf.editor import Editor
+
+    argv = edit_argv(saved_tiny_llama, tmp_path, subject_final_requests())
+    argv += ["--v_num_grad_steps", "10", "--v_early_stop_margin", "-1000", "--v_early_stop_patience", "2",
+             "--model_init_kwargs", '{"dtype": "bfloat16"}', "--output-dir", str(tmp_path / "merged")]  # fmt: skip
+    assert cli.main([*argv, "--merged"]) == 0
+    assert "wrote the edited checkpoint" in capsys.readouterr().out
+    files = {path.name for path in (tmp_path / "merged").iterdir()}
+    assert {"config.json", "model.safetensors", "memit_edits.json", "README.md", "edit_metrics.json"} <= files
+    assert not {"adapter_config.json", "adapter_model.safetensors"} & files
+    summary = json.loads((tmp_path / "merged" / "edit_metrics.json").read_text())
+    assert summary["metrics"]["z_mean_steps"] == 2.0 and "adapter_bytes" not in summary["metrics"]
+
+    _, args = cli.parse_args(argv)
+    editor = Editor(str(saved_tiny_llama), args=args, stats_dataset=[tmp_path / "corpus.txt"])
+    output = editor.edit(subject_final_requests())
+    expected = editor.model.state_dict()
+    saved = load_file(tmp_path / "merged" / "model.safetensors")
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in saved.items())
+    base = load_file(saved_tiny_llama / "model.safetensors")
+    edited = sorted(name for name, tensor in saved.items() if not torch.equal(tensor, base[name].to(tensor.dtype)))
+    assert edited == [f"{delta.module_name}.weight" for delta in output.deltas]
+    assert {tensor.dtype for tensor in saved.values()} == {torch.bfloat16}
+
+
+def test_edit_export_rank_writes_a_truncated_adapter(saved_tiny_llama, tmp_path):
+    """`edit --export-rank 1` stores each module's best rank-1 approximation of the exact update (Eckart-Young: the
+    leading singular triple) and reports its relative error, the discarded singular values' share."""
+    argv = edit_argv(saved_tiny_llama, tmp_path, subject_final_requests()) + ["--v_num_grad_steps", "5"]
+    cli.main([*argv, "--output-dir", str(tmp_path / "exact")])
+    cli.main([*argv, "--output-dir", str(tmp_path / "rank1"), "--export-rank", "1"])
+    assert json.loads((tmp_path / "exact" / "adapter_config.json").read_text())["r"] == 4
+    assert json.loads((tmp_path / "rank1" / "adapter_config.json").read_text())["r"] == 1
+    exact, low = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("exact", "rank1"))
+    errors = []
+    for i in (0, 1):
+        prefix = f"base_model.model.model.layers.{i}.mlp.down_proj"
+        dense = exact[f"{prefix}.lora_B.weight"].double() @ exact[f"{prefix}.lora_A.weight"].double()
+        u, s, vh = torch.linalg.svd(dense, full_matrices=False)
+        best = s[0] * torch.outer(u[:, 0], vh[0])
+        lora_B, lora_A = low[f"{prefix}.lora_B.weight"], low[f"{prefix}.lora_A.weight"]
+        assert lora_B.shape == (32, 1) and lora_A.shape == (1, 64)
+        assert float((lora_B.double() @ lora_A.double() - best).norm() / best.norm()) < 1e-5  # float32 factors
+        errors.append(float(s[1:].norm() / s.norm()))
+    metrics = {name: json.loads((tmp_path / name / "edit_metrics.json").read_text())["metrics"]
+               for name in ("exact", "rank1")}  # fmt: skip
+    assert metrics["exact"]["adapter_max_reconstruction_error"] == 0.0
+    assert metrics["rank1"]["adapter_max_reconstruction_error"] == pytest.approx(max(errors), rel=1e-5)
+    assert min(errors) > 0.01  # rank 1 really loses part of each update

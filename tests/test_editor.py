@@ -13,12 +13,18 @@ from memit_hf.deltas import LayerDelta, add_delta
 from memit_hf.editor import Editor, EditorCallback, EditOutput
 from memit_hf.keys import compute_keys_and_outputs
 from memit_hf.norms import rms_norm_residuals
+from memit_hf.requests import load_requests
+from memit_hf.statistics import StatisticsCache, push_statistics
 from memit_hf.tokenization import encode_targets
+from memit_hf.values import plan_chunks
 from tests.testing_utils import (
+    FAKE_COMMIT,
     TINY_MODEL_TYPES,
     build_tiny_causal_lm,
+    build_tiny_chat_tokenizer,
     build_tiny_tokenizer,
     changed_tensors,
+    fake_dataset_hub,
     next_token_argmax,
     parameters_snapshot,
     subject_final_requests,
@@ -191,7 +197,10 @@ def test_metrics(edited, tokenizer):
     assert metrics["z_final_loss"] == pytest.approx(float(values.final_loss.mean()))
     assert metrics["z_final_nll"] == pytest.approx(float(values.final_nll.mean()))
     assert metrics["z_final_loss"] < metrics["z_initial_loss"] < 7.0
-    assert 0.0 <= metrics["z_mean_steps"] <= 39.0
+    # No tiny model's loss reaches the early-stop loss (0.05): every request takes the 39 steps of the 40 iterations
+    # (the last iteration takes none).
+    assert (values.final_loss >= 0.05).all() and values.steps.tolist() == [39, 39, 39, 39]
+    assert metrics["z_mean_steps"] == float(values.steps.float().mean()) == 39.0
     # residual_achieved = mean(1 - ||z - h_after|| / ||z - h_before||) at the last edited layer, bare prompts.
     editor = edited.editor
     _, after = compute_keys_and_outputs(edited.model, tokenizer, editor.layout, edited.output.requests, [["{}"]], 1, 1)
@@ -792,3 +801,112 @@ def test_edit_runs_in_eval_mode_and_restores_the_train_mode(tokenizer, tmp_path)
     assert torch.equal(trained.values.targets, reference.values.targets)
     for mine, theirs in zip(trained.deltas, reference.deltas):
         assert torch.equal(mine.dense(), theirs.dense())
+
+
+def test_an_edit_restores_every_requires_grad_flag(tokenizer, tmp_path):
+    """The z optimisation freezes the parameters for its backward passes; every parameter gets its own
+    `requires_grad` back, after a successful edit and after a failed one (an edited weight that required grad too)."""
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    for i, parameter in enumerate(model.parameters()):
+        parameter.requires_grad_(i % 3 == 0)
+    model.get_submodule(edited_names("llama")[0]).weight.requires_grad_(True)
+    model.get_submodule(edited_names("llama")[1]).weight.requires_grad_(False)
+    flags = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    assert 0 < sum(flags.values()) < len(flags)
+    editor = make_editor(model, tokenizer, tmp_path, v_num_grad_steps=3)
+    editor.edit(subject_final_requests())
+    assert {name: parameter.requires_grad for name, parameter in model.named_parameters()} == flags
+    editor.callbacks = [FailAtLayer(1)]
+    with pytest.raises(RuntimeError, match="callback failed at layer 1"):
+        editor.edit(subject_final_requests())
+    assert {name: parameter.requires_grad for name, parameter in model.named_parameters()} == flags
+
+
+# ------------------------------------------------------------------------------------- settings reach the edit
+def test_early_stop_margin_and_patience_reach_the_z_optimisation(tokenizer, tmp_path):
+    """The loss rule alone never stops a tiny model's request (9 steps of 10 iterations each). With a margin every
+    target reaches from the first iteration (-1000 nats), each request takes exactly `patience` steps; with one no
+    target reaches (1000 nats), all of them."""
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    requests = subject_final_requests()
+    editor = make_editor(model, tokenizer, tmp_path, v_num_grad_steps=10)
+    assert editor.compute_values(requests).steps.tolist() == [9, 9, 9, 9]
+    editor.args = tiny_editing_arguments(tmp_path, v_num_grad_steps=10, v_early_stop_margin=1000.0)
+    assert editor.compute_values(requests).steps.tolist() == [9, 9, 9, 9]
+    editor.args = tiny_editing_arguments(tmp_path, v_num_grad_steps=10, v_early_stop_margin=-1000.0,
+                                         v_early_stop_patience=0)  # fmt: skip
+    assert editor.compute_values(requests).steps.tolist() == [0, 0, 0, 0]
+    editor.args = tiny_editing_arguments(tmp_path, v_num_grad_steps=10, v_early_stop_margin=-1000.0,
+                                         v_early_stop_patience=3)  # fmt: skip
+    output = editor.edit(requests)
+    assert output.values.steps.tolist() == [3, 3, 3, 3] and output.metrics["z_mean_steps"] == 3.0
+
+
+def test_v_batch_size_sets_the_chunks_of_the_z_optimisation(tokenizer, tmp_path):
+    """`v_batch_size` requests per chunk, as `plan_chunks` cuts them; by default 16 on a CPU (one chunk here)."""
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    requests = subject_final_requests()
+    editor = make_editor(model, tokenizer, tmp_path, v_num_grad_steps=2, v_batch_size=3)
+    values = editor.compute_values(requests)
+    assert values.chunks == plan_chunks(tokenizer, load_requests(requests), 3)
+    assert [len(chunk) for chunk in values.chunks] == [3, 1] and len(values.schedule) == 2
+    editor.args = tiny_editing_arguments(tmp_path, v_num_grad_steps=2)
+    assert editor.resolved_args.v_batch_size == 16
+    assert [len(chunk) for chunk in editor.compute_values(requests).chunks] == [4]
+
+
+def test_v_autocast_dtype_runs_the_z_tail_in_bfloat16(tokenizer, tmp_path):
+    """With `v_autocast_dtype="bfloat16"` the blocks after the z layer compute in bfloat16: the losses move by
+    bfloat16 rounding (one block and the head: under 8 units of 2^-8), the block-z outputs not at all."""
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    requests = subject_final_requests()
+    exact = make_editor(model, tokenizer, tmp_path, v_num_grad_steps=3).compute_values(requests)
+    editor = make_editor(model, tokenizer, tmp_path, v_num_grad_steps=3, v_autocast_dtype="bfloat16")
+    low = editor.compute_values(requests)
+    assert not torch.equal(low.initial_loss, exact.initial_loss)  # bfloat16 really ran
+    torch.testing.assert_close(low.initial_loss, exact.initial_loss, rtol=8 * 2**-8, atol=0)
+    torch.testing.assert_close(low.initial, exact.initial, rtol=0, atol=0)
+    assert low.targets.dtype == torch.float32
+
+
+def test_context_template_chat_adds_the_chat_template_group(tmp_path):
+    """With a tokenizer that has a chat template, `context_template_chat` adds a third group of context templates: the
+    prompt as the user turn with the assistant's turn opened. The z optimisation runs over it too: the same block-z
+    output of the bare prompt, another loss and other targets than without the setting."""
+    tokenizer = build_tiny_chat_tokenizer()
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    requests = subject_final_requests()
+    plain = make_editor(model, tokenizer, tmp_path, v_num_grad_steps=3)
+    chat = make_editor(model, tokenizer, tmp_path, v_num_grad_steps=3, context_template_chat=True)
+    assert len(plain.context_templates) == 2 and chat.context_templates[:2] == plain.context_templates
+    assert chat.context_templates[2] == ["<s>user: {}\n<s>assistant:"]
+    plain_values, chat_values = plain.compute_values(requests), chat.compute_values(requests)
+    assert torch.equal(chat_values.initial, plain_values.initial)
+    assert (chat_values.initial_loss != plain_values.initial_loss).all()
+    assert not torch.equal(chat_values.targets, plain_values.targets)
+
+
+def test_model_init_kwargs_reach_from_pretrained(tokenizer, tmp_path):
+    """When `model` is a saved folder, `model_init_kwargs` go to `from_pretrained` (the library's float32 default
+    gives way to the `dtype` asked for)."""
+    folder = tmp_path / "tiny-llama"
+    build_tiny_causal_lm("llama", vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert Editor(str(folder), args=tiny_editing_arguments(tmp_path)).model.dtype == torch.float32
+    editor = Editor(str(folder), args=tiny_editing_arguments(tmp_path, model_init_kwargs={"dtype": "bfloat16"}))
+    assert editor.model.dtype == torch.bfloat16 and len(editor.tokenizer) == len(tokenizer)
+
+
+def test_stats_repo_revision_reaches_the_hub_download(tokenizer, tmp_path):
+    """`stats_repo_revision` is the revision whose statistics files are fetched (the tensors then come from the
+    commit it resolved to); the statistics are those pushed."""
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    local = make_editor(model, tokenizer, tmp_path / "local").get_statistics([0, 1])
+    with fake_dataset_hub(tmp_path / "hub") as hub:
+        push_statistics("me/tiny-stats", [layer.fingerprint for layer in local.values()],
+                        StatisticsCache(tmp_path / "local"))  # fmt: skip
+        args = tiny_editing_arguments(tmp_path / "fresh", stats_repo="me/tiny-stats", stats_repo_revision="v1.0")
+        fetched = Editor(model, args=args, processing_class=tokenizer).get_statistics([0, 1])
+    assert [download["revision"] for download in hub.downloads] == ["v1.0", FAKE_COMMIT]
+    assert fetched.keys() == local.keys()
+    assert all(torch.equal(fetched[name].moment.total, local[name].moment.total) for name in local)

