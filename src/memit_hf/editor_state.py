@@ -414,17 +414,20 @@ def _state_from_manifest(path: Path, manifest: dict[str, Any]) -> EditorState:
             raise StateMismatchError(f"The editor state in `{path}` lacks the tensor `{name}`.")
         return tensors[name]
 
-    batches = []
-    for i, batch in enumerate(manifest["batches"]):
-        deltas = [
+    def deltas_of(entries: list[dict[str, Any]], prefix: str) -> list[LayerDelta]:
+        return [
             LayerDelta(
                 str(entry["module"]),
-                tensor(f"batches.{i}.deltas.{j}.lora_B"),
-                tensor(f"batches.{i}.deltas.{j}.lora_A"),
+                tensor(f"{prefix}.{j}.lora_B"),
+                tensor(f"{prefix}.{j}.lora_A"),
                 bool(entry["fan_in_fan_out"]),
             )  # fmt: skip
-            for j, entry in enumerate(batch["deltas"])
+            for j, entry in enumerate(entries)
         ]
+
+    batches = []
+    for i, batch in enumerate(manifest["batches"]):
+        deltas = deltas_of(batch["deltas"], f"batches.{i}.deltas")
         increments = [
             (str(entry["module"]), str(entry["key"]), tensor(f"batches.{i}.increments.{j}"))
             for j, entry in enumerate(batch["increments"])
@@ -442,15 +445,7 @@ def _state_from_manifest(path: Path, manifest: dict[str, Any]) -> EditorState:
     floor = None
     if manifest.get("floor") is not None:
         entry = manifest["floor"]
-        floor_deltas = [
-            LayerDelta(
-                str(d["module"]),
-                tensor(f"floor.deltas.{j}.lora_B"),
-                tensor(f"floor.deltas.{j}.lora_A"),
-                bool(d["fan_in_fan_out"]),
-            )  # fmt: skip
-            for j, d in enumerate(entry["deltas"])
-        ]
+        floor_deltas = deltas_of(entry["deltas"], "floor.deltas")
         if not isinstance(entry["batches"], list) or not all(isinstance(b, dict) for b in entry["batches"]):
             raise StateMismatchError(f"The consolidated batches of the editor state in `{path}` are malformed.")
         floor = HistoryFloor(prefixed("floor.weights."), prefixed("floor.algorithm."), floor_deltas, entry["batches"])
