@@ -374,6 +374,16 @@ def test_an_interrupted_save_reads_back_as_the_old_state_or_the_new_one(tokenize
     assert len(list(folder.glob("editor_state-*.safetensors"))) == 1  # the killed generations' files are gone
 
 
+def test_a_doctored_manifest_cannot_make_a_save_remove_files_outside_the_folder(tokenizer, tmp_path):
+    editor = saved_two_batches(tokenizer, tmp_path)
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep me")
+    listed = [str(outside), "../precious.txt", "batches/../../precious.txt"]
+    rewrite_state(tmp_path / "state", lambda tensors, manifest: manifest["files"].update(dict.fromkeys(listed, "0")))
+    editor.save_state(tmp_path / "state")
+    assert outside.read_text() == "keep me" and read_state(tmp_path / "state").num_edits == 4
+
+
 def test_save_state_after_rollback_drops_the_undone_batches_adapters(tokenizer, tmp_path):
     """Point 5: `batches/0001` of an undone batch does not survive the next save (stacking `batches/*` re-applied
     it)."""

@@ -347,6 +347,14 @@ def write_state(
                     (path / BATCH_ADAPTERS_DIR).rmdir()
 
 
+def is_inside(name: Any) -> bool:
+    """Whether `name` (from a manifest, which may be doctored) is a relative path that stays inside its folder."""
+    if not isinstance(name, str) or not name or "\\" in name:
+        return False
+    relative = Path(name)
+    return not relative.is_absolute() and ".." not in relative.parts and not re.match(r"^[A-Za-z]:", name)
+
+
 def previous_files(path: Path) -> set[str]:
     """The files of the state now in `path` (as its manifest lists them), with every tensors file of any generation
     (a generation whose write was interrupted before its manifest landed is garbage too)."""
@@ -355,7 +363,7 @@ def previous_files(path: Path) -> set[str]:
         manifest = json.loads((path / STATE_MANIFEST_NAME).read_text(encoding="utf-8"))
         listed = manifest.get("files") if isinstance(manifest, dict) else None
         if isinstance(listed, dict):
-            names |= {name for name in listed if isinstance(name, str) and ".." not in Path(name).parts}
+            names |= {name for name in listed if is_inside(name)}
     except (OSError, ValueError):
         pass
     return names
