@@ -201,7 +201,7 @@ def rewrite_state(folder, damage) -> None:
     manifest)` changes the loaded tensors and manifest in place."""
     from safetensors.torch import save_file
 
-    from memit_hf.editor_state import file_sha256
+    from memit_hf.statistics.cache import file_sha256
 
     data = json.loads((folder / "editor_state.json").read_text())
     tensors_file = folder / data["tensors_file"]

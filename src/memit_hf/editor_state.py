@@ -24,7 +24,6 @@ folder says. It never decides how the model is loaded or where anything is publi
 """
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .deltas import LayerDelta, make_delta
+from .statistics.cache import file_sha256
 from .weights import read_parameter
 
 
@@ -222,15 +222,6 @@ class StateLock:
         context, self._context = self._context, None
         if context is not None:
             context.__exit__(*exc)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def state_tensors(state: EditorState) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], dict[str, Any] | None]:
