@@ -201,7 +201,7 @@ def rewrite_state(folder, damage) -> None:
     manifest)` changes the loaded tensors and manifest in place."""
     from safetensors.torch import save_file
 
-    from memit_hf.statistics.cache import file_sha256
+    from memit_hf.files import file_sha256
 
     data = json.loads((folder / "editor_state.json").read_text())
     tensors_file = folder / data["tensors_file"]
@@ -481,3 +481,24 @@ def test_keep_history_needs_merged_edits(tokenizer, tmp_path):
     editor = make_editor(tokenizer, tmp_path / "stats", keep_history=0, merge_edits=False)
     with pytest.raises(ValueError, match="`keep_history` consolidates merged edits"):
         editor.edit(subject_final_requests()[:1])
+
+
+def test_state_and_adapter_files_get_the_permissions_of_the_umask(tokenizer, tmp_path):
+    """A state folder, an adapter or a checkpoint shared between users stays readable by them: safetensors (and
+    transformers' `save_pretrained`) alone create `0o600` files (before, the state's, the adapters' and the
+    checkpoint's tensors were `0o600`)."""
+    import stat
+
+    editor = make_editor(tokenizer, tmp_path / "stats")
+    editor.edit(subject_final_requests()[:2])
+    previous = os.umask(0o022)
+    try:
+        editor.save_state(tmp_path / "state")
+        editor.save_adapter(tmp_path / "adapter")
+        editor.merge_and_save(tmp_path / "merged")
+    finally:
+        os.umask(previous)
+    files = [*(tmp_path / "state").rglob("*.safetensors"), tmp_path / "adapter" / "adapter_model.safetensors",
+             *(tmp_path / "merged").glob("*.safetensors")]  # fmt: skip
+    assert len(files) == 5  # the state's tensors, its adapter, batch 0's adapter, the adapter, the checkpoint
+    assert {str(path): stat.S_IMODE(path.stat().st_mode) for path in files} == dict.fromkeys(map(str, files), 0o644)

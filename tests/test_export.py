@@ -507,22 +507,31 @@ def test_rewriting_an_artefact_removes_the_files_the_new_one_lacks(tiny_checkpoi
 def test_staging_happens_inside_the_output_folder(tiny_checkpoint, tmp_path):
     """A mounted volume's root (`--output-dir /output`) is writable while its parent is not: the writes stage inside
     the output folder, never beside it. As root, `chmod` does not stop writes: the refusal of the read-only parent is
-    then made by `tempfile.mkdtemp` itself."""
+    then made by `Path.mkdir` and `tempfile.mkdtemp` themselves."""
     model, tokenizer = tiny_checkpoint
     parent = tmp_path / "root"
     volume = parent / "output"
     volume.mkdir(parents=True)
-    real_mkdtemp, staged_in = tempfile.mkdtemp, []
+    real_mkdtemp, real_mkdir, staged_in = tempfile.mkdtemp, Path.mkdir, []
+
+    def refuse_in_parent(folder):
+        if Path(folder).resolve().parent == parent.resolve() and Path(folder).name != "output":
+            raise PermissionError(errno.EACCES, "Permission denied", str(folder))
 
     def mkdtemp(suffix=None, prefix=None, dir=None):
         if dir is not None and Path(dir).resolve() == parent.resolve():
             raise PermissionError(errno.EACCES, "Permission denied", str(dir))
-        staged_in.append(Path(dir).resolve() if dir is not None else None)
         return real_mkdtemp(suffix, prefix, dir)
+
+    def mkdir(self, *args, **kwargs):
+        refuse_in_parent(self)
+        if self.name.startswith(STAGING_PREFIX):
+            staged_in.append(self.parent.resolve())
+        return real_mkdir(self, *args, **kwargs)
 
     parent.chmod(0o555)
     try:
-        with mock.patch.object(tempfile, "mkdtemp", side_effect=mkdtemp):
+        with mock.patch.object(tempfile, "mkdtemp", side_effect=mkdtemp), mock.patch.object(Path, "mkdir", mkdir):
             report = small_adapter(volume)
             assert sorted(p.name for p in volume.iterdir()) == report.files  # no staging folder left
             save_merged_checkpoint(model, tokenizer, volume / "merged", CHECKPOINT_METADATA)

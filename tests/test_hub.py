@@ -280,14 +280,19 @@ def test_push_folder_publishes_no_local_path(tmp_path, uploads, caplog):
 
 def test_push_folder_stages_elsewhere_when_the_folder_is_read_only(tmp_path, uploads):
     report = adapter_folder(tmp_path / "out", "org/base")
-    real_mkdtemp = tempfile.mkdtemp
+    real_mkdtemp, real_mkdir = tempfile.mkdtemp, Path.mkdir
 
     def mkdtemp(suffix=None, prefix=None, dir=None):
         if dir is not None and Path(dir) == tmp_path / "out":
             raise PermissionError(errno.EROFS, "Read-only file system", str(dir))
         return real_mkdtemp(suffix, prefix, dir)
 
-    with mock.patch.object(tempfile, "mkdtemp", side_effect=mkdtemp):
+    def mkdir(self, *args, **kwargs):
+        if self.parent == tmp_path / "out":
+            raise PermissionError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    with mock.patch.object(tempfile, "mkdtemp", side_effect=mkdtemp), mock.patch.object(Path, "mkdir", mkdir):
         push_folder(tmp_path / "out", "me/edits")
     (call,) = uploads.calls
     assert sorted(call["files"]) == sorted(report.files) and tmp_path / "out" not in call["folder"].parents

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from memit_hf.architectures import get_layout
 from memit_hf.editor import Editor
+from memit_hf.files import host_name
 from memit_hf.statistics import (
     CollectionProgress,
     LayerStatistics,
@@ -43,7 +44,6 @@ from memit_hf.statistics import (
     upstream_parameters,
 )
 from memit_hf.statistics.collection import pack_batches
-from memit_hf.statistics.files import host_name
 from tests.testing_utils import (
     build_tiny_causal_lm,
     build_tiny_tokenizer,
@@ -626,7 +626,7 @@ def test_stale_temporary_files_are_removed_on_the_next_write(tmp_path, caplog):
     assert temporary_owner(tmp_path / names["live"]) == (here, os.getpid())
     assert temporary_owner(tmp_path / names["dead"]) == (here, finished.pid)
     assert temporary_owner(tmp_path / names["legacy"]) is None
-    with caplog.at_level("INFO", logger="memit_hf.statistics.files"):
+    with caplog.at_level("INFO", logger="memit_hf.files"):
         StatisticsCache(tmp_path).save({"module": "m.0", "format_version": 1}, SecondMoment(sound_total(), 10))
     kept = {key for key, name in names.items() if (tmp_path / name).exists()}
     assert kept == {"live", "elsewhere", "legacy", "unrelated-old"}

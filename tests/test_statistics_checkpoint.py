@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from memit_hf.arguments import EditingArguments
 from memit_hf.editor import Editor
+from memit_hf.files import host_name
 from memit_hf.statistics import (
     CollectionInterrupted,
     CollectionProgress,
@@ -23,7 +24,6 @@ from memit_hf.statistics import (
     temporary_path,
     token_pieces,
 )
-from memit_hf.statistics.files import host_name
 from tests.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer, tiny_corpus, tiny_editing_arguments
 
 

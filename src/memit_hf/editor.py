@@ -7,6 +7,7 @@ residuals, the method's solve (`algorithms`) and the exact low-rank update (`del
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -741,7 +742,7 @@ class Editor:
         save_adapters: bool = True,
         include_requests: bool = True,
         base_model_name_or_path: str | None = None,
-        on_step: Any = None,
+        on_step: Callable[[str], None] | None = None,
     ) -> ExportReport | None:
         """Save this sequence of edits so that another process continues it with [`from_state`].
 

@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .deltas import LayerDelta, make_delta
-from .statistics.cache import file_sha256
+from .files import entry_lock, file_sha256, save_tensors
 from .weights import read_parameter
 
 
@@ -153,7 +153,9 @@ def is_state_dir(path: str | os.PathLike) -> bool:
 
 
 @contextmanager
-def _flock(file: Path, blocking: bool) -> Iterator[Any]:
+def _exclusive_or_refuse(file: Path) -> Iterator[Any]:
+    """Hold `flock(LOCK_EX | LOCK_NB)` on `file` (kept: it names the holder); `BlockingIOError` when another
+    process holds it. Nothing is held where `fcntl` does not exist."""
     try:
         import fcntl
     except ImportError:  # no advisory locks (Windows): nothing to hold
@@ -161,7 +163,7 @@ def _flock(file: Path, blocking: bool) -> Iterator[Any]:
         return
     handle = open(file, "a+", encoding="utf-8")
     try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
         handle.close()
         if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
@@ -201,7 +203,7 @@ class StateLock:
     def __enter__(self) -> "StateLock":
         self.path.mkdir(parents=True, exist_ok=True)
         file = self.path / LOCK_NAME
-        context = _flock(file, blocking=False)
+        context = _exclusive_or_refuse(file)
         try:
             handle = context.__enter__()
         except BlockingIOError:
@@ -291,7 +293,7 @@ def write_state(
         tensors, batches, floor = state_tensors(state)
         generation = f"{int(time.time() * 1000):x}{uuid.uuid4().hex[:8]}"
         tensors_name = f"editor_state-{generation}.safetensors"
-        save_file(tensors, str(staging / tensors_name), metadata={"format": "pt"})
+        save_tensors(tensors, staging / tensors_name, metadata={"format": "pt"})
         if write_exports is not None:
             write_exports(staging)
         files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
@@ -312,7 +314,7 @@ def write_state(
             "files": {name: file_sha256(staging / name) for name in files},
         }
         write_json(staging / STATE_MANIFEST_NAME, manifest)
-        with _flock(path / COMMIT_LOCK_NAME, blocking=True):
+        with entry_lock(path / COMMIT_LOCK_NAME):
             previous = previous_files(path)
             for name in files:
                 step(f"move {name}")

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -23,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from .deltas import LayerDelta
+from .files import new_file_mode, process_alive, save_tensors
 from .redaction import redact
 
 
@@ -265,18 +266,6 @@ def write_json(path: Path, value: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------ output folders and staging
-def _process_alive(pid: int) -> bool:
-    if os.name == "nt":  # `os.kill(pid, 0)` would stop the process on Windows: judge by age only there
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # `PermissionError`: the process exists, under another user
-        return True
-    return True
-
-
 def remove_stale_staging(path: str | os.PathLike, max_age: float = STALE_STAGING_SECONDS) -> list[str]:
     """Remove the staging folders (`.staging-<pid>-<random>`) in `path` that killed writers left behind: those whose
     process is gone, and those older than `max_age` seconds (process ids are reused). A live writer's folder is
@@ -302,7 +291,7 @@ def remove_stale_staging(path: str | os.PathLike, max_age: float = STALE_STAGING
             age = now - entry.stat().st_mtime
         except FileNotFoundError:  # its writer just finished
             continue
-        if age <= max_age and _process_alive(int(match.group(1))):
+        if age <= max_age and process_alive(int(match.group(1))):
             continue
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry.name)
@@ -329,7 +318,8 @@ def staging_folder(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(path)
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=path))
+    staging = path / f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+    staging.mkdir()  # the umask's permissions (not `mkdtemp`'s 0o700): its files get them too, see `save_tensors`
     try:
         yield staging
     finally:
@@ -496,7 +486,7 @@ def save_adapter_files(
     tensors = adapter_state_dict(prepared)
     with staging_folder(path) as staging:
         config.save_pretrained(str(staging))
-        save_file(tensors, str(staging / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        save_tensors(tensors, staging / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
         report = ExportReport(
             path=str(path),
             ranks={delta.module_name: delta.rank for delta in prepared},
@@ -577,6 +567,9 @@ def save_merged_checkpoint(
     with staging_folder(path) as staging:
         model.save_pretrained(staging, **save_kwargs)
         tokenizer.save_pretrained(staging)
+        for file in staging.rglob("*"):  # transformers writes its safetensors shards `0o600` too
+            if file.is_file():
+                os.chmod(file, new_file_mode(staging))
         metadata = {**metadata, "files": sorted({*_staged_files(staging), EDITS_METADATA_NAME, CARD_NAME})}
         write_metadata_and_card(staging, public_metadata(metadata) if for_hub else metadata, repo_id, merged=True)
         return _install(staging, path, "checkpoint", overwrite_output_dir)

@@ -2,18 +2,7 @@
 them, the disk cache, the one-pass collection with its resumable checkpoints, sharing through the Hub, and the
 provider the Editor asks."""
 
-from .cache import (
-    SYMMETRY_TOLERANCE,
-    StatisticsCache,
-    default_cache_dir,
-    entry_name,
-    read_second_moment,
-    statistics_problems,
-)
-from .checkpoint import CollectionProgress, StatisticsCheckpoint, collection_key
-from .collection import CollectionInterrupted, SecondMoment, collect_second_moments, input_dim, pack_batches
-from .corpus import MODEL_SAMPLES, corpus_description, corpus_texts, sample_corpus, text_digest, token_pieces
-from .files import (
+from ..files import (
     LOCK_SUFFIX,
     STALE_TEMPORARY_SECONDS,
     TEMPORARY_MARKER,
@@ -27,6 +16,17 @@ from .files import (
     temporary_owner,
     temporary_path,
 )
+from .cache import (
+    SYMMETRY_TOLERANCE,
+    StatisticsCache,
+    default_cache_dir,
+    entry_name,
+    read_second_moment,
+    statistics_problems,
+)
+from .checkpoint import CollectionProgress, StatisticsCheckpoint, collection_key
+from .collection import CollectionInterrupted, SecondMoment, collect_second_moments, input_dim, pack_batches
+from .corpus import MODEL_SAMPLES, corpus_description, corpus_texts, sample_corpus, text_digest, token_pieces
 from .fingerprint import (
     MODEL_FIELDS,
     STATS_FORMAT_VERSION,

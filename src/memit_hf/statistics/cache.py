@@ -4,7 +4,6 @@ processes and users) and verified on load, checksum and content. Beside an entry
 eigendecomposition of the covariance that null-space methods need) is cached once computed, tied to the entry's
 checksum."""
 
-import hashlib
 import json
 import logging
 import os
@@ -16,8 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from ..files import LOCK_SUFFIX, entry_lock, file_sha256, remove_stale_temporary_files, save_tensors, temporary_folder
 from .collection import SecondMoment
-from .files import LOCK_SUFFIX, entry_lock, remove_stale_temporary_files, save_tensors, temporary_folder
 from .fingerprint import fingerprint_key
 
 
@@ -29,15 +28,6 @@ def default_cache_dir() -> Path:
     from huggingface_hub import constants
 
     return Path(constants.HF_HOME) / "memit_hf" / "stats"
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def entry_name(fingerprint: dict[str, Any]) -> str:

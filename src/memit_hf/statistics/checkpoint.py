@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .files import remove_stale_temporary_files, save_tensors, temporary_folder
+from ..files import remove_stale_temporary_files, save_tensors, temporary_folder
 from .fingerprint import fingerprint_key
 from .gram import GRAM_BLOCKS
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cache import StatisticsCache, entry_name, file_sha256, link_or_copy, read_second_moment, statistics_problems
+from ..files import file_sha256
+from .cache import StatisticsCache, entry_name, link_or_copy, read_second_moment, statistics_problems
 from .fingerprint import fingerprint_differences, fingerprint_key
 
 

@@ -1,10 +1,11 @@
-"""Safe writes into a statistics folder that several processes, runs or users may share: files are written in a
-temporary folder named by its owner (host and process id) and renamed into place with the umask's permissions,
-stale temporary folders and files of killed runs are removed on the next write, and an exclusive per-entry lock is
-held while an entry is written."""
+"""Safe writes into folders that several processes, runs or users may share (the statistics cache, output and state
+folders): files are written in a temporary folder named by its owner (host and process id) and renamed into place
+with the umask's permissions (safetensors alone gives `0o600`), stale temporary folders and files of killed runs are
+removed on the next write, and an exclusive per-entry lock is held while an entry is written."""
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import re
@@ -42,6 +43,15 @@ _OWNED = re.compile(rf"\.{TEMPORARY_MARKER}\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d
 # `tempfile.NamedTemporaryFile(suffix=".tmp")` and `.<name>.<pid>.tmp`, and `.tmpXXXXXX`, which
 # `safetensors.torch.save_file` writes beside its target before renaming it.
 _UNOWNED = re.compile(r"tmp[a-z0-9_]{8}\.tmp|\..+\.\d+\.tmp|\.tmp[A-Za-z0-9]{6}")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def host_name() -> str:
@@ -227,8 +237,8 @@ def entry_lock(path: str | os.PathLike, use_flock: bool | None = None) -> Iterat
     if descriptor is None:
         reason = "the file system cannot lock" if use_flock else "`fcntl.flock` is not available on this platform"
         warnings.warn(
-            f"Statistics cache writes are not locked ({path}): {reason}. Two processes writing the same entry at "
-            "once may leave it damaged; it is then computed again.",
+            f"Writes are not locked ({path}): {reason}. Two processes writing the same entry at once may leave it "
+            "damaged (a statistics entry is then computed again; a state folder reads back as one writer's).",
             RuntimeWarning,
             stacklevel=3,
         )
