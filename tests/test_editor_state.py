@@ -443,7 +443,7 @@ def test_keep_history_bounds_the_history_and_keeps_rollback_and_state_exact(toke
         editor.edit(batch, values=values)
         snapshots.append(parameters_snapshot(editor.model))
         assert changed_tensors(editor.model, parameters_snapshot(reference.model)) == []  # the same edits
-    assert len(editor.history) == 1 and len(editor._floor.batches) == 3
+    assert len(editor.history) == 1 and len(editor.edit_metadata()["batches"]) == 4
     assert editor.edit_metadata()["num_edits"] == len(requests)
     with pytest.raises(ValueError, match="3 more are consolidated by `keep_history`"):
         editor.rollback(2)
