@@ -403,6 +403,7 @@ def test_push_uploads_a_folder_with_a_card_naming_the_repository(tmp_path, capsy
     (folder / "adapter_config.json").write_text("{}")
     (folder / "memit_edits.json").write_text(json.dumps({"base_model_name_or_path": "org/base", "batches": []}))
     (folder / "README.md").write_text("old card")
+    (folder / ".env").write_text("HF_TOKEN=hf_local\n")  # never published
     calls = []
     monkeypatch.setattr(HfApi, "create_repo", lambda self, **kw: calls.append(("create", kw)) or SimpleNamespace(
         repo_id=kw["repo_id"]))  # fmt: skip
@@ -798,3 +799,23 @@ def test_edit_export_rank_writes_a_truncated_adapter(saved_tiny_llama, tmp_path)
     assert metrics["exact"]["adapter_max_reconstruction_error"] == 0.0
     assert metrics["rank1"]["adapter_max_reconstruction_error"] == pytest.approx(max(errors), rel=1e-5)
     assert min(errors) > 0.01  # rank 1 really loses part of each update
+
+
+def test_keep_history_on_the_command_line_counts_every_batch(saved_tiny_llama, tmp_path, capsys):
+    """`--keep_history 0` consolidates every batch of a `--state-dir` sequence; the run still reports (and the state
+    still holds) all of them, and the state's batch adapters are only those that can be rolled back."""
+    from memit_hf.editor_state import read_state
+
+    inputs = edit_inputs(tmp_path, saved_tiny_llama)
+    state = tmp_path / "state"
+    for _ in range(2):
+        assert (
+            cli.main(["edit", *inputs, "--algorithm", "memit_seq", "--keep_history", "0", "--state-dir", str(state)])
+            == 0
+        )
+    assert "batch 2, 8 edits so far" in capsys.readouterr().out
+    metrics = json.loads((state / "edit_metrics.json").read_text())
+    assert (metrics["num_edits_total"], metrics["num_batches"]) == (8, 2)
+    saved = read_state(state)
+    assert saved.num_edits == 8 and saved.batches == [] and len(saved.floor.batches) == 2
+    assert not (state / "batches").exists() and json.loads((state / "memit_edits.json").read_text())["num_edits"] == 8

@@ -212,6 +212,23 @@ def test_merge_and_save_loads_with_from_pretrained(saved, tokenizer, tmp_path):
     assert "library_name: transformers" in card and "lora" not in card.split("---")[1]
 
 
+@pytest.mark.parametrize("saved", ["llama"], indirect=True)
+def test_editor_saves_refuse_to_mix_kinds_unless_overwritten(saved, tmp_path):
+    """`Editor.save_adapter` / `merge_and_save` refuse a folder holding the other kind (checked on every process
+    before anything is written) and replace it with `overwrite_output_dir=True`."""
+    saved.editor.merge_and_save(tmp_path / "out", base_model_name_or_path="tiny/base")
+    before = folder_state(tmp_path / "out")
+    with pytest.raises(ValueError, match="already holds a full model checkpoint"):
+        saved.editor.save_adapter(tmp_path / "out")
+    assert folder_state(tmp_path / "out") == before
+    saved.editor.save_adapter(tmp_path / "out", overwrite_output_dir=True)
+    assert (tmp_path / "out" / ADAPTER_WEIGHTS_NAME).is_file() and not (tmp_path / "out" / "config.json").exists()
+    with pytest.raises(ValueError, match="already holds a peft adapter"):
+        saved.editor.merge_and_save(tmp_path / "out")
+    saved.editor.merge_and_save(tmp_path / "out", overwrite_output_dir=True)
+    assert (tmp_path / "out" / "config.json").is_file() and not (tmp_path / "out" / ADAPTER_WEIGHTS_NAME).exists()
+
+
 def test_nothing_to_export(tokenizer, tmp_path):
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
     editor = Editor(model, args=tiny_editing_arguments(tmp_path), processing_class=tokenizer)

@@ -35,6 +35,7 @@ from .editor_state import (
 from .export import (
     ExportReport,
     base_model_id,
+    check_output_dir,
     edit_metadata,
     prepare_deltas,
     save_adapter_files,
@@ -580,6 +581,7 @@ class Editor:
         base_model_name_or_path: str | None = None,
         include_requests: bool = True,
         repo_id: str | None = None,
+        overwrite_output_dir: bool = False,
     ) -> ExportReport | None:
         """Save every edit made so far as one standard peft LoRA adapter (`adapter_config.json`,
         `adapter_model.safetensors`), with the edit metadata (`memit_edits.json`) and a model card (`README.md`).
@@ -600,19 +602,27 @@ class Editor:
             include_requests (`bool`, *optional*, defaults to `True`): list the requests in the metadata and card
                 (otherwise only their count and hash).
             repo_id (`str`, *optional*): repository named in the model card's loading snippets.
+            overwrite_output_dir (`bool`, *optional*, defaults to `False`): remove a merged checkpoint found in
+                `path` (otherwise refused: one kind of artefact per folder, see
+                [`~memit_hf.export.check_output_dir`]).
 
         Returns:
             [`~memit_hf.export.ExportReport`]: ranks, reconstruction errors and sizes (`None` on non-main
             processes).
+
+        Raises:
+            ValueError: when `path` holds a merged checkpoint and `overwrite_output_dir` is `False` (on every
+                process, before anything is written).
         """
         path = Path(path)
         metadata = self.edit_metadata(include_requests)
         if base_model_name_or_path is not None:
             metadata["base_model_name_or_path"] = base_model_name_or_path
         deltas = self._held_deltas()
+        check_output_dir(path, "adapter", overwrite_output_dir)  # every process refuses, none waits at the barrier
 
         def write() -> ExportReport:
-            report = write_edit_adapter(deltas, path, metadata, export_rank, repo_id)
+            report = write_edit_adapter(deltas, path, metadata, export_rank, repo_id, overwrite_output_dir)
             self._log(
                 "Adapter: %d parameters, %.2f MB (dense updates: %.2f MB), max reconstruction error %.1e.",
                 report.num_parameters, report.adapter_bytes / 1e6, report.dense_bytes / 1e6,
@@ -628,6 +638,7 @@ class Editor:
         base_model_name_or_path: str | None = None,
         include_requests: bool = True,
         repo_id: str | None = None,
+        overwrite_output_dir: bool = False,
         **save_kwargs: Any,
     ) -> None:
         """Save the edited model as a full checkpoint (`save_pretrained`, safetensors) with its tokenizer, the edit
@@ -638,14 +649,19 @@ class Editor:
             base_model_name_or_path (`str`, *optional*): the base model's Hub id for the card's `base_model`.
             include_requests (`bool`, *optional*, defaults to `True`): list the requests in the metadata and card.
             repo_id (`str`, *optional*): repository named in the model card's loading snippets.
+            overwrite_output_dir (`bool`, *optional*, defaults to `False`): remove an adapter found in `path`
+                (otherwise refused with a `ValueError` on every process: one kind of artefact per folder).
             save_kwargs: passed to `save_pretrained` (e.g. `max_shard_size`).
         """
         metadata = self.edit_metadata(include_requests)
         if base_model_name_or_path is not None:
             metadata["base_model_name_or_path"] = base_model_name_or_path
+        check_output_dir(path, "checkpoint", overwrite_output_dir)
         with self._applied.merged():  # edits held as hooks (`merge_edits=False`) are merged for the save only
             self._on_main_process(
-                lambda: save_merged_checkpoint(self.model, self.tokenizer, path, metadata, repo_id, **save_kwargs)
+                lambda: save_merged_checkpoint(
+                    self.model, self.tokenizer, path, metadata, repo_id, overwrite_output_dir, **save_kwargs
+                )
             )
 
     def push_to_hub(

@@ -69,26 +69,16 @@ def run_export(namespace: argparse.Namespace, args: EditingArguments) -> Path:
 
 
 def run_push(namespace: argparse.Namespace, args: EditingArguments) -> Any:
-    """`memit-hf push`: upload a folder, its model card regenerated to name the repository when it is ours."""
-    import shutil
-    import tempfile
-
-    from ..export import ADAPTER_CONFIG_NAME, read_edits_metadata, write_metadata_and_card
+    """`memit-hf push`: upload the files of an export (see [`~memit_hf.hub.push_folder`]: the ones its
+    `memit_edits.json` lists, the model card rebuilt to name the repository, no local path), nothing else of the
+    folder."""
     from ..hub import push_folder
 
     folder = Path(namespace.folder)
     if not folder.is_dir():
         raise SystemExit(f"memit-hf push: error: {folder} is not a directory.")
-    metadata = read_edits_metadata(folder)
-    with tempfile.TemporaryDirectory(prefix="memit-hf-push-") as tmp:
-        if metadata is not None:
-            staged = Path(tmp) / folder.name
-            shutil.copytree(folder, staged)
-            merged = not (folder / ADAPTER_CONFIG_NAME).exists()
-            write_metadata_and_card(staged, metadata, namespace.repo_id, merged)
-            folder = staged
-        commit = push_folder(
-            folder, namespace.repo_id, namespace.private, namespace.token, namespace.commit_message, namespace.revision
-        )
+    commit = push_folder(
+        folder, namespace.repo_id, namespace.private, namespace.token, namespace.commit_message, namespace.revision
+    )
     print(f"Pushed {namespace.folder} to {namespace.repo_id}: {getattr(commit, 'commit_url', commit)}")
     return commit

@@ -128,8 +128,9 @@ def edit_and_write(
         written = "the edited checkpoint"
     elif not in_state_dir:
         report = editor.save_adapter(output_dir, export_rank=namespace.export_rank, repo_id=args.hub_model_id)
+    held = editor.edit_metadata(include_requests=False)  # consolidated batches (`--keep_history`) included
     summary = {"metrics": metrics, "args": redact(resolved), "num_requests": len(output.requests),
-               "num_edits_total": sum(len(o.requests) for o in editor.history), "num_batches": len(editor.history)}  # fmt: skip
+               "num_edits_total": held["num_edits"], "num_batches": len(held["batches"])}  # fmt: skip
     if not editor.state.is_main_process:  # under `accelerate launch`: the main process wrote the files and reports
         return summary
     if not namespace.merged:
@@ -144,7 +145,7 @@ def edit_and_write(
     )
     if state_dir is not None:
         print(
-            f"  {'continued' if continued else 'started'} the state in {state_dir}: batch {len(editor.history)}, "
+            f"  {'continued' if continued else 'started'} the state in {state_dir}: batch {summary['num_batches']}, "
             f"{summary['num_edits_total']} edits so far (the adapters in it hold all of them; batches/ one each)"
         )
     print(
