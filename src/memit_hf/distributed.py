@@ -1,6 +1,8 @@
 """The process state shared with accelerate, detected correctly on CPU-only machines too."""
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from accelerate import PartialState
@@ -50,4 +52,15 @@ def assemble_rows(
         owners = reduce(owners.to(device), "sum").cpu()
     if not bool((owners == 1).all()):
         raise ValueError(f"The processes' rows do not cover {num_rows} rows exactly once: counts {owners.tolist()}.")
+    return result
+
+
+def on_main_process(state: PartialState, write: Callable[[], Any]) -> Any:
+    """Run `write()` on the main process only, then synchronise every process.
+
+    Returns:
+        What `write()` returned on the main process, `None` on the others.
+    """
+    result = write() if state.is_main_process else None
+    state.wait_for_everyone()
     return result

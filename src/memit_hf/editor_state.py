@@ -35,13 +35,23 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .algorithms import get_algorithm
+from .arguments import EditingArguments
+from .callbacks import EditorCallback
 from .deltas import LayerDelta, make_delta
+from .distributed import on_main_process
+from .editor_export import output_folder
+from .export import ExportReport, edit_metadata, save_adapter_files, write_edit_adapter
 from .files import entry_lock, file_sha256, save_tensors
+from .history import BatchRecord, EditHistory, EditOutput, HistoryFloor, StateMismatchError
+from .requests import load_requests
+from .statistics import fingerprint_key, tensor_digest
 from .weights import read_parameter
 
 
@@ -64,11 +74,6 @@ IDENTITY_FIELDS = ("model_type", "num_parameters", "dtype", "embedding_digest")
 """The fields of the base model's identity that must match for a state to be loaded."""
 
 
-class StateMismatchError(ValueError):
-    """Raised when a saved editor state does not belong to the model, statistics or arguments at hand, or is
-    malformed."""
-
-
 class StateLockedError(RuntimeError):
     """Raised when another run holds the lock of a state folder."""
 
@@ -80,36 +85,15 @@ class SavedBatch:
     Args:
         deltas (`list[LayerDelta]`): its exact update factors, in the order they were applied.
         increments (`list[tuple[str, str, torch.Tensor]]`): the Gram factors it added to the method's state.
-        metadata (`dict`): its entry in the exported edit metadata (algorithm, layers, statistics, metrics, ...).
+        record ([`~memit_hf.history.BatchRecord`]): its entry in the exported edit metadata (algorithm, layers,
+            statistics, metrics, ...).
         requests (`list[dict]`): its requests, every field.
     """
 
     deltas: list[LayerDelta]
     increments: list[tuple[str, str, torch.Tensor]]
-    metadata: dict[str, Any]
+    record: BatchRecord
     requests: list[dict[str, Any]]
-
-
-@dataclass
-class HistoryFloor:
-    """The batches of a sequence that `keep_history` consolidated: what rollback cannot go below.
-
-    Args:
-        weights (`dict[str, torch.Tensor]`): the edited modules' weights after these batches, bit for bit (the kept
-            batches are applied on them).
-        algorithm_state (`dict[str, torch.Tensor]`): the method's committed state after them.
-        deltas (`list[LayerDelta]`): their updates summed exactly, one per module (what exported adapters hold).
-        batches (`list[dict]`): their metadata entries, in order (requests included).
-    """
-
-    weights: dict[str, torch.Tensor]
-    algorithm_state: dict[str, torch.Tensor]
-    deltas: list[LayerDelta]
-    batches: list[dict[str, Any]]
-
-    @property
-    def num_edits(self) -> int:
-        return sum(int(batch.get("num_requests", 0)) for batch in self.batches)
 
 
 @dataclass
@@ -240,8 +224,8 @@ def state_tensors(state: EditorState) -> tuple[dict[str, torch.Tensor], list[dic
         for j, (module, key, factor) in enumerate(batch.increments):
             tensors[f"batches.{i}.increments.{j}"] = factor.detach().cpu().contiguous()
             increments.append({"module": module, "key": key})
-        batches.append({"deltas": deltas, "increments": increments, "metadata": batch.metadata,
-                        "requests": batch.requests})  # fmt: skip
+        entry = {"deltas": deltas, "increments": increments, "metadata": batch.record.to_dict()}
+        batches.append({**entry, "requests": batch.requests})
     for name, tensor in state.algorithm_state.items():
         tensors[f"algorithm.{name}"] = tensor.detach().cpu().contiguous()
     floor = None
@@ -256,7 +240,7 @@ def state_tensors(state: EditorState) -> tuple[dict[str, torch.Tensor], list[dic
         deltas = [
             {"module": delta.module_name, "fan_in_fan_out": delta.fan_in_fan_out} for delta in state.floor.deltas
         ]
-        floor = {"batches": state.floor.batches, "deltas": deltas}
+        floor = {"batches": [record.to_dict() for record in state.floor.batches], "deltas": deltas}
     return tensors, batches, floor
 
 
@@ -395,6 +379,18 @@ def read_state(path: str | os.PathLike) -> EditorState:
         ) from error
 
 
+def batch_record(values: Any, what: str) -> BatchRecord:
+    """The [`~memit_hf.history.BatchRecord`] of a manifest entry.
+
+    Raises:
+        StateMismatchError: when the entry is malformed (naming `what`).
+    """
+    try:
+        return BatchRecord.from_dict(values)
+    except (TypeError, ValueError) as error:
+        raise StateMismatchError(f"{what} has malformed metadata: {error}") from error
+
+
 def _state_from_manifest(path: Path, manifest: dict[str, Any]) -> EditorState:
     tensors_name = manifest.get("tensors_file", STATE_TENSORS_NAME)
     if not isinstance(tensors_name, str) or not TENSORS_FILE_PATTERN.match(tensors_name):
@@ -433,9 +429,10 @@ def _state_from_manifest(path: Path, manifest: dict[str, Any]) -> EditorState:
             (str(entry["module"]), str(entry["key"]), tensor(f"batches.{i}.increments.{j}"))
             for j, entry in enumerate(batch["increments"])
         ]
-        if not isinstance(batch["metadata"], dict) or not isinstance(batch["requests"], list):
-            raise StateMismatchError(f"Batch {i} of the editor state in `{path}` has malformed metadata or requests.")
-        batches.append(SavedBatch(deltas, increments, batch["metadata"], batch["requests"]))
+        if not isinstance(batch["requests"], list):
+            raise StateMismatchError(f"Batch {i} of the editor state in `{path}` has malformed requests.")
+        record = batch_record(batch["metadata"], f"Batch {i} of the editor state in `{path}`")
+        batches.append(SavedBatch(deltas, increments, record, batch["requests"]))
 
     def prefixed(prefix: str) -> dict[str, torch.Tensor]:
         return {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
@@ -447,9 +444,10 @@ def _state_from_manifest(path: Path, manifest: dict[str, Any]) -> EditorState:
     if manifest.get("floor") is not None:
         entry = manifest["floor"]
         floor_deltas = deltas_of(entry["deltas"], "floor.deltas")
-        if not isinstance(entry["batches"], list) or not all(isinstance(b, dict) for b in entry["batches"]):
+        if not isinstance(entry["batches"], list):
             raise StateMismatchError(f"The consolidated batches of the editor state in `{path}` are malformed.")
-        floor = HistoryFloor(prefixed("floor.weights."), prefixed("floor.algorithm."), floor_deltas, entry["batches"])
+        records = [batch_record(b, f"A consolidated batch of the editor state in `{path}`") for b in entry["batches"]]
+        floor = HistoryFloor(prefixed("floor.weights."), prefixed("floor.algorithm."), floor_deltas, records)
     return EditorState(
         model=manifest["model"],
         original_weights=manifest["original_weights"],
@@ -564,3 +562,249 @@ def check_state_content(state: EditorState, model: torch.nn.Module, edited: set[
     for name, tensor in [*state.algorithm_state.items(), *((floor.algorithm_state if floor else {}).items())]:
         if module_of(name) not in edited or not torch.isfinite(tensor).all():
             refuse("the method's state", f"entry `{name}` is not of an edited module or not finite")
+
+
+def saved_layers(state: EditorState) -> list[int]:
+    """Every layer the batches of `state` (consolidated ones included) edited, ascending."""
+    records = [*(state.floor.batches if state.floor else []), *(batch.record for batch in state.batches)]
+    return sorted({layer for record in records for layer in record.layers})
+
+
+def check_arguments(
+    state: EditorState, algorithm: str, algorithm_config: dict[str, Any], layers: list[int], merge: bool, where: str
+) -> None:
+    """Refuse to continue `state` with another method, configuration or layers, or a consolidated state without
+    merged edits.
+
+    Raises:
+        StateMismatchError: saying what the state holds and what the arguments say.
+    """
+    saved = state.arguments.get("layers")
+    if (algorithm, algorithm_config, layers) != (state.algorithm, state.algorithm_config, saved):
+        raise StateMismatchError(
+            f"The editor state in `{where}` holds `{state.algorithm}` {state.algorithm_config} at layers {saved}, "
+            f"but `args` say `{algorithm}` {algorithm_config} at layers {layers}."
+        )
+    if state.floor is not None and not merge:
+        raise StateMismatchError(f"The editor state in `{where}` is consolidated; continue it with `merge_edits`.")
+
+
+def write_history_adapters(
+    folder: Path,
+    history: EditHistory,
+    model_info: dict[str, Any],
+    include_requests: bool = True,
+    base_model_name_or_path: str | None = None,
+) -> ExportReport | None:
+    """Write what a state folder exports: the whole `history` as one adapter at the top of `folder` and every batch
+    not consolidated as its own adapter in `batches/NNNN` (numbered after the consolidated ones).
+
+    Args:
+        folder (`Path`): the (staging) state folder.
+        history ([`~memit_hf.history.EditHistory`]): the edits.
+        model_info (`dict`): the base model's identity (see [`~memit_hf.Editor.edit_metadata`]).
+        include_requests (`bool`, *optional*, defaults to `True`): list the requests in the adapters' metadata.
+        base_model_name_or_path (`str`, *optional*): the base model's Hub id to record.
+
+    Returns:
+        [`~memit_hf.export.ExportReport`] of the whole-history adapter (`None` when the history is empty).
+    """
+    records = [record.to_dict() for record in history.records()]
+    if not records:
+        return None
+    metadata = edit_metadata(model_info, records, include_requests, base_model_name_or_path)
+    report = write_edit_adapter(history.held_deltas(), folder, metadata)
+    offset = len(history.floor.batches) if history.floor else 0
+    base = metadata["base_model_name_or_path"]
+    for i, batch in enumerate(history.batches):  # named like the whole-history adapter (warned once)
+        one = edit_metadata(model_info, [batch.record.to_dict()], include_requests, base)
+        path = folder / BATCH_ADAPTERS_DIR / f"{offset + i:04d}"
+        save_adapter_files(batch.deltas, path, base, one.get("base_model_revision"), metadata=one)
+    return report
+
+
+EditorType = TypeVar("EditorType", bound="EditorStateMixin")
+
+
+class EditorStateMixin:
+    """`editor_state`, `save_state`, `from_state` and `load_state` of the [`~memit_hf.Editor`]: a sequence of edits
+    saved to a state folder and continued from it.
+
+    It reads the editor's `args`, `resolved_args`, `model`, `layout`, `state` (the process state), `statistics`,
+    `context_templates`, `edit_history` and `base_model_info`.
+    """
+
+    def _original_weight_digests(self, names: list[str]) -> dict[str, str]:
+        """Digests of the weights of `names` before the first edit."""
+        pristine = self.edit_history.applied.pristine
+        return {
+            name: tensor_digest(pristine[name] if name in pristine else read_parameter(self.model.get_submodule(name)))
+            for name in names
+        }
+
+    def editor_state(self) -> EditorState:
+        """The state of this sequence of edits (what [`save_state`] writes). Its arguments are the editing
+        hyperparameters alone (no loading, statistics-location or Hub setting, every secret redacted)."""
+        args, history = self.resolved_args, self.edit_history
+        names = sorted({self.layout.edit_name(layer) for layer in args.layers} | set(history.applied.pristine))
+        statistics = {name: info["key"] for record in history.records() for name, info in record.statistics.items()}
+        batches = [
+            SavedBatch(batch.deltas, batch.state_increments, batch.record, [r.to_dict() for r in batch.requests])
+            for batch in history.batches
+        ]
+        return EditorState(
+            model=self.base_model_info,
+            original_weights=self._original_weight_digests(names),
+            algorithm=args.algorithm,
+            algorithm_config=args.algorithm_config,
+            arguments=args.editing_values(),
+            context_templates=self.context_templates,
+            statistics=statistics,
+            batches=batches,
+            algorithm_state=history.algorithm.state_dict() if history.algorithm is not None else {},
+            floor=history.floor,
+        )
+
+    def save_state(
+        self,
+        path: str | Path | None = None,
+        save_adapters: bool = True,
+        include_requests: bool = True,
+        base_model_name_or_path: str | None = None,
+        on_step: Callable[[str], None] | None = None,
+    ) -> ExportReport | None:
+        """Save this sequence of edits so that another process continues it with [`from_state`].
+
+        The folder gets `editor_state.json` (the manifest) and the state's tensors (the exact factors of every
+        batch, the method's accumulated state and what [`rollback`] needs), and with `save_adapters` the whole
+        history as one peft adapter at its top level (`PeftModel.from_pretrained(base, path)` loads it; its model
+        card lists the batches in order) and every batch as its own adapter in `batches/0000`, `batches/0001`, ...
+        (stack or toggle them with peft). The folder is written as one transaction (see
+        [`~memit_hf.editor_state.write_state`]): a reader sees the previous state or this one, never a mix, and the
+        adapters of batches undone by [`rollback`] are removed. Run [`~memit_hf.editor_state.StateLock`] around a
+        load-edit-save cycle that other runs may share.
+
+        Args:
+            path (`str` or `Path`, *optional*): the state folder (created; a state already there is replaced);
+                default `args.output_dir`.
+            save_adapters (`bool`, *optional*, defaults to `True`): also write the adapters.
+            include_requests (`bool`, *optional*, defaults to `True`): list the requests in the adapters' metadata
+                and cards (the state itself always keeps them: it needs them to be continued and rolled back).
+            base_model_name_or_path (`str`, *optional*): the base model's Hub id to record in the adapters.
+            on_step (`Callable[[str], None]`, *optional*): called before each file operation of the commit (a seam
+                for tests of interrupted saves).
+
+        Returns:
+            [`~memit_hf.export.ExportReport`] of the whole-history adapter (`None` without adapters, without edits
+            or on non-main processes).
+        """
+        path = output_folder(path, self.args.output_dir)
+        state = self.editor_state()
+        reports: list[ExportReport | None] = []
+
+        def write_exports(folder: Path) -> None:
+            if save_adapters:
+                model_info = self.base_model_info
+                history = self.edit_history
+                reports.append(
+                    write_history_adapters(folder, history, model_info, include_requests, base_model_name_or_path)
+                )
+
+        def write() -> ExportReport | None:
+            write_state(state, path, write_exports, on_step)
+            num_batches = len(self.edit_history.records())
+            logger.info("Saved the editor state (%d batches, %d edits) to %s.", num_batches, state.num_edits, path)
+            report = reports[0] if reports else None
+            if report is not None:
+                report.path = str(path)
+            return report
+
+        return on_main_process(self.state, write)
+
+    @classmethod
+    def from_state(
+        cls: type[EditorType],
+        model: PreTrainedModel | str,
+        path: str | Path,
+        args: EditingArguments | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        stats_dataset: Any = None,
+        callbacks: list[EditorCallback] | None = None,
+    ) -> EditorType:
+        """Continue a sequence of edits saved by [`save_state`]: re-apply its batches to the base `model`, exactly,
+        and restore the method's state, the context templates and the history (so [`rollback`] and the exports work
+        across processes).
+
+        A state folder is data: it never chooses how `model` is loaded, where statistics come from or where anything
+        is published (`model_init_kwargs`, `stats_repo`, `stats_cache_dir`, `hub_*`, `output_dir` always come from
+        `args` or the defaults, see [`~memit_hf.arguments.CALLER_FIELDS`]). It is trusted input for the edits it
+        holds: every factor is checked (module among the state's edited layers, shape, finite values) and every
+        request validated before anything is applied, and any failure leaves `model` bit-identical to what it was.
+
+        Args:
+            model (`PreTrainedModel` or `str`): the original base model the state was made on (not a merged
+                checkpoint), or its id / path (loaded with `args.model_init_kwargs`, never the state's).
+            path (`str` or `Path`): the state folder.
+            args ([`EditingArguments`], *optional*): the arguments of the next edits; default: the editing
+                hyperparameters saved with the state and the defaults for everything else. They must name the saved
+                method, configuration and layers.
+            processing_class, stats_dataset, callbacks: as in [`Editor`]; `stats_dataset` (or `args.stats_repo`)
+                must give the statistics the saved edits used (the statistics fingerprints are checked).
+
+        Returns:
+            [`Editor`]: holding the saved edits.
+
+        Raises:
+            FileNotFoundError: when `path` holds no state.
+            StateMismatchError: for a malformed state or one made for another model, other statistics, or other
+                method settings; the model is then unchanged.
+        """
+        path = Path(path)
+        state = read_state(path)
+        if args is None:
+            try:
+                args = EditingArguments.from_saved(state.arguments)
+            except (TypeError, ValueError) as error:
+                message = f"The arguments saved in the editor state in `{path}` are invalid: {error}"
+                raise StateMismatchError(message) from error
+        editor = cls(model, args, processing_class, stats_dataset, callbacks)
+        editor.load_state(state, str(path))
+        return editor
+
+    def load_state(self, state: EditorState, where: str = "the state") -> None:
+        """Hold the edits of `state` (read with [`~memit_hf.editor_state.read_state`]) on this editor's model, which
+        holds none: everything is checked against the model, the arguments and the statistics first, then applied
+        all or nothing (see [`from_state`]).
+
+        Raises:
+            ValueError: when this editor holds edits already.
+            StateMismatchError: as in [`from_state`].
+        """
+        if self.edit_history.records():
+            raise ValueError("`load_state` needs an editor that holds no edit: call `restore()` first.")
+        args = self.resolved_args
+        check_arguments(state, args.algorithm, args.algorithm_config, args.layers, args.merge_edits, where)
+        check_model(state, self.base_model_info, self._original_weight_digests(list(state.original_weights)), where)
+        check_state_content(state, self.model, {self.layout.edit_name(layer) for layer in args.layers}, where)
+        try:
+            requests = [load_requests(batch.requests) for batch in state.batches]
+        except (TypeError, ValueError) as error:
+            raise StateMismatchError(f"The editor state in `{where}` holds an invalid request: {error}") from error
+        if state.statistics:
+            fingerprints = self.statistics.fingerprints(saved_layers(state))
+            keys = {self.layout.edit_name(layer): fingerprint_key(fp) for layer, fp in fingerprints.items()}
+            check_statistics(state, keys, where)
+        model_info = self.base_model_info
+        batches = [
+            EditOutput(batch.deltas, dict(batch.record.metrics), batch_requests, None, batch.record, model_info)
+            for batch, batch_requests in zip(state.batches, requests)
+        ]
+        for output, batch in zip(batches, state.batches):
+            output.state_increments = list(batch.increments)
+        algorithm = get_algorithm(args.algorithm, args.algorithm_config)
+        self.edit_history.load(batches, args.merge_edits, state.floor, algorithm, state.algorithm_state)
+        self.context_templates = [list(group) for group in state.context_templates]
+        if self.state.is_main_process:
+            logger.info(
+                "Continued the editor state in %s: %d batches, %d edits.", where, len(state.batches), state.num_edits
+            )

@@ -584,7 +584,10 @@ def read_edits_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def edit_metadata(
-    model_info: dict[str, Any], batches: list[dict[str, Any]], include_requests: bool = True
+    model_info: dict[str, Any],
+    batches: list[dict[str, Any]],
+    include_requests: bool = True,
+    base_model_name_or_path: str | None = None,
 ) -> dict[str, Any]:
     """The content of `memit_edits.json`.
 
@@ -596,6 +599,7 @@ def edit_metadata(
             `requests` (records with `prompt`, `subject`, `target_new`, `target_true`, `case_id`).
         include_requests (`bool`, *optional*, defaults to `True`): keep the request records; their SHA-256 and count
             are always recorded.
+        base_model_name_or_path (`str`, *optional*): the base model's Hub id to record instead of `model_info`'s.
 
     Returns:
         `dict`: JSON-serialisable metadata.
@@ -615,13 +619,16 @@ def edit_metadata(
                 "requests": requests if include_requests else None,
             }
         )
-    return {
+    metadata = {
         "format_version": METADATA_FORMAT_VERSION,
         "memit_hf_version": __version__,
         **model_info,
         "num_edits": sum(batch.get("num_requests", 0) for batch in batches),
         "batches": out_batches,
     }
+    if base_model_name_or_path is not None:
+        metadata["base_model_name_or_path"] = base_model_name_or_path
+    return metadata
 
 
 def write_edit_adapter(
