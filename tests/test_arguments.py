@@ -13,7 +13,7 @@ from memit_hf.arguments import EditingArguments
 def test_defaults_leave_per_model_fields_unset():
     args = EditingArguments()
     assert args.algorithm == "memit"
-    assert args.fact_token == "subject_last"
+    assert not hasattr(args, "fact_token")  # removed: the subject's last token is always edited
     for name in ("layers", "v_lr", "v_weight_decay", "clamp_norm_factor", "stats_cache_dir"):
         assert getattr(args, name) is None, name
     assert args.algorithm_config == {"mom2_update_weight": None}
@@ -37,7 +37,6 @@ def test_layers_are_normalised_to_ints():
             {"algorithm": "grace"},
             r"`algorithm` must be one of \['memit', 'rome', 'memit_seq', 'emmet', 'alphaedit'\], got `grace`",
         ),
-        ({"fact_token": "last"}, r"`fact_token` must be `subject_last`, got `last`"),
         ({"layers": []}, r"`layers` must name at least one layer"),
         ({"layers": [4, 3]}, r"`layers` must be strictly ascending without repeats, got \[4, 3\]"),
         ({"layers": [3, 3, 4]}, r"strictly ascending without repeats, got \[3, 3, 4\]"),
@@ -111,6 +110,44 @@ def test_from_yaml_overrides_and_validation(tmp_path):
     invalid.write_text("layers: [3, 2]\n")
     with pytest.raises(ValueError, match="strictly ascending"):
         EditingArguments.from_yaml(invalid)
+
+
+def test_read_recipe_checks_the_keys_once(tmp_path):
+    """`read_recipe` reads a recipe and refuses unknown keys naming them and the file (the message `from_yaml` and
+    `memit-hf --config` give); a non-mapping is refused too, an empty file is an empty mapping."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text("layers: [1, 2]\nmom2_update_weight: 10.0\n")
+    assert EditingArguments.read_recipe(path) == {"layers": [1, 2], "mom2_update_weight": 10.0}
+    path.write_text("")
+    assert EditingArguments.read_recipe(path) == {}
+    path.write_text("layers: [1]\nlearning_rate: 0.1\n")
+    message = f"Unknown `EditingArguments` keys in {path}: ['learning_rate']."
+    for read in (EditingArguments.read_recipe, EditingArguments.from_yaml):
+        with pytest.raises(ValueError) as error:
+            read(path)
+        assert str(error.value) == message
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match=r"must hold a YAML mapping of `EditingArguments` fields, got a list"):
+        EditingArguments.read_recipe(path)
+
+
+def test_fact_token_of_older_recipes_and_states_still_loads(tmp_path):
+    """`fact_token` is no longer a field: `fact_token: subject_last` (its only value) in a recipe or a flat mapping is
+    dropped with a `FutureWarning`, any other value is an error, and a saved state's arguments ignore it."""
+    path = tmp_path / "old.yaml"
+    path.write_text("layers: [1, 2]\nfact_token: subject_last\n")
+    with pytest.warns(FutureWarning, match=r"`fact_token` is no longer an `EditingArguments` field.*old\.yaml"):
+        args = EditingArguments.from_yaml(path)
+    assert args == EditingArguments(layers=[1, 2])
+    with pytest.warns(FutureWarning, match="fact_token"):
+        assert EditingArguments.from_flat({"fact_token": "subject_last"}) == EditingArguments()
+    path.write_text("fact_token: last\n")
+    with pytest.raises(ValueError, match=r"`fact_token` must be `subject_last` .*got `last` in .*old\.yaml"):
+        EditingArguments.from_yaml(path)
+    with pytest.raises(TypeError, match="fact_token"):
+        EditingArguments(fact_token="subject_last")
+    saved = {**EditingArguments(layers=[3]).editing_values(), "fact_token": "subject_last"}
+    assert EditingArguments.from_saved(saved) == EditingArguments(layers=[3])
 
 
 def test_hf_argument_parser_command_line():

