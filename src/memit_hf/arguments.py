@@ -138,10 +138,10 @@ class EditingArguments:
         seed (`int`, *optional*, defaults to `42`):
             Seed of the context templates and the model-sampled statistics corpus.
         push_to_hub (`bool`, *optional*, defaults to `False`):
-            Whether the saved edit is also pushed to `hub_model_id`, as `TrainingArguments.push_to_hub`:
-            [`Editor.save_adapter`] pushes the adapter, `memit-hf edit` pushes what it wrote (the adapter, or the
-            checkpoint with `--merged`) with [`Editor.push_to_hub`], and `memit-hf stats` pushes the statistics to
-            a Hub dataset repository.
+            Whether what is saved is also pushed to `hub_model_id`, as `TrainingArguments.push_to_hub` makes
+            `Trainer.save_model` push: [`Editor.save_adapter`] and [`Editor.merge_and_save`] upload the folder they
+            wrote (`memit-hf edit` saves through them; with the adapter in `--state_dir` it calls
+            [`Editor.push_to_hub`]), and `memit-hf stats` pushes the statistics to a Hub dataset repository.
         hub_model_id (`str`, *optional*):
             Repository id for [`Editor.push_to_hub`], e.g. `"user/smollm2-edits"`.
         hub_private_repo (`bool`, *optional*):

@@ -227,11 +227,8 @@ def edit_and_write(
     metrics = dict(output.metrics)
     if script_args.evaluate:
         metrics.update(editor.evaluate(requests))
-        output.metadata["batch"]["metrics"] = dict(metrics)  # the model card shows the evaluation
-    output.metadata["batch"]["source"] = {
-        "requests": str(script_args.requests),
-        "corpus": [str(p) for p in corpus or []],
-    }
+        output.record.metrics = dict(metrics)  # the model card shows the evaluation
+    output.record.extra["source"] = {"requests": str(script_args.requests), "corpus": [str(p) for p in corpus or []]}
 
     if editor.state.is_main_process:  # `--overwrite_output_dir`: the other kind goes before the new files come
         for folder, new in folders.items():
@@ -241,12 +238,13 @@ def edit_and_write(
     report = None
     if state_dir is not None:
         report = editor.save_state(state_dir)
-    if script_args.merged:
+    if script_args.merged:  # with `--push_to_hub` the saves push what they wrote, as `Trainer.save_model` does
         editor.merge_and_save(output_dir, repo_id=args.hub_model_id)
         written = "the edited checkpoint"
     elif not plan.in_state_dir:
         report = editor.save_adapter(output_dir, export_rank=script_args.export_rank, repo_id=args.hub_model_id)
-    commit = push_edits(editor, script_args) if args.push_to_hub else None  # every process takes part
+    elif args.push_to_hub:  # the adapter is the state folder's: pushed on its own
+        editor.push_to_hub(export_rank=script_args.export_rank)
     held = editor.edit_metadata(include_requests=False)  # consolidated batches (`--keep_history`) included
     summary = {
         "metrics": metrics,
@@ -284,16 +282,6 @@ def edit_and_write(
             f"neighborhood {metrics['neighborhood_success']:.1f}  score {metrics['score']:.1f}"
         )
     print(f"  wrote {written} and edit_metrics.json to {output_dir}")
-    if commit is not None:
-        print(f"  pushed to {args.hub_model_id}: {getattr(commit, 'commit_url', commit)}")
+    if args.push_to_hub:
+        print(f"  pushed to {args.hub_model_id}")
     return summary
-
-
-def push_edits(editor: Any, script_args: EditScriptArguments) -> Any:
-    """`--push_to_hub`: the edit pushed to `args.hub_model_id` by [`Editor.push_to_hub`] (the adapter at
-    `--export-rank`, or the checkpoint with `--merged`), on every process (the main one uploads).
-
-    Returns:
-        `huggingface_hub.CommitInfo` of the upload (`None` on other processes).
-    """
-    return editor.push_to_hub(merged=script_args.merged, export_rank=script_args.export_rank)
