@@ -284,7 +284,7 @@ def write_state(
         on_step (`Callable[[str], None]`, *optional*): called with a description before each file operation of the
             commit (a seam to test interrupted writes).
     """
-    from . import __version__
+    from .version import __version__
     from .export import staging_folder, write_json
 
     step = on_step or (lambda what: None)

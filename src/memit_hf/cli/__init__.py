@@ -17,11 +17,10 @@ memit-hf push out --repo-id user/my-edits              # upload an adapter or ch
 ```
 """
 
-import logging
 import sys
-import warnings
 
 from .adapters import run_export, run_push
+from .command import THIRD_PARTY_NOISE, main
 from .demo import DEMO_REQUESTS, run_demo
 from .edit import run_edit, run_stats
 from .evaluate import comparison_table, markdown_table, run_evaluate
@@ -61,30 +60,6 @@ __all__ = [
     "run_push",
     "run_stats",
 ]
-
-
-THIRD_PARTY_NOISE = (
-    # peft 0.21 on transformers 5 asks for `is_gradient_checkpointing` while loading any adapter; nothing to act on.
-    (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
-)
-"""Deprecation warnings of our dependencies that a user cannot act on, hidden while a `memit-hf` command runs (only
-there: importing memit-hf changes no warning filter)."""
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `memit-hf` command; returns the exit code."""
-    namespace, args = parse_args(argv)
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    logging.getLogger("memit_hf").setLevel(logging.INFO)
-    commands = {
-        "edit": run_edit, "stats": run_stats, "evaluate": run_evaluate, "demo": run_demo, "export": run_export,
-        "push": run_push,
-    }  # fmt: skip
-    with warnings.catch_warnings():
-        for message, category in THIRD_PARTY_NOISE:
-            warnings.filterwarnings("ignore", message=message, category=category)
-        commands[namespace.command](namespace, args)
-    return 0
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def make_parser() -> argparse.ArgumentParser:
     """The `memit-hf` argument parser, with one subparser per command."""
     from transformers import HfArgumentParser
 
-    from .. import __version__
+    from ..version import __version__
 
     parser = argparse.ArgumentParser(
         prog="memit-hf", description="Mass-edit facts in Hugging Face causal LMs with MEMIT."
