@@ -16,8 +16,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .algorithms import EditAlgorithm, LayerProblem, get_algorithm
-from .architectures import get_layout, resolve_arguments
+from .architectures import get_layout
 from .arguments import EditingArguments
+from .defaults import resolve_arguments
 from .deltas import AppliedEdits, LayerDelta, make_delta, merged_weight
 from .distributed import assemble_rows, owned_chunks, process_state
 from .editor_state import (
@@ -160,7 +161,7 @@ class Editor:
         self.tokenizer = processing_class
         self.stats_dataset = stats_dataset
         self.callbacks = list(callbacks or [])
-        self.layout = get_layout(model, self.args)
+        self.layout = get_layout(model, self.args.edit_module_template, self.args.layer_module_template)
         self.state = process_state()
         self._statistics: StatisticsProvider | None = None
         self._statistics_settings: tuple | None = None
