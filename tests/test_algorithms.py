@@ -6,16 +6,20 @@ import torch
 
 from memit_hf.algorithms import (
     ALGORITHM_CONFIGS,
+    ALGORITHM_NAMES,
     ALGORITHMS,
     EMMET,
     MEMIT,
     ROME,
+    CovarianceConfig,
     EditAlgorithm,
     IllConditionedError,
     LayerProblem,
     MEMITConfig,
     cholesky_factor,
+    equality_constrained_update,
     get_algorithm,
+    get_config_class,
 )
 from memit_hf.statistics import LayerStatistics, SecondMoment
 
@@ -26,7 +30,8 @@ def statistics_of(covariance: torch.Tensor, key: str = "key-0", name: str = "m")
 
 
 def make(name: str, lam: float = 1.0) -> EditAlgorithm:
-    return get_algorithm(name, {"mom2_update_weight": lam} if name == "memit" else None)
+    has_lambda = "mom2_update_weight" in get_config_class(name).field_names()
+    return get_algorithm(name, {"mom2_update_weight": lam} if has_lambda else None)
 
 
 def check(name: str, covariance: torch.Tensor, lam: float = 1.0) -> None:
@@ -267,11 +272,16 @@ def test_memit_solve_with_enough_keys_tolerates_singular_covariance():
     assert relative_error(lhs, residuals.T @ keys) < 1e-6
 
 
-def test_prepare_memit_zero_lambda():
+@pytest.mark.parametrize("name", ["memit", "memit_seq", "emmet"])
+@pytest.mark.parametrize("lam", [0.0, -1.0])
+def test_lambda_must_be_positive(name, lam):
+    """One rule for every method with a preserved term `lambda C0` (`CovarianceConfig`): lambda 0 makes the system
+    of a batch smaller than the key width singular."""
+    with pytest.raises(ValueError, match=r"`mom2_update_weight` must be positive"):
+        get_algorithm(name, {"mom2_update_weight": lam})
+    assert isinstance(get_config_class(name)(), CovarianceConfig)
     _, _, covariance = random_problem(1, 8, 2)
-    check("memit", covariance, 1.0)  # passes
-    with pytest.raises(IllConditionedError, match="is not numerically positive definite"):
-        check("memit", covariance, 0.0)
+    check(name, covariance, 1.0)  # passes
     check("rome", covariance)  # ROME does not use lambda
 
 
@@ -340,3 +350,104 @@ def test_state_is_staged_then_committed_or_discarded():
     assert torch.equal(restored.layer_state("m")["gram"], expected)
     with pytest.raises(ValueError, match=r"State entry `gram` is not named `<module>::<key>`"):
         restored.load_state_dict({"gram": expected})
+
+
+# ------------------------------------------------------------------------------- one check per registered method
+def two_batches(method: str, lam: float, **config):
+    """Solve two batches on one layer with `method`, committing the first: the second batch's factors, the keys and
+    residuals of both, and the second moment `C0`."""
+    (k1, r1, covariance), (k2, r2, _) = random_problem(3, 12, 5, seed=70), random_problem(4, 12, 5, seed=71)
+    fields = get_config_class(method).field_names()
+    values = {"mom2_update_weight": lam} if "mom2_update_weight" in fields else {}
+    algorithm = get_algorithm(method, values | config)
+    statistics = statistics_of(covariance)
+    algorithm.prepare(statistics)
+    algorithm.solve(LayerProblem("m", 0, k1, r1, statistics))
+    algorithm.commit()
+    lora_B, lora_A = algorithm.solve(LayerProblem("m", 0, k2, r2, statistics))
+    assert lora_B.shape == (5, 4) and lora_A.shape == (4, 12) and lora_B.dtype == lora_A.dtype == torch.float64
+    return lora_B @ lora_A, lora_B, (k1, r1), (k2, r2), covariance
+
+
+def memit_equation():
+    """MEMIT Eq. 14 in normal-equation form, `Delta (lambda C0 + K K^T) = R K^T`; stateless, so the first batch
+    changes nothing."""
+    lam = 2.0
+    delta, _, _, (keys, residuals), c0 = two_batches("memit", lam)
+    assert relative_error(delta @ (lam * c0 + keys.T @ keys), residuals.T @ keys) < 1e-10
+
+
+def memit_seq_equation():
+    """`Delta (lambda C0 + K1 K1^T + K K^T) = R K^T`: the committed key Gram of the first batch is preserved."""
+    lam = 2.0
+    delta, _, (k1, _), (keys, residuals), c0 = two_batches("memit_seq", lam)
+    assert relative_error(delta @ (lam * c0 + k1.T @ k1 + keys.T @ keys), residuals.T @ keys) < 1e-10
+
+
+def rome_equation():
+    """Every residual written exactly, `Delta K = R`, with minimum `C0`-norm: `Delta C0` lies in the span of the
+    keys (its part orthogonal to them vanishes)."""
+    delta, _, _, (keys, residuals), c0 = two_batches("rome", 1.0)
+    assert relative_error(keys @ delta.T, residuals) < 1e-10
+    basis, _ = torch.linalg.qr(keys.T)  # (d_in, n), orthonormal span of the keys
+    orthogonal = torch.eye(len(c0), dtype=torch.float64) - basis @ basis.T
+    assert float((delta @ c0 @ orthogonal).norm() / (delta @ c0).norm()) < 1e-10
+
+
+def emmet_equation():
+    """With `C = lambda C0 + K1 K1^T` and `rho = ridge * mean(diag(K^T C^-1 K))`: `Delta (rho C + K K^T) = R K^T`
+    (the ridge-relaxed equality constraints, MEMIT's form with rho in the place of lambda)."""
+    lam, ridge = 2.0, 0.3
+    delta, _, (k1, _), (keys, residuals), c0 = two_batches("emmet", lam, emmet_ridge=ridge)
+    system = lam * c0 + k1.T @ k1
+    rho = ridge * (keys @ torch.linalg.solve(system, keys.T)).diagonal().mean()
+    assert relative_error(delta @ (rho * system + keys.T @ keys), residuals.T @ keys) < 1e-10
+
+
+def alphaedit_equation():
+    """With `P` the projector onto the eigenvectors of `C0` below `nullspace_threshold` times the largest eigenvalue
+    and `alpha = alphaedit_l2 * trace(C0) / d_in`: `Delta (I - P) = 0` (the preserved directions are untouched) and
+    the normal equations `(P (K1 K1^T + K K^T) + alpha I) Delta^T = P K R^T`."""
+    threshold, l2 = 0.3, 0.5
+    delta, _, (k1, _), (keys, residuals), c0 = two_batches(
+        "alphaedit", 1.0, nullspace_threshold=threshold, alphaedit_l2=l2
+    )
+    eigenvalues, eigenvectors = torch.linalg.eigh(c0)
+    null = eigenvectors[:, eigenvalues < threshold * eigenvalues[-1]]
+    assert 0 < null.shape[1] < len(c0)  # a proper subspace, so both conditions say something
+    projector = null @ null.T
+    eye = torch.eye(len(c0), dtype=torch.float64)
+    assert float((delta @ (eye - projector)).norm() / delta.norm()) < 1e-10
+    alpha = l2 * eigenvalues.mean()
+    lhs = (projector @ (k1.T @ k1 + keys.T @ keys) + alpha * eye) @ delta.T
+    assert relative_error(lhs, projector @ keys.T @ residuals) < 1e-10
+
+
+DEFINING_EQUATIONS = {
+    "memit": memit_equation,
+    "memit_seq": memit_seq_equation,
+    "rome": rome_equation,
+    "emmet": emmet_equation,
+    "alphaedit": alphaedit_equation,
+}
+"""One check of the defining equation per registered method: a method registered without one fails below."""
+
+
+@pytest.mark.parametrize("name", ALGORITHM_NAMES)
+def test_every_registered_method_satisfies_its_defining_equation(name):
+    assert name in DEFINING_EQUATIONS, f"`{name}` is registered without a check of its defining equation here."
+    DEFINING_EQUATIONS[name]()
+
+
+def test_rome_and_emmet_share_the_equality_constrained_solve():
+    """ROME is EMMET with ridge 0 (and lambda, which cancels out, without accumulated keys): bit-identical factors."""
+    keys, residuals, covariance = random_problem(5, 12, 4, seed=80)
+    statistics = statistics_of(covariance)
+    rome = make("rome")
+    rome.prepare(statistics)
+    rome_B, rome_A = rome.solve(LayerProblem("m", 0, keys, residuals, statistics))
+    factor = cholesky_factor(covariance, "C")
+    shared_B, shared_A = equality_constrained_update(keys, residuals, factor)
+    assert torch.equal(rome_B, shared_B) and torch.equal(rome_A, shared_A)
+    emmet_B, emmet_A = emmet(0.0, 1.0, accumulate_keys=False).solve(LayerProblem("m", 0, keys, residuals, statistics))
+    assert torch.equal(emmet_B, rome_B) and torch.equal(emmet_A, rome_A)

@@ -1,20 +1,14 @@
-"""Tests of `memit_hf.architectures`: the layout table, default layers and hyperparameter resolution."""
+"""Tests of `memit_hf.architectures` (the layout table) and of `memit_hf.defaults` (default layers and hyperparameter
+resolution on tiny models; the papers' per-model settings are tested in `test_defaults.py`)."""
 
 import pytest
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from memit_hf.architectures import (
-    MODEL_TYPE_TO_LAYOUT,
-    ModelLayout,
-    default_layers,
-    get_layout,
-    is_transposed,
-    num_layers,
-    resolve_arguments,
-)
+from memit_hf.architectures import MODEL_TYPE_TO_LAYOUT, ModelLayout, get_layout, is_transposed, num_layers
 from memit_hf.arguments import EditingArguments
+from memit_hf.defaults import default_layers, resolve_arguments
 from memit_hf.editor import Editor
 from memit_hf.tokenization import encode_targets, encode_texts
 from tests.testing_utils import (
@@ -187,8 +181,9 @@ def test_resolve_arguments_fills_per_model_defaults(tokenizer):
     gpt2 = build_tiny_causal_lm("gpt2", len(tokenizer))
     resolved = resolve_arguments(gpt2, EditingArguments(), get_layout(gpt2))
     assert resolved.layers == [0, 1, 2]
-    assert resolved.algorithm_config == {"mom2_update_weight": 20000.0} and resolved.clamp_norm_factor == 0.75
-    assert resolved.v_lr == 0.5 and resolved.v_weight_decay == 0.5
+    # A tiny GPT-2 is not GPT-2 XL: the generic defaults, not the MEMIT paper's lambda 20000 and 20 z steps.
+    assert resolved.algorithm_config == {"mom2_update_weight": 1000.0} and resolved.clamp_norm_factor == 0.75
+    assert resolved.v_lr == 0.5 and resolved.v_weight_decay == 0.5 and resolved.v_num_grad_steps == 25
     llama = build_tiny_causal_lm("llama", len(tokenizer))
     user = EditingArguments(layers=[2], algorithm_config={"mom2_update_weight": 7.0}, v_lr=0.1)
     resolved = resolve_arguments(llama, user, get_layout(llama))
@@ -216,26 +211,24 @@ def test_unknown_model_type_error_names_the_overrides(tokenizer):
     ):
         get_layout(model)
     with pytest.raises(ValueError, match=r"`layer_module_template=\.\.\.` \(e\.g\. `model\.layers\.\{\}`\)"):
-        get_layout(model, EditingArguments())
-    args = EditingArguments(
-        edit_module_template="model.layers.{}.mlp.down_proj", layer_module_template="model.layers.{}"
+        get_layout(model)
+    layout = get_layout(
+        model, edit_module_template="model.layers.{}.mlp.down_proj", layer_module_template="model.layers.{}"
     )
-    layout = get_layout(model, args)
     assert layout == ModelLayout("model.layers.{}", "model.layers.{}.mlp.down_proj", "model.layers")
 
 
 def test_override_errors(tokenizer):
     model = build_tiny_causal_lm("llama", len(tokenizer))
     with pytest.raises(ValueError, match=r"`edit_module_template` needs `layer_module_template` as well"):
-        get_layout(model, EditingArguments(edit_module_template="model.layers.{}.mlp.down_proj"))
-    args = EditingArguments(edit_module_template="model.layers.{}.mlp.c_proj", layer_module_template="model.layers.{}")
+        get_layout(model, edit_module_template="model.layers.{}.mlp.down_proj")
     with pytest.raises(ValueError, match=r"Module `model\.layers\.0\.mlp\.c_proj` not found in `LlamaForCausalLM`"):
-        get_layout(model, args)
+        get_layout(model, edit_module_template="model.layers.{}.mlp.c_proj", layer_module_template="model.layers.{}")
     # Overrides win over the table, even for a known model type.
-    args = EditingArguments(
-        edit_module_template="model.layers.{}.mlp.up_proj", layer_module_template="model.layers.{}"
+    layout = get_layout(
+        model, edit_module_template="model.layers.{}.mlp.up_proj", layer_module_template="model.layers.{}"
     )
-    assert get_layout(model, args).edit_name(1) == "model.layers.1.mlp.up_proj"
+    assert layout.edit_name(1) == "model.layers.1.mlp.up_proj"
 
 
 def test_layout_of_wrong_architecture_is_detected(tokenizer):

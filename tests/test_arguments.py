@@ -14,7 +14,7 @@ def test_defaults_leave_per_model_fields_unset():
     args = EditingArguments()
     assert args.algorithm == "memit"
     assert not hasattr(args, "fact_token")  # removed: the subject's last token is always edited
-    for name in ("layers", "v_lr", "v_weight_decay", "clamp_norm_factor", "stats_cache_dir"):
+    for name in ("layers", "v_num_grad_steps", "v_lr", "v_weight_decay", "clamp_norm_factor", "stats_cache_dir"):
         assert getattr(args, name) is None, name
     assert args.algorithm_config == {"mom2_update_weight": None}
     assert args.method_config == MEMITConfig()
@@ -50,7 +50,8 @@ def test_layers_are_normalised_to_ints():
         ({"stats_sample_texts": 0}, r"`stats_sample_texts` must be a positive integer"),
         ({"context_template_length": 0}, r"`context_template_length` must be a positive integer"),
         ({"num_context_templates": -1}, r"`num_context_templates` must be >= 0, got -1"),
-        ({"algorithm_config": {"mom2_update_weight": -1.0}}, r"`mom2_update_weight` must be non-negative, got -1.0"),
+        ({"algorithm_config": {"mom2_update_weight": -1.0}}, r"`mom2_update_weight` must be positive, got -1.0"),
+        ({"algorithm_config": {"mom2_update_weight": 0.0}}, r"`mom2_update_weight` must be positive, got 0.0"),
         ({"algorithm_config": {"alphaedit_l2": 1.0}}, r"\['alphaedit_l2'\], which are not hyperparameters of `memit`"),
         ({"algorithm": "rome", "algorithm_config": MEMITConfig()}, r"is a `MEMITConfig` but `algorithm` is `rome`"),
         ({"v_lr": -0.5}, r"`v_lr` must be non-negative, got -0.5"),
@@ -181,7 +182,7 @@ def test_method_hyperparameters_are_flat_keys_of_recipes(tmp_path):
 
 
 def test_the_method_decides_how_many_layers_it_edits():
-    from memit_hf.architectures import default_layers
+    from memit_hf.defaults import default_layers
 
     assert ROMEConfig.num_layers == 1 and MEMITConfig.num_layers is None
     assert default_layers(30, "rome") == [6]

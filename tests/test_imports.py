@@ -59,3 +59,34 @@ def test_every_public_name_resolves():
         assert set(module.__all__) <= set(dir(module))
         with pytest.raises(AttributeError, match=f"module '{module.__name__}' has no attribute 'Nonexistent'"):
             module.Nonexistent  # noqa: B018
+
+
+def test_every_name_in_every_packages_all_resolves():
+    """`__all__` of `memit_hf` and of each of its subpackages that has one (found by walking the package, so a new
+    one is covered) names only attributes that exist, each once."""
+    import importlib
+    import pkgutil
+
+    import memit_hf
+
+    packages = [memit_hf] + [
+        importlib.import_module(info.name)
+        for info in pkgutil.walk_packages(memit_hf.__path__, "memit_hf.")
+        if info.ispkg
+    ]
+    assert {"memit_hf.algorithms", "memit_hf.algorithms.memit", "memit_hf.cli", "memit_hf.statistics"} <= {
+        package.__name__ for package in packages
+    }
+    for package in packages:
+        names = getattr(package, "__all__", ())  # `memit_hf.metrics` exports by function, without `__all__`
+        assert len(set(names)) == len(names), package.__name__
+        for name in names:
+            assert getattr(package, name) is not None, f"{package.__name__}.{name}"
+
+
+@pytest.mark.parametrize("family", ["counterfact", "zsre"])
+def test_metric_modules_cite_memit_as_the_model_cards_do(family):
+    """The `evaluate` metric modules keep their own copy of the citation (they load stand-alone): the same entry."""
+    from memit_hf.cards import CITATION
+
+    assert CITATION in (SRC / "memit_hf" / "metrics" / family / f"{family}.py").read_text()

@@ -110,12 +110,9 @@ METHODS = {
 
 
 def sequential_arguments(method: str, cache_dir, **overrides):
-    """`tiny_editing_arguments` for `method` with the settings of `METHODS` (and MEMIT's lambda 1 for the methods that
+    """`tiny_editing_arguments` for `method` with the settings of `METHODS` (and its lambda 1 for the methods that
     have a lambda)."""
-    flat = {"algorithm": method, **METHODS[method], **overrides}
-    if method != "alphaedit":
-        flat.setdefault("mom2_update_weight", 1.0)
-    return tiny_editing_arguments(cache_dir, **flat)
+    return tiny_editing_arguments(cache_dir, **{"algorithm": method, **METHODS[method], **overrides})
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -151,7 +148,7 @@ def test_sequential_methods_edit_a_tiny_model(method, tokenizer, tmp_path):
 def test_rollback_is_bit_exact_for_weights_and_state(method, tokenizer, tmp_path):
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
     flat = {"algorithm": method, "v_num_grad_steps": 5}
-    flat.update({"nullspace_threshold": 0.5} if method == "alphaedit" else {"mom2_update_weight": 1.0})
+    flat.update({"nullspace_threshold": 0.5} if method == "alphaedit" else {})  # the others take lambda 1
     editor = Editor(model, args=tiny_editing_arguments(tmp_path, **flat), processing_class=tokenizer,
                     stats_dataset=tiny_corpus())  # fmt: skip
     original = parameters_snapshot(model)

@@ -288,7 +288,9 @@ def subject_final_requests() -> list[dict]:
 def tiny_editing_arguments(cache_dir, **overrides):
     """`EditingArguments` that make MEMIT edits succeed on the tiny models (layers 0 and 1, small lambda, strong z
     optimisation), with statistics cached under `cache_dir` so tests never write to the user's cache. `overrides`
-    may name method hyperparameters flat (see `EditingArguments.from_flat`); MEMIT's lambda is dropped for others."""
+    may name method hyperparameters flat (see `EditingArguments.from_flat`); the small lambda goes to every method
+    that has `mom2_update_weight` and is dropped for the others."""
+    from memit_hf.algorithms import get_config_class
     from memit_hf.arguments import EditingArguments
 
     values = dict(
@@ -301,7 +303,7 @@ def tiny_editing_arguments(cache_dir, **overrides):
         stats_cache_dir=str(cache_dir),
     )
     values.update(overrides)
-    if values.get("algorithm", "memit") != "memit" and "mom2_update_weight" not in overrides:
+    if "mom2_update_weight" not in get_config_class(values.get("algorithm", "memit")).field_names():
         values.pop("mom2_update_weight")
     return EditingArguments.from_flat(values)
 

@@ -6,8 +6,8 @@ fast and has no side effects: torch and transformers load only when `Editor` or 
 
 from typing import TYPE_CHECKING
 
+from .version import __version__
 
-__version__ = "0.1.0.dev0"
 
 _EXPORTS = {
     "EditOutput": "editor",

@@ -28,7 +28,8 @@ class EditingArguments:
 
     Every field is also a command-line flag (`HfArgumentParser(EditingArguments)`) and a YAML key
     (`EditingArguments.from_yaml`). Fields left at `None` are filled per model by
-    [`~memit_hf.architectures.default_hyperparameters`].
+    [`~memit_hf.defaults.resolve_arguments`]: the paper's settings for GPT-2 XL, GPT-J-6B and Llama-3-8B (with the
+    methods they were tuned for), generic ones elsewhere (see [`~memit_hf.defaults.MODEL_DEFAULTS`]).
 
     > Parameters that control the algorithm
 
@@ -42,14 +43,17 @@ class EditingArguments:
             the configuration object. In YAML recipes and on the command line the fields are flat keys/flags
             (`mom2_update_weight: 5000.0`, `--mom2_update_weight 5000`).
         layers (`list[int]`, *optional*):
-            Decoder layers whose MLP down-projection is edited, ascending. Defaults to five layers starting at 10 % of
-            the depth for MEMIT, one layer at 20 % for ROME (see `default_layers`); the method decides how many.
+            Decoder layers whose MLP down-projection is edited, ascending. Defaults to the paper's layers for the
+            models of [`~memit_hf.defaults.MODEL_DEFAULTS`] (GPT-2 XL 13..17, GPT-J 3..8, Llama-3-8B 4..8), otherwise
+            five layers starting at 10 % of the depth for MEMIT, one layer at 20 % for ROME (see
+            [`~memit_hf.defaults.default_layers`]); the method decides how many.
 
     > Parameters that control the target-value optimisation
 
     Args:
-        v_num_grad_steps (`int`, *optional*, defaults to `25`):
-            Maximum number of optimisation iterations (the last one takes no step, as in the reference).
+        v_num_grad_steps (`int`, *optional*):
+            Maximum number of optimisation iterations (the last one takes no step, as in the reference). Defaults per
+            model: 20 on GPT-2 XL (the MEMIT paper's setting), 25 elsewhere.
         v_lr (`float`, *optional*):
             Adam learning rate for the residual delta.
         v_weight_decay (`float`, *optional*):
@@ -173,7 +177,9 @@ class EditingArguments:
     )
     layers: list[int] | None = field(default=None, metadata={"help": "Edited decoder layers, ascending."})
     # target values
-    v_num_grad_steps: int = field(default=25, metadata={"help": "Maximum optimisation iterations for z."})
+    v_num_grad_steps: int | None = field(
+        default=None, metadata={"help": "Maximum optimisation iterations for z (default per model, 25 generic)."}
+    )
     v_lr: float | None = field(default=None, metadata={"help": "Adam learning rate for z."})
     v_weight_decay: float | None = field(default=None, metadata={"help": "Weight of ||delta||/||h||^2."})
     clamp_norm_factor: float | None = field(default=None, metadata={"help": "Max ||delta|| / ||h||."})
@@ -268,8 +274,9 @@ class EditingArguments:
             raise ValueError(
                 f"`v_autocast_dtype` must be `bfloat16`, `float16` or None, got `{self.v_autocast_dtype}`."
             )
+        if self.v_num_grad_steps is not None and self.v_num_grad_steps <= 0:
+            raise ValueError(f"`v_num_grad_steps` must be a positive integer, got {self.v_num_grad_steps}.")
         positive = {
-            "v_num_grad_steps": self.v_num_grad_steps,
             "stats_num_tokens": self.stats_num_tokens,
             "stats_max_length": self.stats_max_length,
             "stats_batch_tokens": self.stats_batch_tokens,

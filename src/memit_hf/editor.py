@@ -16,9 +16,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .algorithms import EditAlgorithm, get_algorithm
-from .architectures import get_layout, resolve_arguments
+from .architectures import get_layout
 from .arguments import EditingArguments
 from .callbacks import EditorCallback
+from .defaults import resolve_arguments
 from .distributed import process_state
 from .editor_export import EditExportMixin
 from .editor_state import EditorStateMixin
@@ -30,7 +31,7 @@ from .modes import eval_mode
 from .requests import EDIT_RECORD_KEYS, EditRequest, check_edit_targets, load_requests
 from .statistics import LayerStatistics, StatisticsProvider, model_identity
 from .updates import LayerUpdates, solve_layers
-from .values import ValueResult, compute_target_values, plan_chunks
+from .values import ValueResult, compute_target_values, default_chunk_size, plan_chunks
 
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,11 @@ class Editor(EditExportMixin, EditorStateMixin):
         self.tokenizer = processing_class if processing_class is not None else load_tokenizer_for(model)
         self.stats_dataset = stats_dataset
         self.callbacks = list(callbacks or [])
-        self.layout = get_layout(model, self.args)
+        self.layout = get_layout(
+            model,
+            edit_module_template=self.args.edit_module_template,
+            layer_module_template=self.args.layer_module_template,
+        )
         self.state = process_state()
         self.edit_history = EditHistory(model)
         """The edits the model holds ([`~memit_hf.history.EditHistory`]): batches, applied updates, method state."""
@@ -250,7 +255,7 @@ class Editor(EditExportMixin, EditorStateMixin):
         from .distributed import assemble_rows, owned_chunks
 
         n = len(requests)
-        plan = plan_chunks(self.tokenizer, requests, args.v_batch_size)
+        plan = plan_chunks(self.tokenizer, requests, args.v_batch_size or default_chunk_size(self.model.device))
         mine = owned_chunks(len(plan), self.state)
         local = optimise(mine)
         indices = [i for chunk in mine for i in plan[chunk]]

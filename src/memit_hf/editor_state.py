@@ -268,8 +268,8 @@ def write_state(
         on_step (`Callable[[str], None]`, *optional*): called with a description before each file operation of the
             commit (a seam to test interrupted writes).
     """
-    from . import __version__
     from .export import staging_folder, write_json
+    from .version import __version__
 
     step = on_step or (lambda what: None)
     path = Path(path)

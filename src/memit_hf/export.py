@@ -604,7 +604,7 @@ def edit_metadata(
     Returns:
         `dict`: JSON-serialisable metadata.
     """
-    from . import __version__
+    from .version import __version__
 
     out_batches = []
     for batch in batches:

@@ -408,7 +408,7 @@ def compute_target_values(
     early_stop_loss: float = 0.05,
     early_stop_margin: float | None = None,
     early_stop_patience: int = 0,
-    batch_size: int = 32,
+    batch_size: int | None = 32,
     use_prefix_cache: bool = True,
     show_progress: bool = True,
     chunks: list[int] | None = None,
@@ -426,7 +426,8 @@ def compute_target_values(
             every one of its prompts by at least `early_stop_margin` nats (see [`StopRule`]; `None`: only the loss
             rule, as the reference).
         templates (`list[list[str]]`): context templates from [`~memit_hf.keys.generate_context_templates`].
-        batch_size (`int`): requests per chunk; chunks are optimised one after another.
+        batch_size (`int`): requests per chunk; chunks are optimised one after another (`None`: the
+            [`default_chunk_size`] of the model's device).
         use_prefix_cache (`bool`): run only the tokens from the subject on in blocks `L+1..` (exact; verified on the
             first chunk).
         chunks (`list[int]`, *optional*): optimise only these chunks (`requests[i * batch_size : (i + 1) *
@@ -438,12 +439,20 @@ def compute_target_values(
     Returns:
         [`ValueResult`]
     """
+    if batch_size is None:
+        batch_size = default_chunk_size(model.device)
     with frozen_parameters(model):
         return _compute_target_values(
             model, tokenizer, layout, requests, templates, z_layer, num_steps, lr, weight_decay, clamp_norm_factor,
             kl_factor, early_stop_loss, early_stop_margin, early_stop_patience, batch_size, use_prefix_cache,
             show_progress, chunks, autocast_dtype,
         )  # fmt: skip
+
+
+def default_chunk_size(device: torch.device) -> int:
+    """Requests per z-optimisation chunk when `v_batch_size` is not set: 16 on a CPU (where larger chunks run slower
+    per request), 128 on an accelerator (where larger chunks keep it busy; a chunk that does not fit is split)."""
+    return 16 if device.type == "cpu" else 128
 
 
 def suffix_lengths(tokenizer: PreTrainedTokenizerBase, requests: list[EditRequest]) -> list[int]:

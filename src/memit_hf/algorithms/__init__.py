@@ -1,6 +1,7 @@
-"""Editing algorithms, one folder per method (`memit/`, `rome/`), each with a configuration dataclass and an
+"""Editing algorithms, one folder per method (`memit/`, `rome/`, ...), each with a configuration dataclass and an
 algorithm object implementing [`EditAlgorithm`]: `prepare` (derived quantities per statistics fingerprint), `solve`
-(exact low-rank factors) and per-layer state committed only when a whole edit succeeds.
+(exact low-rank factors) and per-layer state committed only when a whole edit succeeds. `registry.py` lists the
+methods (one line each; see its docstring).
 
 The registry and the configurations import no torch; the algorithm classes load on first access.
 """
@@ -8,18 +9,26 @@ The registry and the configurations import no torch; the algorithm classes load 
 from typing import TYPE_CHECKING
 
 from .alphaedit.config import AlphaEditConfig
-from .config import AlgorithmConfig
+from .config import AlgorithmConfig, CovarianceConfig
 from .emmet.config import EMMETConfig
 from .memit.config import MEMITConfig
 from .memit_seq.config import MEMITSeqConfig
-from .registry import ALGORITHM_CONFIGS, ALGORITHM_NAMES, get_config_class, method_field_names
+from .registry import (
+    ALGORITHM_CONFIGS,
+    ALGORITHM_NAMES,
+    ALGORITHMS,
+    REGISTERED_CONFIGS,
+    AlgorithmClasses,
+    get_algorithm,
+    get_config_class,
+    method_field_names,
+)
 from .rome.config import ROMEConfig
 
 
 _LAZY = {
-    "ALGORITHMS": "classes",
-    "get_algorithm": "classes",
     "EditAlgorithm": "base",
+    "equality_constrained_update": "base",
     "IllConditionedError": "base",
     "LayerProblem": "base",
     "cholesky_factor": "base",
@@ -37,6 +46,7 @@ __all__ = [
     "EMMET",
     "MEMIT",
     "ROME",
+    "AlgorithmClasses",
     "AlgorithmConfig",
     "AlphaEdit",
     "AlphaEditConfig",
@@ -48,16 +58,21 @@ __all__ = [
     "LayerProblem",
     "MEMITConfig",
     "ROMEConfig",
+    "REGISTERED_CONFIGS",
+    "CovarianceConfig",
     "cholesky_factor",
+    "equality_constrained_update",
     "get_algorithm",
     "get_config_class",
     "method_field_names",
 ]
 
 if TYPE_CHECKING:
-    from .base import EditAlgorithm, IllConditionedError, LayerProblem, cholesky_factor
-    from .classes import ALGORITHMS, get_algorithm
+    from .alphaedit.algorithm import AlphaEdit
+    from .base import EditAlgorithm, IllConditionedError, LayerProblem, cholesky_factor, equality_constrained_update
+    from .emmet.algorithm import EMMET
     from .memit.algorithm import MEMIT
+    from .memit_seq.algorithm import MEMITSeq
     from .rome.algorithm import ROME
 
 

@@ -48,6 +48,37 @@ def check_preserved_term(statistics: LayerStatistics, weight: float) -> None:
     cholesky_factor(weight * statistics.covariance(), f"lambda * C of `{statistics.module_name}`")
 
 
+def equality_constrained_update(
+    keys: torch.Tensor, residuals: torch.Tensor, factor: torch.Tensor, ridge: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The minimum-disturbance update that writes the residuals: `Delta = R (K^T C^-1 K + rho I)^-1 K^T C^-1` with
+    `rho = ridge * mean(diag(K^T C^-1 K))`. With `ridge = 0` every residual is written exactly (ROME's form, the
+    minimum `C`-norm solution of `Delta K = R`); a positive ridge relaxes the constraints (EMMET).
+
+    Args:
+        keys (`torch.Tensor`): `(n, d_in)` float64 keys.
+        residuals (`torch.Tensor`): `(n, d_out)` float64 residuals.
+        factor (`torch.Tensor`): the lower Cholesky factor of `C`, `(d_in, d_in)`.
+        ridge (`float`, *optional*, defaults to `0.0`): `rho` relative to the mean diagonal of `K^T C^-1 K`.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: `B = R (K^T C^-1 K + rho I)^-1` `(d_out, n)` and `A = (C^-1 K)^T`
+        `(n, d_in)`, so the update stays rank <= n.
+
+    Raises:
+        IllConditionedError: if `K^T C^-1 K (+ rho I)` is not numerically positive definite.
+    """
+    c_inv_k = torch.cholesky_solve(keys.T, factor)  # (d_in, n)
+    gram = keys @ c_inv_k  # (n, n) = K^T C^-1 K
+    if ridge:
+        gram = gram + ridge * gram.diagonal().mean() * torch.eye(len(keys), dtype=gram.dtype, device=gram.device)
+        what = "K^T C^-1 K + rho I (are two requests' keys identical?)"
+    else:
+        what = "K^T C^-1 K (are two requests' keys identical?)"
+    coefficients = torch.cholesky_solve(residuals, cholesky_factor(gram, what))  # (n, d_out)
+    return coefficients.T.contiguous(), c_inv_k.T.contiguous()
+
+
 @dataclass
 class LayerProblem:
     """What one layer's solve gets.

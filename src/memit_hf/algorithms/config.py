@@ -1,6 +1,7 @@
-"""The base class of every algorithm's configuration (torch-free, so that argument parsing stays light)."""
+"""The base classes of the algorithms' configurations (torch-free, so that argument parsing stays light)."""
 
-from dataclasses import asdict, dataclass, fields
+import importlib
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 
@@ -10,15 +11,35 @@ class AlgorithmConfig:
 
     Class attributes:
         name (`str`): the registry name (`EditingArguments(algorithm=name)`).
+        implementation (`str`):
+            The algorithm class as `"<module>:<class>"`, relative to the package of the configuration's module (e.g.
+            `".algorithm:MEMIT"`); imported only when an algorithm is built (see [`algorithm_class`]).
         num_layers (`int` or `None`): how many layers the method edits (`None`: any number).
         default_layers_fraction (`float`): where the default layers start, as a fraction of the depth.
         paper (`str`): the method's paper, cited in model cards.
     """
 
     name: ClassVar[str] = ""
+    implementation: ClassVar[str] = ""
     num_layers: ClassVar[int | None] = None
     default_layers_fraction: ClassVar[float] = 0.1
     paper: ClassVar[str] = ""
+
+    @classmethod
+    def algorithm_class(cls) -> type:
+        """Import the algorithm class named by `implementation`.
+
+        Raises:
+            TypeError: if that class does not take this configuration (`config_class`).
+        """
+        module, _, name = cls.implementation.partition(":")
+        algorithm = getattr(importlib.import_module(module, package=cls.__module__.rpartition(".")[0]), name)
+        if getattr(algorithm, "config_class", None) is not cls:
+            raise TypeError(
+                f"`{cls.__name__}.implementation` names `{algorithm.__name__}`, whose `config_class` is not "
+                f"`{cls.__name__}`."
+            )
+        return algorithm
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -42,3 +63,24 @@ class AlgorithmConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class CovarianceConfig(AlgorithmConfig):
+    """The configuration of a method whose preserved term is `lambda C0`, the preserved keys' second moment weighed
+    against the new keys (MEMIT, its sequential form, EMMET).
+
+    Args:
+        mom2_update_weight (`float`, *optional*):
+            lambda, the weight of the preserved-key second moment (MEMIT Eq. 14). `None` takes the per-model
+            default (see [`~memit_hf.defaults.resolve_arguments`]). Must be positive: with 0 the system of a batch
+            smaller than the key width is singular.
+    """
+
+    mom2_update_weight: float | None = field(
+        default=None, metadata={"help": "lambda: weight of the preserved-key second moment (default per model)."}
+    )
+
+    def __post_init__(self):
+        if self.mom2_update_weight is not None and not self.mom2_update_weight > 0:
+            raise ValueError(f"`mom2_update_weight` must be positive, got {self.mom2_update_weight}.")

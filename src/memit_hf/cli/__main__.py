@@ -2,7 +2,7 @@
 
 import sys
 
-from . import main
+from .command import main
 
 
 sys.exit(main())

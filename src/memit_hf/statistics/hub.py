@@ -337,7 +337,7 @@ def build_statistics_card(entries: list[dict[str, Any]], repo_id: str | None = N
     """
     from huggingface_hub import DatasetCardData
 
-    from .. import __version__
+    from ..version import __version__
 
     entries = sorted(entries, key=lambda meta: (meta.get("info", {}).get("layer", 0), meta["fingerprint"]["module"]))
     first = entries[0]["fingerprint"]

@@ -27,6 +27,7 @@ class AlphaEditConfig(AlgorithmConfig):
     """
 
     name: ClassVar[str] = "alphaedit"
+    implementation: ClassVar[str] = ".algorithm:AlphaEdit"
     paper: ClassVar[str] = "https://huggingface.co/papers/2410.02355"
 
     nullspace_threshold: float = field(

@@ -3,7 +3,7 @@ with `C = lambda C0 (+ sum_p K_p K_p^T)`, solved in float64."""
 
 import torch
 
-from ..base import EditAlgorithm, LayerProblem, cholesky_factor, preserved_term
+from ..base import EditAlgorithm, LayerProblem, cholesky_factor, equality_constrained_update, preserved_term
 from .config import EMMETConfig
 
 
@@ -28,12 +28,7 @@ class EMMET(EditAlgorithm):
         if self.config.accumulate_keys and earlier is not None:
             system = system + earlier
         factor = cholesky_factor(system, f"C of `{problem.module_name}`")
-        c_inv_k = torch.cholesky_solve(keys.T, factor)  # (d_in, n)
-        gram = keys @ c_inv_k  # (n, n) = K^T C^-1 K
-        ridge = self.config.emmet_ridge * gram.diagonal().mean()
-        regularised = gram + ridge * torch.eye(len(keys), dtype=gram.dtype, device=gram.device)
-        gram_factor = cholesky_factor(regularised, "K^T C^-1 K + rho I (are two requests' keys identical?)")
-        coefficients = torch.cholesky_solve(problem.residuals, gram_factor)  # (n, d_out)
+        update = equality_constrained_update(keys, problem.residuals, factor, self.config.emmet_ridge)
         if self.config.accumulate_keys:
             self.accumulate_gram(problem.module_name, "key_gram", keys)
-        return coefficients.T.contiguous(), c_inv_k.T.contiguous()
+        return update

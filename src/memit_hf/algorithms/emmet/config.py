@@ -3,11 +3,11 @@
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..config import AlgorithmConfig
+from ..config import CovarianceConfig
 
 
 @dataclass
-class EMMETConfig(AlgorithmConfig):
+class EMMETConfig(CovarianceConfig):
     """Configuration of [`EMMET`]: the batched equality-constrained update with a ridge.
 
     Args:
@@ -22,11 +22,9 @@ class EMMETConfig(AlgorithmConfig):
     """
 
     name: ClassVar[str] = "emmet"
+    implementation: ClassVar[str] = ".algorithm:EMMET"
     paper: ClassVar[str] = "https://huggingface.co/papers/2401.07453"
 
-    mom2_update_weight: float | None = field(
-        default=None, metadata={"help": "lambda: weight of the preserved-key second moment (default per model)."}
-    )
     emmet_ridge: float = field(
         default=0.1, metadata={"help": "EMMET ridge, relative to the mean diagonal of K^T C^-1 K."}
     )
@@ -35,7 +33,6 @@ class EMMETConfig(AlgorithmConfig):
     )
 
     def __post_init__(self):
-        if self.mom2_update_weight is not None and not self.mom2_update_weight > 0:
-            raise ValueError(f"`mom2_update_weight` must be positive for `emmet`, got {self.mom2_update_weight}.")
+        super().__post_init__()
         if not self.emmet_ridge >= 0:
             raise ValueError(f"`emmet_ridge` must be non-negative, got {self.emmet_ridge}.")

@@ -1,6 +1,6 @@
 """Hyperparameters of accumulated-key MEMIT."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 from ..memit.config import MEMITConfig
@@ -17,8 +17,5 @@ class MEMITSeqConfig(MEMITConfig):
     """
 
     name: ClassVar[str] = "memit_seq"
+    implementation: ClassVar[str] = ".algorithm:MEMITSeq"
     paper: ClassVar[str] = "https://huggingface.co/papers/2210.07229"
-
-    mom2_update_weight: float | None = field(
-        default=None, metadata={"help": "lambda: weight of the preserved-key second moment (default per model)."}
-    )

@@ -2,7 +2,7 @@
 
 import torch
 
-from ..base import EditAlgorithm, LayerProblem, cholesky_factor
+from ..base import EditAlgorithm, LayerProblem, cholesky_factor, equality_constrained_update
 from .config import ROMEConfig
 
 
@@ -19,9 +19,4 @@ class ROME(EditAlgorithm):
         return cholesky_factor(statistics.covariance(), f"C of `{statistics.module_name}`")
 
     def solve(self, problem: LayerProblem) -> tuple[torch.Tensor, torch.Tensor]:
-        factor = self.prepared(problem.module_name)
-        c_inv_k = torch.cholesky_solve(problem.keys.T, factor)  # (d_in, n)
-        gram = problem.keys @ c_inv_k  # (n, n) = K^T C^-1 K
-        gram_factor = cholesky_factor(gram, "K^T C^-1 K (are two requests' keys identical?)")
-        coefficients = torch.cholesky_solve(problem.residuals, gram_factor)  # (n, d_out)
-        return coefficients.T.contiguous(), c_inv_k.T.contiguous()
+        return equality_constrained_update(problem.keys, problem.residuals, self.prepared(problem.module_name))

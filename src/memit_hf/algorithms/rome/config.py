@@ -12,6 +12,7 @@ class ROMEConfig(AlgorithmConfig):
     own (lambda cancels out of the solution)."""
 
     name: ClassVar[str] = "rome"
+    implementation: ClassVar[str] = ".algorithm:ROME"
     num_layers: ClassVar[int | None] = 1
     default_layers_fraction: ClassVar[float] = 0.2
     paper: ClassVar[str] = "https://huggingface.co/papers/2202.05262"
