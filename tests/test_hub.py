@@ -296,3 +296,28 @@ def test_push_folder_stages_elsewhere_when_the_folder_is_read_only(tmp_path, upl
         push_folder(tmp_path / "out", "me/edits")
     (call,) = uploads.calls
     assert sorted(call["files"]) == sorted(report.files) and tmp_path / "out" not in call["folder"].parents
+
+
+def test_output_dir_and_push_to_hub_work_as_in_trainer(tokenizer, fake_hub, tmp_path):
+    """`args.output_dir` is the default folder of the saves, and with `args.push_to_hub` a save also pushes what it
+    wrote (as `Trainer.save_model` does); without `hub_model_id` it is refused before anything is written."""
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    args = tiny_editing_arguments(tmp_path / "stats", output_dir=str(tmp_path / "out"), push_to_hub=True,
+                                  hub_model_id="me/saved")  # fmt: skip
+    editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=tiny_corpus())
+    editor.edit(subject_final_requests()[:2])
+    report = editor.save_adapter()
+    assert report.path == str(tmp_path / "out") and (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    (upload,) = fake_hub.uploads
+    assert upload["repo_id"] == "me/saved" and upload["commit_message"] == "Add 2 fact edits (adapter)"
+    assert upload["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors", "memit_edits.json"]
+    editor.merge_and_save(tmp_path / "merged")
+    assert fake_hub.uploads[-1]["commit_message"] == "Add 2 fact edits (merged model)"
+    assert "model.safetensors" in fake_hub.uploads[-1]["files"]
+    editor.args = tiny_editing_arguments(tmp_path / "stats", push_to_hub=True)
+    with pytest.raises(ValueError, match="needs `hub_model_id`"):
+        editor.save_adapter(tmp_path / "third")
+    assert not (tmp_path / "third").exists() and len(fake_hub.uploads) == 2
+    editor.args = tiny_editing_arguments(tmp_path / "stats")
+    with pytest.raises(ValueError, match="pass `path` or set `EditingArguments\\(output_dir=...\\)`"):
+        editor.save_adapter()
