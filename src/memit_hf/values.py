@@ -746,12 +746,17 @@ class StopRule:
     Args:
         loss (`float`): the loss threshold.
         margin (`float`, *optional*): the log-probability lead over the runner-up token that starts the countdown.
-        patience (`int`, *optional*, defaults to 0): iterations (steps) taken after the lead is first reached.
+        patience (`int`, *optional*, defaults to 5): iterations (steps) taken after the lead is first reached.
     """
 
     loss: float
-    margin: float | None = None
-    patience: int = 0
+    margin: float | None = ValueOptimisation.early_stop_margin
+    patience: int = ValueOptimisation.early_stop_patience
+
+    @classmethod
+    def of(cls, settings: ValueOptimisation) -> "StopRule":
+        """The stop rule of `settings` (`early_stop_loss`, `early_stop_margin`, `early_stop_patience`)."""
+        return cls(settings.early_stop_loss, settings.early_stop_margin, settings.early_stop_patience)
 
     def done(self, loss: torch.Tensor, margin: torch.Tensor, leading_since: torch.Tensor, it: int) -> torch.Tensor:
         """Which requests stop at iteration `it`, given their `(a,)` losses and margins; `leading_since` (`(a,)`,
@@ -787,7 +792,7 @@ def target_margins(logp: torch.Tensor, target_ids: torch.Tensor, owner: torch.Te
 def _optimise_chunk(state: ZChunk, settings: ValueOptimisation) -> ValueResult:
     num_steps, lr, weight_decay = settings.num_steps, settings.lr, settings.weight_decay
     clamp_norm_factor, kl_factor = settings.clamp_norm_factor, settings.kl_factor
-    stop = StopRule(settings.early_stop_loss, settings.early_stop_margin, settings.early_stop_patience)
+    stop = StopRule.of(settings)
     runner = state.runner
     device = state.hidden_full.device
     rows = state.rows
