@@ -844,7 +844,8 @@ def test_early_stop_margin_and_patience_reach_the_z_optimisation(tokenizer, tmp_
 
 
 def test_v_batch_size_sets_the_chunks_of_the_z_optimisation(tokenizer, tmp_path):
-    """`v_batch_size` requests per chunk, as `plan_chunks` cuts them; by default 16 on a CPU (one chunk here)."""
+    """`v_batch_size` requests per chunk, as `plan_chunks` cuts them; by default (`None`) 16 on a CPU (one chunk
+    here)."""
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
     requests = subject_final_requests()
     editor = make_editor(model, tokenizer, tmp_path, v_num_grad_steps=2, v_batch_size=3)
@@ -852,7 +853,7 @@ def test_v_batch_size_sets_the_chunks_of_the_z_optimisation(tokenizer, tmp_path)
     assert values.chunks == plan_chunks(tokenizer, load_requests(requests), 3)
     assert [len(chunk) for chunk in values.chunks] == [3, 1] and len(values.schedule) == 2
     editor.args = tiny_editing_arguments(tmp_path, v_num_grad_steps=2)
-    assert editor.resolved_args.v_batch_size == 16
+    assert editor.resolved_args.v_batch_size is None  # the z optimisation picks the device's chunk size
     assert [len(chunk) for chunk in editor.compute_values(requests).chunks] == [4]
 
 

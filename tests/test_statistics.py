@@ -25,15 +25,19 @@ from memit_hf.architectures import get_layout
 from memit_hf.editor import Editor
 from memit_hf.files import host_name
 from memit_hf.statistics import (
+    STATS_FORMAT_VERSION,
     CollectionProgress,
     LayerStatistics,
     SecondMoment,
     StatisticsCache,
     StatisticsCheckpoint,
+    StatisticsProvider,
     add_gram,
     collect_second_moments,
     corpus_texts,
     entry_lock,
+    fingerprint_key,
+    model_identity,
     read_second_moment,
     remove_stale_temporary_files,
     sample_corpus,
@@ -42,6 +46,7 @@ from memit_hf.statistics import (
     temporary_path,
     token_pieces,
     upstream_parameters,
+    weights_digest,
 )
 from memit_hf.statistics.collection import pack_batches
 from tests.testing_utils import (
@@ -319,7 +324,7 @@ def test_fingerprint_tracks_what_determines_the_statistics(model, tokenizer, tmp
     cache = StatisticsCache(tmp_path)
 
     def fingerprint(of=model, layer=0, corpus=corpus_id, args=editor.args):
-        return statistics_fingerprint(of, tokenizer, layout, layer, corpus, args)
+        return statistics_fingerprint(of, tokenizer, layout, layer, corpus, args.statistics_settings())
 
     base = fingerprint()
     for field, value in [("stats_num_tokens", 801), ("stats_max_length", 32), ("seed", 1)]:
@@ -363,7 +368,9 @@ def test_fingerprint_changes_when_one_upstream_weight_changes(model, tokenizer, 
     }[where]
     with torch.no_grad():
         parameter.view(-1)[7] += 1e-3  # one element, off the digest's sampling stride
-    after = statistics_fingerprint(model, tokenizer, layout, 1, editor.statistics.corpus_id(), editor.args)
+    after = statistics_fingerprint(
+        model, tokenizer, layout, 1, editor.statistics.corpus_id(), editor.statistics.settings
+    )
     assert after["weights_digest"] != before.fingerprint["weights_digest"]
     again = make_editor(model, tokenizer, tmp_path).get_statistics([1])["model.layers.1.mlp.down_proj"]
     assert again.source == "collected"
@@ -417,7 +424,7 @@ def test_fingerprint_ignores_weights_downstream_of_the_module(model, tokenizer):
     names = {name for name, _ in upstream_parameters(model, layout, 0)}
     assert "model.layers.0.mlp.down_proj.weight" in names and "model.embed_tokens.weight" in names
     assert not any(name.startswith("model.layers.1.") for name in names)
-    args = tiny_editing_arguments("unused")
+    args = tiny_editing_arguments("unused").statistics_settings()
     before = statistics_fingerprint(model, tokenizer, layout, 0, "c", args)
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight.add_(1.0)
@@ -681,3 +688,52 @@ def test_cache_writes_go_through_temporary_files_named_by_their_owner(tmp_path):
         assert source.parent.name.startswith(f".{cache.paths(fingerprint)[0].name}.memit-tmp.")
         assert temporary_owner(source.parent) == (host_name(), os.getpid())
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(path.name for path in cache.paths(fingerprint))
+
+
+def test_fingerprint_key_is_unchanged_by_the_settings_object(model, tokenizer, tmp_path):
+    """Statistics cached before `StatisticsSettings` existed are still found: the fingerprint holds exactly the
+    fields, values and key it held when it was built from `EditingArguments` (`stats_num_tokens`,
+    `stats_max_length`, `seed`)."""
+    args = tiny_editing_arguments(tmp_path, stats_num_tokens=800, stats_max_length=64, stats_batch_tokens=256)
+    layout = get_layout(model)
+    legacy = {
+        "format_version": STATS_FORMAT_VERSION,
+        **model_identity(model),
+        "weights_digest": weights_digest(upstream_parameters(model, layout, 1)),
+        "module": layout.edit_name(1),
+        "tokenizer": getattr(tokenizer, "name_or_path", "") or "",
+        "vocab_size": len(tokenizer),
+        "corpus": "tokens:abc",
+        "num_tokens": args.stats_num_tokens,
+        "max_length": args.stats_max_length,
+        "seed": args.seed,
+        "accumulation": "float64",
+    }
+    fingerprint = statistics_fingerprint(model, tokenizer, layout, 1, "tokens:abc", args.statistics_settings())
+    assert fingerprint == legacy and list(fingerprint) == list(legacy)
+    assert fingerprint_key(fingerprint) == fingerprint_key(legacy)
+    # The provider the Editor builds from the arguments finds what a provider of the same settings cached.
+    first = make_editor(model, tokenizer, tmp_path)
+    cached = first.get_statistics([1])["model.layers.1.mlp.down_proj"]
+    provider = StatisticsProvider(model, tokenizer, layout, first.args.statistics_settings(), tiny_corpus())
+    found = provider.get([1])["model.layers.1.mlp.down_proj"]
+    assert found.source == "cache" and found.key == cached.key and provider.num_collections == 0
+
+
+def test_provider_and_fingerprint_take_statistics_settings(model, tokenizer, tmp_path):
+    args = tiny_editing_arguments(tmp_path)
+    with pytest.raises(TypeError, match="statistics_settings"):
+        StatisticsProvider(model, tokenizer, get_layout(model), args)
+    with pytest.raises(TypeError, match="statistics_settings"):
+        statistics_fingerprint(model, tokenizer, get_layout(model), 0, "c", args)
+
+
+def test_editor_keeps_its_provider_until_the_settings_or_corpus_change(model, tokenizer, tmp_path):
+    editor = make_editor(model, tokenizer, tmp_path)
+    provider = editor.statistics
+    assert editor.statistics is provider and provider.settings == editor.args.statistics_settings()
+    editor.args.stats_batch_tokens = 512  # another setting: another provider
+    assert editor.statistics is not provider and editor.statistics.settings.batch_tokens == 512
+    provider = editor.statistics
+    editor.stats_dataset = tiny_corpus()[:40]  # another corpus object: another provider
+    assert editor.statistics is not provider and editor.statistics.corpus is editor.stats_dataset

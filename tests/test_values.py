@@ -9,12 +9,16 @@ import torch
 from memit_hf.architectures import get_layout
 from memit_hf.keys import compute_keys_and_outputs, fill
 from memit_hf.requests import load_requests
+from memit_hf.settings import ValueOptimisation
 from memit_hf.tokenization import encode_targets, encode_texts
 from memit_hf.values import (
+    PER_REQUEST_FIELDS,
     BlockRunner,
     StopRule,
     ZChunk,
     compute_target_values,
+    default_chunk_size,
+    optimise_target_values,
     plan_chunks,
     prefix_cache_error,
     prefix_cache_matches,
@@ -412,3 +416,71 @@ def test_kl_prompt_is_the_subject_alone_and_shares_the_bare_row_when_it_can(toke
     delta[1] = delta[0]  # the same subject and delta: the first request's KL logits are the second's
     _, kl_hidden = chunk.forward(delta)
     torch.testing.assert_close(kl_hidden[0], kl_hidden[1], rtol=z_rounding(1), atol=0)
+
+
+def test_keyword_function_equals_the_settings_function(tokenizer):
+    """`compute_target_values` builds the `ValueOptimisation` of its keywords and delegates: the same operations, so
+    bit-identical results."""
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    requests = load_requests(tiny_requests() + subject_final_requests())
+    keywords = run(model, tokenizer, requests, batch_size=3, early_stop_margin=0.5, early_stop_patience=2)
+    settings = ValueOptimisation(
+        num_steps=6,
+        lr=SETTINGS["lr"],
+        weight_decay=SETTINGS["weight_decay"],
+        clamp_norm_factor=SETTINGS["clamp_norm_factor"],
+        kl_factor=SETTINGS["kl_factor"],
+        early_stop_loss=0.05,
+        early_stop_margin=0.5,
+        early_stop_patience=2,
+        chunk_size=3,
+    )
+    layout = get_layout(model)
+    result = optimise_target_values(model, tokenizer, layout, requests, TEMPLATES, 1, settings, show_progress=False)
+    for name in PER_REQUEST_FIELDS:
+        assert torch.equal(getattr(result, name), getattr(keywords, name)), name
+    assert result.chunks == keywords.chunks == plan_chunks(tokenizer, requests, 3)
+    assert result.schedule == keywords.schedule and result.z_layer == keywords.z_layer == 1
+
+
+def test_chunks_index_the_one_plan_and_the_whole_run_is_in_request_order(tokenizer):
+    """`chunks=` picks chunks of the plan (their requests in the chunks' order); the whole optimisation plans the same
+    chunks once and puts every row back in request order, each chunk computed exactly as on its own."""
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    requests = load_requests(tiny_requests() + subject_final_requests())
+    plan = plan_chunks(tokenizer, requests, 3)
+    assert [i for members in plan for i in members] != list(range(len(requests)))  # the plan reorders
+    whole = run(model, tokenizer, requests, batch_size=3)
+    assert whole.chunks == plan
+    for index in reversed(range(len(plan))):
+        part = run(model, tokenizer, requests, batch_size=3, chunks=[index])
+        assert part.chunks == [plan[index]]
+        for name in PER_REQUEST_FIELDS:
+            assert torch.equal(getattr(part, name), getattr(whole, name)[plan[index]]), name
+    swapped = run(model, tokenizer, requests, batch_size=3, chunks=[1, 0])
+    assert swapped.chunks == [plan[1], plan[0]]
+    assert torch.equal(swapped.targets, whole.targets[plan[1] + plan[0]])
+
+
+def test_chunk_size_defaults_to_the_device_default(tokenizer):
+    assert default_chunk_size(torch.device("cpu")) == 16
+    assert default_chunk_size(torch.device("cuda")) == default_chunk_size(torch.device("mps")) == 128
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    requests = load_requests(tiny_requests() + subject_final_requests())
+    result = run(model, tokenizer, requests, num_steps=2)  # batch_size=None: 16 on this CPU, one chunk
+    assert result.chunks == plan_chunks(tokenizer, requests, 16) and len(result.chunks) == 1
+
+
+@pytest.mark.parametrize(
+    "keyword, value, named",
+    [
+        ("batch_size", 0, "batch_size"),
+        ("lr", -1.0, "lr"),
+        ("num_steps", 0, "num_steps"),
+        ("autocast_dtype", torch.float32, "autocast_dtype"),
+    ],
+)
+def test_bad_keyword_settings_raise_naming_them(tokenizer, keyword, value, named):
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    with pytest.raises(ValueError, match=f"`{named}`"):
+        run(model, tokenizer, load_requests(tiny_requests()), **{keyword: value})

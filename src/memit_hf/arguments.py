@@ -10,6 +10,7 @@ import yaml
 from .algorithms.config import AlgorithmConfig
 from .algorithms.registry import ALGORITHM_NAMES, get_config_class, method_field_names
 from .redaction import redact
+from .settings import StatisticsSettings, ValueOptimisation
 
 
 CALLER_FIELDS = (
@@ -183,18 +184,23 @@ class EditingArguments:
     v_lr: float | None = field(default=None, metadata={"help": "Adam learning rate for z."})
     v_weight_decay: float | None = field(default=None, metadata={"help": "Weight of ||delta||/||h||^2."})
     clamp_norm_factor: float | None = field(default=None, metadata={"help": "Max ||delta|| / ||h||."})
-    kl_factor: float = field(default=0.0625, metadata={"help": "Weight of the KL essence term."})
-    v_early_stop_loss: float = field(default=0.05, metadata={"help": "Per-request early-stop loss."})
+    kl_factor: float = field(default=ValueOptimisation.kl_factor, metadata={"help": "Weight of the KL essence term."})
+    v_early_stop_loss: float = field(
+        default=ValueOptimisation.early_stop_loss, metadata={"help": "Per-request early-stop loss."}
+    )
     v_early_stop_margin: float | None = field(
-        default=None,
+        default=ValueOptimisation.early_stop_margin,
         metadata={"help": "Stop a request once its targets lead every prompt by this log-prob margin (None: off)."},
     )
-    v_early_stop_patience: int = field(default=5, metadata={"help": "Steps taken after the margin is reached."})
+    v_early_stop_patience: int = field(
+        default=ValueOptimisation.early_stop_patience, metadata={"help": "Steps taken after the margin is reached."}
+    )
     v_batch_size: int | None = field(
         default=None, metadata={"help": "Requests optimised together per chunk (default: 16 on CPU, 128 on GPU)."}
     )
     v_autocast_dtype: str | None = field(
-        default=None, metadata={"help": "Autocast dtype of the z forward after the z layer (bfloat16/float16)."}
+        default=ValueOptimisation.autocast_dtype,
+        metadata={"help": "Autocast dtype of the z forward after the z layer (bfloat16/float16)."},
     )
     num_context_templates: int = field(default=5, metadata={"help": "Number of sampled context prefixes."})
     context_template_length: int = field(default=10, metadata={"help": "Token length of each context prefix."})
@@ -209,17 +215,28 @@ class EditingArguments:
         default=None, metadata={"help": "Batches kept for rollback; older ones are consolidated (None: all)."}
     )
     # statistics
-    stats_num_tokens: int = field(default=100_000, metadata={"help": "Token budget of the covariance statistics."})
-    stats_max_length: int = field(default=512, metadata={"help": "Max tokens per statistics text piece."})
-    stats_batch_tokens: int = field(default=4096, metadata={"help": "Padded tokens per statistics forward."})
+    stats_num_tokens: int = field(
+        default=StatisticsSettings.num_tokens, metadata={"help": "Token budget of the covariance statistics."}
+    )
+    stats_max_length: int = field(
+        default=StatisticsSettings.max_length, metadata={"help": "Max tokens per statistics text piece."}
+    )
+    stats_batch_tokens: int = field(
+        default=StatisticsSettings.batch_tokens, metadata={"help": "Padded tokens per statistics forward."}
+    )
     stats_cache_dir: str | None = field(default=None, metadata={"help": "Statistics cache directory."})
-    stats_sample_texts: int = field(default=64, metadata={"help": "Model-sampled texts when no corpus is given."})
-    stats_sample_length: int = field(default=128, metadata={"help": "Tokens per model-sampled text."})
+    stats_sample_texts: int = field(
+        default=StatisticsSettings.sample_texts, metadata={"help": "Model-sampled texts when no corpus is given."}
+    )
+    stats_sample_length: int = field(
+        default=StatisticsSettings.sample_length, metadata={"help": "Tokens per model-sampled text."}
+    )
     stats_checkpoint_every: int | None = field(
         default=None, metadata={"help": "Checkpoint a statistics collection every this many batches (resumable)."}
     )
     stats_checkpoint_seconds: float | None = field(
-        default=600.0, metadata={"help": "Checkpoint a statistics collection every this many seconds (None: off)."}
+        default=StatisticsSettings.checkpoint_seconds,
+        metadata={"help": "Checkpoint a statistics collection every this many seconds (None: off)."},
     )
     stats_repo: str | None = field(
         default=None, metadata={"help": "Hub dataset repo or folder of statistics to use (checked against the model)."}
@@ -312,6 +329,52 @@ class EditingArguments:
                 f"`stats_batch_tokens` ({self.stats_batch_tokens}) must be at least `stats_max_length` "
                 f"({self.stats_max_length})."
             )
+
+    def value_optimisation(self) -> ValueOptimisation:
+        """The settings of the target-value optimisation (see [`~memit_hf.settings.ValueOptimisation`]).
+
+        The Editor calls it on the arguments resolved for its model; a field still at `None` (`v_num_grad_steps`,
+        `v_lr`, `v_weight_decay`, `clamp_norm_factor`) takes the `ValueOptimisation` default, and `v_batch_size=None`
+        the device default chunk size.
+
+        Returns:
+            [`~memit_hf.settings.ValueOptimisation`]
+        """
+        defaults = ValueOptimisation
+        return ValueOptimisation(
+            num_steps=defaults.num_steps if self.v_num_grad_steps is None else self.v_num_grad_steps,
+            lr=defaults.lr if self.v_lr is None else self.v_lr,
+            weight_decay=defaults.weight_decay if self.v_weight_decay is None else self.v_weight_decay,
+            clamp_norm_factor=defaults.clamp_norm_factor if self.clamp_norm_factor is None else self.clamp_norm_factor,
+            kl_factor=self.kl_factor,
+            early_stop_loss=self.v_early_stop_loss,
+            early_stop_margin=self.v_early_stop_margin,
+            early_stop_patience=self.v_early_stop_patience,
+            chunk_size=self.v_batch_size,
+            autocast_dtype=self.v_autocast_dtype,
+        )
+
+    def statistics_settings(self) -> StatisticsSettings:
+        """The settings of the second-moment statistics: the `stats_*` fields, `seed` and `hub_token` (see
+        [`~memit_hf.settings.StatisticsSettings`]).
+
+        Returns:
+            [`~memit_hf.settings.StatisticsSettings`]
+        """
+        return StatisticsSettings(
+            num_tokens=self.stats_num_tokens,
+            max_length=self.stats_max_length,
+            batch_tokens=self.stats_batch_tokens,
+            cache_dir=self.stats_cache_dir,
+            sample_texts=self.stats_sample_texts,
+            sample_length=self.stats_sample_length,
+            seed=self.seed,
+            repo=self.stats_repo,
+            repo_revision=self.stats_repo_revision,
+            checkpoint_every=self.stats_checkpoint_every,
+            checkpoint_seconds=self.stats_checkpoint_seconds,
+            hub_token=self.hub_token,
+        )
 
     @property
     def method_config(self) -> AlgorithmConfig:

@@ -11,13 +11,21 @@ from transformers import PretrainedConfig, PreTrainedModel
 from .algorithms.registry import get_config_class
 from .architectures import ModelLayout, num_layers
 from .arguments import EditingArguments
+from .settings import ValueOptimisation
 
 
 GENERIC_DEFAULTS: Mapping[str, Any] = MappingProxyType(
-    dict(mom2_update_weight=1000.0, v_num_grad_steps=25, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=0.75)
+    dict(
+        mom2_update_weight=1000.0,
+        v_num_grad_steps=ValueOptimisation.num_steps,
+        v_lr=ValueOptimisation.lr,
+        v_weight_decay=ValueOptimisation.weight_decay,
+        clamp_norm_factor=ValueOptimisation.clamp_norm_factor,
+    )
 )
 """What a model without an entry in [`MODEL_DEFAULTS`] gets: the values measured on SmolLM2-135M
-(`benchmarks/README.md`), which suit small and mid-size Llama-style models. Keys are `EditingArguments` fields or
+(`benchmarks/README.md`), which suit small and mid-size Llama-style models (the z settings are those of
+[`~memit_hf.settings.ValueOptimisation`], their one home). Keys are `EditingArguments` fields or
 method hyperparameters (filled wherever the chosen method has that field); the layers come from [`default_layers`]."""
 
 

@@ -31,15 +31,12 @@ from .modes import eval_mode
 from .requests import EDIT_RECORD_KEYS, EditRequest, check_edit_targets, load_requests
 from .statistics import LayerStatistics, StatisticsProvider, model_identity
 from .updates import LayerUpdates, solve_layers
-from .values import ValueResult, compute_target_values, default_chunk_size, plan_chunks
+from .values import ValueResult, optimise_target_values
 
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["EditOutput", "Editor", "EditorCallback"]
-
-VALUE_FIELDS = ("targets", "initial", "initial_loss", "final_loss", "final_nll", "steps", "final_margin")
-"""The per-request tensors of a [`~memit_hf.values.ValueResult`]."""
 
 
 class Editor(EditExportMixin, EditorStateMixin):
@@ -98,7 +95,7 @@ class Editor(EditExportMixin, EditorStateMixin):
         self.edit_history = EditHistory(model)
         """The edits the model holds ([`~memit_hf.history.EditHistory`]): batches, applied updates, method state."""
         self._statistics: StatisticsProvider | None = None
-        self._statistics_settings: tuple | None = None
+        self._statistics_key: tuple | None = None  # (StatisticsSettings, id(stats_dataset)) of `_statistics`
         self._templates: list[list[str]] | None = None
         self._base_model_info: dict[str, Any] | None = None
 
@@ -195,13 +192,12 @@ class Editor(EditExportMixin, EditorStateMixin):
     def statistics(self) -> StatisticsProvider:
         """The provider of second moments for this model, tokenizer, `stats_dataset` (or `stats_repo`) and the
         `stats_*` arguments (a new one when those arguments or `stats_dataset` change)."""
-        a = self.args
-        settings = (a.stats_num_tokens, a.stats_max_length, a.stats_batch_tokens, a.stats_cache_dir,
-                    a.stats_sample_texts, a.stats_sample_length, a.seed, id(self.stats_dataset), a.stats_repo,
-                    a.stats_repo_revision)  # fmt: skip
-        if self._statistics is None or self._statistics_settings != settings:
-            self._statistics = StatisticsProvider(self.model, self.tokenizer, self.layout, a, self.stats_dataset)
-            self._statistics_settings = settings
+        settings = self.args.statistics_settings()
+        if self._statistics is None or self._statistics_key != (settings, id(self.stats_dataset)):
+            self._statistics = StatisticsProvider(
+                self.model, self.tokenizer, self.layout, settings, self.stats_dataset
+            )
+            self._statistics_key = (settings, id(self.stats_dataset))
         return self._statistics
 
     def get_statistics(self, layers: list[int]) -> dict[str, LayerStatistics]:
@@ -231,42 +227,19 @@ class Editor(EditExportMixin, EditorStateMixin):
     def _target_values(
         self, requests: list[EditRequest], templates: list[list[str]], z_layer: int, args: EditingArguments
     ) -> ValueResult:
-        """The z optimisation of `requests`. With several processes the chunks of `v_batch_size` requests are dealt
-        out whole (no padding) and every process ends with all results in request order, each computed exactly as a
-        single process computes it."""
-
-        def optimise(chunks: list[int] | None) -> ValueResult:
-            return compute_target_values(
-                self.model, self.tokenizer, self.layout, requests, templates, z_layer,
-                num_steps=args.v_num_grad_steps, lr=args.v_lr, weight_decay=args.v_weight_decay,
-                clamp_norm_factor=args.clamp_norm_factor, kl_factor=args.kl_factor,
-                early_stop_loss=args.v_early_stop_loss, early_stop_margin=args.v_early_stop_margin,
-                early_stop_patience=args.v_early_stop_patience,
-                batch_size=args.v_batch_size, show_progress=self.state.is_main_process, chunks=chunks,
-                autocast_dtype=getattr(torch, args.v_autocast_dtype) if args.v_autocast_dtype else None,
-            )  # fmt: skip
-
-        if self.state.num_processes == 1:
-            result = optimise(None)
-            result.z_layer = z_layer
-            return result
-        from accelerate.utils import gather_object
-
-        from .distributed import assemble_rows, owned_chunks
-
-        n = len(requests)
-        plan = plan_chunks(self.tokenizer, requests, args.v_batch_size or default_chunk_size(self.model.device))
-        mine = owned_chunks(len(plan), self.state)
-        local = optimise(mine)
-        indices = [i for chunk in mine for i in plan[chunk]]
-        hidden = self.model.get_input_embeddings().weight.shape[1]
-        tensors = {name: getattr(local, name) for name in VALUE_FIELDS}
-        for name in ("targets", "initial"):
-            tensors[name] = tensors[name].reshape(len(indices), hidden)
-        full = assemble_rows(n, indices, tensors, self.state)
-        pieces = sorted(gather_object(list(zip(local.chunks, local.schedule))))
-        self._log("Optimised the target values of %d requests on %d processes.", n, self.state.num_processes)
-        return ValueResult(**full, schedule=[s for _, s in pieces], chunks=[c for c, _ in pieces], z_layer=z_layer)
+        """The z optimisation of `requests` with the settings of `args`, its chunks shared among the processes (see
+        [`~memit_hf.values.optimise_target_values`])."""
+        return optimise_target_values(
+            self.model,
+            self.tokenizer,
+            self.layout,
+            requests,
+            templates,
+            z_layer,
+            args.value_optimisation(),
+            process_state=self.state,
+            show_progress=self.state.is_main_process,
+        )
 
     # ------------------------------------------------------------------------------------------------------ edit
     def edit(self, requests: Any, values: ValueResult | None = None) -> EditOutput:

@@ -17,16 +17,20 @@ architecture's cache handling does not reproduce it.
 import copy
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from numbers import Integral
 
 import torch
+from accelerate import PartialState
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .architectures import ModelLayout
+from .distributed import assemble_rows, owned_chunks
 from .keys import contextualise, continues_a_word
 from .modes import frozen_parameters
 from .requests import EditRequest
+from .settings import ValueOptimisation
 from .tokenization import encode_targets, encode_texts, last_token_indices, pad_batch, pad_token_id
 from .tracing import capture, run_until_stopped, skip_blocks
 
@@ -36,11 +40,13 @@ logger = logging.getLogger(__name__)
 KL_TEMPLATE = "{} is a"
 """The KL prompt, filled with the subject alone (as the reference does): the KL keeps the next-token distribution
 after "{subject}" unchanged."""
+PER_REQUEST_FIELDS = ("targets", "initial", "initial_loss", "final_loss", "final_nll", "steps", "final_margin")
+"""The per-request tensors of a [`ValueResult`] (one row per request)."""
 
 
 @dataclass
 class ValueResult:
-    """Output of [`compute_target_values`].
+    """Output of [`optimise_target_values`] and [`compute_target_values`].
 
     Args:
         targets (`torch.Tensor`): `(n, d_model)` float32 target vectors z = h + delta.
@@ -316,8 +322,16 @@ class ZChunk:
     cache is sliced by row), as the optimisation does when requests stop.
     """
 
-    def __init__(self, runner: BlockRunner, rows: _Rows, hidden_full: torch.Tensor, pad: int, use_cache: bool,
-                 cache=None, prefix_width: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        runner: BlockRunner,
+        rows: _Rows,
+        hidden_full: torch.Tensor,
+        pad: int,
+        use_cache: bool,
+        cache=None,
+        prefix_width: int | None = None,
+    ):
         device = runner.model.device
         self.runner, self.rows, self.pad, self.use_cache = runner, rows, pad, use_cache
         self.batch = _batch(rows, pad, device, prefix_width)
@@ -392,6 +406,83 @@ class ZChunk:
         return final[b.label_rows, self.label_cols], final[b.kl_rows, self.kl_cols]
 
 
+def default_chunk_size(device: torch.device) -> int:
+    """Requests per z-optimisation chunk when none is set: 16 on a CPU (where larger chunks run slower per request),
+    128 on an accelerator (where larger chunks keep it busy; a chunk that does not fit is split).
+
+    Args:
+        device (`torch.device`): the model's device.
+
+    Returns:
+        `int`: the chunk size.
+    """
+    return 16 if device.type == "cpu" else 128
+
+
+def optimise_target_values(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    layout: ModelLayout,
+    requests: list[EditRequest],
+    templates: list[list[str]],
+    z_layer: int,
+    settings: ValueOptimisation,
+    *,
+    process_state: PartialState | None = None,
+    show_progress: bool = True,
+) -> ValueResult:
+    """Optimise the target vector z of every request at block `z_layer` (algorithm.md section 4).
+
+    The loss of request i is `mean_prompts(NLL(target)) + kl_factor * KL(p || p0) + weight_decay * ||d_i|| /
+    ||h_i||^2`; each request takes Adam steps until its loss falls below `early_stop_loss` (or the margin rule of
+    [`StopRule`] stops it) or `num_steps` iterations have run (the last takes no step), with `||d_i||` clamped to
+    `clamp_norm_factor * ||h_i||`. The requests run in the chunks of [`plan_chunks`] (planned once, here), one chunk
+    after another.
+
+    Args:
+        model (`PreTrainedModel`), tokenizer (`PreTrainedTokenizerBase`): the model and its tokenizer.
+        layout ([`~memit_hf.architectures.ModelLayout`]): the model's module layout.
+        requests (`list[EditRequest]`): the requests.
+        templates (`list[list[str]]`): context templates from [`~memit_hf.keys.generate_context_templates`].
+        z_layer (`int`): the block whose output the targets are.
+        settings ([`~memit_hf.settings.ValueOptimisation`]): the optimisation settings (`chunk_size=None`: the
+            [`default_chunk_size`] of the model's device).
+        process_state (`accelerate.PartialState`, *optional*): with several processes, each optimises its own chunks
+            (dealt whole by [`~memit_hf.distributed.owned_chunks`]) and every process gets all results; each chunk is
+            computed exactly as a single process computes it. `None`: this process optimises every chunk.
+        show_progress (`bool`, *optional*, defaults to `True`): show a progress bar.
+
+    Returns:
+        [`ValueResult`]: the per-request tensors in the order of `requests`, on every process; `schedule` and
+        `chunks` per chunk optimised (in plan order with one process, sorted by their members with several).
+    """
+    chunk_size = settings.chunk_size if settings.chunk_size is not None else default_chunk_size(model.device)
+    single = process_state is None or process_state.num_processes == 1
+    with frozen_parameters(model):
+        plan = plan_chunks(tokenizer, requests, chunk_size)
+        mine = list(range(len(plan))) if single else owned_chunks(len(plan), process_state)
+        selected = [plan[i] for i in mine]
+        local = _optimise_chunks(
+            model, tokenizer, layout, requests, templates, z_layer, settings, selected, show_progress=show_progress
+        )
+    if single:
+        return _in_request_order(local, plan)
+    from accelerate.utils import gather_object
+
+    indices = [i for chunk in mine for i in plan[chunk]]
+    hidden = model.get_input_embeddings().weight.shape[1]
+    tensors = {name: getattr(local, name) for name in PER_REQUEST_FIELDS}
+    for name in ("targets", "initial"):
+        tensors[name] = tensors[name].reshape(len(indices), hidden)
+    full = assemble_rows(len(requests), indices, tensors, process_state)
+    pieces = sorted(gather_object(list(zip(local.chunks, local.schedule))))
+    if process_state.is_main_process:
+        logger.info(
+            "Optimised the target values of %d requests on %d processes.", len(requests), process_state.num_processes
+        )
+    return ValueResult(**full, schedule=[s for _, s in pieces], chunks=[c for c, _ in pieces], z_layer=z_layer)
+
+
 def compute_target_values(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -400,59 +491,71 @@ def compute_target_values(
     templates: list[list[str]],
     z_layer: int,
     *,
-    num_steps: int = 25,
-    lr: float = 0.5,
-    weight_decay: float = 0.5,
-    clamp_norm_factor: float = 0.75,
-    kl_factor: float = 0.0625,
-    early_stop_loss: float = 0.05,
-    early_stop_margin: float | None = None,
-    early_stop_patience: int = 0,
-    batch_size: int | None = 32,
-    use_prefix_cache: bool = True,
+    num_steps: int = ValueOptimisation.num_steps,
+    lr: float = ValueOptimisation.lr,
+    weight_decay: float = ValueOptimisation.weight_decay,
+    clamp_norm_factor: float = ValueOptimisation.clamp_norm_factor,
+    kl_factor: float = ValueOptimisation.kl_factor,
+    early_stop_loss: float = ValueOptimisation.early_stop_loss,
+    early_stop_margin: float | None = ValueOptimisation.early_stop_margin,
+    early_stop_patience: int = ValueOptimisation.early_stop_patience,
+    batch_size: int | None = ValueOptimisation.chunk_size,
+    use_prefix_cache: bool = ValueOptimisation.use_prefix_cache,
     show_progress: bool = True,
     chunks: list[int] | None = None,
-    autocast_dtype: torch.dtype | None = None,
+    autocast_dtype: torch.dtype | str | None = None,
 ) -> ValueResult:
-    """Optimise the target vector z of every request at block `z_layer` (algorithm.md section 4).
-
-    The loss of request i is `mean_prompts(NLL(target)) + kl_factor * KL(p || p0) + weight_decay * ||d_i|| /
-    ||h_i||^2`; each request takes Adam steps (lr `lr`) until its loss falls below `early_stop_loss` or `num_steps`
-    iterations have run (the last takes no step), with `||d_i||` clamped to `clamp_norm_factor * ||h_i||`.
+    """Optimise the target vector z of every request at block `z_layer`, with the settings as keyword arguments:
+    [`optimise_target_values`] with the [`~memit_hf.settings.ValueOptimisation`] of these values (the defaults are
+    its defaults), optionally on some chunks of the plan only.
 
     Args:
-        early_stop_margin (`float`, *optional*), early_stop_patience (`int`, *optional*, defaults to 0): also stop a
-            request `early_stop_patience` iterations after every target token first became the most likely token in
-            every one of its prompts by at least `early_stop_margin` nats (see [`StopRule`]; `None`: only the loss
-            rule, as the reference).
+        num_steps, lr, weight_decay, clamp_norm_factor, kl_factor, early_stop_loss, early_stop_margin,
+            early_stop_patience, use_prefix_cache: see [`~memit_hf.settings.ValueOptimisation`].
         templates (`list[list[str]]`): context templates from [`~memit_hf.keys.generate_context_templates`].
-        batch_size (`int`): requests per chunk; chunks are optimised one after another (`None`: the
-            [`default_chunk_size`] of the model's device).
-        use_prefix_cache (`bool`): run only the tokens from the subject on in blocks `L+1..` (exact; verified on the
-            first chunk).
-        chunks (`list[int]`, *optional*): optimise only these chunks (`requests[i * batch_size : (i + 1) *
-            batch_size]`); the result then holds their requests in order. A chunk's result does not depend on which
-            other chunks run, so processes can share the chunks (see [`~memit_hf.distributed.owned_chunks`]).
-        autocast_dtype (`torch.dtype`, *optional*): run blocks `L+1..` and the LM head under `torch.autocast` with
-            this dtype (see [`BlockRunner`]); the delta, the loss and the Adam state stay float32.
+        batch_size (`int`, *optional*): requests per chunk (`ValueOptimisation.chunk_size`); `None`: the
+            [`default_chunk_size`] of the model's device.
+        chunks (`list[int]`, *optional*): optimise only these chunks of the plan (indices into [`plan_chunks`] with
+            `batch_size`); the result then holds their requests in the order of the chunks' members, not in request
+            order. A chunk's result does not depend on which other chunks run, so processes can share the chunks
+            (see [`~memit_hf.distributed.owned_chunks`], or let [`optimise_target_values`] do it).
+        autocast_dtype (`torch.dtype` or `str`, *optional*): `torch.bfloat16` / `torch.float16` (or their names):
+            run blocks `L+1..` and the LM head under `torch.autocast` with this dtype (see [`BlockRunner`]); the
+            delta, the loss and the Adam state stay float32.
 
     Returns:
         [`ValueResult`]
+
+    Raises:
+        ValueError: naming the argument (by its `ValueOptimisation` field), when a value is out of its range.
     """
-    if batch_size is None:
-        batch_size = default_chunk_size(model.device)
+    if batch_size is not None and not (isinstance(batch_size, Integral) and batch_size > 0):
+        raise ValueError(f"`batch_size` must be a positive integer or None, got {batch_size!r}.")
+    if isinstance(autocast_dtype, torch.dtype):
+        autocast_dtype = str(autocast_dtype).removeprefix("torch.")
+    settings = ValueOptimisation(
+        num_steps=num_steps,
+        lr=lr,
+        weight_decay=weight_decay,
+        clamp_norm_factor=clamp_norm_factor,
+        kl_factor=kl_factor,
+        early_stop_loss=early_stop_loss,
+        early_stop_margin=early_stop_margin,
+        early_stop_patience=early_stop_patience,
+        chunk_size=batch_size,
+        autocast_dtype=autocast_dtype,
+        use_prefix_cache=use_prefix_cache,
+    )
+    if chunks is None:
+        return optimise_target_values(
+            model, tokenizer, layout, requests, templates, z_layer, settings, show_progress=show_progress
+        )
+    chunk_size = batch_size if batch_size is not None else default_chunk_size(model.device)
     with frozen_parameters(model):
-        return _compute_target_values(
-            model, tokenizer, layout, requests, templates, z_layer, num_steps, lr, weight_decay, clamp_norm_factor,
-            kl_factor, early_stop_loss, early_stop_margin, early_stop_patience, batch_size, use_prefix_cache,
-            show_progress, chunks, autocast_dtype,
-        )  # fmt: skip
-
-
-def default_chunk_size(device: torch.device) -> int:
-    """Requests per z-optimisation chunk when `v_batch_size` is not set: 16 on a CPU (where larger chunks run slower
-    per request), 128 on an accelerator (where larger chunks keep it busy; a chunk that does not fit is split)."""
-    return 16 if device.type == "cpu" else 128
+        selected = [plan_chunks(tokenizer, requests, chunk_size)[i] for i in chunks]
+        return _optimise_chunks(
+            model, tokenizer, layout, requests, templates, z_layer, settings, selected, show_progress=show_progress
+        )
 
 
 def suffix_lengths(tokenizer: PreTrainedTokenizerBase, requests: list[EditRequest]) -> list[int]:
@@ -477,48 +580,61 @@ def plan_chunks(tokenizer: PreTrainedTokenizerBase, requests: list[EditRequest],
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def _compute_target_values(
-    model, tokenizer, layout, requests, templates, z_layer, num_steps, lr, weight_decay, clamp_norm_factor,
-    kl_factor, early_stop_loss, early_stop_margin, early_stop_patience, batch_size, use_prefix_cache, show_progress,
-    chunks, autocast_dtype,
-) -> ValueResult:  # fmt: skip
+def _optimise_chunks(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    layout: ModelLayout,
+    requests: list[EditRequest],
+    templates: list[list[str]],
+    z_layer: int,
+    settings: ValueOptimisation,
+    selected: list[list[int]],
+    *,
+    show_progress: bool,
+) -> ValueResult:
+    """The z optimisation of the chunks `selected` (lists of indices into `requests`), one after another; the result
+    holds their requests in the order of `selected`."""
     flat = [t for group in templates for t in group]
+    autocast_dtype = getattr(torch, settings.autocast_dtype) if settings.autocast_dtype else None
     runner = BlockRunner(model, layout, z_layer, autocast_dtype)
-    stop = StopRule(early_stop_loss, early_stop_margin, early_stop_patience)
-    plan = plan_chunks(tokenizer, requests, batch_size)
-    selected = [plan[i] for i in chunks] if chunks is not None else plan
-    if use_prefix_cache and selected:
+    if settings.use_prefix_cache and selected:
         # Checked without autocast: this is about the architecture's cache handling, not rounding.
         plain_runner = BlockRunner(model, layout, z_layer)
         first = [requests[i] for i in selected[0][:2]]
-        use_prefix_cache = prefix_cache_matches(ZChunk.build(plain_runner, tokenizer, first, flat, use_cache=True))
+        if not prefix_cache_matches(ZChunk.build(plain_runner, tokenizer, first, flat, use_cache=True)):
+            settings = replace(settings, use_prefix_cache=False)
     parts = []
     progress = tqdm(total=sum(map(len, selected)), desc="z optimisation", disable=not show_progress)
     for members in selected:
-        settings = (flat, use_prefix_cache, num_steps, lr, weight_decay, clamp_norm_factor, kl_factor, stop)
-        parts.append(_optimise_members(runner, tokenizer, [requests[i] for i in members], settings))
+        parts.append(_optimise_members(runner, tokenizer, [requests[i] for i in members], flat, settings))
         progress.update(len(members))
     progress.close()
     if not parts:
         empty = torch.zeros(0)
-        return ValueResult(empty.reshape(0, 0), empty.reshape(0, 0), empty, empty, empty, empty.long(), empty)
-    result = ValueResult(
-        targets=torch.cat([p.targets for p in parts]),
-        initial=torch.cat([p.initial for p in parts]),
-        initial_loss=torch.cat([p.initial_loss for p in parts]),
-        final_loss=torch.cat([p.final_loss for p in parts]),
-        final_nll=torch.cat([p.final_nll for p in parts]),
-        steps=torch.cat([p.steps for p in parts]),
-        final_margin=torch.cat([p.final_margin for p in parts]),
-        schedule=[schedule for p in parts for schedule in p.schedule],
+        return ValueResult(
+            empty.reshape(0, 0), empty.reshape(0, 0), empty, empty, empty, empty.long(), empty, z_layer=z_layer
+        )
+    return ValueResult(
+        **_concatenated(parts),
         chunks=[members for p, members in zip(parts, selected) for members in _split_members(members, p)],
         z_layer=z_layer,
     )
-    if chunks is None:  # back to the order of `requests`
-        position = torch.empty(len(requests), dtype=torch.long)
-        position[torch.tensor([i for members in selected for i in members])] = torch.arange(len(requests))
-        for name in ("targets", "initial", "initial_loss", "final_loss", "final_nll", "steps", "final_margin"):
-            setattr(result, name, getattr(result, name)[position])
+
+
+def _concatenated(parts: list[ValueResult]) -> dict:
+    """The per-request tensors and the schedules of `parts`, one after another."""
+    tensors = {name: torch.cat([getattr(p, name) for p in parts]) for name in PER_REQUEST_FIELDS}
+    return {**tensors, "schedule": [schedule for p in parts for schedule in p.schedule]}
+
+
+def _in_request_order(result: ValueResult, plan: list[list[int]]) -> ValueResult:
+    """`result` of every chunk of `plan` (rows in plan order) with its per-request rows in request order."""
+    if not plan:
+        return result
+    position = torch.empty(sum(map(len, plan)), dtype=torch.long)
+    position[torch.tensor([i for members in plan for i in members])] = torch.arange(len(position))
+    for name in PER_REQUEST_FIELDS:
+        setattr(result, name, getattr(result, name)[position])
     return result
 
 
@@ -531,13 +647,19 @@ def _split_members(members: list[int], part: ValueResult) -> list[list[int]]:
     return pieces
 
 
-def _optimise_members(runner: "BlockRunner", tokenizer, requests: list[EditRequest], settings) -> ValueResult:
-    """Optimise one chunk; when the accelerator runs out of memory, the chunk is split in halves (down to single
-    requests) and each half is optimised on its own, which gives the same z (requests are independent)."""
-    flat, use_cache, num_steps, lr, weight_decay, clamp_norm_factor, kl_factor, stop = settings
+def _optimise_members(
+    runner: BlockRunner,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: list[EditRequest],
+    templates: list[str],
+    settings: ValueOptimisation,
+) -> ValueResult:
+    """Optimise one chunk (with the flat context `templates`); when the accelerator runs out of memory, the chunk is
+    split in halves (down to single requests) and each half is optimised on its own, which gives the same z
+    (requests are independent)."""
     try:
-        chunk = ZChunk.build(runner, tokenizer, requests, flat, use_cache=use_cache)
-        return _optimise_chunk(chunk, num_steps, lr, weight_decay, clamp_norm_factor, kl_factor, stop)
+        chunk = ZChunk.build(runner, tokenizer, requests, templates, use_cache=settings.use_prefix_cache)
+        return _optimise_chunk(chunk, settings)
     except torch.cuda.OutOfMemoryError:
         if len(requests) == 1:
             raise
@@ -546,13 +668,11 @@ def _optimise_members(runner: "BlockRunner", tokenizer, requests: list[EditReque
         torch.cuda.empty_cache()
     half = len(requests) // 2
     logger.warning("Out of memory in the z optimisation of %d requests: splitting the chunk.", len(requests))
-    parts = [_optimise_members(runner, tokenizer, requests[:half], settings),
-             _optimise_members(runner, tokenizer, requests[half:], settings)]  # fmt: skip
-    return ValueResult(
-        **{name: torch.cat([getattr(p, name) for p in parts]) for name in
-           ("targets", "initial", "initial_loss", "final_loss", "final_nll", "steps", "final_margin")},
-        schedule=[schedule for p in parts for schedule in p.schedule],
-    )  # fmt: skip
+    parts = [
+        _optimise_members(runner, tokenizer, requests[:half], templates, settings),
+        _optimise_members(runner, tokenizer, requests[half:], templates, settings),
+    ]
+    return ValueResult(**_concatenated(parts))
 
 
 @torch.no_grad()
@@ -626,12 +746,17 @@ class StopRule:
     Args:
         loss (`float`): the loss threshold.
         margin (`float`, *optional*): the log-probability lead over the runner-up token that starts the countdown.
-        patience (`int`, *optional*, defaults to 0): iterations (steps) taken after the lead is first reached.
+        patience (`int`, *optional*, defaults to 5): iterations (steps) taken after the lead is first reached.
     """
 
     loss: float
-    margin: float | None = None
-    patience: int = 0
+    margin: float | None = ValueOptimisation.early_stop_margin
+    patience: int = ValueOptimisation.early_stop_patience
+
+    @classmethod
+    def of(cls, settings: ValueOptimisation) -> "StopRule":
+        """The stop rule of `settings` (`early_stop_loss`, `early_stop_margin`, `early_stop_patience`)."""
+        return cls(settings.early_stop_loss, settings.early_stop_margin, settings.early_stop_patience)
 
     def done(self, loss: torch.Tensor, margin: torch.Tensor, leading_since: torch.Tensor, it: int) -> torch.Tensor:
         """Which requests stop at iteration `it`, given their `(a,)` losses and margins; `leading_since` (`(a,)`,
@@ -664,7 +789,10 @@ def target_margins(logp: torch.Tensor, target_ids: torch.Tensor, owner: torch.Te
     return full.scatter_reduce(0, owner, margin, reduce="amin")
 
 
-def _optimise_chunk(state: ZChunk, num_steps, lr, weight_decay, clamp_norm_factor, kl_factor, stop):
+def _optimise_chunk(state: ZChunk, settings: ValueOptimisation) -> ValueResult:
+    num_steps, lr, weight_decay = settings.num_steps, settings.lr, settings.weight_decay
+    clamp_norm_factor, kl_factor = settings.clamp_norm_factor, settings.kl_factor
+    stop = StopRule.of(settings)
     runner = state.runner
     device = state.hidden_full.device
     rows = state.rows

@@ -16,6 +16,7 @@ from ..files import (
     temporary_owner,
     temporary_path,
 )
+from ..settings import StatisticsSettings
 from .cache import (
     SYMMETRY_TOLERANCE,
     StatisticsCache,
@@ -75,6 +76,7 @@ __all__ = [
     "StatisticsEntry",
     "StatisticsMismatchError",
     "StatisticsProvider",
+    "StatisticsSettings",
     "add_gram",
     "build_statistics_card",
     "check_statistics_file",

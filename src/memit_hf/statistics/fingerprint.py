@@ -9,6 +9,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..architectures import ModelLayout
+from ..settings import StatisticsSettings
 from ..weights import read_parameter
 
 
@@ -95,16 +96,24 @@ def statistics_fingerprint(
     layout: ModelLayout,
     layer: int,
     corpus_id: str,
-    args: Any,
+    settings: StatisticsSettings,
     memo: dict | None = None,
 ) -> dict[str, Any]:
     """Everything that determines the statistics of block `layer`'s edited module.
 
     Args:
         corpus_id (`str`): the corpus identity (see [`~memit_hf.statistics.StatisticsProvider`]).
-        args ([`~memit_hf.EditingArguments`]): the `stats_*` fields and `seed` are recorded.
+        settings ([`~memit_hf.settings.StatisticsSettings`]): its `num_tokens`, `max_length` and `seed` are recorded.
         memo (`dict`, *optional*): tensor digests to reuse (see [`weights_digest`]).
+
+    Raises:
+        TypeError: if `settings` is not a `StatisticsSettings`.
     """
+    if not isinstance(settings, StatisticsSettings):
+        raise TypeError(
+            f"`settings` must be a `StatisticsSettings` (e.g. `args.statistics_settings()`), got "
+            f"{type(settings).__name__}."
+        )
     return {
         "format_version": STATS_FORMAT_VERSION,
         **model_identity(model),
@@ -113,9 +122,9 @@ def statistics_fingerprint(
         "tokenizer": getattr(tokenizer, "name_or_path", "") or "",
         "vocab_size": len(tokenizer),
         "corpus": corpus_id,
-        "num_tokens": args.stats_num_tokens,
-        "max_length": args.stats_max_length,
-        "seed": args.seed,
+        "num_tokens": settings.num_tokens,
+        "max_length": settings.max_length,
+        "seed": settings.seed,
         "accumulation": "float64",
     }
 

@@ -10,6 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..architectures import ModelLayout
 from ..distributed import process_state
 from ..modes import eval_mode
+from ..settings import StatisticsSettings
 from .cache import StatisticsCache
 from .checkpoint import StatisticsCheckpoint, collection_key
 from .collection import SecondMoment, collect_second_moments, input_dim
@@ -96,15 +97,19 @@ class StatisticsProvider:
 
     Statistics are looked up in memory, then in the [`StatisticsCache`], and the missing ones are collected in one
     pass over the corpus (on the model as it is when asked: the Editor asks with the original weights in place),
-    checkpointed as `stats_checkpoint_every` / `stats_checkpoint_seconds` say and resumed from a checkpoint left by
-    an interrupted run. With `stats_repo`, they come from that Hub repository or folder instead (fetched into the
-    cache once, and refused unless their fingerprint matches the model).
+    checkpointed as `checkpoint_every` / `checkpoint_seconds` say and resumed from a checkpoint left by an
+    interrupted run. With `repo`, they come from that Hub repository or folder instead (fetched into the cache once,
+    and refused unless their fingerprint matches the model).
 
     Args:
         model (`PreTrainedModel`), tokenizer (`PreTrainedTokenizerBase`), layout ([`ModelLayout`]).
-        args ([`~memit_hf.EditingArguments`]): the `stats_*` fields and `seed`.
+        settings ([`~memit_hf.settings.StatisticsSettings`]): the statistics settings (from
+            [`~memit_hf.EditingArguments.statistics_settings`]).
         corpus (`datasets.Dataset`, `list[str]` or text file paths, *optional*): the statistics corpus; `None`
             samples text from the model itself (offline).
+
+    Raises:
+        TypeError: if `settings` is not a `StatisticsSettings`.
     """
 
     def __init__(
@@ -112,11 +117,22 @@ class StatisticsProvider:
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         layout: ModelLayout,
-        args: Any,
+        settings: StatisticsSettings,
         corpus: Any = None,
     ):
-        self.model, self.tokenizer, self.layout, self.args, self.corpus = model, tokenizer, layout, args, corpus
-        self.cache = StatisticsCache(args.stats_cache_dir)
+        if not isinstance(settings, StatisticsSettings):
+            raise TypeError(
+                f"`settings` must be a `StatisticsSettings` (e.g. `args.statistics_settings()`), got "
+                f"{type(settings).__name__}."
+            )
+        self.model, self.tokenizer, self.layout, self.settings, self.corpus = (
+            model,
+            tokenizer,
+            layout,
+            settings,
+            corpus,
+        )
+        self.cache = StatisticsCache(settings.cache_dir)
         self.state = process_state()
         self._memory: dict[str, LayerStatistics] = {}
         self._pieces: list[list[int]] | None = None
@@ -130,10 +146,10 @@ class StatisticsProvider:
     def corpus_pieces(self) -> list[list[int]] | None:
         """The token pieces of a user corpus (seeded order, cut to `stats_num_tokens`); `None` without a corpus (and
         with `stats_repo`, which replaces it)."""
-        if self._pieces is None and self.corpus is not None and not self.args.stats_repo:
-            a = self.args
+        if self._pieces is None and self.corpus is not None and not self.settings.repo:
+            a = self.settings
             texts = corpus_texts(self.corpus)
-            self._pieces = token_pieces(self.tokenizer, texts, a.stats_num_tokens, a.stats_max_length, a.seed)
+            self._pieces = token_pieces(self.tokenizer, texts, a.num_tokens, a.max_length, a.seed)
         return self._pieces
 
     def corpus_id(self) -> str:
@@ -141,11 +157,11 @@ class StatisticsProvider:
         model-sampled source (the model's own weights are in the fingerprint already)."""
         if self._corpus_id is None:
             pieces = self.corpus_pieces()
-            if self.args.stats_repo:
-                self._corpus_id = f"stats_repo:{self.args.stats_repo}"  # the statistics bring their own corpus
+            if self.settings.repo:
+                self._corpus_id = f"stats_repo:{self.settings.repo}"  # the statistics bring their own corpus
             elif pieces is None:
-                a = self.args
-                self._corpus_id = f"{MODEL_SAMPLES}:{a.stats_sample_texts}x{a.stats_sample_length}"
+                a = self.settings
+                self._corpus_id = f"{MODEL_SAMPLES}:{a.sample_texts}x{a.sample_length}"
             else:
                 self._corpus_id = "tokens:" + text_digest(",".join(map(str, piece)) for piece in pieces)
         return self._corpus_id
@@ -153,10 +169,8 @@ class StatisticsProvider:
     def corpus_description(self) -> str:
         """A readable name of the corpus, stored beside the statistics for their card."""
         if self.corpus is None:
-            a = self.args
-            return (
-                f"text sampled from the model itself ({a.stats_sample_texts} texts of {a.stats_sample_length} tokens)"
-            )
+            a = self.settings
+            return f"text sampled from the model itself ({a.sample_texts} texts of {a.sample_length} tokens)"
         return corpus_description(self.corpus)
 
     def model_fingerprints(self, layers: list[int]) -> dict[int, dict[str, Any]]:
@@ -164,7 +178,7 @@ class StatisticsProvider:
         and the `stats_*` arguments."""
         return {
             layer: statistics_fingerprint(
-                self.model, self.tokenizer, self.layout, layer, self.corpus_id(), self.args, self._digests
+                self.model, self.tokenizer, self.layout, layer, self.corpus_id(), self.settings, self._digests
             )
             for layer in layers
         }
@@ -182,7 +196,7 @@ class StatisticsProvider:
                 unsound (see [`~memit_hf.statistics.check_statistics_file`]).
         """
         fingerprints = self.model_fingerprints(layers)
-        if not self.args.stats_repo:
+        if not self.settings.repo:
             return fingerprints
         missing = {
             self.layout.edit_name(layer): fingerprint
@@ -190,14 +204,12 @@ class StatisticsProvider:
             if fingerprint_key(fingerprint) not in self._repo_fingerprints
         }
         if missing:
-            a = self.args
-            settings = {"num_tokens": a.stats_num_tokens, "max_length": a.stats_max_length, "seed": a.seed}
+            a = self.settings
+            recorded = {"num_tokens": a.num_tokens, "max_length": a.max_length, "seed": a.seed}
             # Every process fetches for itself (the Hub cache locks its files, `cache.add` renames atomically), so
             # that a refusal is raised on every process rather than leaving the others at a barrier.
             dims = {module: self.input_dim(module) for module in missing}
-            fetched = fetch_statistics(
-                a.stats_repo, missing, self.cache, settings, a.stats_repo_revision, a.hub_token, dims
-            )
+            fetched = fetch_statistics(a.repo, missing, self.cache, recorded, a.repo_revision, a.hub_token, dims)
             for module, fingerprint in missing.items():
                 self._repo_fingerprints[fingerprint_key(fingerprint)] = fetched[module].fingerprint
                 self._provenance[fingerprint_key(fetched[module].fingerprint)] = fetched[module].provenance()
@@ -218,12 +230,12 @@ class StatisticsProvider:
             fingerprints (`dict[int, dict]`, *optional*): the layers' fingerprints, if already computed.
         """
         fingerprints = fingerprints or self.model_fingerprints(layers)
-        a = self.args
+        a = self.settings
         return StatisticsCheckpoint(
             self.cache.directory,
-            collection_key([fingerprints[layer] for layer in layers], a.stats_batch_tokens),
-            every_batches=a.stats_checkpoint_every,
-            every_seconds=a.stats_checkpoint_seconds,
+            collection_key([fingerprints[layer] for layer in layers], a.batch_tokens),
+            every_batches=a.checkpoint_every,
+            every_seconds=a.checkpoint_seconds,
             process_index=self.state.process_index,
             num_processes=self.state.num_processes,
         )
@@ -244,20 +256,20 @@ class StatisticsProvider:
                 or self._memory[self.layout.edit_name(layer)].key != fingerprint_key(fingerprint)
             }
             to_collect = []
-            source = "repo" if self.args.stats_repo else "cache"
+            source = "repo" if self.settings.repo else "cache"
             for layer, fingerprint in fingerprints.items():
                 name = self.layout.edit_name(layer)
                 moment = self.cache.load(fingerprint, self.input_dim(name))
-                if moment is None and self.args.stats_repo:
+                if moment is None and self.settings.repo:
                     raise ValueError(
-                        f"The statistics of `{name}` fetched from `stats_repo` {self.args.stats_repo} are damaged "
+                        f"The statistics of `{name}` fetched from `stats_repo` {self.settings.repo} are damaged "
                         f"(see the warning above); delete {self.cache.paths(fingerprint)[0]} and fetch them again."
                     )
                 if moment is None:
                     to_collect.append(layer)
                 else:
                     key = fingerprint_key(fingerprint)
-                    provenance = self._provenance.get(key) if self.args.stats_repo else None
+                    provenance = self._provenance.get(key) if self.settings.repo else None
                     self._memory[name] = LayerStatistics(
                         name, moment, fingerprint, key, source, self.cache, provenance
                     )
@@ -268,18 +280,23 @@ class StatisticsProvider:
     def _collect(self, layers: list[int], fingerprints: dict[int, dict[str, Any]]) -> None:
         pieces = self.corpus_pieces()
         if pieces is None:
-            a = self.args
+            a = self.settings
             if self.state.is_main_process:
                 logger.info("No `stats_dataset` given: sampling statistics text from the model itself (offline).")
-            texts = sample_corpus(self.model, self.tokenizer, a.stats_sample_texts, a.stats_sample_length, a.seed)
-            pieces = token_pieces(self.tokenizer, texts, a.stats_num_tokens, a.stats_max_length, a.seed)
+            texts = sample_corpus(self.model, self.tokenizer, a.sample_texts, a.sample_length, a.seed)
+            pieces = token_pieces(self.tokenizer, texts, a.num_tokens, a.max_length, a.seed)
         names = [self.layout.edit_name(layer) for layer in layers]
         checkpoint = self.checkpoint(layers, fingerprints)
         self.num_collections += 1
         moments = collect_second_moments(
-            self.model, self.tokenizer, names, pieces, self.args.stats_batch_tokens,
-            show_progress=self.state.is_main_process, checkpoint=checkpoint,
-        )  # fmt: skip
+            self.model,
+            self.tokenizer,
+            names,
+            pieces,
+            self.settings.batch_tokens,
+            show_progress=self.state.is_main_process,
+            checkpoint=checkpoint,
+        )
         description = self.corpus_description()
         for layer, name in zip(layers, names):
             fingerprint = fingerprints[layer]
