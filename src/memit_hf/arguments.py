@@ -14,10 +14,19 @@ from .settings import StatisticsSettings, ValueOptimisation
 
 
 CALLER_FIELDS = (
-    "model_init_kwargs", "stats_cache_dir", "stats_repo", "stats_repo_revision", "stats_checkpoint_every",
-    "stats_checkpoint_seconds", "output_dir", "push_to_hub", "hub_model_id", "hub_private_repo", "hub_token",
+    "model_init_kwargs",
+    "stats_cache_dir",
+    "stats_repo",
+    "stats_repo_revision",
+    "stats_checkpoint_every",
+    "stats_checkpoint_seconds",
+    "output_dir",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_private_repo",
+    "hub_token",
     "redact_keys",
-)  # fmt: skip
+)
 """Fields that say how a model is loaded, where statistics live and where outputs go (the Hub included): they belong to
 the caller, so [`~memit_hf.Editor.from_state`] never takes them from a saved state (a state folder is data, not
 configuration of loading or publishing)."""

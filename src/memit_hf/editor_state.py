@@ -418,7 +418,7 @@ def _state_from_manifest(path: Path, manifest: dict[str, Any]) -> EditorState:
                 tensor(f"{prefix}.{j}.lora_B"),
                 tensor(f"{prefix}.{j}.lora_A"),
                 bool(entry["fan_in_fan_out"]),
-            )  # fmt: skip
+            )
             for j, entry in enumerate(entries)
         ]
 

@@ -47,11 +47,24 @@ ARTEFACT_KINDS = ("adapter", "checkpoint")
 ADAPTER_FILES = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, "adapter_model.bin")
 """The files of a peft adapter (`adapter_model.bin`: the weights of older peft saves)."""
 CHECKPOINT_FILES = (
-    "config.json", "generation_config.json", "model*.safetensors", "model*.safetensors.index.json",
-    "pytorch_model*.bin", "pytorch_model*.bin.index.json", "tokenizer.json", "tokenizer_config.json",
-    "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
-    "spiece.model", "chat_template.jinja", "chat_template.json",
-)  # fmt: skip
+    "config.json",
+    "generation_config.json",
+    "model*.safetensors",
+    "model*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model*.bin.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 """Name patterns (`fnmatch`) of the files `save_pretrained` writes for a model and its tokenizer."""
 CHECKPOINT_MARKERS = CHECKPOINT_FILES[:6]
 """The patterns that make a folder a checkpoint (tokenizer files alone may sit beside an adapter)."""
@@ -481,8 +494,9 @@ def save_adapter_files(
     path = Path(path)
     check_output_dir(path, "adapter", overwrite_output_dir)  # before any work
     prepared, errors = prepare_deltas(deltas, export_rank)
-    config = lora_config(prepared, public_base_model(base_model_name_or_path) if for_hub else base_model_name_or_path,
-                         revision)  # fmt: skip
+    config = lora_config(
+        prepared, public_base_model(base_model_name_or_path) if for_hub else base_model_name_or_path, revision
+    )
     tensors = adapter_state_dict(prepared)
     with staging_folder(path) as staging:
         config.save_pretrained(str(staging))
@@ -652,9 +666,16 @@ def write_edit_adapter(
     """
     warn_if_unnamed(metadata, "adapter")
     return save_adapter_files(
-        deltas, path, metadata.get("base_model_name_or_path"), metadata.get("base_model_revision"), export_rank,
-        metadata, repo_id, overwrite_output_dir=overwrite_output_dir, for_hub=for_hub,
-    )  # fmt: skip
+        deltas,
+        path,
+        metadata.get("base_model_name_or_path"),
+        metadata.get("base_model_revision"),
+        export_rank,
+        metadata,
+        repo_id,
+        overwrite_output_dir=overwrite_output_dir,
+        for_hub=for_hub,
+    )
 
 
 def warn_if_unnamed(metadata: dict[str, Any], what: str) -> None:

@@ -78,8 +78,9 @@ def load_edits(
             )
         expected_name, actual_name = metadata.get("base_model_name_or_path"), base.config._name_or_path
         if expected_name and actual_name and expected_name != actual_name:
-            logger.warning("The edits in %s were made on %s; loading them onto %s.", path_or_repo, expected_name,
-                           actual_name)  # fmt: skip
+            logger.warning(
+                "The edits in %s were made on %s; loading them onto %s.", path_or_repo, expected_name, actual_name
+            )
     kwargs = {"revision": revision, "token": token} if not Path(path_or_repo).is_dir() else {}
     if isinstance(model, PeftModel):
         model.load_adapter(path_or_repo, adapter_name=adapter_name, **kwargs)
@@ -114,9 +115,7 @@ def combine_edits(model: Any, adapter_names: list[str], combined_name: str = "co
         raise ValueError(f"Unknown adapters {missing}; the model holds {list(model.peft_config)}.")
     if combined_name in model.peft_config:
         raise ValueError(f"An adapter named `{combined_name}` already exists.")
-    model.add_weighted_adapter(
-        adapter_names, [1.0] * len(adapter_names), combined_name, combination_type="cat"
-    )  # fmt: skip
+    model.add_weighted_adapter(adapter_names, [1.0] * len(adapter_names), combined_name, combination_type="cat")
     if activate:
         model.set_adapter(combined_name)
     return model

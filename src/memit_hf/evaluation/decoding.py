@@ -137,9 +137,14 @@ def greedy_continuations(
     # Explicit values win over the model's own generation defaults (transformers fills only the unset fields from
     # `model.generation_config`), so this is plain greedy decoding whatever the checkpoint ships.
     config = GenerationConfig(
-        do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=max_new_tokens,
-        pad_token_id=pad, eos_token_id=eos or None,
-    )  # fmt: skip
+        do_sample=False,
+        num_beams=1,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad,
+        eos_token_id=eos or None,
+    )
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     continuations = [""] * len(encoded)
     device = model.device

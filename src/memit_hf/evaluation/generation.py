@@ -275,10 +275,18 @@ def generate_texts(
                 # Explicit values override the model's own generation defaults (temperature, top-p, repetition
                 # penalty), so this is the reference's plain top-k sampling; `eos_token_id=None` never stops early.
                 output = model.generate(
-                    input_ids=input_ids, attention_mask=mask, do_sample=True, top_k=top_k, top_p=1.0,
-                    temperature=1.0, repetition_penalty=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                    pad_token_id=pad, eos_token_id=None,
-                )  # fmt: skip
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    do_sample=True,
+                    top_k=top_k,
+                    top_p=1.0,
+                    temperature=1.0,
+                    repetition_penalty=1.0,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    pad_token_id=pad,
+                    eos_token_id=None,
+                )
                 for row, ids in enumerate(batch):
                     keep = output[row, width : width + max_length - len(ids)].tolist()
                     text = tokenizer.decode(ids + keep, skip_special_tokens=True)

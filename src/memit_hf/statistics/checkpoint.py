@@ -149,8 +149,10 @@ class StatisticsCheckpoint:
             if others:
                 logger.warning(
                     "Ignoring statistics checkpoints of another number of processes (%s): this run of %d process(es) "
-                    "starts afresh.", ", ".join(path.name for path in others), self.num_processes,
-                )  # fmt: skip
+                    "starts afresh.",
+                    ", ".join(path.name for path in others),
+                    self.num_processes,
+                )
             return None
         try:
             with safe_open(str(self.path), framework="pt") as handle:

@@ -122,8 +122,11 @@ def collect_second_moments(
     elif progress.position > 0:
         logger.info(
             "Resuming the statistics collection at batch %d of %d (process %d) from %s.",
-            progress.position, len(mine), state.process_index, checkpoint.path,
-        )  # fmt: skip
+            progress.position,
+            len(mine),
+            state.process_index,
+            checkpoint.path,
+        )
     # The sums move to the device the module's inputs arrive on (its execution device, also for a module offloaded
     # by accelerate, whose weight is on "meta") at the first batch and stay there: no per-batch transfer off an
     # accelerator. Only their upper block triangle is accumulated until `mirror_gram` at the end.
@@ -131,9 +134,11 @@ def collect_second_moments(
         checkpoint.start(progress.position)
     end = len(mine) if max_batches is None else min(len(mine), progress.position + max_batches)
     bar = tqdm(
-        total=len(mine), initial=progress.position, desc="covariance statistics",
+        total=len(mine),
+        initial=progress.position,
+        desc="covariance statistics",
         disable=not show_progress or not state.is_main_process,
-    )  # fmt: skip
+    )
     for position in range(progress.position, end):
         batch = batches[mine[position]]
         input_ids, mask = pad_batch(batch, pad, model.device)

@@ -114,8 +114,16 @@ def sample_corpus(
             input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=model.device)
             mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=model.device)
             output = model.generate(
-                input_ids=input_ids, attention_mask=mask, do_sample=True, top_k=50, top_p=1.0, temperature=1.0,
-                max_new_tokens=length, min_new_tokens=length, pad_token_id=pad, eos_token_id=None,
-            )  # fmt: skip
+                input_ids=input_ids,
+                attention_mask=mask,
+                do_sample=True,
+                top_k=50,
+                top_p=1.0,
+                temperature=1.0,
+                max_new_tokens=length,
+                min_new_tokens=length,
+                pad_token_id=pad,
+                eos_token_id=None,
+            )
             texts += tokenizer.batch_decode(output, skip_special_tokens=True)
     return texts

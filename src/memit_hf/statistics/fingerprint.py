@@ -17,9 +17,16 @@ STATS_FORMAT_VERSION = 2
 DIGEST_SAMPLES = 4096
 """Elements sampled (evenly strided) from each weight tensor for its digest, besides its exact float64 sums."""
 MODEL_FIELDS = (
-    "format_version", "model_type", "num_parameters", "dtype", "embedding_digest", "weights_digest", "module",
-    "vocab_size", "accumulation",
-)  # fmt: skip
+    "format_version",
+    "model_type",
+    "num_parameters",
+    "dtype",
+    "embedding_digest",
+    "weights_digest",
+    "module",
+    "vocab_size",
+    "accumulation",
+)
 """The fingerprint fields a model must match to use statistics collected elsewhere (`stats_repo`): everything the
 module's inputs depend on. The others name where the model and tokenizer were loaded from or describe the corpus
 and the collection settings (`corpus`, `num_tokens`, `max_length`, `seed`), which the statistics bring with them."""

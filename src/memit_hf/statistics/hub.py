@@ -346,8 +346,10 @@ def build_statistics_card(entries: list[dict[str, Any]], repo_id: str | None = N
     layers = layers if all(layer is not None for layer in layers) else None
     corpus = entries[0].get("info", {}).get("corpus_description") or first.get("corpus")
     repo = repo_id or "path/to/this/folder"
-    data = DatasetCardData(tags=["memit-hf", "model-editing", "knowledge-editing", "covariance-statistics"],
-                           pretty_name=f"memit-hf statistics of {model}")  # fmt: skip
+    data = DatasetCardData(
+        tags=["memit-hf", "model-editing", "knowledge-editing", "covariance-statistics"],
+        pretty_name=f"memit-hf statistics of {model}",
+    )
     rows = ["| layer | module | d_in | tokens | file | fingerprint key |", "| --- | --- | --- | --- | --- | --- |"]
     for meta in entries:
         fingerprint, info = meta["fingerprint"], meta.get("info", {})
@@ -358,24 +360,25 @@ def build_statistics_card(entries: list[dict[str, Any]], repo_id: str | None = N
     settings = ", ".join(f"{key} {first.get(key)}" for key in ("num_tokens", "max_length", "seed"))
     layers_arg = f"layers={layers}, " if layers else ""
     layers_flag = f" --layers {' '.join(map(str, layers))}" if layers else ""
-    return "\n".join([
-        f"---\n{data.to_yaml()}\n---\n",
-        f"# Second-moment statistics of {model}\n",
-        f"Key second moments `C = E[k k^T]` of the inputs of the MLP down-projections of **{model}** "
-        f"({first.get('model_type')}, {first.get('dtype')}, revision {first.get('revision') or 'unknown'}) at layers "
-        f"{layers or [meta['fingerprint']['module'] for meta in entries]}, over **{entries[0]['count']:,} tokens** of "
-        f"{corpus} (corpus identity `{first.get('corpus')}`; {settings}), collected with "
-        f"[memit-hf](https://github.com/memit-hf/memit-hf) {__version__}. MEMIT, AlphaEdit and EMMET weigh every "
-        "edit by them; collecting them is the longest step of a first edit, so they are shared here.\n",
-        "## Files\n",
-        "\n".join(rows) + "\n",
-        "Each `.safetensors` file holds `total`, the float64 `(d_in, d_in)` sum of `k k^T` over all tokens (each "
-        "batch's product in float32, summed in float64), and `count`, the number of tokens: `C = total / count`. The "
-        "JSON file beside it holds the file's SHA-256 and the **fingerprint**: the model's identity, dtype and a "
-        "digest of every weight the module's input depends on, the module, the tokenizer, the corpus identity and "
-        f"the collection settings (format version {first.get('format_version')}).\n",
-        "## How to use\n",
-        f"""```python
+    return "\n".join(
+        [
+            f"---\n{data.to_yaml()}\n---\n",
+            f"# Second-moment statistics of {model}\n",
+            f"Key second moments `C = E[k k^T]` of the inputs of the MLP down-projections of **{model}** "
+            f"({first.get('model_type')}, {first.get('dtype')}, revision {first.get('revision') or 'unknown'}) at layers "
+            f"{layers or [meta['fingerprint']['module'] for meta in entries]}, over **{entries[0]['count']:,} tokens** of "
+            f"{corpus} (corpus identity `{first.get('corpus')}`; {settings}), collected with "
+            f"[memit-hf](https://github.com/memit-hf/memit-hf) {__version__}. MEMIT, AlphaEdit and EMMET weigh every "
+            "edit by them; collecting them is the longest step of a first edit, so they are shared here.\n",
+            "## Files\n",
+            "\n".join(rows) + "\n",
+            "Each `.safetensors` file holds `total`, the float64 `(d_in, d_in)` sum of `k k^T` over all tokens (each "
+            "batch's product in float32, summed in float64), and `count`, the number of tokens: `C = total / count`. The "
+            "JSON file beside it holds the file's SHA-256 and the **fingerprint**: the model's identity, dtype and a "
+            "digest of every weight the module's input depends on, the module, the tokenizer, the corpus identity and "
+            f"the collection settings (format version {first.get('format_version')}).\n",
+            "## How to use\n",
+            f"""```python
 from memit_hf import EditingArguments, Editor
 
 args = EditingArguments({layers_arg}stats_repo="{repo}")
@@ -394,7 +397,8 @@ stats = load_file("{entry_name(first)}.safetensors")
 C = stats["total"] / stats["count"]
 ```
 """,
-    ])  # fmt: skip
+        ]
+    )
 
 
 def push_statistics(
