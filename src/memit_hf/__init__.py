@@ -10,9 +10,9 @@ from .version import __version__
 
 
 _EXPORTS = {
-    "EditOutput": "editor",
+    "EditOutput": "history",
     "Editor": "editor",
-    "EditorCallback": "editor",
+    "EditorCallback": "callbacks",
     "EditingArguments": "arguments",
     "EditRequest": "requests",
     "ExportReport": "export",
@@ -38,8 +38,10 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .arguments import EditingArguments
-    from .editor import Editor, EditorCallback, EditOutput
+    from .callbacks import EditorCallback
+    from .editor import Editor
     from .export import ExportReport
+    from .history import EditOutput
     from .loading import combine_edits, load_edits
     from .metrics import load_metric
     from .requests import EditRequest, load_requests
