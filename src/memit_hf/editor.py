@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .algorithms import EditAlgorithm, get_algorithm
+from .algorithms import EditAlgorithm
 from .architectures import get_layout
 from .arguments import EditingArguments
 from .callbacks import EditorCallback
@@ -30,7 +30,7 @@ from .models import load_model_and_tokenizer, load_tokenizer_for
 from .modes import eval_mode
 from .requests import EDIT_RECORD_KEYS, EditRequest, check_edit_targets, load_requests
 from .statistics import LayerStatistics, StatisticsProvider, model_identity
-from .updates import LayerUpdates, solve_layers
+from .updates import LayerUpdates, edit_metrics, solve_layers
 from .values import ValueResult, optimise_target_values
 
 
@@ -143,16 +143,7 @@ class Editor(EditExportMixin, EditorStateMixin):
         self.edit_history.algorithm = algorithm
 
     def _algorithm_for(self, args: EditingArguments) -> EditAlgorithm:
-        """The method of the resolved `args`: the one holding state, or a new one when none does."""
-        current = self.edit_history.algorithm
-        if current is None or current.name != args.algorithm or current.config.to_dict() != args.algorithm_config:
-            if current is not None and current.state_dict():
-                raise ValueError(
-                    f"`args` changed the method from `{current.name}` {current.config.to_dict()} while it holds "
-                    "state from earlier edits; call `restore()` first."
-                )
-            self.edit_history.algorithm = get_algorithm(args.algorithm, args.algorithm_config)
-        return self.edit_history.algorithm
+        return self.edit_history.method(args.algorithm, args.algorithm_config)
 
     @property
     def base_model_info(self) -> dict[str, Any]:
@@ -361,19 +352,7 @@ class Editor(EditExportMixin, EditorStateMixin):
         start: float,
     ) -> EditOutput:
         """The output of a successful edit: its metrics (logged) and its record."""
-        metrics = {
-            "num_requests": float(len(requests)),
-            "num_layers": float(len(args.layers)),
-            **timings,
-            "total_seconds": time.perf_counter() - start,
-            "z_initial_loss": float(values.initial_loss.mean()),
-            "z_final_loss": float(values.final_loss.mean()),
-            "z_final_nll": float(values.final_nll.mean()),
-            "z_mean_steps": float(values.steps.float().mean()),
-            "residual_achieved": updates.residual_achieved(values.targets.double()),
-            "merge_rounding_error": max(updates.rounding),
-            **algorithm.diagnostics(),
-        }
+        metrics = edit_metrics(values, updates, timings, time.perf_counter() - start, algorithm.diagnostics())
         self._log(
             "Edit done in %.1fs: z loss %.3f -> %.3f, %.0f%% of the target residual achieved at layer %d.",
             *(metrics[key] for key in ("total_seconds", "z_initial_loss", "z_final_loss")),

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .algorithms import EditAlgorithm
+from .algorithms import EditAlgorithm, get_algorithm
 from .deltas import AppliedEdits, LayerDelta, merged_weight
 from .export import ExportReport, edit_metadata, prepare_deltas, write_edit_adapter
 from .requests import EditRequest
@@ -218,6 +218,22 @@ class EditHistory:
                 f"The edits held are applied with `merge_edits={self.merged}` but `args` now say "
                 f"`merge_edits={merge}`; call `restore()` first."
             )
+
+    def method(self, name: str, config: dict[str, Any]) -> EditAlgorithm:
+        """The method `name` with `config`: the one holding state, or a new one when none does.
+
+        Raises:
+            ValueError: when another method or configuration holds state from the batches (`restore()` first).
+        """
+        current = self.algorithm
+        if current is None or current.name != name or current.config.to_dict() != config:
+            if current is not None and current.state_dict():
+                raise ValueError(
+                    f"`args` changed the method from `{current.name}` {current.config.to_dict()} while it holds "
+                    "state from earlier edits; call `restore()` first."
+                )
+            self.algorithm = get_algorithm(name, config)
+        return self.algorithm
 
     def check_statistics(self, algorithm: EditAlgorithm, statistics: dict[str, LayerStatistics]) -> None:
         """A method that holds state from earlier edits continues only with the statistics those edits used.

@@ -14,6 +14,7 @@ from .keys import compute_keys_and_outputs
 from .norms import rms_norm_residuals
 from .requests import EditRequest
 from .statistics import LayerStatistics
+from .values import ValueResult
 
 
 @dataclass
@@ -105,3 +106,38 @@ def solve_layers(
             on_layer(layer, delta)
     _, final_outputs = compute_keys_and_outputs(model, tokenizer, layout, requests, [["{}"]], z_layer, z_layer)
     return LayerUpdates(deltas, initial_outputs, final_outputs, rounding)
+
+
+def edit_metrics(
+    values: ValueResult,
+    updates: LayerUpdates,
+    timings: dict[str, float],
+    total_seconds: float,
+    diagnostics: dict[str, float],
+) -> dict[str, float]:
+    """The metrics of one edit ([`~memit_hf.Editor.edit`]'s `EditOutput.metrics`).
+
+    Args:
+        values ([`~memit_hf.values.ValueResult`]): the target values of its requests.
+        updates ([`LayerUpdates`]): what the update stage did.
+        timings (`dict[str, float]`): the seconds of each stage (`*_seconds`).
+        total_seconds (`float`): the whole edit's seconds.
+        diagnostics (`dict[str, float]`): the method's figures ([`~memit_hf.algorithms.EditAlgorithm.diagnostics`]).
+
+    Returns:
+        `dict[str, float]`: counts, timings, the z losses and steps, `residual_achieved`, `merge_rounding_error` and
+        the method's diagnostics.
+    """
+    return {
+        "num_requests": float(values.targets.shape[0]),
+        "num_layers": float(len(updates.deltas)),
+        **timings,
+        "total_seconds": total_seconds,
+        "z_initial_loss": float(values.initial_loss.mean()),
+        "z_final_loss": float(values.final_loss.mean()),
+        "z_final_nll": float(values.final_nll.mean()),
+        "z_mean_steps": float(values.steps.float().mean()),
+        "residual_achieved": updates.residual_achieved(values.targets.double()),
+        "merge_rounding_error": max(updates.rounding),
+        **diagnostics,
+    }
