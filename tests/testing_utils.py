@@ -410,8 +410,9 @@ class FakeDatasetHub:
         return SimpleNamespace(commit_url=f"https://huggingface.co/datasets/{repo_id}/commit/0", oid="0")
 
     def snapshot_download(self, api, repo_id, repo_type=None, revision=None, allow_patterns=None, **kwargs):
-        self.downloads.append({"repo_id": repo_id, "repo_type": repo_type, "revision": revision,
-                               "allow_patterns": allow_patterns})  # fmt: skip
+        self.downloads.append(
+            {"repo_id": repo_id, "repo_type": repo_type, "revision": revision, "allow_patterns": allow_patterns}
+        )
         if self.offline or not self.repo(repo_id).is_dir():
             raise LocalEntryNotFoundError("not in the local cache")
         snapshot = self.directory / "snapshots" / repo_id.replace("/", "--") / FAKE_COMMIT
