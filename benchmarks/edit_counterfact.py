@@ -44,13 +44,18 @@ def parse_args(argv=None):
     parser.add_argument("--layers", type=int, nargs="+", default=None)
     parser.add_argument("--mom2-update-weight", type=float, default=None)
     parser.add_argument(
-        "--set", nargs="*", default=[], metavar="FIELD=VALUE",
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
         help="EditingArguments fields or method hyperparameters, flat (e.g. `v_early_stop_margin=1.0`).",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--measure-statistics", action=argparse.BooleanOptionalAction, default=True,
+        "--measure-statistics",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="Collect the statistics afresh (own empty cache) and time a bare forward over the same batches.",
-    )  # fmt: skip
+    )
     parser.add_argument("--bare-compute", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--bare-compute-max-edits", type=int, default=100, help="Time bare compute up to this size.")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "edit_counterfact.json"))
@@ -135,8 +140,12 @@ def main(argv=None):
     statistics_info = {"layers": resolved.layers}
     if options.measure_statistics:
         # A fresh collection (its own empty cache) and a bare forward over the same batches, back to back.
-        fresh = Editor(model, args=EditingArguments.from_flat({**flat, "stats_cache_dir": tempfile.mkdtemp()}),
-                       processing_class=tokenizer, stats_dataset=corpus)  # fmt: skip
+        fresh = Editor(
+            model,
+            args=EditingArguments.from_flat({**flat, "stats_cache_dir": tempfile.mkdtemp()}),
+            processing_class=tokenizer,
+            stats_dataset=corpus,
+        )
         tick = time.perf_counter()
         collected = fresh.get_statistics(resolved.layers)
         statistics_info["seconds"] = time.perf_counter() - tick
@@ -193,7 +202,10 @@ def print_table(results):
             f"forward over the same batches {s['bare_forward_seconds']:.1f} s (ratio {s['over_bare_forward']:.2f})"
         )
     print(f"Settings: {results['settings']}")
-    header = "| edits | ES pre/post | PS pre/post | NS pre/post | Score pre/post | z s/edit | steps/request | z/bare | stats s | keys+solve s | total s | residual | peak GB |"
+    header = (
+        "| edits | ES pre/post | PS pre/post | NS pre/post | Score pre/post | z s/edit | steps/request | z/bare "
+        "| stats s | keys+solve s | total s | residual | peak GB |"
+    )
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for r in results["runs"]:

@@ -35,9 +35,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--examples", type=int, default=5, help="Save the continuations of this many records.")
     parser.add_argument("--batch-size", type=int, default=64, help="Sequences per forward pass / generate call.")
     parser.add_argument(
-        "--variant", nargs="+", action="append", default=None, metavar=("NAME", "FIELD=VALUE"),
+        "--variant",
+        nargs="+",
+        action="append",
+        default=None,
+        metavar=("NAME", "FIELD=VALUE"),
         help="A named variant of the editing arguments (repeatable; default: one variant, the defaults).",
-    )  # fmt: skip
+    )
     parser.add_argument("--device", default=None, help="`cuda` or `cpu` (default: cuda when available).")
     parser.add_argument("--seed", type=int, default=42, help="The editing seed (the library default).")
     parser.add_argument(
@@ -99,8 +103,11 @@ def main(argv=None) -> dict:
     model, tokenizer = common.load_model(device)
     requests = load_requests(options.data)[: options.num_records]
     corpus = common.corpus_option(options.corpus)
-    base = {"stats_num_tokens": options.stats_tokens, "seed": options.seed,
-            "stats_cache_dir": options.stats_cache_dir or tempfile.mkdtemp(prefix="memit-stats-")}  # fmt: skip
+    base = {
+        "stats_num_tokens": options.stats_tokens,
+        "seed": options.seed,
+        "stats_cache_dir": options.stats_cache_dir or tempfile.mkdtemp(prefix="memit-stats-"),
+    }
     variants = {name: common.parse_settings(settings) for name, *settings in options.variant or [["default"]]}
     editor = Editor(model, args=EditingArguments.from_flat(base), processing_class=tokenizer, stats_dataset=corpus)
     metrics = ["counterfact", "generative"]
@@ -116,16 +123,24 @@ def main(argv=None) -> dict:
     edit_metrics = None
     by_variant: dict[str, dict] = {}
     for name, settings in ({} if options.no_edit else variants).items():
-        editor = Editor(model, args=EditingArguments.from_flat({**base, **settings}), processing_class=tokenizer,
-                        stats_dataset=corpus)  # fmt: skip
+        editor = Editor(
+            model,
+            args=EditingArguments.from_flat({**base, **settings}),
+            processing_class=tokenizer,
+            stats_dataset=corpus,
+        )
         tick = time.perf_counter()
         variant_edit = editor.edit(requests).metrics
         edit_seconds = time.perf_counter() - tick
         tick = time.perf_counter()
         post = editor.evaluate(requests, metrics=metrics, batch_size=options.batch_size, include_pre=False)
         evaluate_seconds = time.perf_counter() - tick
-        by_variant[name] = {"settings": settings, "metrics": post, "edit_metrics": variant_edit,
-                            "timings": {"edit_s": edit_seconds, "evaluate_edited_s": evaluate_seconds}}  # fmt: skip
+        by_variant[name] = {
+            "settings": settings,
+            "metrics": post,
+            "edit_metrics": variant_edit,
+            "timings": {"edit_s": edit_seconds, "evaluate_edited_s": evaluate_seconds},
+        }
         print(f"variant {name} {settings}: " + variant_row(name, post))
         if after is None:  # the first variant is the one reported in full
             result = {**post, **result}
@@ -137,8 +152,9 @@ def main(argv=None) -> dict:
     multihop = None
     if options.mquake_cases:
         first = next(iter(variants.values()))  # the multi-hop edit uses the first variant's settings
-        editor = Editor(model, args=EditingArguments.from_flat({**base, **first}), processing_class=tokenizer,
-                        stats_dataset=corpus)  # fmt: skip
+        editor = Editor(
+            model, args=EditingArguments.from_flat({**base, **first}), processing_class=tokenizer, stats_dataset=corpus
+        )
         mquake = load_requests(options.mquake)
         case_ids = list(dict.fromkeys(r.case_id for r in mquake))[: options.mquake_cases]
         cases = [r for r in mquake if r.case_id in set(case_ids)]

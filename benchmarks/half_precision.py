@@ -77,17 +77,22 @@ def main(argv=None) -> dict:
             **editor.evaluate(requests),
         }
         results["runs"][name] = run
-        print(name, {key: run[key] for key in ("merge_rounding_error", *METRICS, *(f"pre_{m}" for m in METRICS))},
-              flush=True)  # fmt: skip
+        print(
+            name,
+            {key: run[key] for key in ("merge_rounding_error", *METRICS, *(f"pre_{m}" for m in METRICS))},
+            flush=True,
+        )
         common.write_json(options.output, results)
     print()
     print("| setting | ES | PS | NS | unedited ES / PS / NS | merge rounding error | residual | edit s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, run in results["runs"].items():
         pre = " / ".join(f"{run[f'pre_{key}']:.1f}" for key in METRICS)
-        print(f"| {name} | {run['efficacy_success']:.1f} | {run['paraphrase_success']:.1f} | "
-              f"{run['neighborhood_success']:.1f} | {pre} | {run['merge_rounding_error']:.2e} | "
-              f"{run['residual_achieved']:.3f} | {run['edit_seconds']:.0f} |")  # fmt: skip
+        print(
+            f"| {name} | {run['efficacy_success']:.1f} | {run['paraphrase_success']:.1f} | "
+            f"{run['neighborhood_success']:.1f} | {pre} | {run['merge_rounding_error']:.2e} | "
+            f"{run['residual_achieved']:.3f} | {run['edit_seconds']:.0f} |"
+        )
     print(f"\nwrote {options.output}")
     return results
 

@@ -59,8 +59,11 @@ def child(options: argparse.Namespace) -> dict:
     if len(requests) < options.child:
         raise SystemExit(f"only {len(requests)} records in {options.data}")
     model, tokenizer = common.load_model(device)
-    args = EditingArguments(stats_num_tokens=options.stats_tokens, stats_cache_dir=options.stats_cache_dir,
-                            v_num_grad_steps=options.z_steps)  # fmt: skip
+    args = EditingArguments(
+        stats_num_tokens=options.stats_tokens,
+        stats_cache_dir=options.stats_cache_dir,
+        v_num_grad_steps=options.z_steps,
+    )
     editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=options.corpus)
     editor.get_statistics(editor.resolved_args.layers)
     assert editor.context_templates  # sampled before the measurement
@@ -101,9 +104,22 @@ def main(argv=None) -> dict:
     cache = options.stats_cache_dir or tempfile.mkdtemp(prefix="memit-stats-")
     runs = []
     for n in options.num_edits:
-        command = [sys.executable, __file__, "--child", str(n), "--z-steps", str(options.z_steps), "--stats-cache-dir",
-                   cache, "--stats-tokens", str(options.stats_tokens), "--data", *options.data, "--corpus",
-                   *options.corpus] + (["--device", options.device] if options.device else [])  # fmt: skip
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            str(n),
+            "--z-steps",
+            str(options.z_steps),
+            "--stats-cache-dir",
+            cache,
+            "--stats-tokens",
+            str(options.stats_tokens),
+            "--data",
+            *options.data,
+            "--corpus",
+            *options.corpus,
+        ] + (["--device", options.device] if options.device else [])
         done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode != 0 or not lines:
@@ -116,8 +132,10 @@ def main(argv=None) -> dict:
     print("| edits | after loading GB | after z GB | after edit GB | z s | keys+solves s |")
     print("| --- | --- | --- | --- | --- | --- |")
     for run in runs:
-        print(f"| {run['num_edits']} | {run['loaded_gb']:.2f} | {run['after_z_gb']:.2f} | {run['after_edit_gb']:.2f} | "
-              f"{run['z_seconds']:.1f} | {run['update_seconds']:.1f} |")  # fmt: skip
+        print(
+            f"| {run['num_edits']} | {run['loaded_gb']:.2f} | {run['after_z_gb']:.2f} | {run['after_edit_gb']:.2f} | "
+            f"{run['z_seconds']:.1f} | {run['update_seconds']:.1f} |"
+        )
     print(f"\nwrote {options.output}")
     return results
 

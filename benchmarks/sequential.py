@@ -40,7 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="*",
         default=[],
         metavar="FIELD=VALUE",
-        help="Method hyperparameters (flat, e.g. `nullspace_threshold=0.02`); each applies to the methods that have it.",
+        help=(
+            "Method hyperparameters (flat, e.g. `nullspace_threshold=0.02`); each applies to the methods that have it."
+        ),
     )
     parser.add_argument("--corpus", nargs="+", default=common.WIKITEXT, help="Statistics corpus files.")
     parser.add_argument("--stats-tokens", type=int, default=408_567, help="Token budget of the statistics.")
@@ -71,13 +73,19 @@ def method_fields(method: str, settings: list[str]) -> dict:
 
 def evaluate(editor, requests, held_out, perplexity, options) -> dict:
     """ES / PS / NS over `requests`, NS of the held-out records and the held-out perplexity."""
-    metrics = {key: value for key, value in editor.evaluate(requests, batch_size=options.eval_batch_size,
-               include_pre=False).items() if key in METRICS}  # fmt: skip
+    metrics = {
+        key: value
+        for key, value in editor.evaluate(requests, batch_size=options.eval_batch_size, include_pre=False).items()
+        if key in METRICS
+    }
     held = editor.evaluate(
-        held_out, batch_size=options.eval_batch_size, include_pre=False,
-        metrics=["counterfact"] + (["perplexity"] if perplexity else []), perplexity_texts=perplexity,
+        held_out,
+        batch_size=options.eval_batch_size,
+        include_pre=False,
+        metrics=["counterfact"] + (["perplexity"] if perplexity else []),
+        perplexity_texts=perplexity,
         perplexity_num_tokens=options.perplexity_tokens,
-    )  # fmt: skip
+    )
     metrics["held_out_neighborhood_success"] = held["neighborhood_success"]
     if perplexity:
         metrics["perplexity"] = held["perplexity"]
@@ -216,8 +224,14 @@ def plot(results: dict, path: str) -> None:
     for axis, key, title in zip(axes, keys, titles):
         for index, (method, entry) in enumerate(results["methods"].items()):
             runs = [run for run in entry["runs"] if key in run]
-            axis.plot([run["num_edits"] for run in runs], [run[key] for run in runs], "o-", color=f"C{index}",
-                      label=method, markersize=3)  # fmt: skip
+            axis.plot(
+                [run["num_edits"] for run in runs],
+                [run[key] for run in runs],
+                "o-",
+                color=f"C{index}",
+                label=method,
+                markersize=3,
+            )
         if key in results["unedited"]:
             axis.axhline(results["unedited"][key], color="gray", linestyle="--", label="unedited")
         axis.set(title=title, xlabel="edits so far")

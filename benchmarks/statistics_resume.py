@@ -131,8 +131,10 @@ def main(argv=None) -> dict:
     print("| entry | bit-identical | max abs difference | tokens (uninterrupted / resumed) |")
     print("|---|---|---|---|")
     for row in rows:
-        print(f"| {row['entry']} | {row['bit_identical']} | {row['max_abs_difference']:.3g} | "
-              f"{row['count']} / {row['count_resumed']} |")  # fmt: skip
+        print(
+            f"| {row['entry']} | {row['bit_identical']} | {row['max_abs_difference']:.3g} | "
+            f"{row['count']} / {row['count_resumed']} |"
+        )
     results = {
         "benchmark": "statistics_resume",
         "machine": common.machine("cpu"),

@@ -56,9 +56,12 @@ def worker(options: argparse.Namespace) -> None:
     model, tokenizer = load_default_model(getattr(torch, options.dtype))
     model = model.to(state.device)
     args = EditingArguments(
-        layers=options.layers, stats_num_tokens=options.stats_tokens, stats_max_length=options.max_length,
-        stats_batch_tokens=options.batch_tokens, stats_cache_dir=tempfile.mkdtemp(),
-    )  # fmt: skip
+        layers=options.layers,
+        stats_num_tokens=options.stats_tokens,
+        stats_max_length=options.max_length,
+        stats_batch_tokens=options.batch_tokens,
+        stats_cache_dir=tempfile.mkdtemp(),
+    )
     editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=options.corpus)
     pieces = editor.statistics.corpus_pieces()
     names = [editor.layout.edit_name(layer) for layer in options.layers]
@@ -112,11 +115,28 @@ def launch(options: argparse.Namespace, processes: int) -> dict:
     """Run the worker under `torch.distributed.run` with `processes` processes; its result."""
     with tempfile.TemporaryDirectory() as folder:
         result = Path(folder) / "result.json"
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-                   __file__, "--worker", str(result), "--corpus", *options.corpus,
-                   "--stats-tokens", str(options.stats_tokens), "--layers", *map(str, options.layers),
-                   "--batch-tokens", str(options.batch_tokens), "--max-length", str(options.max_length),
-                   "--dtype", options.dtype]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={processes}",
+            __file__,
+            "--worker",
+            str(result),
+            "--corpus",
+            *options.corpus,
+            "--stats-tokens",
+            str(options.stats_tokens),
+            "--layers",
+            *map(str, options.layers),
+            "--batch-tokens",
+            str(options.batch_tokens),
+            "--max-length",
+            str(options.max_length),
+            "--dtype",
+            options.dtype,
+        ]
         subprocess.run(command, check=True)
         return json.loads(result.read_text(encoding="utf-8"))
 
@@ -145,11 +165,14 @@ def main(argv=None) -> None:
         "machine": common.machine(common.default_device()),
         "torch": torch.__version__,
         "settings": {
-            "layers": options.layers, "stats_tokens": options.stats_tokens, "batch_tokens": options.batch_tokens,
-            "max_length": options.max_length, "corpus": [Path(c).name for c in options.corpus or []],
+            "layers": options.layers,
+            "stats_tokens": options.stats_tokens,
+            "batch_tokens": options.batch_tokens,
+            "max_length": options.max_length,
+            "corpus": [Path(c).name for c in options.corpus or []],
         },
         "runs": runs,
-    }  # fmt: skip
+    }
     common.write_json(options.output, results)
     print(
         "\n| processes | device | threads/process | tokens | collection s | tokens/s | bare forward s | bare tokens/s "

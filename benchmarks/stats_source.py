@@ -83,9 +83,12 @@ def main(argv=None) -> dict:
         values = None
         for name, source, sample_texts in sources:
             fields = dict(
-                stats_num_tokens=options.stats_tokens, stats_cache_dir=cache_dir, seed=options.seed,
-                stats_sample_texts=sample_texts, stats_sample_length=options.sample_length,
-            )  # fmt: skip
+                stats_num_tokens=options.stats_tokens,
+                stats_cache_dir=cache_dir,
+                seed=options.seed,
+                stats_sample_texts=sample_texts,
+                stats_sample_length=options.sample_length,
+            )
             if options.v_batch_size is not None:
                 fields["v_batch_size"] = options.v_batch_size
             args = EditingArguments(**fields)

@@ -49,8 +49,10 @@ def main(argv=None) -> dict[str, str]:
     answers = {"edited": edited, "adapter": next_token(served, tokenizer, prompt)}
     with served.disable_adapter():
         answers["adapter_disabled"] = next_token(served, tokenizer, prompt)
-    print(f"{prompt!r} -> edited {answers['edited']!r}, through the adapter {answers['adapter']!r}, "
-          f"adapter off {answers['adapter_disabled']!r}")  # fmt: skip
+    print(
+        f"{prompt!r} -> edited {answers['edited']!r}, through the adapter {answers['adapter']!r}, "
+        f"adapter off {answers['adapter_disabled']!r}"
+    )
     return answers
 
 

@@ -44,8 +44,9 @@ def edit_one_week(namespace, args, requests) -> Editor:
     model, tokenizer = load_model_and_tokenizer(namespace.model, args.model_init_kwargs)
     with StateLock(namespace.state_dir):  # a second job on the same state stops here instead of losing a batch
         if is_state_dir(namespace.state_dir):
-            editor = Editor.from_state(model, namespace.state_dir, args=args, processing_class=tokenizer,
-                                       stats_dataset=namespace.corpus)  # fmt: skip
+            editor = Editor.from_state(
+                model, namespace.state_dir, args=args, processing_class=tokenizer, stats_dataset=namespace.corpus
+            )
         else:
             editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=namespace.corpus)
         editor.edit(requests)
@@ -61,8 +62,10 @@ def main(argv=None) -> dict[str, list[str]]:
     for number, requests in enumerate(weeks, start=1):
         editor = edit_one_week(namespace, args, requests)
         answers[f"week {number}"] = [next_token(editor.model, editor.tokenizer, prompt) for prompt in prompts]
-        print(f"week {number}: {len(editor.history)} batches, {sum(len(o.requests) for o in editor.history)} edits; "
-              f"next tokens {answers[f'week {number}']}")  # fmt: skip
+        print(
+            f"week {number}: {len(editor.history)} batches, {sum(len(o.requests) for o in editor.history)} edits; "
+            f"next tokens {answers[f'week {number}']}"
+        )
 
     editor.rollback()  # undo the last week: the weights are those after the week before, bit for bit
     answers["rolled back"] = [next_token(editor.model, editor.tokenizer, prompt) for prompt in prompts]

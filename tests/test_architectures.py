@@ -4,7 +4,6 @@ resolution on tiny models; the papers' per-model settings are tested in `test_de
 import pytest
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from memit_hf.architectures import MODEL_TYPE_TO_LAYOUT, ModelLayout, get_layout, is_transposed, num_layers
 from memit_hf.arguments import EditingArguments
@@ -12,6 +11,10 @@ from memit_hf.defaults import default_layers, resolve_arguments
 from memit_hf.editor import Editor
 from memit_hf.tokenization import encode_targets, encode_texts
 from tests.testing_utils import (
+    TINY_HIDDEN_SIZE,
+    TINY_INTERMEDIATE_SIZE,
+    TINY_MODEL_TYPES,
+    TINY_NUM_LAYERS,
     build_tiny_causal_lm,
     build_tiny_tokenizer,
     subject_final_requests,
@@ -20,75 +23,29 @@ from tests.testing_utils import (
 )
 
 
-HIDDEN, INTERMEDIATE, LAYERS = 32, 64, 3
-_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.02)
-
-
-def _llama_like(vocab_size: int) -> dict:
-    return dict(
-        vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, head_dim=8, **_IDS,
-    )  # fmt: skip
-
-
-def tiny_config(model_type: str, vocab_size: int):
-    """A 3-layer config of `model_type` with d_model 32 and an MLP hidden size of 64 (4 * d_model for GPT-style)."""
-    if model_type in ("gpt2", "gptj"):
-        extra = {"rotary_dim": 4} if model_type == "gptj" else {}
-        return AutoConfig.for_model(
-            model_type, vocab_size=vocab_size, n_embd=HIDDEN, n_inner=INTERMEDIATE, n_layer=LAYERS, n_head=4,
-            n_positions=128, **extra, **_IDS,
-        )  # fmt: skip
-    if model_type == "gpt_neo":
-        return AutoConfig.for_model(
-            model_type, vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_layers=LAYERS,
-            num_heads=4, attention_types=[[["global", "local"], 1], [["global"], 1]], max_position_embeddings=128,
-            **_IDS,
-        )  # fmt: skip
-    if model_type == "gpt_neox":
-        return AutoConfig.for_model(
-            model_type, vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
-            num_hidden_layers=LAYERS, num_attention_heads=4, max_position_embeddings=128, **_IDS,
-        )  # fmt: skip
-    if model_type == "gemma3":
-        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28)
-        return AutoConfig.for_model(
-            model_type, text_config=_llama_like(vocab_size), vision_config=dict(vision, patch_size=14),
-            mm_tokens_per_image=4, **_IDS,
-        )  # fmt: skip
-    if model_type == "gemma3_text":
-        return AutoConfig.for_model(model_type, sliding_window=16, **_llama_like(vocab_size))
-    return AutoConfig.for_model(model_type, **_llama_like(vocab_size))
-
-
-def build_model(model_type: str, vocab_size: int = 64):
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(tiny_config(model_type, vocab_size), attn_implementation="eager")
-    return model.float().eval()
-
-
 @pytest.mark.parametrize("model_type", sorted(MODEL_TYPE_TO_LAYOUT))
 def test_every_layout_resolves_to_the_mlp_down_projection(model_type):
-    model = build_model(model_type)
+    model = build_tiny_causal_lm(model_type, vocab_size=64)
     layout = get_layout(model)
     assert layout is MODEL_TYPE_TO_LAYOUT[model_type]
-    assert num_layers(model, layout) == LAYERS
+    assert num_layers(model, layout) == TINY_NUM_LAYERS
     stack = model.get_submodule(layout.layers_attr)
     assert isinstance(stack, nn.ModuleList)
-    for layer in range(LAYERS):
+    # The tiny GPT-2 and GPT-J keep the GPT default MLP width of 4 * d_model; every other tiny model has 64.
+    d_ff = 4 * TINY_HIDDEN_SIZE if model_type in ("gpt2", "gptj") else TINY_INTERMEDIATE_SIZE
+    for layer in range(TINY_NUM_LAYERS):
         assert model.get_submodule(layout.layer_name(layer)) is stack[layer]
         module = model.get_submodule(layout.edit_name(layer))
         assert layout.edit_name(layer).startswith(layout.layer_name(layer) + ".")
         # The key is the MLP hidden activation (d_ff) and the output lands in the residual stream (d_model).
         d_in, d_out = module.weight.shape if is_transposed(module) else module.weight.shape[::-1]
-        assert (d_in, d_out) == (INTERMEDIATE, HIDDEN), (model_type, tuple(module.weight.shape))
+        assert (d_in, d_out) == (d_ff, TINY_HIDDEN_SIZE), (model_type, tuple(module.weight.shape))
     assert is_transposed(model.get_submodule(layout.edit_name(0))) == (model_type == "gpt2")
 
 
 def test_edit_module_input_is_the_mlp_activation():
     """For Llama the key is act(gate(x)) * up(x) and the block output is the residual stream after the MLP."""
-    model = build_model("llama")
+    model = build_tiny_causal_lm("llama", vocab_size=64)
     layout = get_layout(model)
     mlp = model.model.layers[1].mlp
     seen = {}
@@ -104,16 +61,14 @@ def test_edit_module_input_is_the_mlp_activation():
     torch.testing.assert_close(seen["key"], expected, rtol=0, atol=0)
 
 
-EXTRA_TYPES = sorted(
-    set(MODEL_TYPE_TO_LAYOUT) - {"gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma3_text"}
-)
+EXTRA_TYPES = sorted(set(MODEL_TYPE_TO_LAYOUT) - set(TINY_MODEL_TYPES))
 
 
 @pytest.mark.parametrize("model_type", EXTRA_TYPES)
 def test_edit_runs_on_every_other_layout(model_type, tmp_path):
     """Architectures outside the tiny fixture set: a full MEMIT edit runs and raises every target's probability."""
     tokenizer = build_tiny_tokenizer()
-    model = build_model(model_type, vocab_size=len(tokenizer))
+    model = build_tiny_causal_lm(model_type, vocab_size=len(tokenizer))
     requests = subject_final_requests()
     prompts = [r["prompt"].format(r["subject"]) for r in requests]
     first_target = [ids[0] for ids in encode_targets(tokenizer, [r["target_new"] for r in requests])]

@@ -70,17 +70,25 @@ def test_invalid_arguments_raise(kwargs, message):
 
 def test_valid_edge_values_are_accepted():
     args = EditingArguments(
-        algorithm="rome", layers=[0], num_context_templates=0, algorithm_config=ROMEConfig(), stats_max_length=64,
+        algorithm="rome",
+        layers=[0],
+        num_context_templates=0,
+        algorithm_config=ROMEConfig(),
+        stats_max_length=64,
         stats_batch_tokens=64,
-    )  # fmt: skip
+    )
     assert args.layers == [0] and args.num_context_templates == 0
 
 
 def test_yaml_round_trip(tmp_path):
     args = EditingArguments(
-        layers=[2, 3], algorithm_config={"mom2_update_weight": 15000.0}, v_lr=0.1, seed=7, stats_cache_dir=str(tmp_path / "stats"),
+        layers=[2, 3],
+        algorithm_config={"mom2_update_weight": 15000.0},
+        v_lr=0.1,
+        seed=7,
+        stats_cache_dir=str(tmp_path / "stats"),
         model_init_kwargs={"dtype": "float32"},
-    )  # fmt: skip
+    )
     path = tmp_path / "recipe.yaml"
     args.to_yaml(path)
     content = yaml.safe_load(path.read_text())

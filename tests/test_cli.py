@@ -47,11 +47,26 @@ def test_every_editing_field_is_a_flag(command):
 def test_flags_parse_into_editing_arguments():
     script_args, args = cli.parse_args(
         [
-            "edit", "--requests", "r.jsonl", "--output-dir", "out", "--layers", "1", "2", "--v_lr", "0.25",
-            "--mom2-update-weight", "300", "--algorithm", "memit", "--model_init_kwargs", '{"revision": "main"}',
-            "--stats_cache_dir", "cache",
+            "edit",
+            "--requests",
+            "r.jsonl",
+            "--output-dir",
+            "out",
+            "--layers",
+            "1",
+            "2",
+            "--v_lr",
+            "0.25",
+            "--mom2-update-weight",
+            "300",
+            "--algorithm",
+            "memit",
+            "--model_init_kwargs",
+            '{"revision": "main"}',
+            "--stats_cache_dir",
+            "cache",
         ]
-    )  # fmt: skip
+    )
     assert isinstance(script_args, cli.EditScriptArguments)
     assert script_args.requests == "r.jsonl" and script_args.model is None
     assert isinstance(args, EditingArguments)
@@ -213,10 +228,13 @@ def subject_final_records() -> list[dict]:
     """`subject_final_requests` (each target becomes the argmax after a MEMIT edit of a tiny model) with a
     paraphrase and a neighborhood prompt each, so that `--evaluate` reports every CounterFact figure."""
     return [
-        dict(r, paraphrase_prompts=["I think " + r["prompt"].format(r["subject"])],
-             neighborhood_prompts=["The capital of Italy"])
+        dict(
+            r,
+            paraphrase_prompts=["I think " + r["prompt"].format(r["subject"])],
+            neighborhood_prompts=["The capital of Italy"],
+        )
         for r in subject_final_requests()
-    ]  # fmt: skip
+    ]
 
 
 def test_edit_end_to_end_on_a_saved_tiny_model(saved_tiny_llama, tmp_path, capsys):
@@ -231,12 +249,33 @@ def test_edit_end_to_end_on_a_saved_tiny_model(saved_tiny_llama, tmp_path, capsy
     # The settings of `tiny_editing_arguments`, under which the tiny models' edits succeed.
     code = cli.main(
         [
-            "edit", "--model", str(saved_tiny_llama), "--requests", str(requests), "--corpus", str(corpus),
-            "--output-dir", str(output_dir), "--layers", "0", "1", "--stats_cache_dir", str(stats_dir),
-            "--mom2_update_weight", "1.0", "--v_lr", "0.5", "--clamp_norm_factor", "4.0",
-            "--v_weight_decay", "0.001", "--v_num_grad_steps", "40", "--evaluate",
+            "edit",
+            "--model",
+            str(saved_tiny_llama),
+            "--requests",
+            str(requests),
+            "--corpus",
+            str(corpus),
+            "--output-dir",
+            str(output_dir),
+            "--layers",
+            "0",
+            "1",
+            "--stats_cache_dir",
+            str(stats_dir),
+            "--mom2_update_weight",
+            "1.0",
+            "--v_lr",
+            "0.5",
+            "--clamp_norm_factor",
+            "4.0",
+            "--v_weight_decay",
+            "0.001",
+            "--v_num_grad_steps",
+            "40",
+            "--evaluate",
         ]
-    )  # fmt: skip
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "Edited 4 facts" in printed and "efficacy" in printed
@@ -281,8 +320,17 @@ def test_edit_end_to_end_on_a_saved_tiny_model(saved_tiny_llama, tmp_path, capsy
     # export --merged gives a checkpoint equal to base + adapter; --export-rank a smaller adapter
     with pytest.raises(SystemExit, match="pass --model"):
         cli.main(["export", str(output_dir), "--merged", "--output-dir", str(tmp_path / "merged")])
-    cli.main(["export", str(output_dir), "--merged", "--model", str(saved_tiny_llama), "--output-dir",
-              str(tmp_path / "merged")])  # fmt: skip
+    cli.main(
+        [
+            "export",
+            str(output_dir),
+            "--merged",
+            "--model",
+            str(saved_tiny_llama),
+            "--output-dir",
+            str(tmp_path / "merged"),
+        ]
+    )
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     ids = torch.tensor([[5, 17, 33, 8, 90]])
     with torch.no_grad():
@@ -334,12 +382,17 @@ def test_markdown_table():
 
 def test_comparison_table():
     metrics = {
-        "efficacy_success": 100.0, "pre_efficacy_success": 0.0,
-        "gen_efficacy_prefix": 75.0, "pre_gen_efficacy_prefix": 0.0,
-        "chat_efficacy_contains": 50.0, "pre_chat_efficacy_contains": 25.0,
-        "neighborhood_success": 80.0, "pre_neighborhood_success": 90.0,
-        "gen_neighborhood_bleed": 12.5, "pre_gen_neighborhood_bleed": 0.0,
-    }  # fmt: skip
+        "efficacy_success": 100.0,
+        "pre_efficacy_success": 0.0,
+        "gen_efficacy_prefix": 75.0,
+        "pre_gen_efficacy_prefix": 0.0,
+        "chat_efficacy_contains": 50.0,
+        "pre_chat_efficacy_contains": 25.0,
+        "neighborhood_success": 80.0,
+        "pre_neighborhood_success": 90.0,
+        "gen_neighborhood_bleed": 12.5,
+        "pre_gen_neighborhood_bleed": 0.0,
+    }
     assert cli.comparison_table(metrics).splitlines() == [
         "| | teacher-forced | greedy | chat |",
         "| --- | --- | --- | --- |",
@@ -364,12 +417,29 @@ def test_evaluate_generative_and_multihop_figures(tmp_path, capsys):
     edited = cli.evaluate.main(
         *cli.parse_args(
             [
-                "evaluate", "--model", str(model_dir), "--requests", str(requests), "--edit", "--corpus", str(corpus),
-                "--metrics", "counterfact", "generative", "--output-dir", str(tmp_path / "edited"),
-                "--layers", "0", "1", "--stats_cache_dir", str(tmp_path / "s"), "--mom2_update_weight", "1.0",
+                "evaluate",
+                "--model",
+                str(model_dir),
+                "--requests",
+                str(requests),
+                "--edit",
+                "--corpus",
+                str(corpus),
+                "--metrics",
+                "counterfact",
+                "generative",
+                "--output-dir",
+                str(tmp_path / "edited"),
+                "--layers",
+                "0",
+                "1",
+                "--stats_cache_dir",
+                str(tmp_path / "s"),
+                "--mom2_update_weight",
+                "1.0",
             ]
         )
-    )  # fmt: skip
+    )
     metrics = edited["metrics"]
     assert {"gen_efficacy_prefix", "chat_neighborhood_bleed", "pre_gen_efficacy_prefix"} <= set(metrics)
     assert metrics["pre_gen_neighborhood_unchanged"] == metrics["pre_chat_neighborhood_unchanged"] == 100.0
@@ -388,17 +458,30 @@ def test_evaluate_generative_and_multihop_figures(tmp_path, capsys):
     plain = cli.evaluate.main(
         *cli.parse_args(
             [
-                "evaluate", "--model", str(model_dir), "--requests", str(mquake), "--metrics", "multihop",
-                "--output-dir", str(tmp_path / "mquake"),
+                "evaluate",
+                "--model",
+                str(model_dir),
+                "--requests",
+                str(mquake),
+                "--metrics",
+                "multihop",
+                "--output-dir",
+                str(tmp_path / "mquake"),
             ]
         )
-    )  # fmt: skip
+    )
     assert plain["num_requests"] == 4
     assert set(plain["metrics"]) == {
-        "multihop_success", "multihop_alias_success", "multihop_case_success", "gen_multihop_accuracy",
-        "gen_multihop_case_accuracy", "gen_multihop_old_answer", "chat_multihop_accuracy",
-        "chat_multihop_case_accuracy", "chat_multihop_old_answer",
-    }  # fmt: skip
+        "multihop_success",
+        "multihop_alias_success",
+        "multihop_case_success",
+        "gen_multihop_accuracy",
+        "gen_multihop_case_accuracy",
+        "gen_multihop_old_answer",
+        "chat_multihop_accuracy",
+        "chat_multihop_case_accuracy",
+        "chat_multihop_old_answer",
+    }
     assert "| multi-hop |" in (tmp_path / "mquake" / "evaluation.md").read_text()
 
 
@@ -423,11 +506,26 @@ def test_evaluate_end_to_end_on_a_saved_tiny_model(saved_tiny_llama, tmp_path, c
 
     code = cli.main(
         [
-            "evaluate", *common, "--edit", "--corpus", str(corpus), "--perplexity-corpus", str(held_out),
-            "--output-dir", str(tmp_path / "edited"), "--layers", "0", "1", "--stats_cache_dir", str(tmp_path / "s"),
-            "--mom2_update_weight", "1.0", "--v_num_grad_steps", "5",
+            "evaluate",
+            *common,
+            "--edit",
+            "--corpus",
+            str(corpus),
+            "--perplexity-corpus",
+            str(held_out),
+            "--output-dir",
+            str(tmp_path / "edited"),
+            "--layers",
+            "0",
+            "1",
+            "--stats_cache_dir",
+            str(tmp_path / "s"),
+            "--mom2_update_weight",
+            "1.0",
+            "--v_num_grad_steps",
+            "5",
         ]
-    )  # fmt: skip
+    )
     assert code == 0
     summary = json.loads((tmp_path / "edited" / "evaluation.json").read_text())
     assert summary["edited"] and summary["args"]["layers"] == [0, 1] and summary["num_requests"] == 3
@@ -458,8 +556,14 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     demo_argv += ["--stats_cache_dir", str(tmp_path / "stats")]
     result = cli.demo.main(*cli.parse_args(demo_argv))
     printed = capsys.readouterr().out
-    headings = ("Before the edit:", "After the edit:", "CounterFact metrics", "After editor.restore():",
-                "Adapter loaded back with peft:", "Adapter disabled:")  # fmt: skip
+    headings = (
+        "Before the edit:",
+        "After the edit:",
+        "CounterFact metrics",
+        "After editor.restore():",
+        "Adapter loaded back with peft:",
+        "Adapter disabled:",
+    )
     for heading in headings:
         assert heading in printed
     assert result["restored"][0] == result["before"][0] == result["disabled"][0]
@@ -479,13 +583,15 @@ def test_push_uploads_a_folder_with_a_card_naming_the_repository(tmp_path, capsy
     (folder / "README.md").write_text("old card")
     (folder / ".env").write_text("HF_TOKEN=hf_local\n")  # never published
     calls = []
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, **kw: calls.append(("create", kw)) or SimpleNamespace(
-        repo_id=kw["repo_id"]))  # fmt: skip
+    monkeypatch.setattr(
+        HfApi, "create_repo", lambda self, **kw: calls.append(("create", kw)) or SimpleNamespace(repo_id=kw["repo_id"])
+    )
 
     def upload_folder(self, **kw):
         card = (tmp_path.joinpath(kw["folder_path"]) / "README.md").read_text()
-        calls.append(("upload", kw["repo_id"], sorted(p.name for p in tmp_path.joinpath(kw["folder_path"]).iterdir()),
-                      card))  # fmt: skip
+        calls.append(
+            ("upload", kw["repo_id"], sorted(p.name for p in tmp_path.joinpath(kw["folder_path"]).iterdir()), card)
+        )
         return SimpleNamespace(commit_url="https://huggingface.co/me/edits/commit/1")
 
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
@@ -509,8 +615,19 @@ def test_stats_push_to_hub_takes_the_repository(tmp_path):
         cli.stats.main(*cli.parse_args(["stats", "--push_to_hub"]))
     with pytest.raises(SystemExit):  # `edit` pushes an adapter to --hub_model_id: its flag stays a boolean
         cli.parse_args(["edit", "--requests", "r.jsonl", "--push_to_hub", "me/edits"])
-    _, args = cli.parse_args(["stats", "--stats_repo", "me/stats", "--stats_repo_revision", "v1",
-                              "--stats_checkpoint_every", "50", "--stats_checkpoint_seconds", "60"])  # fmt: skip
+    _, args = cli.parse_args(
+        [
+            "stats",
+            "--stats_repo",
+            "me/stats",
+            "--stats_repo_revision",
+            "v1",
+            "--stats_checkpoint_every",
+            "50",
+            "--stats_checkpoint_seconds",
+            "60",
+        ]
+    )
     assert (args.stats_repo, args.stats_repo_revision) == ("me/stats", "v1")
     assert (args.stats_checkpoint_every, args.stats_checkpoint_seconds) == (50, 60.0)
 
@@ -520,17 +637,57 @@ def test_stats_pushed_to_the_hub_are_used_by_edit_without_a_corpus(saved_tiny_ll
     corpus.write_text("\n\n".join(tiny_corpus()))
     requests = tmp_path / "requests.jsonl"
     requests.write_text("".join(json.dumps(r) + "\n" for r in subject_final_requests()))
-    tiny = ["--layers", "0", "1", "--mom2_update_weight", "1.0", "--v_lr", "0.5", "--clamp_norm_factor", "4.0",
-            "--v_weight_decay", "0.001", "--v_num_grad_steps", "40"]  # fmt: skip
+    tiny = [
+        "--layers",
+        "0",
+        "1",
+        "--mom2_update_weight",
+        "1.0",
+        "--v_lr",
+        "0.5",
+        "--clamp_norm_factor",
+        "4.0",
+        "--v_weight_decay",
+        "0.001",
+        "--v_num_grad_steps",
+        "40",
+    ]
     with fake_dataset_hub(tmp_path / "hub") as hub:
-        cli.main(["stats", "--model", str(saved_tiny_llama), "--corpus", str(corpus), "--layers", "0", "1",
-                  "--stats_cache_dir", str(tmp_path / "stats"), "--push_to_hub", "me/tiny-stats"])  # fmt: skip
+        cli.main(
+            [
+                "stats",
+                "--model",
+                str(saved_tiny_llama),
+                "--corpus",
+                str(corpus),
+                "--layers",
+                "0",
+                "1",
+                "--stats_cache_dir",
+                str(tmp_path / "stats"),
+                "--push_to_hub",
+                "me/tiny-stats",
+            ]
+        )
         assert "pushed to the dataset repository me/tiny-stats" in capsys.readouterr().out
         (upload,) = hub.uploads
         assert upload["repo_type"] == "dataset" and len(upload["files"]) == 5 and "README.md" in upload["files"]
-        cli.main(["edit", "--model", str(saved_tiny_llama), "--requests", str(requests), *tiny,
-                  "--output-dir", str(tmp_path / "out"), "--stats_cache_dir", str(tmp_path / "fresh"),
-                  "--stats_repo", "me/tiny-stats"])  # fmt: skip
+        cli.main(
+            [
+                "edit",
+                "--model",
+                str(saved_tiny_llama),
+                "--requests",
+                str(requests),
+                *tiny,
+                "--output-dir",
+                str(tmp_path / "out"),
+                "--stats_cache_dir",
+                str(tmp_path / "fresh"),
+                "--stats_repo",
+                "me/tiny-stats",
+            ]
+        )
     edited = json.loads((tmp_path / "out" / "memit_edits.json").read_text())["batches"][0]["statistics"]
     pushed = {p.name for p in (tmp_path / "stats").glob("*.json")}
     assert {p.name for p in (tmp_path / "fresh").glob("*.json")} == pushed
@@ -551,14 +708,31 @@ def test_evaluate_an_adapter(saved_tiny_llama, tmp_path):
     requests.write_text("".join(json.dumps(r) + "\n" for r in tiny_requests()[:3]))
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(tiny_corpus()))
-    editing = ["--corpus", str(corpus), "--layers", "0", "1", "--stats_cache_dir", str(tmp_path / "s"),
-               "--mom2_update_weight", "1.0", "--v_num_grad_steps", "5", "--clamp_norm_factor", "4.0"]  # fmt: skip
+    editing = [
+        "--corpus",
+        str(corpus),
+        "--layers",
+        "0",
+        "1",
+        "--stats_cache_dir",
+        str(tmp_path / "s"),
+        "--mom2_update_weight",
+        "1.0",
+        "--v_num_grad_steps",
+        "5",
+        "--clamp_norm_factor",
+        "4.0",
+    ]
     common = ["--model", str(saved_tiny_llama), "--requests", str(requests)]
     cli.main(["edit", *common, *editing, "--output-dir", str(tmp_path / "adapter")])
-    in_place = cli.evaluate.main(*cli.parse_args(["evaluate", *common, *editing, "--edit", "--output-dir",
-                                                 str(tmp_path / "in-place")]))  # fmt: skip
-    with_adapter = cli.evaluate.main(*cli.parse_args(["evaluate", *common, "--adapter", str(tmp_path / "adapter"),
-                                                     "--output-dir", str(tmp_path / "eval")]))  # fmt: skip
+    in_place = cli.evaluate.main(
+        *cli.parse_args(["evaluate", *common, *editing, "--edit", "--output-dir", str(tmp_path / "in-place")])
+    )
+    with_adapter = cli.evaluate.main(
+        *cli.parse_args(
+            ["evaluate", *common, "--adapter", str(tmp_path / "adapter"), "--output-dir", str(tmp_path / "eval")]
+        )
+    )
     assert with_adapter["edited"] and with_adapter["adapter"] == str(tmp_path / "adapter")
     assert set(with_adapter["metrics"]) == set(in_place["metrics"])
     for key, value in in_place["metrics"].items():
@@ -588,10 +762,29 @@ def test_edit_with_a_state_dir_continues_the_saved_state(saved_tiny_llama, tmp_p
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(tiny_corpus()))
     state_dir = tmp_path / "state"
-    editing = ["--model", str(saved_tiny_llama), "--corpus", str(corpus), "--layers", "0", "1",
-               "--stats_cache_dir", str(tmp_path / "stats"), "--algorithm", "memit_seq", "--mom2_update_weight", "1.0",
-               "--v_lr", "0.5", "--clamp_norm_factor", "4.0", "--v_weight_decay", "0.001",
-               "--v_num_grad_steps", "10"]  # fmt: skip
+    editing = [
+        "--model",
+        str(saved_tiny_llama),
+        "--corpus",
+        str(corpus),
+        "--layers",
+        "0",
+        "1",
+        "--stats_cache_dir",
+        str(tmp_path / "stats"),
+        "--algorithm",
+        "memit_seq",
+        "--mom2_update_weight",
+        "1.0",
+        "--v_lr",
+        "0.5",
+        "--clamp_norm_factor",
+        "4.0",
+        "--v_weight_decay",
+        "0.001",
+        "--v_num_grad_steps",
+        "10",
+    ]
     for week in weeks:
         assert cli.main(["edit", *editing, "--requests", str(week), "--state-dir", str(state_dir)]) == 0
     printed = capsys.readouterr().out
@@ -617,8 +810,21 @@ def test_edit_with_a_state_dir_continues_the_saved_state(saved_tiny_llama, tmp_p
         cli.main(["edit", *editing, "--requests", str(weeks[0]), "--state-dir", str(state_dir), "--merged"])
 
 
-TINY_EDIT = ["--layers", "0", "1", "--mom2_update_weight", "1.0", "--v_lr", "0.5", "--clamp_norm_factor", "4.0",
-             "--v_weight_decay", "0.001", "--v_num_grad_steps", "5"]  # fmt: skip
+TINY_EDIT = [
+    "--layers",
+    "0",
+    "1",
+    "--mom2_update_weight",
+    "1.0",
+    "--v_lr",
+    "0.5",
+    "--clamp_norm_factor",
+    "4.0",
+    "--v_weight_decay",
+    "0.001",
+    "--v_num_grad_steps",
+    "5",
+]
 
 
 def edit_inputs(tmp_path, model_dir) -> list[str]:
@@ -627,8 +833,17 @@ def edit_inputs(tmp_path, model_dir) -> list[str]:
     requests.write_text("".join(json.dumps(r) + "\n" for r in subject_final_requests()))
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(tiny_corpus()))
-    return ["--model", str(model_dir), "--requests", str(requests), "--corpus", str(corpus),
-            "--stats_cache_dir", str(tmp_path / "stats"), *TINY_EDIT]  # fmt: skip
+    return [
+        "--model",
+        str(model_dir),
+        "--requests",
+        str(requests),
+        "--corpus",
+        str(corpus),
+        "--stats_cache_dir",
+        str(tmp_path / "stats"),
+        *TINY_EDIT,
+    ]
 
 
 def test_edit_push_goes_through_editor_push_to_hub(saved_tiny_llama, tmp_path, capsys):
@@ -714,13 +929,44 @@ def test_no_file_memit_hf_writes_holds_a_secret(saved_tiny_llama, tmp_path, caps
     inputs = edit_inputs(tmp_path, saved_tiny_llama)
     secrets = ["--hub_token", HUB_SECRET, "--model_init_kwargs", json.dumps({"token": SECRET})]
     with fake_dataset_hub(tmp_path / "hub") as hub:
-        assert cli.main(["edit", *inputs, *secrets, "--output-dir", str(tmp_path / "out"), "--state-dir",
-                         str(tmp_path / "state"), "--push_to_hub", "--hub_model_id", "me/edits"]) == 0  # fmt: skip
+        assert (
+            cli.main(
+                [
+                    "edit",
+                    *inputs,
+                    *secrets,
+                    "--output-dir",
+                    str(tmp_path / "out"),
+                    "--state-dir",
+                    str(tmp_path / "state"),
+                    "--push_to_hub",
+                    "--hub_model_id",
+                    "me/edits",
+                ]
+            )
+            == 0
+        )
         assert cli.main(["edit", *inputs, *secrets, "--merged", "--output-dir", str(tmp_path / "merged")]) == 0
-        assert cli.main(["evaluate", *inputs[:4], "--num-requests", "2", "--edit", *inputs[4:], *secrets,
-                         "--output-dir", str(tmp_path / "evaluation")]) == 0  # fmt: skip
-        assert cli.main(["stats", "--model", str(saved_tiny_llama), *inputs[4:], *secrets,
-                         "--push_to_hub", "me/stats"]) == 0  # fmt: skip
+        assert (
+            cli.main(
+                [
+                    "evaluate",
+                    *inputs[:4],
+                    "--num-requests",
+                    "2",
+                    "--edit",
+                    *inputs[4:],
+                    *secrets,
+                    "--output-dir",
+                    str(tmp_path / "evaluation"),
+                ]
+            )
+            == 0
+        )
+        assert (
+            cli.main(["stats", "--model", str(saved_tiny_llama), *inputs[4:], *secrets, "--push_to_hub", "me/stats"])
+            == 0
+        )
 
         args = tiny_editing_arguments(tmp_path / "stats", hub_token=HUB_SECRET, model_init_kwargs={"token": SECRET})
         editor = Editor(str(saved_tiny_llama), args=args, stats_dataset=tiny_corpus())
@@ -766,8 +1012,13 @@ def test_a_second_run_on_a_state_dir_stops_with_a_clear_message(saved_tiny_llama
     before = {p.relative_to(state): p.read_bytes() for p in state.rglob("*") if p.is_file() and ".lock" not in p.name}
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo / "src")}
-    holder = subprocess.Popen([sys.executable, "-c", STATE_HOLDER, str(state)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    holder = subprocess.Popen(
+        [sys.executable, "-c", STATE_HOLDER, str(state)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(SystemExit, match=rf"in use by another memit-hf run \(pid {holder.pid}"):
@@ -802,11 +1053,14 @@ def test_edit_help_lists_the_z_and_loading_flags_and_they_parse(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     values = {
-        "v_early_stop_margin": ("0.5", 0.5), "v_early_stop_patience": ("2", 2),
-        "v_autocast_dtype": ("bfloat16", "bfloat16"), "context_template_chat": ("true", True),
-        "v_batch_size": ("8", 8), "model_init_kwargs": ('{"dtype": "bfloat16"}', {"dtype": "bfloat16"}),
+        "v_early_stop_margin": ("0.5", 0.5),
+        "v_early_stop_patience": ("2", 2),
+        "v_autocast_dtype": ("bfloat16", "bfloat16"),
+        "context_template_chat": ("true", True),
+        "v_batch_size": ("8", 8),
+        "model_init_kwargs": ('{"dtype": "bfloat16"}', {"dtype": "bfloat16"}),
         "stats_repo_revision": ("v1.0", "v1.0"),
-    }  # fmt: skip
+    }
     for flag in [*values, "merged", "export-rank"]:
         assert f"--{flag}" in text, flag
     argv = ["edit", "--requests", "r.jsonl"] + [
@@ -822,9 +1076,28 @@ def edit_argv(model_dir, tmp_path, records) -> list[str]:
     requests.write_text("".join(json.dumps(r) + "\n" for r in records))
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(tiny_corpus()))
-    return ["edit", "--model", str(model_dir), "--requests", str(requests), "--corpus", str(corpus),
-            "--layers", "0", "1", "--stats_cache_dir", str(tmp_path / "stats"), "--mom2_update_weight", "1.0",
-            "--v_lr", "0.5", "--clamp_norm_factor", "4.0", "--v_weight_decay", "0.001"]  # fmt: skip
+    return [
+        "edit",
+        "--model",
+        str(model_dir),
+        "--requests",
+        str(requests),
+        "--corpus",
+        str(corpus),
+        "--layers",
+        "0",
+        "1",
+        "--stats_cache_dir",
+        str(tmp_path / "stats"),
+        "--mom2_update_weight",
+        "1.0",
+        "--v_lr",
+        "0.5",
+        "--clamp_norm_factor",
+        "4.0",
+        "--v_weight_decay",
+        "0.001",
+    ]
 
 
 def test_edit_merged_writes_the_edited_checkpoint(saved_tiny_llama, tmp_path, capsys):
@@ -834,8 +1107,18 @@ def test_edit_merged_writes_the_edited_checkpoint(saved_tiny_llama, tmp_path, ca
     from memit_hf.editor import Editor
 
     argv = edit_argv(saved_tiny_llama, tmp_path, subject_final_requests())
-    argv += ["--v_num_grad_steps", "10", "--v_early_stop_margin", "-1000", "--v_early_stop_patience", "2",
-             "--model_init_kwargs", '{"dtype": "bfloat16"}', "--output-dir", str(tmp_path / "merged")]  # fmt: skip
+    argv += [
+        "--v_num_grad_steps",
+        "10",
+        "--v_early_stop_margin",
+        "-1000",
+        "--v_early_stop_patience",
+        "2",
+        "--model_init_kwargs",
+        '{"dtype": "bfloat16"}',
+        "--output-dir",
+        str(tmp_path / "merged"),
+    ]
     assert cli.main([*argv, "--merged"]) == 0
     assert "wrote the edited checkpoint" in capsys.readouterr().out
     files = {path.name for path in (tmp_path / "merged").iterdir()}
@@ -875,8 +1158,9 @@ def test_edit_export_rank_writes_a_truncated_adapter(saved_tiny_llama, tmp_path)
         assert lora_B.shape == (32, 1) and lora_A.shape == (1, 64)
         assert float((lora_B.double() @ lora_A.double() - best).norm() / best.norm()) < 1e-5  # float32 factors
         errors.append(float(s[1:].norm() / s.norm()))
-    metrics = {name: json.loads((tmp_path / name / "edit_metrics.json").read_text())["metrics"]
-               for name in ("exact", "rank1")}  # fmt: skip
+    metrics = {
+        name: json.loads((tmp_path / name / "edit_metrics.json").read_text())["metrics"] for name in ("exact", "rank1")
+    }
     assert metrics["exact"]["adapter_max_reconstruction_error"] == 0.0
     assert metrics["rank1"]["adapter_max_reconstruction_error"] == pytest.approx(max(errors), rel=1e-5)
     assert min(errors) > 0.01  # rank 1 really loses part of each update

@@ -45,8 +45,9 @@ def test_edit_on_cuda(model_type, tokenizer, tmp_path):
     base = build_tiny_causal_lm(model_type, vocab_size=len(tokenizer)).cuda()
     model = copy.deepcopy(base)
     before = parameters_snapshot(model)
-    editor = Editor(model, args=tiny_editing_arguments(tmp_path / "stats"), processing_class=tokenizer,
-                    stats_dataset=tiny_corpus())  # fmt: skip
+    editor = Editor(
+        model, args=tiny_editing_arguments(tmp_path / "stats"), processing_class=tokenizer, stats_dataset=tiny_corpus()
+    )
     requests = subject_final_requests()
     output = editor.edit(requests)
     prompts = [r["prompt"].format(r["subject"]) for r in requests]
@@ -65,8 +66,9 @@ def test_edit_on_cuda(model_type, tokenizer, tmp_path):
 def test_bfloat16_model_is_edited_in_its_dtype(tokenizer, tmp_path):
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer)).to("cuda", torch.bfloat16)
     before = parameters_snapshot(model)
-    editor = Editor(model, args=tiny_editing_arguments(tmp_path / "stats"), processing_class=tokenizer,
-                    stats_dataset=tiny_corpus())  # fmt: skip
+    editor = Editor(
+        model, args=tiny_editing_arguments(tmp_path / "stats"), processing_class=tokenizer, stats_dataset=tiny_corpus()
+    )
     requests = subject_final_requests()
     output = editor.edit(requests)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())

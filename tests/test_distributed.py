@@ -83,8 +83,13 @@ def _split_worker():
     model, tokenizer, pieces = _split_setup(int(os.environ["MEMIT_TEST_TOKENS"]))
     num_batches = len(pack_batches(pieces, 128))
     plain = collect_second_moments(model, tokenizer, MODULES, pieces, batch_tokens=128, show_progress=False)
-    checkpoint = StatisticsCheckpoint(os.environ["MEMIT_TEST_CHECKPOINTS"], "key", every_batches=1,
-                                      process_index=state.process_index, num_processes=state.num_processes)  # fmt: skip
+    checkpoint = StatisticsCheckpoint(
+        os.environ["MEMIT_TEST_CHECKPOINTS"],
+        "key",
+        every_batches=1,
+        process_index=state.process_index,
+        num_processes=state.num_processes,
+    )
     stop = -(-num_batches // state.num_processes) - 1
     try:
         collect_second_moments(model, tokenizer, MODULES, pieces, 128, False, checkpoint=checkpoint, max_batches=stop)
@@ -102,12 +107,19 @@ def _split_worker():
     state.wait_for_everyone()
 
 
-@pytest.mark.parametrize("num_processes, num_tokens, num_batches", [
-    (2, 500, 5), (3, 500, 5), (4, 500, 5),  # uneven shares
-    (3, 100, 2), (4, 100, 2),  # fewer batches than processes: some processes sum nothing
-])  # fmt: skip
-def test_statistics_split_between_any_number_of_processes(tmp_path, monkeypatch, num_processes, num_tokens,
-                                                          num_batches):  # fmt: skip
+@pytest.mark.parametrize(
+    "num_processes, num_tokens, num_batches",
+    [
+        (2, 500, 5),
+        (3, 500, 5),
+        (4, 500, 5),  # uneven shares
+        (3, 100, 2),
+        (4, 100, 2),  # fewer batches than processes: some processes sum nothing
+    ],
+)
+def test_statistics_split_between_any_number_of_processes(
+    tmp_path, monkeypatch, num_processes, num_tokens, num_batches
+):
     """Every process gets whole batches round-robin (no padding, no batch twice); the reduced sums equal one
     process's up to the order of the float64 additions, with the exact token count, on every process. A collection
     interrupted on every process and resumed from each process's checkpoint gives bit-identical sums."""
@@ -206,13 +218,40 @@ def test_stats_and_edit_commands_under_two_processes(tmp_path, monkeypatch):
     tokenizer.save_pretrained(tmp_path / "model")
     (tmp_path / "corpus.txt").write_text("\n\n".join(tiny_corpus()))
     (tmp_path / "requests.json").write_text(json.dumps(subject_final_requests()))
-    common = ["--model", str(tmp_path / "model"), "--corpus", str(tmp_path / "corpus.txt"), "--layers", "0", "1",
-              "--stats_cache_dir", str(tmp_path / "stats"), "--stats_batch_tokens", "128", "--stats_max_length", "32"]  # fmt: skip
+    common = [
+        "--model",
+        str(tmp_path / "model"),
+        "--corpus",
+        str(tmp_path / "corpus.txt"),
+        "--layers",
+        "0",
+        "1",
+        "--stats_cache_dir",
+        str(tmp_path / "stats"),
+        "--stats_batch_tokens",
+        "128",
+        "--stats_max_length",
+        "32",
+    ]
     argv = [
         ["stats", *common, "--stats_checkpoint_every", "1"],
-        ["edit", *common, "--requests", str(tmp_path / "requests.json"), "--output-dir", str(tmp_path / "out"),
-         "--mom2_update_weight", "1.0", "--v_lr", "0.5", "--clamp_norm_factor", "4.0", "--v_weight_decay", "0.001"],
-    ]  # fmt: skip
+        [
+            "edit",
+            *common,
+            "--requests",
+            str(tmp_path / "requests.json"),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--mom2_update_weight",
+            "1.0",
+            "--v_lr",
+            "0.5",
+            "--clamp_norm_factor",
+            "4.0",
+            "--v_weight_decay",
+            "0.001",
+        ],
+    ]
     monkeypatch.setenv("MEMIT_TEST_ARGV", json.dumps(argv))
     monkeypatch.setenv("MEMIT_TEST_PROCESSES", "2")
     debug_launcher(_cli_worker, num_processes=2)

@@ -151,9 +151,15 @@ def test_deltas_are_the_memit_solution(edited, tokenizer):
         singular_values = torch.linalg.svdvals(after.double() - before.double())
         assert singular_values[n] <= rounding < 1e-3 * singular_values[n - 1]
         keys, current, edit_outputs = compute_keys_and_outputs(
-            model, tokenizer, editor.layout, output.requests, editor.context_templates, layer, layers[-1],
+            model,
+            tokenizer,
+            editor.layout,
+            output.requests,
+            editor.context_templates,
+            layer,
+            layers[-1],
             return_edit_outputs=True,
-        )  # fmt: skip
+        )
         residuals = (targets - current) / (len(layers) - i)  # what is left, spread over the remaining layers
         if has_post_mlp_norm(editor.layout):
             # The block-output residual is what the post-MLP norm's output must move by: the edited projection's
@@ -288,9 +294,15 @@ def test_post_mlp_norm_mapping_is_what_the_update_writes_and_it_matters(tokenize
     plain_residuals = []
     for i, (layer, delta) in enumerate(zip([0, 1], output.deltas)):
         keys, current, edit_outputs = compute_keys_and_outputs(
-            replay, tokenizer, editor.layout, output.requests, editor.context_templates, layer, 1,
+            replay,
+            tokenizer,
+            editor.layout,
+            output.requests,
+            editor.context_templates,
+            layer,
+            1,
             return_edit_outputs=True,
-        )  # fmt: skip
+        )
         residuals = (targets - current) / (2 - i)
         norm = replay.get_submodule(f"model.layers.{layer}.post_feedforward_layernorm")
         mapped = rms_norm_residuals(norm, residuals, edit_outputs)
@@ -303,9 +315,13 @@ def test_post_mlp_norm_mapping_is_what_the_update_writes_and_it_matters(tokenize
     plain_model = gemma_with_uneven_post_norms(tokenizer)
     plain_model.config.model_type = "mystery"
     plain_editor = make_editor(
-        plain_model, tokenizer, tmp_path / "plain", clamp_norm_factor=0.5,
-        edit_module_template="model.layers.{}.mlp.down_proj", layer_module_template="model.layers.{}",
-    )  # fmt: skip
+        plain_model,
+        tokenizer,
+        tmp_path / "plain",
+        clamp_norm_factor=0.5,
+        edit_module_template="model.layers.{}.mlp.down_proj",
+        layer_module_template="model.layers.{}",
+    )
     plain = plain_editor.edit(requests, values=values)
     assert torch.equal(plain.deltas[0].lora_B, plain_residuals[0].T.float())
     mapped_achieved, plain_achieved = output.metrics["residual_achieved"], plain.metrics["residual_achieved"]
@@ -520,8 +536,7 @@ def test_merge_edits_false_keeps_a_bfloat16_edit_that_merging_rounds_away(tokeni
 def test_failed_edit_with_hooks_removes_its_hooks(tokenizer, tmp_path):
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
     unedited = logits_of(model, tokenizer)
-    editor = make_editor(model, tokenizer, tmp_path, callbacks=[FailAtLayer(1)], v_num_grad_steps=3,
-                         merge_edits=False)  # fmt: skip
+    editor = make_editor(model, tokenizer, tmp_path, callbacks=[FailAtLayer(1)], v_num_grad_steps=3, merge_edits=False)
     with pytest.raises(RuntimeError, match="callback failed at layer 1"):
         editor.edit(subject_final_requests())
     assert torch.equal(logits_of(model, tokenizer), unedited) and editor.history == []
@@ -834,11 +849,13 @@ def test_early_stop_margin_and_patience_reach_the_z_optimisation(tokenizer, tmp_
     assert editor.compute_values(requests).steps.tolist() == [9, 9, 9, 9]
     editor.args = tiny_editing_arguments(tmp_path, v_num_grad_steps=10, v_early_stop_margin=1000.0)
     assert editor.compute_values(requests).steps.tolist() == [9, 9, 9, 9]
-    editor.args = tiny_editing_arguments(tmp_path, v_num_grad_steps=10, v_early_stop_margin=-1000.0,
-                                         v_early_stop_patience=0)  # fmt: skip
+    editor.args = tiny_editing_arguments(
+        tmp_path, v_num_grad_steps=10, v_early_stop_margin=-1000.0, v_early_stop_patience=0
+    )
     assert editor.compute_values(requests).steps.tolist() == [0, 0, 0, 0]
-    editor.args = tiny_editing_arguments(tmp_path, v_num_grad_steps=10, v_early_stop_margin=-1000.0,
-                                         v_early_stop_patience=3)  # fmt: skip
+    editor.args = tiny_editing_arguments(
+        tmp_path, v_num_grad_steps=10, v_early_stop_margin=-1000.0, v_early_stop_patience=3
+    )
     output = editor.edit(requests)
     assert output.values.steps.tolist() == [3, 3, 3, 3] and output.metrics["z_mean_steps"] == 3.0
 
@@ -905,8 +922,9 @@ def test_stats_repo_revision_reaches_the_hub_download(tokenizer, tmp_path):
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
     local = make_editor(model, tokenizer, tmp_path / "local").get_statistics([0, 1])
     with fake_dataset_hub(tmp_path / "hub") as hub:
-        push_statistics("me/tiny-stats", [layer.fingerprint for layer in local.values()],
-                        StatisticsCache(tmp_path / "local"))  # fmt: skip
+        push_statistics(
+            "me/tiny-stats", [layer.fingerprint for layer in local.values()], StatisticsCache(tmp_path / "local")
+        )
         args = tiny_editing_arguments(tmp_path / "fresh", stats_repo="me/tiny-stats", stats_repo_revision="v1.0")
         fetched = Editor(model, args=args, processing_class=tokenizer).get_statistics([0, 1])
     assert [download["revision"] for download in hub.downloads] == ["v1.0", FAKE_COMMIT]

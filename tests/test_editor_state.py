@@ -73,10 +73,15 @@ def test_save_state_then_continue_in_a_new_process_equals_one_process(tokenizer,
     expected = editor.model.state_dict()
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    paths = [str(tmp_path / "state"), str(tmp_path / "weights.safetensors"), str(tmp_path / "state2"),
-             str(tmp_path / "stats")]  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", CONTINUE_SCRIPT, *paths], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    paths = [
+        str(tmp_path / "state"),
+        str(tmp_path / "weights.safetensors"),
+        str(tmp_path / "state2"),
+        str(tmp_path / "stats"),
+    ]
+    result = subprocess.run(
+        [sys.executable, "-c", CONTINUE_SCRIPT, *paths], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     continued = load_file(paths[1])
     for name, tensor in expected.items():
@@ -143,8 +148,13 @@ def test_rollback_after_from_state_is_bit_exact(tokenizer, tmp_path):
     assert not (tmp_path / "state" / "adapter_config.json").exists()
 
     fresh = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
-    continued = Editor.from_state(fresh, tmp_path / "state", args=continue_args(tmp_path), processing_class=tokenizer,
-                                  stats_dataset=tiny_corpus())  # fmt: skip
+    continued = Editor.from_state(
+        fresh,
+        tmp_path / "state",
+        args=continue_args(tmp_path),
+        processing_class=tokenizer,
+        stats_dataset=tiny_corpus(),
+    )
     assert changed_tensors(fresh, parameters_snapshot(editor.model)) == []  # re-applied bit for bit
     assert len(continued.history) == 2
     continued.rollback()
@@ -176,8 +186,13 @@ def test_a_state_for_another_model_is_refused(tokenizer, tmp_path):
 
     base = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
     with pytest.raises(StateMismatchError, match="statistics of `model.layers.0.mlp.down_proj`"):
-        Editor.from_state(base, tmp_path / "state", args=continue_args(tmp_path), processing_class=tokenizer,
-                          stats_dataset=tiny_corpus()[:20])  # fmt: skip
+        Editor.from_state(
+            base,
+            tmp_path / "state",
+            args=continue_args(tmp_path),
+            processing_class=tokenizer,
+            stats_dataset=tiny_corpus()[:20],
+        )
     with pytest.raises(StateMismatchError, match="holds `memit_seq`.*but `args` say `memit`"):
         Editor.from_state(base, tmp_path / "state", args=tiny_editing_arguments(tmp_path / "stats"), **kwargs)
     with pytest.raises(FileNotFoundError, match="No editor state"):
@@ -232,11 +247,20 @@ def test_a_state_file_does_not_choose_how_the_model_is_loaded(tokenizer, tmp_pat
 
     def hostile(manifest):
         manifest["arguments"].update(
-            model_init_kwargs={"attn_implementation": "no-such-attention", "trust_remote_code": True,
-                               "revision": "refs/pr/1", "code_revision": "refs/pr/1", "token": "stolen"},
-            stats_cache_dir=str(tmp_path / "elsewhere"), stats_repo="evil/stats", hub_model_id="evil/edits",
-            output_dir=str(tmp_path / "evil"), push_to_hub=True, hub_token="stolen",
-        )  # fmt: skip
+            model_init_kwargs={
+                "attn_implementation": "no-such-attention",
+                "trust_remote_code": True,
+                "revision": "refs/pr/1",
+                "code_revision": "refs/pr/1",
+                "token": "stolen",
+            },
+            stats_cache_dir=str(tmp_path / "elsewhere"),
+            stats_repo="evil/stats",
+            hub_model_id="evil/edits",
+            output_dir=str(tmp_path / "evil"),
+            push_to_hub=True,
+            hub_token="stolen",
+        )
 
     rewrite_state(tmp_path / "state", lambda tensors, manifest: hostile(manifest))
     editor = Editor.from_state(str(tmp_path / "model"), tmp_path / "state")  # the file's kwargs would fail to load
@@ -249,8 +273,13 @@ def test_a_state_file_does_not_choose_how_the_model_is_loaded(tokenizer, tmp_pat
 
 
 def test_the_saved_arguments_hold_no_loading_setting_and_no_secret(tokenizer, tmp_path):
-    args = tiny_editing_arguments(tmp_path / "stats", hub_token="hub-secret-1", model_init_kwargs={"token": "secret-2"},
-                                  hub_model_id="me/edits", **FLAT)  # fmt: skip
+    args = tiny_editing_arguments(
+        tmp_path / "stats",
+        hub_token="hub-secret-1",
+        model_init_kwargs={"token": "secret-2"},
+        hub_model_id="me/edits",
+        **FLAT,
+    )
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
     editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=tiny_corpus())
     editor.edit(subject_final_requests()[:2])
@@ -266,17 +295,23 @@ def test_the_saved_arguments_hold_no_loading_setting_and_no_secret(tokenizer, tm
 @pytest.mark.parametrize(
     "damage, match",
     [
-        (lambda t, m: t.update({"batches.1.deltas.0.lora_B": t["batches.1.deltas.0.lora_B"] * float("nan")}),
-         "batch 1 has non-finite values"),
-        (lambda t, m: t.update({"batches.1.deltas.0.lora_B": t["batches.1.deltas.0.lora_B"][:-1]}),
-         "batch 1 Update factors"),
-        (lambda t, m: m["batches"][1]["deltas"][0].update(module="model.layers.3.mlp.down_proj"),
-         "batch 1 updates `model.layers.3.mlp.down_proj`, which is not among the edited modules"),
+        (
+            lambda t, m: t.update({"batches.1.deltas.0.lora_B": t["batches.1.deltas.0.lora_B"] * float("nan")}),
+            "batch 1 has non-finite values",
+        ),
+        (
+            lambda t, m: t.update({"batches.1.deltas.0.lora_B": t["batches.1.deltas.0.lora_B"][:-1]}),
+            "batch 1 Update factors",
+        ),
+        (
+            lambda t, m: m["batches"][1]["deltas"][0].update(module="model.layers.3.mlp.down_proj"),
+            "batch 1 updates `model.layers.3.mlp.down_proj`, which is not among the edited modules",
+        ),
         (lambda t, m: m["batches"][1]["requests"][0].update(prompt="no placeholder"), "invalid request"),
         (lambda t, m: m["batches"][1].pop("deltas"), "malformed .*KeyError"),
         (lambda t, m: m.pop("original_weights"), "malformed .*KeyError"),
     ],
-)  # fmt: skip
+)
 def test_a_damaged_state_is_refused_before_anything_is_applied(tokenizer, tmp_path, damage, match):
     """Point 3: every factor and request is checked before any is applied (before, batch 0 was applied, then batch
     1's bad request raised with the model half edited; a NaN or a wrong-shaped factor was applied silently), and a
@@ -286,8 +321,13 @@ def test_a_damaged_state_is_refused_before_anything_is_applied(tokenizer, tmp_pa
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
     snapshot = parameters_snapshot(model)
     with pytest.raises(StateMismatchError, match=match):
-        Editor.from_state(model, tmp_path / "state", args=continue_args(tmp_path), processing_class=tokenizer,
-                          stats_dataset=tiny_corpus())  # fmt: skip
+        Editor.from_state(
+            model,
+            tmp_path / "state",
+            args=continue_args(tmp_path),
+            processing_class=tokenizer,
+            stats_dataset=tiny_corpus(),
+        )
     assert changed_tensors(model, snapshot) == []
 
 
@@ -299,8 +339,13 @@ def test_a_failure_while_applying_a_state_reverts_the_model(tokenizer, tmp_path)
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
     snapshot = parameters_snapshot(model)
     with pytest.raises(StateMismatchError, match="`nonsense` is not of an edited module"):
-        Editor.from_state(model, tmp_path / "state", args=continue_args(tmp_path), processing_class=tokenizer,
-                          stats_dataset=tiny_corpus())  # fmt: skip
+        Editor.from_state(
+            model,
+            tmp_path / "state",
+            args=continue_args(tmp_path),
+            processing_class=tokenizer,
+            stats_dataset=tiny_corpus(),
+        )
     assert changed_tensors(model, snapshot) == []
 
 
@@ -452,8 +497,9 @@ def test_keep_history_bounds_the_history_and_keeps_rollback_and_state_exact(toke
     from peft import PeftModel
 
     editor.save_adapter(tmp_path / "adapter")
-    merged = PeftModel.from_pretrained(build_tiny_causal_lm("llama", vocab_size=len(tokenizer)),
-                                       str(tmp_path / "adapter")).merge_and_unload()  # fmt: skip
+    merged = PeftModel.from_pretrained(
+        build_tiny_causal_lm("llama", vocab_size=len(tokenizer)), str(tmp_path / "adapter")
+    ).merge_and_unload()
     for name, tensor in snapshots[-1].items():
         if "down_proj" in name:
             assert torch.allclose(merged.state_dict()[name], tensor, atol=1e-5), name
@@ -462,8 +508,13 @@ def test_keep_history_bounds_the_history_and_keeps_rollback_and_state_exact(toke
     editor.save_state(tmp_path / "state")
     assert read_state(tmp_path / "state").num_edits == len(requests)
     fresh = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
-    continued = Editor.from_state(fresh, tmp_path / "state", args=continue_args(tmp_path, keep_history=1),
-                                  processing_class=tokenizer, stats_dataset=tiny_corpus())  # fmt: skip
+    continued = Editor.from_state(
+        fresh,
+        tmp_path / "state",
+        args=continue_args(tmp_path, keep_history=1),
+        processing_class=tokenizer,
+        stats_dataset=tiny_corpus(),
+    )
     assert changed_tensors(fresh, snapshots[-1]) == []
     ours, theirs = editor.algorithm.state_dict(), continued.algorithm.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
@@ -498,7 +549,10 @@ def test_state_and_adapter_files_get_the_permissions_of_the_umask(tokenizer, tmp
         editor.merge_and_save(tmp_path / "merged")
     finally:
         os.umask(previous)
-    files = [*(tmp_path / "state").rglob("*.safetensors"), tmp_path / "adapter" / "adapter_model.safetensors",
-             *(tmp_path / "merged").glob("*.safetensors")]  # fmt: skip
+    files = [
+        *(tmp_path / "state").rglob("*.safetensors"),
+        tmp_path / "adapter" / "adapter_model.safetensors",
+        *(tmp_path / "merged").glob("*.safetensors"),
+    ]
     assert len(files) == 5  # the state's tensors, its adapter, batch 0's adapter, the adapter, the checkpoint
     assert {str(path): stat.S_IMODE(path.stat().st_mode) for path in files} == dict.fromkeys(map(str, files), 0o644)

@@ -22,8 +22,21 @@ from memit_hf.tokenization import encode_texts
 
 def test_word_tokenize_splits_words_clitics_and_punctuation():
     assert word_tokenize("I don't know Angola's capital, it's 3.14... well-known!") == [
-        "I", "do", "n't", "know", "Angola", "'s", "capital", ",", "it", "'s", "3.14", "...", "well-known", "!",
-    ]  # fmt: skip
+        "I",
+        "do",
+        "n't",
+        "know",
+        "Angola",
+        "'s",
+        "capital",
+        ",",
+        "it",
+        "'s",
+        "3.14",
+        "...",
+        "well-known",
+        "!",
+    ]
 
 
 def test_ngram_entropy_on_known_counts():

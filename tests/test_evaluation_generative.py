@@ -228,13 +228,18 @@ def test_leading_word_keeps_the_article_and_first_word_drops_it():
     """A neighbor whose continuation keeps its article but changes the noun after it: the leading word is unchanged,
     the first content word is not."""
     tokenizer = build_tiny_chat_tokenizer()
-    request = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome",
-               "neighborhood_prompts": ["The Louvre is located in the city of"]}  # fmt: skip
+    request = {
+        "prompt": "{} is located in the city of",
+        "subject": "The Eiffel Tower",
+        "target_new": "Rome",
+        "neighborhood_prompts": ["The Louvre is located in the city of"],
+    }
     edited = {request["prompt"].format(request["subject"]): " Rome", request["neighborhood_prompts"][0]: " the Rome"}
     unedited_script = scripts(tokenizer, {**edited, request["neighborhood_prompts"][0]: " the Paris"})
     model = scripted_lm(tokenizer, edited)
-    results = evaluate_generative(model, tokenizer, load_requests([request]), chat=False,
-                                  unedited=lambda: _scripted_as(model, unedited_script))  # fmt: skip
+    results = evaluate_generative(
+        model, tokenizer, load_requests([request]), chat=False, unedited=lambda: _scripted_as(model, unedited_script)
+    )
     assert results["gen_neighborhood_leading_word"] == 100.0
     assert results["gen_neighborhood_first_word"] == 0.0
     assert results["gen_neighborhood_unchanged"] == 0.0

@@ -10,8 +10,21 @@ from tests.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer, tiny
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-TINY = ["--layers", "0", "1", "--mom2_update_weight", "1.0", "--v_num_grad_steps", "20", "--v_lr", "0.5",
-        "--clamp_norm_factor", "4.0", "--v_weight_decay", "0.001"]  # fmt: skip
+TINY = [
+    "--layers",
+    "0",
+    "1",
+    "--mom2_update_weight",
+    "1.0",
+    "--v_num_grad_steps",
+    "20",
+    "--v_lr",
+    "0.5",
+    "--clamp_norm_factor",
+    "4.0",
+    "--v_weight_decay",
+    "0.001",
+]
 
 
 def load_example(name: str):
@@ -32,8 +45,15 @@ def tiny_files(tmp_path_factory):
 
 
 def common_argv(root: Path) -> list[str]:
-    return ["--model", str(root / "model"), "--corpus", str(root / "corpus.txt"), *TINY,
-            "--stats_cache_dir", str(root / "stats")]  # fmt: skip
+    return [
+        "--model",
+        str(root / "model"),
+        "--corpus",
+        str(root / "corpus.txt"),
+        *TINY,
+        "--stats_cache_dir",
+        str(root / "stats"),
+    ]
 
 
 def test_every_example_is_tested():
@@ -67,10 +87,12 @@ def run_adapter_roundtrip(root):
 
 def run_weekly_corrections(root):
     weeks = []
-    for i, record in enumerate([
-        {"prompt": "The city of {}", "subject": "the Eiffel Tower", "target_new": "Rome"},
-        {"prompt": "I think {}", "subject": "the iPhone", "target_new": "Microsoft"},
-    ]):  # fmt: skip
+    for i, record in enumerate(
+        [
+            {"prompt": "The city of {}", "subject": "the Eiffel Tower", "target_new": "Rome"},
+            {"prompt": "I think {}", "subject": "the iPhone", "target_new": "Microsoft"},
+        ]
+    ):
         weeks.append(root / f"week{i}.json")
         weeks[-1].write_text(json.dumps([record]))
     state_dir = root / "state"

@@ -69,9 +69,11 @@ def logits(model, tokenizer, texts=("The city of the Eiffel Tower", "I think the
 def random_delta(d_out, d_in, rank, seed=0, name="m", fan_in_fan_out=False):
     generator = torch.Generator().manual_seed(seed)
     return LayerDelta(
-        name, torch.randn(d_out, rank, generator=generator), torch.randn(rank, d_in, generator=generator) / 100,
+        name,
+        torch.randn(d_out, rank, generator=generator),
+        torch.randn(rank, d_in, generator=generator) / 100,
         fan_in_fan_out,
-    )  # fmt: skip
+    )
 
 
 class EditedAndSaved:
@@ -82,9 +84,11 @@ class EditedAndSaved:
         self.base = build_tiny_causal_lm(model_type, vocab_size=len(tokenizer))
         self.model = copy.deepcopy(self.base)
         self.editor = Editor(
-            self.model, args=tiny_editing_arguments(directory / "stats"), processing_class=tokenizer,
+            self.model,
+            args=tiny_editing_arguments(directory / "stats"),
+            processing_class=tokenizer,
             stats_dataset=tiny_corpus(),
-        )  # fmt: skip
+        )
         self.output = self.editor.edit(subject_final_requests())
         self.path = directory / "adapter"
         self.report = self.editor.save_adapter(self.path, base_model_name_or_path="tiny/base")
@@ -191,8 +195,9 @@ def test_auto_model_loads_adapter_directory(tokenizer, tmp_path):
     base_dir = tmp_path / "base"
     base.save_pretrained(base_dir)
     model = copy.deepcopy(base)
-    editor = Editor(model, args=tiny_editing_arguments(tmp_path / "stats"), processing_class=tokenizer,
-                    stats_dataset=tiny_corpus())  # fmt: skip
+    editor = Editor(
+        model, args=tiny_editing_arguments(tmp_path / "stats"), processing_class=tokenizer, stats_dataset=tiny_corpus()
+    )
     editor.edit(subject_final_requests())
     editor.save_adapter(tmp_path / "adapter", base_model_name_or_path=str(base_dir))
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter")
@@ -250,8 +255,12 @@ def test_save_adapter_keeps_other_files(saved, tmp_path):
 def test_successive_edits_export_as_their_sum(model_type, tokenizer, tmp_path):
     base = build_tiny_causal_lm(model_type, vocab_size=len(tokenizer))
     model = copy.deepcopy(base)
-    editor = Editor(model, args=tiny_editing_arguments(tmp_path / "stats", v_num_grad_steps=8),
-                    processing_class=tokenizer, stats_dataset=tiny_corpus())  # fmt: skip
+    editor = Editor(
+        model,
+        args=tiny_editing_arguments(tmp_path / "stats", v_num_grad_steps=8),
+        processing_class=tokenizer,
+        stats_dataset=tiny_corpus(),
+    )
     requests = subject_final_requests()
     editor.edit(requests[:2])
     editor.edit(requests[2:])
@@ -312,11 +321,13 @@ def test_large_edit_is_stored_at_full_rank_exactly(model_type, tokenizer, tmp_pa
     base = build_tiny_causal_lm(model_type, vocab_size=len(tokenizer))
     model = copy.deepcopy(base)
     words = sorted({w.strip(".,") for text in tiny_corpus() for w in text.split() if w.isalpha() and len(w) > 3})
-    requests = [
-        {"prompt": "The city of {}", "subject": words[i], "target_new": words[-1 - i]} for i in range(36)
-    ]  # fmt: skip
-    editor = Editor(model, args=tiny_editing_arguments(tmp_path / "stats", v_num_grad_steps=2),
-                    processing_class=tokenizer, stats_dataset=tiny_corpus())  # fmt: skip
+    requests = [{"prompt": "The city of {}", "subject": words[i], "target_new": words[-1 - i]} for i in range(36)]
+    editor = Editor(
+        model,
+        args=tiny_editing_arguments(tmp_path / "stats", v_num_grad_steps=2),
+        processing_class=tokenizer,
+        stats_dataset=tiny_corpus(),
+    )
     output = editor.edit(requests)
     assert {d.rank for d in output.deltas} == {36}
     report = editor.save_adapter(tmp_path / "adapter")
@@ -336,8 +347,10 @@ def test_large_edit_is_stored_at_full_rank_exactly(model_type, tokenizer, tmp_pa
 
 # ------------------------------------------------------------------------------------------------ helpers
 def test_lora_config_rank_patterns_match_only_their_module():
-    deltas = [random_delta(8, 4, 2, name="model.layers.1.mlp.down_proj"),
-              random_delta(8, 4, 3, name="model.layers.11.mlp.down_proj")]  # fmt: skip
+    deltas = [
+        random_delta(8, 4, 2, name="model.layers.1.mlp.down_proj"),
+        random_delta(8, 4, 3, name="model.layers.11.mlp.down_proj"),
+    ]
     config = lora_config(deltas, "org/model")
     from peft.utils.other import get_pattern_key
 
@@ -364,8 +377,12 @@ def test_edit_output_saves_its_own_batch(tokenizer, tmp_path):
     of the model edited by the first batch gives the final model."""
     base = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
     model = copy.deepcopy(base)
-    editor = Editor(model, args=tiny_editing_arguments(tmp_path / "stats", v_num_grad_steps=8),
-                    processing_class=tokenizer, stats_dataset=tiny_corpus())  # fmt: skip
+    editor = Editor(
+        model,
+        args=tiny_editing_arguments(tmp_path / "stats", v_num_grad_steps=8),
+        processing_class=tokenizer,
+        stats_dataset=tiny_corpus(),
+    )
     requests = subject_final_requests()
     first = editor.edit(requests[:2])
     after_first = copy.deepcopy(model)
@@ -386,15 +403,19 @@ def test_include_requests_false_writes_nothing_of_the_requests(tokenizer, tmp_pa
     """The privacy switch of `save_adapter`, `EditOutput.save_adapter` and `merge_and_save`: no prompt, subject,
     target, paraphrase or neighborhood prompt appears in any file written; the counts and the SHA-256 remain."""
     requests = [
-        dict(r, paraphrase_prompts=["Because " + r["prompt"].format(r["subject"])],
-             neighborhood_prompts=["The capital of Italy"])
+        dict(
+            r,
+            paraphrase_prompts=["Because " + r["prompt"].format(r["subject"])],
+            neighborhood_prompts=["The capital of Italy"],
+        )
         for r in subject_final_requests()
-    ]  # fmt: skip
+    ]
     editor = Editor(
         build_tiny_causal_lm("llama", vocab_size=len(tokenizer)),
-        args=tiny_editing_arguments(tmp_path / "stats", v_num_grad_steps=2), processing_class=tokenizer,
+        args=tiny_editing_arguments(tmp_path / "stats", v_num_grad_steps=2),
+        processing_class=tokenizer,
         stats_dataset=tiny_corpus(),
-    )  # fmt: skip
+    )
     output = editor.edit(requests)
     secrets = set()
     for r in requests:
@@ -434,8 +455,10 @@ def folder_state(path):
 
 def small_adapter(path, base="tiny/base", **kwargs):
     """A two-module adapter with metadata, written by `save_adapter_files`."""
-    deltas = [random_delta(32, 64, 2, seed=0, name="model.layers.0.mlp.down_proj"),
-              random_delta(32, 64, 2, seed=1, name="model.layers.1.mlp.down_proj")]  # fmt: skip
+    deltas = [
+        random_delta(32, 64, 2, seed=0, name="model.layers.0.mlp.down_proj"),
+        random_delta(32, 64, 2, seed=1, name="model.layers.1.mlp.down_proj"),
+    ]
     metadata = {"base_model_name_or_path": base, "num_edits": 2, "batches": []}
     return save_adapter_files(deltas, path, base, None, None, metadata, **kwargs)
 
@@ -616,13 +639,23 @@ def test_for_hub_exports_name_no_local_path(tiny_checkpoint, tmp_path, caplog):
     model, tokenizer = tiny_checkpoint
     base = tmp_path / "models" / "my-llama"
     local = {
-        "base_model_name_or_path": str(base), "num_edits": 0,
-        "batches": [{"algorithm": "memit", "num_requests": 0, "requests": [],
-                     "hyperparameters": {"layers": [0], "output_dir": str(tmp_path / "out"),
-                                         "stats_repo": str(tmp_path / "stats")},
-                     "statistics": {"m": {"corpus": f"stats_repo:{tmp_path / 'stats'}", "num_tokens": 10}},
-                     "source": {"requests": str(tmp_path / "requests.jsonl"), "corpus": [str(tmp_path / "wiki.txt")]}}],
-    }  # fmt: skip
+        "base_model_name_or_path": str(base),
+        "num_edits": 0,
+        "batches": [
+            {
+                "algorithm": "memit",
+                "num_requests": 0,
+                "requests": [],
+                "hyperparameters": {
+                    "layers": [0],
+                    "output_dir": str(tmp_path / "out"),
+                    "stats_repo": str(tmp_path / "stats"),
+                },
+                "statistics": {"m": {"corpus": f"stats_repo:{tmp_path / 'stats'}", "num_tokens": 10}},
+                "source": {"requests": str(tmp_path / "requests.jsonl"), "corpus": [str(tmp_path / "wiki.txt")]},
+            }
+        ],
+    }
     deltas = [random_delta(32, 64, 2, name="model.layers.0.mlp.down_proj")]
     save_adapter_files(deltas, tmp_path / "local", str(base), None, None, local)
     assert json.loads((tmp_path / "local" / ADAPTER_CONFIG_NAME).read_text())["base_model_name_or_path"] == str(base)

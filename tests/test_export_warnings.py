@@ -18,8 +18,12 @@ def test_unnamed_base_model_warns_at_export_only(tmp_path, caplog):
     build_tiny_causal_lm("llama", vocab_size=len(tokenizer)).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     model, tokenizer = load_model_and_tokenizer(tmp_path / "model")  # a temporary path: not recorded in adapters
-    editor = Editor(model, args=tiny_editing_arguments(tmp_path / "stats", v_num_grad_steps=2),
-                    processing_class=tokenizer, stats_dataset=tiny_corpus())  # fmt: skip
+    editor = Editor(
+        model,
+        args=tiny_editing_arguments(tmp_path / "stats", v_num_grad_steps=2),
+        processing_class=tokenizer,
+        stats_dataset=tiny_corpus(),
+    )
     with caplog.at_level(logging.WARNING, logger="memit_hf"):
         editor.edit(subject_final_requests())
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []

@@ -55,8 +55,14 @@ def test_batch_record_round_trips_and_reads_the_older_form():
     )
     values = record.to_dict()
     assert list(values)[:7] == [
-        "algorithm", "layers", "num_requests", "hyperparameters", "statistics", "requests", "metrics",
-    ]  # fmt: skip
+        "algorithm",
+        "layers",
+        "num_requests",
+        "hyperparameters",
+        "statistics",
+        "requests",
+        "metrics",
+    ]
     assert values["source"] == {"requests": "edits.jsonl"}
     assert BatchRecord.from_dict(values) == record
     # Records written before the split kept `algorithm` and `layers` inside the hyperparameters too: one copy now.

@@ -50,8 +50,15 @@ class FakeHub:
     def upload_folder(self, api, folder_path, repo_id, commit_message=None, revision=None, **kwargs):
         copy_path = self.directory / f"upload{len(self.uploads)}"
         shutil.copytree(folder_path, copy_path)
-        self.uploads.append({"repo_id": repo_id, "commit_message": commit_message, "revision": revision,
-                             "files": sorted(p.name for p in copy_path.iterdir()), "path": copy_path})  # fmt: skip
+        self.uploads.append(
+            {
+                "repo_id": repo_id,
+                "commit_message": commit_message,
+                "revision": revision,
+                "files": sorted(p.name for p in copy_path.iterdir()),
+                "path": copy_path,
+            }
+        )
         return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0", oid="0")
 
 
@@ -72,8 +79,9 @@ def edited(tokenizer, tmp_path_factory):
     base = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
     base.save_pretrained(directory / "base")
     model = copy.deepcopy(base)
-    args = tiny_editing_arguments(directory / "stats", hub_model_id="me/tiny-edits", hub_private_repo=True,
-                                  hub_token="hf_secret")  # fmt: skip
+    args = tiny_editing_arguments(
+        directory / "stats", hub_model_id="me/tiny-edits", hub_private_repo=True, hub_token="hf_secret"
+    )
     editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=tiny_corpus())
     editor.edit(subject_final_requests())
     return SimpleNamespace(base=base, base_dir=directory / "base", model=model, editor=editor)
@@ -132,8 +140,9 @@ def test_push_merged_model(edited, fake_hub, tokenizer):
 
 def test_push_needs_a_repository(tokenizer, tmp_path, fake_hub):
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
-    editor = Editor(model, args=tiny_editing_arguments(tmp_path), processing_class=tokenizer,
-                    stats_dataset=tiny_corpus())  # fmt: skip
+    editor = Editor(
+        model, args=tiny_editing_arguments(tmp_path), processing_class=tokenizer, stats_dataset=tiny_corpus()
+    )
     with pytest.raises(ValueError, match="hub_model_id"):
         editor.push_to_hub()
     with pytest.raises(FileNotFoundError):
@@ -150,13 +159,23 @@ def test_model_card_lists_edits_and_truncates():
         "base_model_name_or_path": "org/base",
         "memit_hf_version": "0.1",
         "num_edits": len(requests),
-        "batches": [{"algorithm": "rome", "num_requests": len(requests), "requests": requests,
-                     "hyperparameters": {"layers": [5], "algorithm_config": {}},
-                     "statistics": {"m": {"corpus": "texts:abc", "num_tokens": 1000}},
-                     "metrics": {"efficacy_success": 99.0, "paraphrase_success": 90.0,
-                                 "neighborhood_success": 70.0, "score": 84.0}}],
+        "batches": [
+            {
+                "algorithm": "rome",
+                "num_requests": len(requests),
+                "requests": requests,
+                "hyperparameters": {"layers": [5], "algorithm_config": {}},
+                "statistics": {"m": {"corpus": "texts:abc", "num_tokens": 1000}},
+                "metrics": {
+                    "efficacy_success": 99.0,
+                    "paraphrase_success": 90.0,
+                    "neighborhood_success": 70.0,
+                    "score": 84.0,
+                },
+            }
+        ],
         "export": {"max_reconstruction_error": 0.0, "ranks": {"m": 105}, "adapter_bytes": 2_000_000},
-    }  # fmt: skip
+    }
     card = build_model_card(metadata, "org/edits")
     assert "| 0 | S\\|0 | _S\\|0_ is in | new0 | old |" in card  # pipes escaped
     assert f"| {MAX_CARD_ROWS - 1} |" in card and f"| {MAX_CARD_ROWS} |" not in card
@@ -181,10 +200,16 @@ def test_model_card_prints_no_local_path():
     folder and the files, never their paths, and its YAML names no base model."""
     metadata = {
         "base_model_name_or_path": "/home/me/models/my-llama",
-        "batches": [{"algorithm": "memit", "num_requests": 1, "requests": [],
-                     "hyperparameters": {"layers": [1], "algorithm_config": {"cache": "/home/me/cache"}},
-                     "statistics": {"m": {"corpus": "stats_repo:/home/me/stats", "num_tokens": 10}}}],
-    }  # fmt: skip
+        "batches": [
+            {
+                "algorithm": "memit",
+                "num_requests": 1,
+                "requests": [],
+                "hyperparameters": {"layers": [1], "algorithm_config": {"cache": "/home/me/cache"}},
+                "statistics": {"m": {"corpus": "stats_repo:/home/me/stats", "num_tokens": 10}},
+            }
+        ],
+    }
     card = build_model_card(metadata, "me/edits")
     assert "/home/me" not in card
     assert "`my-llama`" in card and "| stats_repo:stats, 10 tokens |" in card and "cache=cache" in card
@@ -302,8 +327,9 @@ def test_output_dir_and_push_to_hub_work_as_in_trainer(tokenizer, fake_hub, tmp_
     """`args.output_dir` is the default folder of the saves, and with `args.push_to_hub` a save also pushes what it
     wrote (as `Trainer.save_model` does); without `hub_model_id` it is refused before anything is written."""
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
-    args = tiny_editing_arguments(tmp_path / "stats", output_dir=str(tmp_path / "out"), push_to_hub=True,
-                                  hub_model_id="me/saved")  # fmt: skip
+    args = tiny_editing_arguments(
+        tmp_path / "stats", output_dir=str(tmp_path / "out"), push_to_hub=True, hub_model_id="me/saved"
+    )
     editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=tiny_corpus())
     editor.edit(subject_final_requests()[:2])
     report = editor.save_adapter()

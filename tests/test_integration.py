@@ -88,7 +88,7 @@ def run(tmp_path_factory):
             "adapter": adapter_logits,
             "disabled": disabled_logits,
             "merged": merged_logits,
-        },  # fmt: skip
+        },
         "requests": requests,
         "layers": layers,
         "output": output,

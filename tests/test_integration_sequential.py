@@ -60,8 +60,9 @@ def run(tmp_path_factory):
 
     # A fresh model and editor continue the saved state and edit the second batch again.
     fresh_model, _ = load_default_model()
-    continued = Editor.from_state(fresh_model, state_dir, args=args, processing_class=tokenizer,
-                                  stats_dataset=[DATA / "stats_corpus.txt"])  # fmt: skip
+    continued = Editor.from_state(
+        fresh_model, state_dir, args=args, processing_class=tokenizer, stats_dataset=[DATA / "stats_corpus.txt"]
+    )
     continued.edit(second)
     results["continued"] = _edited_weights(fresh_model, names)
     results["after_second"] = after_second

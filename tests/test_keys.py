@@ -224,7 +224,10 @@ def test_requests_longer_than_the_model_are_refused_before_any_weight_changes(tm
     snapshot = parameters_snapshot(model)
     long_prompt = "The city " * limit + "of {} is"
     requests = [tiny_requests()[0], {"prompt": long_prompt, "subject": "Rome", "target_new": "Paris"}]
-    with pytest.raises(ValueError, match=rf"Request 1: fields `prompt` and `target_new` give rows of up to \d+ tokens.*"
-                                         rf"{limit} positions"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"Request 1: fields `prompt` and `target_new` give rows of up to \d+ tokens.*"
+        rf"{limit} positions",
+    ):
         editor.edit(requests)
     assert changed_tensors(model, snapshot) == [] and not editor.history

@@ -27,8 +27,11 @@ def tokenizer():
 
 
 def logits(model, tokenizer):
-    batch = tokenizer(["The city of the Eiffel Tower", "Therefore Lionel Messi", "The capital of France"],
-                      return_tensors="pt", padding=True)  # fmt: skip
+    batch = tokenizer(
+        ["The city of the Eiffel Tower", "Therefore Lionel Messi", "The capital of France"],
+        return_tensors="pt",
+        padding=True,
+    )
     with torch.no_grad():
         return model(**batch).logits
 
@@ -43,8 +46,12 @@ class TwoBatches:
         self.models, self.outputs = {}, {}
         for name, part in (("a", requests[:2]), ("b", requests[2:])):
             model = copy.deepcopy(self.base)
-            editor = Editor(model, args=tiny_editing_arguments(directory / "stats"), processing_class=tokenizer,
-                            stats_dataset=tiny_corpus())  # fmt: skip
+            editor = Editor(
+                model,
+                args=tiny_editing_arguments(directory / "stats"),
+                processing_class=tokenizer,
+                stats_dataset=tiny_corpus(),
+            )
             self.outputs[name] = editor.edit(part)
             editor.save_adapter(directory / name)
             self.models[name] = model

@@ -52,11 +52,23 @@ def test_recipe_parses_into_editing_arguments(name):
     # the whole recipe: every field as its comments say, the others at their defaults
     num_tokens, max_length, batch_tokens = EXPECTED_STATISTICS[name]
     expected = EditingArguments(
-        algorithm="memit", algorithm_config=MEMITConfig(mom2_update_weight=lam), layers=layers, v_num_grad_steps=steps,
-        v_lr=lr, v_weight_decay=0.5, clamp_norm_factor=0.75, kl_factor=0.0625, v_early_stop_loss=0.05,
-        v_early_stop_margin=None, num_context_templates=5, context_template_length=10, stats_num_tokens=num_tokens,
-        stats_max_length=max_length, stats_batch_tokens=batch_tokens, seed=42,
-    )  # fmt: skip
+        algorithm="memit",
+        algorithm_config=MEMITConfig(mom2_update_weight=lam),
+        layers=layers,
+        v_num_grad_steps=steps,
+        v_lr=lr,
+        v_weight_decay=0.5,
+        clamp_norm_factor=0.75,
+        kl_factor=0.0625,
+        v_early_stop_loss=0.05,
+        v_early_stop_margin=None,
+        num_context_templates=5,
+        context_template_length=10,
+        stats_num_tokens=num_tokens,
+        stats_max_length=max_length,
+        stats_batch_tokens=batch_tokens,
+        seed=42,
+    )
     assert args.to_dict() == expected.to_dict()
 
 
@@ -70,10 +82,13 @@ def test_smollm2_recipe_is_the_library_default():
         assert getattr(args, key) == getattr(defaults, key), key
 
 
-@pytest.mark.parametrize("name, distributed_type, num_processes", [
-    ("single_process.yaml", "NO", 1),
-    ("multi_gpu.yaml", "MULTI_GPU", 8),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, distributed_type, num_processes",
+    [
+        ("single_process.yaml", "NO", 1),
+        ("multi_gpu.yaml", "MULTI_GPU", 8),
+    ],
+)
 def test_accelerate_configs_load(name, distributed_type, num_processes):
     from accelerate.commands.config.config_args import load_config_from_file
 

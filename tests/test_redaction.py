@@ -20,17 +20,30 @@ def test_settings_that_are_not_secrets(key):
 
 
 def test_redact_walks_nested_values_and_keeps_empty_ones():
-    value = {"a": [{"token": "s1"}, ("x", {"password": "s2"})], "hub_token": None, "text": f"Bearer {HUB_TOKEN}!",
-             "mine": "s3", "pad_token": "<pad>"}  # fmt: skip
+    value = {
+        "a": [{"token": "s1"}, ("x", {"password": "s2"})],
+        "hub_token": None,
+        "text": f"Bearer {HUB_TOKEN}!",
+        "mine": "s3",
+        "pad_token": "<pad>",
+    }
     redacted = redact(value, extra_keys=["MINE"])
-    assert redacted == {"a": [{"token": REDACTED}, ("x", {"password": REDACTED})], "hub_token": None,
-                        "text": f"Bearer {REDACTED}!", "mine": REDACTED, "pad_token": "<pad>"}  # fmt: skip
+    assert redacted == {
+        "a": [{"token": REDACTED}, ("x", {"password": REDACTED})],
+        "hub_token": None,
+        "text": f"Bearer {REDACTED}!",
+        "mine": REDACTED,
+        "pad_token": "<pad>",
+    }
     assert value["a"][0]["token"] == "s1"  # a copy
 
 
 def test_editing_arguments_to_dict_redacts_every_secret():
-    args = EditingArguments(hub_token="s1", model_init_kwargs={"token": "s2", "revision": "main", "key": HUB_TOKEN},
-                            redact_keys=["revision"])  # fmt: skip
+    args = EditingArguments(
+        hub_token="s1",
+        model_init_kwargs={"token": "s2", "revision": "main", "key": HUB_TOKEN},
+        redact_keys=["revision"],
+    )
     values = args.to_dict()
     assert values["hub_token"] == REDACTED
     assert values["model_init_kwargs"] == {"token": REDACTED, "revision": REDACTED, "key": REDACTED}

@@ -663,8 +663,12 @@ def test_an_edit_to_the_true_target_is_refused():
     """Point 10 of the trust issue: `target_new == target_true` is an edit that changes nothing."""
     from memit_hf.requests import check_edit_targets
 
-    requests = load_requests([{"prompt": "{} is in", "subject": "Paris", "target_new": "France", "target_true": "Spain"},
-                              {"prompt": "{} is in", "subject": "Rome", "target_new": " Italy", "target_true": "italy"}])  # fmt: skip
+    requests = load_requests(
+        [
+            {"prompt": "{} is in", "subject": "Paris", "target_new": "France", "target_true": "Spain"},
+            {"prompt": "{} is in", "subject": "Rome", "target_new": " Italy", "target_true": "italy"},
+        ]
+    )
     with pytest.raises(ValueError, match=r"Request 1: field `target_new` \('Italy'\) equals `target_true`"):
         check_edit_targets(requests)
     check_edit_targets(requests[:1])

@@ -130,8 +130,12 @@ def test_sequential_methods_edit_a_tiny_model(method, tokenizer, tmp_path):
         # The spectrum of each layer's statistics is cached beside them, and a new editor gets the same projector.
         spectra = sorted(tmp_path.glob("*.spectrum.safetensors"))
         assert len(spectra) == len(editor.resolved_args.layers)
-        fresh = Editor(build_tiny_causal_lm("llama", vocab_size=len(tokenizer)), args=args,
-                       processing_class=tokenizer, stats_dataset=tiny_corpus())  # fmt: skip
+        fresh = Editor(
+            build_tiny_causal_lm("llama", vocab_size=len(tokenizer)),
+            args=args,
+            processing_class=tokenizer,
+            stats_dataset=tiny_corpus(),
+        )
         fresh.edit(first)
         for name in (delta.module_name for delta in output.deltas):
             projector, alpha = editor.algorithm.prepared(name)
@@ -149,8 +153,9 @@ def test_rollback_is_bit_exact_for_weights_and_state(method, tokenizer, tmp_path
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
     flat = {"algorithm": method, "v_num_grad_steps": 5}
     flat.update({"nullspace_threshold": 0.5} if method == "alphaedit" else {})  # the others take lambda 1
-    editor = Editor(model, args=tiny_editing_arguments(tmp_path, **flat), processing_class=tokenizer,
-                    stats_dataset=tiny_corpus())  # fmt: skip
+    editor = Editor(
+        model, args=tiny_editing_arguments(tmp_path, **flat), processing_class=tokenizer, stats_dataset=tiny_corpus()
+    )
     original = parameters_snapshot(model)
     requests = subject_final_requests()
     editor.edit(requests[:2])
@@ -183,13 +188,19 @@ def test_a_second_batch_leaves_the_keys_of_the_first_in_place(method, tokenizer,
     its edit used them, recomputed on the model after it). On the tiny Llama it is below 5e-3 (memit_seq, emmet) and
     1e-5 (alphaedit); solved without the Gram (a fresh editor's state) it is 0.1 to 0.35 at these layers."""
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
-    editor = Editor(model, args=sequential_arguments(method, tmp_path, v_num_grad_steps=10), processing_class=tokenizer,
-                    stats_dataset=tiny_corpus())  # fmt: skip
+    editor = Editor(
+        model,
+        args=sequential_arguments(method, tmp_path, v_num_grad_steps=10),
+        processing_class=tokenizer,
+        stats_dataset=tiny_corpus(),
+    )
     requests = subject_final_requests()
     first = editor.edit(requests[:2])
     templates = editor.context_templates
-    keys = [compute_keys_and_outputs(model, tokenizer, editor.layout, first.requests, templates, layer, 1)[0]
-            for layer in (0, 1)]  # fmt: skip
+    keys = [
+        compute_keys_and_outputs(model, tokenizer, editor.layout, first.requests, templates, layer, 1)[0]
+        for layer in (0, 1)
+    ]
     state = editor.algorithm.state_dict()
     for layer_keys, delta in zip(keys, first.deltas):
         # The same operations on the same weights: the keys the state accumulated, bit for bit.
@@ -216,8 +227,12 @@ def test_a_failed_edit_leaves_the_state_of_a_sequential_method_unchanged(method,
     """An edit that fails after its last layer was solved leaves the weights and the method's state bit-identical to
     what they were, and the next edit adds its own key Gram alone to that state (nothing of the failed one)."""
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
-    editor = Editor(model, args=sequential_arguments(method, tmp_path, v_num_grad_steps=3), processing_class=tokenizer,
-                    stats_dataset=tiny_corpus())  # fmt: skip
+    editor = Editor(
+        model,
+        args=sequential_arguments(method, tmp_path, v_num_grad_steps=3),
+        processing_class=tokenizer,
+        stats_dataset=tiny_corpus(),
+    )
     requests = subject_final_requests()
     editor.edit(requests[:2])
     weights = parameters_snapshot(model)
@@ -233,8 +248,9 @@ def test_a_failed_edit_leaves_the_state_of_a_sequential_method_unchanged(method,
     output = editor.edit(requests[3:])
     expected = dict(state)
     for layer, delta in zip((0, 1), output.deltas):  # the keys of this edit, recomputed on the model after it
-        keys, _ = compute_keys_and_outputs(model, tokenizer, editor.layout, output.requests, editor.context_templates,
-                                           layer, 1)  # fmt: skip
+        keys, _ = compute_keys_and_outputs(
+            model, tokenizer, editor.layout, output.requests, editor.context_templates, layer, 1
+        )
         name = f"{delta.module_name}::key_gram"
         expected[name] = expected[name] + keys.T @ keys  # the operation of `commit`
     after = editor.algorithm.state_dict()

@@ -510,15 +510,19 @@ def sound_total(dim: int = 6, tokens: int = 50, seed: int = 0) -> torch.Tensor:
     "total, count, dim, reason",
     [
         (sound_total(), 11, None, "`count` 11 exceeds the fingerprint's token budget `num_tokens` 10"),
-        (sound_total().index_put((torch.tensor([0]), torch.tensor([1])), torch.tensor([9.0], dtype=torch.float64)),
-         10, None, "`total` is not symmetric"),
+        (
+            sound_total().index_put((torch.tensor([0]), torch.tensor([1])), torch.tensor([9.0], dtype=torch.float64)),
+            10,
+            None,
+            "`total` is not symmetric",
+        ),
         (torch.full((6, 6), float("inf"), dtype=torch.float64), 10, None, "`total` holds non-finite values"),
         (-torch.eye(6, dtype=torch.float64), 10, None, "`total` has a negative diagonal entry (-1 at index 0)"),
         (sound_total(), 10, 7, "`total` is 6 x 6 but the module's input has `d_in` 7"),
         (sound_total(), 0, None, "`count` is 0 (it must be positive)"),
     ],
     ids=["over-budget", "asymmetric", "infinite", "negative-diagonal", "side", "zero-count"],
-)  # fmt: skip
+)
 def test_cache_load_checks_the_content(tmp_path, caplog, total, count, dim, reason):
     fingerprint = {"module": "m.0", "format_version": 1, "num_tokens": 10}
     cache = StatisticsCache(tmp_path)

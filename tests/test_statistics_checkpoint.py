@@ -43,9 +43,15 @@ def setup():
 def collect(setup, checkpoint=None, max_batches=None):
     model, tokenizer, pieces, _ = setup
     return collect_second_moments(
-        model, tokenizer, MODULES, pieces, BATCH_TOKENS, show_progress=False, checkpoint=checkpoint,
+        model,
+        tokenizer,
+        MODULES,
+        pieces,
+        BATCH_TOKENS,
+        show_progress=False,
+        checkpoint=checkpoint,
         max_batches=max_batches,
-    )  # fmt: skip
+    )
 
 
 def assert_bit_identical(result, expected):
@@ -94,10 +100,13 @@ def crash_on_forward(model, number: int):
     return model.model.layers[0].register_forward_pre_hook(hook)
 
 
-@pytest.mark.parametrize("checkpoint_kwargs, expected_position", [
-    ({"every_batches": 3}, 6),  # batches 7 and 8 were lost with the crash and are summed again
-    ({"every_seconds": 1e-9}, 8),  # a save after every batch
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "checkpoint_kwargs, expected_position",
+    [
+        ({"every_batches": 3}, 6),  # batches 7 and 8 were lost with the crash and are summed again
+        ({"every_seconds": 1e-9}, 8),  # a save after every batch
+    ],
+)
 def test_a_crash_resumes_from_the_last_periodic_checkpoint(
     setup, tmp_path, caplog, checkpoint_kwargs, expected_position
 ):
@@ -188,8 +197,14 @@ def test_the_provider_resumes_an_interrupted_collection_and_removes_the_checkpoi
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
 
     def editor(cache_dir, **overrides):
-        args = tiny_editing_arguments(cache_dir, stats_num_tokens=1500, stats_max_length=32, stats_batch_tokens=128,
-                                      stats_checkpoint_every=2, **overrides)  # fmt: skip
+        args = tiny_editing_arguments(
+            cache_dir,
+            stats_num_tokens=1500,
+            stats_max_length=32,
+            stats_batch_tokens=128,
+            stats_checkpoint_every=2,
+            **overrides,
+        )
         return Editor(model, args=args, processing_class=tokenizer, stats_dataset=tiny_corpus())
 
     expected = editor(tmp_path / "uninterrupted").get_statistics([0, 1])
@@ -198,9 +213,15 @@ def test_the_provider_resumes_an_interrupted_collection_and_removes_the_checkpoi
     assert checkpoint.every_batches == 2 and checkpoint.every_seconds == 600.0
     with pytest.raises(CollectionInterrupted):
         collect_second_moments(
-            model, tokenizer, MODULES, first.statistics.corpus_pieces(), 128, show_progress=False,
-            checkpoint=checkpoint, max_batches=5,
-        )  # fmt: skip
+            model,
+            tokenizer,
+            MODULES,
+            first.statistics.corpus_pieces(),
+            128,
+            show_progress=False,
+            checkpoint=checkpoint,
+            max_batches=5,
+        )
     assert [path.name for path in (tmp_path / "stats").iterdir()] == [checkpoint.path.name]
     second = editor(tmp_path / "stats")
     with caplog.at_level("INFO", logger="memit_hf.statistics.collection"):

@@ -66,8 +66,9 @@ def local(base, tokenizer, tmp_path_factory):
     """An edit with statistics collected locally over the tiny corpus, and the cache holding them."""
     cache_dir = tmp_path_factory.mktemp("local-stats")
     model = copy.deepcopy(base)
-    editor = Editor(model, args=tiny_editing_arguments(cache_dir), processing_class=tokenizer,
-                    stats_dataset=tiny_corpus())  # fmt: skip
+    editor = Editor(
+        model, args=tiny_editing_arguments(cache_dir), processing_class=tokenizer, stats_dataset=tiny_corpus()
+    )
     output = editor.edit(subject_final_requests())
     statistics = editor.get_statistics([0, 1])
     return SimpleNamespace(cache_dir=cache_dir, output=output, statistics=statistics, editor=editor)
@@ -165,8 +166,13 @@ def test_a_local_folder_of_statistics(local, base, tokenizer, fake_hub, tmp_path
     # a folder is recorded by its name only (no local path in shared metadata), without a commit
     info = statistics[NAMES[1]].info()
     layer = local.statistics[NAMES[1]]
-    assert info == {**layer.info(), "source": "repo", "repo": local.cache_dir.name, "revision": None,
-                    "sha256": sha256(StatisticsCache(local.cache_dir), layer)}  # fmt: skip
+    assert info == {
+        **layer.info(),
+        "source": "repo",
+        "repo": local.cache_dir.name,
+        "revision": None,
+        "sha256": sha256(StatisticsCache(local.cache_dir), layer),
+    }
     assert str(local.cache_dir.parent) not in json.dumps(info)
     with pytest.raises(FileNotFoundError, match=r"is taken for a local path \(it starts with `/`\) but it is no such"):
         repo_editor(copy.deepcopy(base), tokenizer, tmp_path / "other", tmp_path / "missing").get_statistics([1])
@@ -174,8 +180,9 @@ def test_a_local_folder_of_statistics(local, base, tokenizer, fake_hub, tmp_path
 
 def test_a_pinned_revision_is_fetched_and_recorded(local, base, tokenizer, fake_hub, tmp_path):
     push(local)
-    editor = repo_editor(copy.deepcopy(base), tokenizer, tmp_path / "fresh", "me/tiny-stats",
-                         stats_repo_revision=FAKE_COMMIT)  # fmt: skip
+    editor = repo_editor(
+        copy.deepcopy(base), tokenizer, tmp_path / "fresh", "me/tiny-stats", stats_repo_revision=FAKE_COMMIT
+    )
     # fetched by `fingerprints` (no tensor loaded), then loaded from the cache by `get`: the provenance follows
     keys = editor.statistics.fingerprints([0, 1])
     assert [fingerprint_key(fingerprint) for fingerprint in keys.values()] == [
@@ -197,8 +204,12 @@ def test_a_pinned_revision_is_fetched_and_recorded(local, base, tokenizer, fake_
 
 
 def test_statistics_from_the_cache_or_collected_record_their_source(local, base, tokenizer, tmp_path):
-    editor = Editor(copy.deepcopy(base), args=tiny_editing_arguments(local.cache_dir), processing_class=tokenizer,
-                    stats_dataset=tiny_corpus())  # fmt: skip
+    editor = Editor(
+        copy.deepcopy(base),
+        args=tiny_editing_arguments(local.cache_dir),
+        processing_class=tokenizer,
+        stats_dataset=tiny_corpus(),
+    )
     info = editor.get_statistics([0])[NAMES[0]].info()
     assert info == {**local.statistics[NAMES[0]].info(), "source": "cache"}
     assert list(info) == ["key", "corpus", "num_tokens", "count", "source", "repo", "revision", "sha256"]
@@ -237,8 +248,12 @@ def test_statistics_of_another_model_are_refused_before_any_change(local, tokeni
 def test_several_matching_statistics_are_chosen_by_the_settings(local, base, tokenizer, fake_hub, tmp_path):
     folder = tmp_path / "folder"
     shutil.copytree(local.cache_dir, folder)
-    other = Editor(copy.deepcopy(base), args=tiny_editing_arguments(folder, stats_num_tokens=400),
-                   processing_class=tokenizer, stats_dataset=tiny_corpus())  # fmt: skip
+    other = Editor(
+        copy.deepcopy(base),
+        args=tiny_editing_arguments(folder, stats_num_tokens=400),
+        processing_class=tokenizer,
+        stats_dataset=tiny_corpus(),
+    )
     other.get_statistics([0])
     # layer 0 has two matching entries (the tiny corpus's tokens and 400 tokens): the arguments choose
     chosen = repo_editor(copy.deepcopy(base), tokenizer, tmp_path / "a", folder, stats_num_tokens=400)
@@ -323,13 +338,18 @@ def test_unsound_statistics_from_the_hub_are_refused(local, base, tokenizer, fak
 def test_unsound_statistics_of_gpt2_are_measured_against_the_transposed_weight(tokenizer, tmp_path):
     """GPT-2's `Conv1D` stores its weight as (in, out): `d_in` is its first dimension."""
     model = build_tiny_causal_lm("gpt2", vocab_size=len(tokenizer))
-    editor = Editor(copy.deepcopy(model), args=tiny_editing_arguments(tmp_path / "gpt2", stats_num_tokens=300),
-                    processing_class=tokenizer, stats_dataset=tiny_corpus())  # fmt: skip
+    editor = Editor(
+        copy.deepcopy(model),
+        args=tiny_editing_arguments(tmp_path / "gpt2", stats_num_tokens=300),
+        processing_class=tokenizer,
+        stats_dataset=tiny_corpus(),
+    )
     layer = editor.get_statistics([0])["transformer.h.0.mlp.c_proj"]
     module = model.get_submodule("transformer.h.0.mlp.c_proj")
     assert layer.moment.total.shape[0] == module.weight.shape[0] != module.weight.shape[1]
-    again = repo_editor(copy.deepcopy(model), tokenizer, tmp_path / "fresh", tmp_path / "gpt2", layers=[0],
-                        stats_num_tokens=300)  # fmt: skip
+    again = repo_editor(
+        copy.deepcopy(model), tokenizer, tmp_path / "fresh", tmp_path / "gpt2", layers=[0], stats_num_tokens=300
+    )
     assert torch.equal(again.get_statistics([0])["transformer.h.0.mlp.c_proj"].moment.total, layer.moment.total)
     rewrite(tmp_path / "gpt2", layer.fingerprint, "side")
     other = repo_editor(copy.deepcopy(model), tokenizer, tmp_path / "other", tmp_path / "gpt2", layers=[0])
@@ -394,13 +414,26 @@ def test_what_stats_repo_names(tmp_path, monkeypatch):
 
 
 def test_card_without_layer_information():
-    meta = {"fingerprint": {"module": "h.3.mlp.c_proj", "model": "gpt2", "corpus": "tokens:abc", "num_tokens": 9,
-                            "format_version": 2, "dtype": "float32", "model_type": "gpt2"}, "count": 9}  # fmt: skip
+    meta = {
+        "fingerprint": {
+            "module": "h.3.mlp.c_proj",
+            "model": "gpt2",
+            "corpus": "tokens:abc",
+            "num_tokens": 9,
+            "format_version": 2,
+            "dtype": "float32",
+            "model_type": "gpt2",
+        },
+        "count": 9,
+    }
     card = build_statistics_card([meta])
     assert "at layers ['h.3.mlp.c_proj']" in card and 'EditingArguments(stats_repo="path/to/this/folder")' in card
     # the table shows what is unknown as `?` and still names the file and the key
     fingerprint = meta["fingerprint"]
-    row = f"| ? | `h.3.mlp.c_proj` | ? | 9 | `{entry_name(fingerprint)}.safetensors` | `{fingerprint_key(fingerprint)}` |"
+    row = (
+        f"| ? | `h.3.mlp.c_proj` | ? | 9 | `{entry_name(fingerprint)}.safetensors` "
+        f"| `{fingerprint_key(fingerprint)}` |"
+    )
     assert row in card.splitlines()
     assert "(gpt2, float32, revision unknown)" in card and "over **9 tokens** of tokens:abc" in card
     assert "--layers" not in card and "layers=" not in card

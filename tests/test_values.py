@@ -212,8 +212,15 @@ def test_margin_stop_ends_each_request_patience_steps_after_its_targets_lead(tok
     for row in margins:
         leading = (row >= threshold).nonzero()
         expected.append(min(int(leading[0]) + patience, num_steps - 1) if len(leading) else num_steps - 1)
-    result = run(model, tokenizer, requests, num_steps=num_steps, early_stop_loss=0.0, early_stop_margin=threshold,
-                 early_stop_patience=patience)  # fmt: skip
+    result = run(
+        model,
+        tokenizer,
+        requests,
+        num_steps=num_steps,
+        early_stop_loss=0.0,
+        early_stop_margin=threshold,
+        early_stop_patience=patience,
+    )
     assert result.steps.tolist() == expected and min(expected) < num_steps - 1
     for i, steps in enumerate(expected):
         assert max_relative(result.targets[i : i + 1], runs[steps].targets[i : i + 1]) <= z_rounding(steps + 1)
@@ -362,7 +369,8 @@ def test_a_chunk_that_runs_out_of_memory_is_split_and_gives_the_same_values(toke
 
 def test_autocast_runs_the_tail_in_low_precision_and_keeps_float32_state(tokenizer):
     """With `autocast_dtype`, blocks after the z layer and the LM head compute in bfloat16 (the losses move by
-    bfloat16 rounding) while the delta, the targets and the loss stay float32 and the optimisation takes the same path."""
+    bfloat16 rounding) while the delta, the targets and the loss stay float32 and the optimisation takes the same
+    path."""
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
     requests = load_requests(tiny_requests())
     exact = run(model, tokenizer, requests, early_stop_loss=0.0)
@@ -403,11 +411,13 @@ def test_kl_prompt_is_the_subject_alone_and_shares_the_bare_row_when_it_can(toke
     a request whose prompt opens with the subject needs no KL row of its own: its bare prompt has the same tokens up
     to the subject's last token, so the same logits there (causal attention)."""
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
-    requests = load_requests([
-        {"prompt": "{} is located in", "subject": "the Eiffel Tower", "target_new": "Rome"},
-        {"prompt": "{} is a", "subject": "the Eiffel Tower", "target_new": "bridge"},
-        {"prompt": "I think {} is", "subject": "the iPhone", "target_new": "Microsoft"},
-    ])  # fmt: skip
+    requests = load_requests(
+        [
+            {"prompt": "{} is located in", "subject": "the Eiffel Tower", "target_new": "Rome"},
+            {"prompt": "{} is a", "subject": "the Eiffel Tower", "target_new": "bridge"},
+            {"prompt": "I think {} is", "subject": "the iPhone", "target_new": "Microsoft"},
+        ]
+    )
     chunk = ZChunk.build(BlockRunner(model, get_layout(model), 1), tokenizer, requests, ["{}"])
     rows = chunk.rows
     assert rows.kl_row[:2] == [0, 1] and rows.is_kl == [False, False, False, True]  # one KL row, for the third

@@ -75,14 +75,19 @@ def test_read_and_write_an_offloaded_weight(checkpoint, tmp_path):
 def test_edit_of_an_offloaded_model_equals_the_plain_edit_and_restores_exactly(checkpoint, tokenizer, tmp_path):
     requests = subject_final_requests()
     plain = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
-    Editor(plain, args=tiny_editing_arguments(tmp_path / "stats"), processing_class=tokenizer,
-           stats_dataset=tiny_corpus()).edit(requests)  # fmt: skip
+    Editor(
+        plain, args=tiny_editing_arguments(tmp_path / "stats"), processing_class=tokenizer, stats_dataset=tiny_corpus()
+    ).edit(requests)
 
     model = dispatched(checkpoint, tmp_path)
     original = {name: read_parameter(model.get_submodule(name)).clone() for name in EDITED}
     on_disk = file_digest(checkpoint / "model.safetensors")
-    editor = Editor(model, args=tiny_editing_arguments(tmp_path / "stats2"), processing_class=tokenizer,
-                    stats_dataset=tiny_corpus())  # fmt: skip
+    editor = Editor(
+        model,
+        args=tiny_editing_arguments(tmp_path / "stats2"),
+        processing_class=tokenizer,
+        stats_dataset=tiny_corpus(),
+    )
     output = editor.edit(requests)
     assert [delta.module_name for delta in output.deltas] == EDITED
     for name in EDITED:

@@ -13,24 +13,22 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
-    Gemma3TextConfig,
     GenerationMixin,
-    GPT2Config,
-    GPTJConfig,
-    GPTNeoXConfig,
-    LlamaConfig,
-    MistralConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
-    Qwen2Config,
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 
 INIT_RANGE = 0.02
 TINY_MODEL_TYPES = ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma3_text"]
+"""The model types that fixtures parametrise over ([`tiny_config`] covers every type with a layout)."""
+TINY_HIDDEN_SIZE = 32
+TINY_INTERMEDIATE_SIZE = 64
+TINY_NUM_LAYERS = 3
 
 _SENTENCES = [
     "The Eiffel Tower is located in the city of Paris.",
@@ -86,38 +84,91 @@ def build_tiny_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
     )
 
 
-def _config(model_type: str, vocab_size: int):
-    small = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=INIT_RANGE)
-    if model_type == "gpt2":
-        return GPT2Config(n_positions=128, n_embd=32, n_layer=3, n_head=4, **small)
-    if model_type == "gptj":
-        return GPTJConfig(n_positions=128, n_embd=32, n_layer=3, n_head=4, rotary_dim=4, **small)
-    if model_type == "gpt_neox":
-        return GPTNeoXConfig(
-            hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
-            max_position_embeddings=128, **small,
-        )  # fmt: skip
+def tiny_config(model_type: str, vocab_size: int, **overrides) -> PretrainedConfig:
+    """A config of `model_type` for a tiny test model: `TINY_NUM_LAYERS` layers, d_model `TINY_HIDDEN_SIZE`, 4
+    attention heads (head size 8; 2 key/value heads for Llama-style models) and 128 positions.
+
+    The MLP hidden size is `TINY_INTERMEDIATE_SIZE`, except for GPT-2 and GPT-J, which keep the GPT default of
+    4 * d_model. Covers every model type of `memit_hf.architectures.MODEL_TYPE_TO_LAYOUT` (`gemma3` with a tiny vision
+    tower); other Llama-style model types get the Llama-style keyword arguments.
+
+    Args:
+        model_type (`str`):
+            The `config.model_type`, e.g. `"gpt2"` or `"llama"`.
+        vocab_size (`int`):
+            The vocabulary size (usually `len(tokenizer)`).
+        overrides:
+            Keyword arguments of the config class that replace the tiny values or add to them (e.g. dropout
+            probabilities).
+
+    Returns:
+        [`~transformers.PretrainedConfig`]: the config, built with `AutoConfig.for_model`.
+    """
+    ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=INIT_RANGE)
     llama_like = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=128, **small,
-    )  # fmt: skip
-    if model_type == "llama":
-        return LlamaConfig(**llama_like)
-    if model_type == "mistral":
-        return MistralConfig(**llama_like)
-    if model_type == "qwen2":
-        return Qwen2Config(**llama_like)
-    if model_type == "gemma3_text":
-        return Gemma3TextConfig(head_dim=8, sliding_window=16, **llama_like)
-    raise ValueError(f"no tiny config for {model_type}")
+        vocab_size=vocab_size,
+        hidden_size=TINY_HIDDEN_SIZE,
+        intermediate_size=TINY_INTERMEDIATE_SIZE,
+        num_hidden_layers=TINY_NUM_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        **ids,
+    )
+    if model_type in ("gpt2", "gptj"):
+        values = dict(
+            vocab_size=vocab_size,
+            n_embd=TINY_HIDDEN_SIZE,
+            n_layer=TINY_NUM_LAYERS,
+            n_head=4,
+            n_positions=128,
+            **ids,
+        )
+        if model_type == "gptj":
+            values["rotary_dim"] = 4
+    elif model_type == "gpt_neo":
+        values = dict(
+            vocab_size=vocab_size,
+            hidden_size=TINY_HIDDEN_SIZE,
+            intermediate_size=TINY_INTERMEDIATE_SIZE,
+            num_layers=TINY_NUM_LAYERS,
+            num_heads=4,
+            attention_types=[[["global", "local"], 1], [["global"], 1]],
+            max_position_embeddings=128,
+            **ids,
+        )
+    elif model_type == "gpt_neox":
+        values = dict(
+            vocab_size=vocab_size,
+            hidden_size=TINY_HIDDEN_SIZE,
+            intermediate_size=TINY_INTERMEDIATE_SIZE,
+            num_hidden_layers=TINY_NUM_LAYERS,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            **ids,
+        )
+    elif model_type == "gemma3":
+        vision = dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        )
+        values = dict(text_config=llama_like, vision_config=vision, mm_tokens_per_image=4, **ids)
+    elif model_type == "gemma3_text":
+        values = dict(llama_like, sliding_window=16)
+    else:
+        values = llama_like
+    return AutoConfig.for_model(model_type, **{**values, **overrides})
 
 
 def build_tiny_causal_lm(model_type: str, vocab_size: int, seed: int = 0, **config_overrides):
-    """A randomly initialised 3-layer causal LM of `model_type`, float32, eval mode, built under a fixed seed;
-    `config_overrides` set config attributes (e.g. dropout probabilities)."""
-    config = _config(model_type, vocab_size)
-    for key, value in config_overrides.items():
-        setattr(config, key, value)
+    """A randomly initialised causal LM of `model_type` (see [`tiny_config`]), float32, eval mode, built under a
+    fixed seed; `config_overrides` go to [`tiny_config`] (e.g. dropout probabilities)."""
+    config = tiny_config(model_type, vocab_size, **config_overrides)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
@@ -359,8 +410,9 @@ class FakeDatasetHub:
         return SimpleNamespace(commit_url=f"https://huggingface.co/datasets/{repo_id}/commit/0", oid="0")
 
     def snapshot_download(self, api, repo_id, repo_type=None, revision=None, allow_patterns=None, **kwargs):
-        self.downloads.append({"repo_id": repo_id, "repo_type": repo_type, "revision": revision,
-                               "allow_patterns": allow_patterns})  # fmt: skip
+        self.downloads.append(
+            {"repo_id": repo_id, "repo_type": repo_type, "revision": revision, "allow_patterns": allow_patterns}
+        )
         if self.offline or not self.repo(repo_id).is_dir():
             raise LocalEntryNotFoundError("not in the local cache")
         snapshot = self.directory / "snapshots" / repo_id.replace("/", "--") / FAKE_COMMIT

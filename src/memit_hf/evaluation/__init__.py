@@ -25,7 +25,6 @@ from .counterfact import METRIC_KEYS, counterfact_scores, evaluate_counterfact
 from .decoding import DEFAULT_CHAT_MESSAGE, chat_texts, greedy_continuations, has_chat_template
 from .families import EVALUATION_METRICS, METRIC_FAMILIES, MetricFamily, evaluate_model
 from .generation import (
-    GENERATION_METRIC_KEYS,
     NGRAM_ORDERS,
     NGRAM_WEIGHTS,
     TfidfVectorizer,
@@ -48,7 +47,6 @@ from .zsre import ZSRE_METRIC_KEYS, evaluate_zsre, zsre_scores
 __all__ = [
     "DEFAULT_CHAT_MESSAGE",
     "EVALUATION_METRICS",
-    "GENERATION_METRIC_KEYS",
     "GENERATIVE_METRIC_KEYS",
     "METRIC_FAMILIES",
     "METRIC_KEYS",

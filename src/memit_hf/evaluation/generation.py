@@ -41,9 +41,6 @@ NGRAM_ORDERS = (2, 3)
 NGRAM_WEIGHTS = (2 / 3, 4 / 3)
 """The reference's n-gram orders and weights of the generation entropy."""
 
-GENERATION_METRIC_KEYS = ("generation_entropy", "reference_score")
-"""The keys [`evaluate_generation`] may return (`reference_score` only when there are reference texts)."""
-
 _WORD_PATTERN = re.compile(
     r"""
     [A-Za-z]+(?=n't\b)            # "do" of "don't"
