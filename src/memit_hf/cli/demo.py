@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..arguments import EditingArguments
 from .common import corpus_paths, load_model
-from .parsing import command_parser, corpus_field, model_field
+from .parsing import ModelArguments, command_parser
 
 
 if TYPE_CHECKING:
@@ -51,16 +51,9 @@ DEMO_DEFAULTS = dict(stats_sample_texts=32, stats_sample_length=96, num_context_
 
 
 @dataclass
-class DemoScriptArguments:
-    """The options of `memit-hf demo` besides its [`EditingArguments`].
-
-    Args:
-        model (`str`, *optional*): model directory, Hub id or `.gguf` file (`None`: the embedded SmolLM2).
-        corpus (`list[str]`, *optional*): plain-text files for the covariance statistics.
-    """
-
-    model: str | None = model_field()
-    corpus: list[str] | None = corpus_field()
+class DemoScriptArguments(ModelArguments):
+    """The options of `memit-hf demo` besides its [`EditingArguments`]: the model and the statistics corpus (see
+    [`~memit_hf.cli.parsing.ModelArguments`])."""
 
 
 def make_parser(subparsers: Any | None = None) -> "HfArgumentParser":

@@ -1,6 +1,5 @@
 """`memit-hf export`: merge an edit adapter into its base model, or re-export it at a lower rank."""
 
-import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -8,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..arguments import EditingArguments
 from .common import load_model
-from .parsing import command_parser, export_rank_type, positional
+from .parsing import checked_export_rank, command_parser, export_rank_field, positional
 
 
 if TYPE_CHECKING:
@@ -38,21 +37,10 @@ class ExportScriptArguments:
             "metavar": "PATH_OR_GGUF",
         },
     )
-    export_rank: str | None = field(
-        default=None,
-        metadata={
-            "help": "Store at most this rank per module (integer), or keep this fraction of each update's energy "
-            "(float in (0, 1]); lossy below the update's rank. Default: exact.",
-            "metavar": "RANK",
-        },
-    )
+    export_rank: str | None = export_rank_field()
 
     def __post_init__(self):
-        if isinstance(self.export_rank, str):
-            try:
-                self.export_rank = export_rank_type(self.export_rank)
-            except argparse.ArgumentTypeError as error:
-                raise ValueError(f"`export_rank`: {error}") from None
+        self.export_rank = checked_export_rank(self.export_rank)
 
 
 def make_parser(subparsers: Any | None = None) -> "HfArgumentParser":

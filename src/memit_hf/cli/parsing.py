@@ -89,6 +89,32 @@ def boolean_or_repo(value: str) -> bool | str:
         return value
 
 
+def export_rank_field() -> Any:
+    """The `--export-rank` field of a command's script arguments (a string; [`checked_export_rank`] reads it)."""
+    return field(
+        default=None,
+        metadata={
+            "help": "Store at most this rank per module (integer), or keep this fraction of each update's energy "
+            "(float in (0, 1]); lossy below the update's rank. Default: exact.",
+            "metavar": "RANK",
+        },
+    )
+
+
+def checked_export_rank(value: str | int | float | None) -> int | float | None:
+    """The rank of an `--export-rank` field (see [`export_rank_type`]).
+
+    Raises:
+        ValueError: naming the field, for a value that is neither an integer nor a float.
+    """
+    if not isinstance(value, str):
+        return value
+    try:
+        return export_rank_type(value)
+    except argparse.ArgumentTypeError as error:
+        raise ValueError(f"`export_rank`: {error}") from None
+
+
 def export_rank_type(value: str) -> int | float:
     """`--export-rank`: an integer rank, or a float in (0, 1] read as a fraction of each update's energy."""
     try:

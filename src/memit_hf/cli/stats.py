@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..arguments import EditingArguments
 from .common import corpus_paths, load_model
-from .parsing import boolean_or_repo, command_parser, corpus_field, model_field
+from .parsing import ModelArguments, boolean_or_repo, command_parser
 
 
 if TYPE_CHECKING:
@@ -14,16 +14,9 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class StatsScriptArguments:
-    """The options of `memit-hf stats` besides its [`EditingArguments`].
-
-    Args:
-        model (`str`, *optional*): model directory, Hub id or `.gguf` file (`None`: the embedded SmolLM2).
-        corpus (`list[str]`, *optional*): plain-text files for the covariance statistics.
-    """
-
-    model: str | None = model_field()
-    corpus: list[str] | None = corpus_field()
+class StatsScriptArguments(ModelArguments):
+    """The options of `memit-hf stats` besides its [`EditingArguments`]: the model and the statistics corpus (see
+    [`~memit_hf.cli.parsing.ModelArguments`])."""
 
 
 def make_parser(subparsers: Any | None = None) -> "HfArgumentParser":
