@@ -25,6 +25,7 @@ from tests.testing_utils import (
     next_token_argmax,
     subject_final_requests,
     tiny_corpus,
+    tiny_edit_flags,
     tiny_requests,
 )
 
@@ -258,21 +259,9 @@ def test_edit_end_to_end_on_a_saved_tiny_model(saved_tiny_llama, tmp_path, capsy
             str(corpus),
             "--output-dir",
             str(output_dir),
-            "--layers",
-            "0",
-            "1",
+            *tiny_edit_flags(),
             "--stats_cache_dir",
             str(stats_dir),
-            "--mom2_update_weight",
-            "1.0",
-            "--v_lr",
-            "0.5",
-            "--clamp_norm_factor",
-            "4.0",
-            "--v_weight_decay",
-            "0.001",
-            "--v_num_grad_steps",
-            "40",
             "--evaluate",
         ]
     )
@@ -637,21 +626,7 @@ def test_stats_pushed_to_the_hub_are_used_by_edit_without_a_corpus(saved_tiny_ll
     corpus.write_text("\n\n".join(tiny_corpus()))
     requests = tmp_path / "requests.jsonl"
     requests.write_text("".join(json.dumps(r) + "\n" for r in subject_final_requests()))
-    tiny = [
-        "--layers",
-        "0",
-        "1",
-        "--mom2_update_weight",
-        "1.0",
-        "--v_lr",
-        "0.5",
-        "--clamp_norm_factor",
-        "4.0",
-        "--v_weight_decay",
-        "0.001",
-        "--v_num_grad_steps",
-        "40",
-    ]
+    tiny = tiny_edit_flags()
     with fake_dataset_hub(tmp_path / "hub") as hub:
         cli.main(
             [
@@ -767,23 +742,11 @@ def test_edit_with_a_state_dir_continues_the_saved_state(saved_tiny_llama, tmp_p
         str(saved_tiny_llama),
         "--corpus",
         str(corpus),
-        "--layers",
-        "0",
-        "1",
+        *tiny_edit_flags(v_num_grad_steps=10),
         "--stats_cache_dir",
         str(tmp_path / "stats"),
         "--algorithm",
         "memit_seq",
-        "--mom2_update_weight",
-        "1.0",
-        "--v_lr",
-        "0.5",
-        "--clamp_norm_factor",
-        "4.0",
-        "--v_weight_decay",
-        "0.001",
-        "--v_num_grad_steps",
-        "10",
     ]
     for week in weeks:
         assert cli.main(["edit", *editing, "--requests", str(week), "--state-dir", str(state_dir)]) == 0
@@ -810,21 +773,7 @@ def test_edit_with_a_state_dir_continues_the_saved_state(saved_tiny_llama, tmp_p
         cli.main(["edit", *editing, "--requests", str(weeks[0]), "--state-dir", str(state_dir), "--merged"])
 
 
-TINY_EDIT = [
-    "--layers",
-    "0",
-    "1",
-    "--mom2_update_weight",
-    "1.0",
-    "--v_lr",
-    "0.5",
-    "--clamp_norm_factor",
-    "4.0",
-    "--v_weight_decay",
-    "0.001",
-    "--v_num_grad_steps",
-    "5",
-]
+TINY_EDIT = tiny_edit_flags(v_num_grad_steps=5)
 
 
 def edit_inputs(tmp_path, model_dir) -> list[str]:
@@ -1084,19 +1033,9 @@ def edit_argv(model_dir, tmp_path, records) -> list[str]:
         str(requests),
         "--corpus",
         str(corpus),
-        "--layers",
-        "0",
-        "1",
+        *tiny_edit_flags(v_num_grad_steps=None),
         "--stats_cache_dir",
         str(tmp_path / "stats"),
-        "--mom2_update_weight",
-        "1.0",
-        "--v_lr",
-        "0.5",
-        "--clamp_norm_factor",
-        "4.0",
-        "--v_weight_decay",
-        "0.001",
     ]
 
 

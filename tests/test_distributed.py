@@ -19,7 +19,7 @@ from memit_hf.statistics import (
     pack_batches,
     token_pieces,
 )
-from tests.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer, tiny_corpus
+from tests.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer, tiny_corpus, tiny_edit_flags
 
 
 MODULES = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
@@ -242,14 +242,7 @@ def test_stats_and_edit_commands_under_two_processes(tmp_path, monkeypatch):
             str(tmp_path / "requests.json"),
             "--output-dir",
             str(tmp_path / "out"),
-            "--mom2_update_weight",
-            "1.0",
-            "--v_lr",
-            "0.5",
-            "--clamp_norm_factor",
-            "4.0",
-            "--v_weight_decay",
-            "0.001",
+            *tiny_edit_flags(layers=None, v_num_grad_steps=None),
         ],
     ]
     monkeypatch.setenv("MEMIT_TEST_ARGV", json.dumps(argv))

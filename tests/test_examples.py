@@ -6,25 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer, tiny_corpus
+from tests.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer, tiny_corpus, tiny_edit_flags
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-TINY = [
-    "--layers",
-    "0",
-    "1",
-    "--mom2_update_weight",
-    "1.0",
-    "--v_num_grad_steps",
-    "20",
-    "--v_lr",
-    "0.5",
-    "--clamp_norm_factor",
-    "4.0",
-    "--v_weight_decay",
-    "0.001",
-]
+TINY = tiny_edit_flags(v_num_grad_steps=20)
 
 
 def load_example(name: str):

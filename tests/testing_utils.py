@@ -4,7 +4,7 @@ import contextlib
 import fnmatch
 import shutil
 from collections.abc import Mapping
-from types import SimpleNamespace
+from types import MappingProxyType, SimpleNamespace
 from unittest import mock
 
 import torch
@@ -336,6 +336,30 @@ def subject_final_requests() -> list[dict]:
     ]
 
 
+TINY_EDITING_VALUES = MappingProxyType(
+    dict(
+        layers=[0, 1],
+        mom2_update_weight=1.0,
+        v_num_grad_steps=40,
+        v_lr=0.5,
+        clamp_norm_factor=4.0,
+        v_weight_decay=0.001,
+    )
+)
+"""The editing settings that make MEMIT edits succeed on the tiny models (layers 0 and 1, small lambda, strong z
+optimisation): what [`tiny_editing_arguments`] and [`tiny_edit_flags`] give."""
+
+
+def tiny_edit_flags(**overrides) -> list[str]:
+    """[`TINY_EDITING_VALUES`] as `memit-hf` flags (`--layers 0 1 --mom2_update_weight 1.0 ...`); `overrides` change
+    a value, and a value of `None` leaves its flag out (the command's default)."""
+    flags = []
+    for name, value in {**TINY_EDITING_VALUES, **overrides}.items():
+        if value is not None:
+            flags += [f"--{name}", *(map(str, value) if isinstance(value, list) else [str(value)])]
+    return flags
+
+
 def tiny_editing_arguments(cache_dir, **overrides):
     """`EditingArguments` that make MEMIT edits succeed on the tiny models (layers 0 and 1, small lambda, strong z
     optimisation), with statistics cached under `cache_dir` so tests never write to the user's cache. `overrides`
@@ -344,15 +368,7 @@ def tiny_editing_arguments(cache_dir, **overrides):
     from memit_hf.algorithms import get_config_class
     from memit_hf.arguments import EditingArguments
 
-    values = dict(
-        layers=[0, 1],
-        mom2_update_weight=1.0,
-        v_num_grad_steps=40,
-        v_lr=0.5,
-        clamp_norm_factor=4.0,
-        v_weight_decay=0.001,
-        stats_cache_dir=str(cache_dir),
-    )
+    values = dict(TINY_EDITING_VALUES, stats_cache_dir=str(cache_dir))
     values.update(overrides)
     if "mom2_update_weight" not in get_config_class(values.get("algorithm", "memit")).field_names():
         values.pop("mom2_update_weight")
