@@ -240,6 +240,7 @@ def test_mquake_shape_gives_one_request_per_edit_sharing_the_questions():
         multi_hop=questions,
         case_id=6,
         record_index=0,
+        question="Who was Tetris created by?",
     )
     assert (second.text, second.target_new, second.target_true) == (
         "Mark Burnett was born in the city of",
@@ -253,6 +254,72 @@ def test_mquake_shape_gives_one_request_per_edit_sharing_the_questions():
     # Without questions a list of rewrites still gives the edits; the next record keeps its own index.
     bare, counterfact = load_requests([_without(MQUAKE_RECORD, "questions"), COUNTERFACT_RECORD])[1:]
     assert bare.multi_hop is None and counterfact.record_index == 1
+
+
+def test_questions_of_each_shape():
+    (counterfact,) = load_requests(COUNTERFACT_RECORD)
+    assert counterfact.question == "Which continent is Angola located in?"
+    assert counterfact.paraphrase_questions == ["On which continent is Angola?"]
+    # Every neighborhood prompt of the record matches a P30 cloze template, longest first ("... is a part of the
+    # continent of" before "... is in"), so every neighbor gets the relation's first question.
+    subjects = ["South Africa", "Ghana", "Burkina Faso", "Mozambique", "Ghana", "Ethiopia", "Ethiopia"]
+    subjects += ["Côte d'Ivoire", "Democratic Republic of the Congo", "Algeria"]
+    assert counterfact.neighborhood_questions == [f"Which continent is {s} located in?" for s in subjects]
+    # An unknown relation (or none) derives nothing; an unmatched neighbor prompt gives no question.
+    for relation in ({"relation_id": "P9999"}, {"relation_id": None}):
+        record = _with(COUNTERFACT_RECORD, requested_rewrite={**COUNTERFACT_RECORD["requested_rewrite"], **relation})
+        (unknown,) = load_requests(record)
+        assert unknown.question is None and unknown.paraphrase_questions == unknown.neighborhood_questions == []
+    record = _with(COUNTERFACT_RECORD, neighborhood_prompts=["Ghana is in", "Where is Ghana?"])
+    assert load_requests(record)[0].neighborhood_questions == ["Which continent is Ghana located in?"]
+
+    (zsre,) = load_requests(ZSRE_TRAIN_RECORD)
+    assert zsre.question == zsre.text == "What is the product made by UniFirst?"
+    assert zsre.paraphrase_questions == ["What will be the product of UniFirst?"]
+    assert zsre.neighborhood_questions == ["John goodman's character in the big lebowski?"]
+    (zsre_asked,) = load_requests(_with(ZSRE_TRAIN_RECORD, loc=["nq question: who wrote hamlet?", "Why?"]))
+    assert zsre_asked.neighborhood_questions == ["Who wrote hamlet?", "Why?"]
+
+    first, second = load_requests(MQUAKE_RECORD)
+    assert (first.question, second.question) == (
+        "Who was Tetris created by?",
+        "What is the place of birth of Mark Burnett?",
+    )
+    assert first.paraphrase_questions == first.neighborhood_questions == []
+    rewrites = [_without(rewrite, "question") for rewrite in MQUAKE_RECORD["requested_rewrite"]]
+    assert [r.question for r in load_requests(_with(MQUAKE_RECORD, requested_rewrite=rewrites))] == [None, None]
+
+    for record in (EASYEDIT_RECORD, CANONICAL_RECORD):
+        (request,) = load_requests(record)
+        assert request.question is None and request.paraphrase_questions == request.neighborhood_questions == []
+
+
+def test_canonical_questions_round_trip(tmp_path):
+    record = _with(
+        CANONICAL_RECORD,
+        question="Which city is The Eiffel Tower located in?",
+        paraphrase_questions=["Where is The Eiffel Tower?"],
+        neighborhood_questions=["Which city is The Colosseum located in?"],
+    )
+    (request,) = load_requests(record)
+    assert request.question == "Which city is The Eiffel Tower located in?"
+    assert request.paraphrase_questions == ["Where is The Eiffel Tower?"]
+    assert request.neighborhood_questions == ["Which city is The Colosseum located in?"]
+    assert load_requests(request.to_dict()) == [request]
+    requests = load_requests([record, COUNTERFACT_RECORD, ZSRE_RECORD, EASYEDIT_RECORD])
+    dataset = requests_to_dataset(requests)
+    assert dataset.column_names[-3:] == ["question", "paraphrase_questions", "neighborhood_questions"]
+    restored = load_requests(dataset)
+    assert [r.__dict__ | {"case_id": None} for r in restored] == [r.__dict__ | {"case_id": None} for r in requests]
+    path = tmp_path / "canonical.jsonl"
+    dataset.to_json(str(path))
+    assert [(r.question, r.neighborhood_questions) for r in load_requests(path)] == [
+        (r.question, r.neighborhood_questions) for r in requests
+    ]
+    with pytest.raises(ValueError, match=_error(0, "question")):
+        load_requests(_with(CANONICAL_RECORD, question=["Where?"]))
+    with pytest.raises(ValueError, match=_error(0, "neighborhood_questions")):
+        load_requests(_with(CANONICAL_RECORD, neighborhood_questions="Where?"))
 
 
 def test_mquake_file():
@@ -317,6 +384,9 @@ def test_zsre_shape_uses_alt():
         generation_prompts=[],
         case_id=None,
         record_index=0,
+        question="Which family does Ramalinaceae belong to?",
+        paraphrase_questions=["What family are Ramalinaceae?"],
+        neighborhood_questions=["Types of skiing in the winter olympics 2018?"],
     )
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import datasets
 
+from .questions import neighbor_questions, questions_for
+
 
 @dataclass
 class MultiHopQuestions:
@@ -83,6 +85,14 @@ class EditRequest:
         record_index (`int`):
             Position of the source record in the input (used in error messages); the requests of one MQuAKE record
             share it.
+        question (`str`, *optional*):
+            The edited fact asked as a question, answered by `target_new` once the edit holds, e.g. `"Which continent
+            is Angola located in?"` (see [`~memit_hf.evaluation.evaluate_wild`]).
+        paraphrase_questions (`list[str]`):
+            Paraphrases of `question`, answered by `target_new` too.
+        neighborhood_questions (`list[str]`):
+            Questions about other subjects whose answers must not change (their expected answer is
+            `neighborhood_target` where it is known).
     """
 
     prompt: str
@@ -97,6 +107,9 @@ class EditRequest:
     multi_hop: MultiHopQuestions | None = None
     case_id: int | str | None = None
     record_index: int = 0
+    question: str | None = None
+    paraphrase_questions: list[str] = field(default_factory=list)
+    neighborhood_questions: list[str] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -122,6 +135,9 @@ class EditRequest:
             "attribute_prompts": list(self.attribute_prompts),
             "multi_hop": None if self.multi_hop is None else self.multi_hop.to_dict(),
             "case_id": self.case_id,
+            "question": self.question,
+            "paraphrase_questions": list(self.paraphrase_questions),
+            "neighborhood_questions": list(self.neighborhood_questions),
         }
         return record if keys is None else {key: record[key] for key in keys}
 
@@ -145,13 +161,16 @@ CANONICAL_COLUMNS = (
     "attribute_prompts",
     "multi_hop",
     "case_id",
+    "question",
+    "paraphrase_questions",
+    "neighborhood_questions",
 )
 """The columns of the canonical record shape, in the order [`requests_to_dataset`] writes them."""
 
 ACCEPTED_SHAPES = (
     "canonical (`prompt` containing `{}`, `subject`, `target_new`; optional `target_true`, `paraphrase_prompts`, "
     "`neighborhood_prompts`, `neighborhood_target`, `generation_prompts`, `attribute_prompts`, `multi_hop`, "
-    "`case_id`); "
+    "`case_id`, `question`, `paraphrase_questions`, `neighborhood_questions`); "
     "CounterFact (`requested_rewrite` = {`prompt`, `subject`, `target_new`, `target_true`}, `paraphrase_prompts`, "
     "`neighborhood_prompts`, `generation_prompts`, `attribute_prompts`, `case_id`); "
     "EasyEdit flat CounterFact (`prompt` with the subject filled in, `subject`, `target_new`, `ground_truth`, "
@@ -335,6 +354,9 @@ def _from_canonical(record: Mapping[str, Any], index: int) -> EditRequest:
         multi_hop=_canonical_multi_hop(fields),
         case_id=fields.case_id(),
         record_index=index,
+        question=fields.string("question", "a string", required=False),
+        paraphrase_questions=fields.string_list("paraphrase_questions"),
+        neighborhood_questions=fields.string_list("neighborhood_questions"),
     )
 
 
@@ -349,18 +371,25 @@ def _from_counterfact(record: Mapping[str, Any], index: int) -> EditRequest:
         )
     inner = _Fields(rewrite, index, prefix="requested_rewrite.")
     target_true = inner.target("target_true", required=False)
+    subject = inner.subject()
+    neighborhood_prompts = top.string_list("neighborhood_prompts")
+    relation_id = inner.string("relation_id", "a string", required=False) or ""
+    questions = questions_for(relation_id, subject)
     return EditRequest(
         prompt=inner.template("prompt"),
-        subject=inner.subject(),
+        subject=subject,
         target_new=inner.target("target_new", required=True),
         target_true=target_true,
         paraphrase_prompts=top.string_list("paraphrase_prompts"),
-        neighborhood_prompts=top.string_list("neighborhood_prompts"),
+        neighborhood_prompts=neighborhood_prompts,
         neighborhood_target=target_true,
         generation_prompts=top.string_list("generation_prompts"),
         attribute_prompts=top.string_list("attribute_prompts"),
         case_id=top.case_id(),
         record_index=index,
+        question=questions[0] if questions else None,
+        paraphrase_questions=questions[1:],
+        neighborhood_questions=neighbor_questions(relation_id, neighborhood_prompts),
     )
 
 
@@ -392,6 +421,7 @@ def _from_mquake(record: Mapping[str, Any], index: int) -> list[EditRequest]:
                 multi_hop=multi_hop,
                 case_id=top.case_id(),
                 record_index=index,
+                question=inner.string("question", "a string", required=False),
             )
         )
     return requests
@@ -430,17 +460,44 @@ def _from_zsre(record: Mapping[str, Any], index: int) -> EditRequest:
             "is missing or empty and so is `answers`: a zsRE record needs a non-empty `alt` or a non-empty list "
             f"`answers` for the new target (got alt={_show(alt)}, answers={_show(fields.get('answers'))}).",
         )
+    paraphrase_prompts = fields.string_list("rephrase", allow_string=True)
+    neighborhood_prompts = fields.string_list("loc", allow_string=True)
     return EditRequest(
         prompt=prompt,
         subject=subject,
         target_new=target_new,
         target_true=target_true,
-        paraphrase_prompts=fields.string_list("rephrase", allow_string=True),
-        neighborhood_prompts=fields.string_list("loc", allow_string=True),
+        paraphrase_prompts=paraphrase_prompts,
+        neighborhood_prompts=neighborhood_prompts,
         neighborhood_target=fields.target("loc_ans", required=False),
         case_id=fields.case_id(),
         record_index=index,
+        question=prompt.replace("{}", subject),
+        paraphrase_questions=list(paraphrase_prompts),
+        neighborhood_questions=[zsre_question(text) for text in neighborhood_prompts],
     )
+
+
+NQ_PREFIX = "nq question: "
+"""The prefix of zsRE's locality prompts (Natural Questions), removed by [`zsre_question`]."""
+
+
+def zsre_question(text: str) -> str:
+    """A zsRE locality prompt as a question: the leading `"nq question: "` removed, the first letter capitalised and a
+    `"?"` added when it has none.
+
+    Args:
+        text (`str`): e.g. `"nq question: types of skiing in the winter olympics 2018"`.
+
+    Returns:
+        `str`: e.g. `"Types of skiing in the winter olympics 2018?"`.
+    """
+    question = text.strip()
+    if question.startswith(NQ_PREFIX):
+        question = question[len(NQ_PREFIX) :].strip()
+    if question:
+        question = question[0].upper() + question[1:]
+    return question if question.endswith("?") else question + "?"
 
 
 def _normalise(record: Any, index: int) -> list[EditRequest]:
@@ -513,24 +570,31 @@ def load_requests(data: RequestsInput) -> list[EditRequest]:
 
     - **canonical**: `prompt` (with one `{}` where the subject goes), `subject`, `target_new` (a string or
       `{"str": ...}`); optional `target_true` (same), `paraphrase_prompts`, `neighborhood_prompts`,
-      `neighborhood_target`, `generation_prompts`, `attribute_prompts`, `case_id`, and `multi_hop` =
-      `{questions, new_answer, answer, new_answer_aliases, answer_aliases}` (see [`MultiHopQuestions`]).
+      `neighborhood_target`, `generation_prompts`, `attribute_prompts`, `case_id`, `multi_hop` =
+      `{questions, new_answer, answer, new_answer_aliases, answer_aliases}` (see [`MultiHopQuestions`]), and
+      `question`, `paraphrase_questions`, `neighborhood_questions` (nothing is derived when they are absent).
     - **CounterFact** (ROME/MEMIT): `requested_rewrite` = `{prompt, subject, target_new{str}, target_true{str}}`,
       `paraphrase_prompts`, `neighborhood_prompts`, `generation_prompts`, `attribute_prompts`, `case_id`. The
-      neighborhood target is `target_true`.
+      neighborhood target is `target_true`. When `requested_rewrite.relation_id` is one of CounterFact's relations
+      ([`~memit_hf.questions.RELATION_QUESTIONS`]), `question` and `paraphrase_questions` are its question
+      templates filled with the subject, and `neighborhood_questions` hold its first question about each
+      neighborhood subject that [`~memit_hf.questions.cloze_subject`] recovers.
     - **EasyEdit flat CounterFact** (detected by `ground_truth`, `rephrase_prompt`, `locality_prompt` or
       `locality_ground_truth`): `prompt` with the subject filled in (its first occurrence of the subject becomes
       `{}`), `subject`, `target_new`, `ground_truth` (-> `target_true`), `rephrase_prompt` (-> paraphrase),
-      `locality_prompt` (-> neighborhood), `locality_ground_truth` (-> `neighborhood_target`).
+      `locality_prompt` (-> neighborhood), `locality_ground_truth` (-> `neighborhood_target`). No question is
+      derived.
     - **zsRE** (MEND/ROME, detected by `src`, `alt`, `answers`, `rephrase`, `loc` or `loc_ans`): `subject`, `src`
       (the question; its first occurrence of the subject becomes `{}`), `alt` and/or `answers`, `rephrase`
       (-> paraphrase), `loc` (-> neighborhood), `loc_ans` (-> `neighborhood_target`). The new target is `alt` when
       it is non-empty, as in MEND/EasyEdit (then `target_true` is `answers[0]`), else `answers[0]`, as in ROME (then
-      `target_true` is `None`).
+      `target_true` is `None`). The questions are `src` itself (-> `question`), `rephrase`
+      (-> `paraphrase_questions`) and `loc` made a question by [`zsre_question`] (-> `neighborhood_questions`).
     - **MQuAKE** (detected by a *list* `requested_rewrite`): each entry is a CounterFact rewrite `{prompt, subject,
       target_new{str}, target_true{str}}` and becomes its own request (neighborhood target `target_true`); when the
       record has `questions`, every request of the case carries them as `multi_hop` ([`MultiHopQuestions`]) with
-      `new_answer`, `new_answer_alias`, `answer` and `answer_alias`. Other MQuAKE keys (`single_hops`, `orig`, AKEW's
+      `new_answer`, `new_answer_alias`, `answer` and `answer_alias`; an entry's `question` becomes its request's
+      `question`. Other MQuAKE keys (`single_hops`, `orig`, AKEW's
       extras) are ignored.
 
     The detection order is: a list `requested_rewrite` -> MQuAKE; `requested_rewrite` -> CounterFact; a zsRE key -> zsRE; an EasyEdit key -> EasyEdit;
@@ -638,6 +702,9 @@ def requests_to_dataset(requests: Sequence[EditRequest]) -> datasets.Dataset:
                 "answer_aliases": strings,
             },
             "case_id": string if string_ids else datasets.Value("int64"),
+            "question": string,
+            "paraphrase_questions": strings,
+            "neighborhood_questions": strings,
         }
     )
     columns: dict[str, list[Any]] = {
