@@ -3,6 +3,7 @@
 import argparse
 import copy
 import json
+import math
 from dataclasses import fields
 from hashlib import sha256
 from pathlib import Path
@@ -16,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from memit_hf import cli
 from memit_hf.arguments import EditingArguments
+from memit_hf.evaluation import WILD_METRIC_KEYS
 from memit_hf.tokenization import encode_targets
 from tests.testing_utils import (
     build_tiny_causal_lm,
@@ -381,15 +383,26 @@ def test_comparison_table():
         "pre_neighborhood_success": 90.0,
         "gen_neighborhood_bleed": 12.5,
         "pre_gen_neighborhood_bleed": 0.0,
+        "wild_efficacy_exact": 20.0,
+        "pre_wild_efficacy_exact": 0.0,
+        "wild_efficacy_contains": 40.0,
+        "wild_neighborhood_unchanged": 60.0,
+        "pre_wild_neighborhood_unchanged": 100.0,
     }
     assert cli.comparison_table(metrics).splitlines() == [
-        "| | teacher-forced | greedy | chat |",
-        "| --- | --- | --- | --- |",
-        "| efficacy | 0.00 -> 100.00 | 0.00 -> 75.00 | 25.00 -> 50.00 |",
-        "| neighborhood bleed |  | 0.00 -> 12.50 |  |",
+        "| | teacher-forced | greedy | chat | wild |",
+        "| --- | --- | --- | --- | --- |",
+        "| efficacy | 0.00 -> 100.00 | 0.00 -> 75.00 | 25.00 -> 50.00 | 0.00 -> 20.00 |",
+        "| efficacy, answer contains |  |  |  | 40.00 |",
+        "| neighborhood kept | 90.00 -> 80.00 |  |  | 100.00 -> 60.00 |",
+        "| neighborhood bleed |  | 0.00 -> 12.50 |  |  |",
     ]
     assert cli.comparison_table({"gen_multihop_accuracy": 40.0, "multihop_success": 10.0}).splitlines()[2:] == [
-        "| multi-hop | 10.00 | 40.00 |  |"
+        "| multi-hop | 10.00 | 40.00 |  |  |"
+    ]
+    # The wild family alone fills its column.
+    assert cli.comparison_table({"wild_paraphrase_exact": 50.0, "paraphrase_success": 75.0}).splitlines()[2:] == [
+        "| paraphrase | 75.00 |  |  | 50.00 |"
     ]
     assert cli.comparison_table({"efficacy_success": 100.0, "score": 90.0}) == ""
 
@@ -436,9 +449,9 @@ def test_evaluate_generative_and_multihop_figures(tmp_path, capsys):
     efficacy_row = (
         f"| efficacy | {metrics['pre_efficacy_success']:.2f} -> {metrics['efficacy_success']:.2f} | "
         f"{metrics['pre_gen_efficacy_prefix']:.2f} -> {metrics['gen_efficacy_prefix']:.2f} | "
-        f"{metrics['pre_chat_efficacy_contains']:.2f} -> {metrics['chat_efficacy_contains']:.2f} |"
+        f"{metrics['pre_chat_efficacy_contains']:.2f} -> {metrics['chat_efficacy_contains']:.2f} |  |"
     )
-    assert "| | teacher-forced | greedy | chat |" in markdown and efficacy_row in markdown
+    assert "| | teacher-forced | greedy | chat | wild |" in markdown and efficacy_row in markdown
     assert "| metric | unedited | edited |" in markdown  # the full table follows
     assert efficacy_row in capsys.readouterr().out
 
@@ -454,6 +467,7 @@ def test_evaluate_generative_and_multihop_figures(tmp_path, capsys):
                 str(mquake),
                 "--metrics",
                 "multihop",
+                "wild",
                 "--output-dir",
                 str(tmp_path / "mquake"),
             ]
@@ -470,8 +484,14 @@ def test_evaluate_generative_and_multihop_figures(tmp_path, capsys):
         "chat_multihop_accuracy",
         "chat_multihop_case_accuracy",
         "chat_multihop_old_answer",
+        *WILD_METRIC_KEYS,
     }
-    assert "| multi-hop |" in (tmp_path / "mquake" / "evaluation.md").read_text()
+    # Each single-hop edit has its MQuAKE question and nothing else: 4 questions, no paraphrase or neighbor.
+    assert plain["metrics"]["wild_questions"] == 4.0
+    assert math.isnan(plain["metrics"]["wild_paraphrase_exact"])
+    markdown = (tmp_path / "mquake" / "evaluation.md").read_text()
+    assert "| multi-hop |" in markdown
+    assert f"| efficacy |  |  |  | {plain['metrics']['wild_efficacy_exact']:.2f} |" in markdown
 
 
 def test_evaluate_end_to_end_on_a_saved_tiny_model(saved_tiny_llama, tmp_path, capsys):

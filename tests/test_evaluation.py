@@ -405,7 +405,7 @@ def test_evaluate_model_merges_the_families(tiny_tokenizer, tiny_llama, requests
         },
         nan_ok=True,
     )
-    assert EVALUATION_METRICS == ("counterfact", "zsre", "generation", "generative", "multihop", "perplexity")
+    assert EVALUATION_METRICS == ("counterfact", "zsre", "generation", "generative", "wild", "multihop", "perplexity")
     with pytest.raises(ValueError, match="Unknown metrics"):
         evaluate_model(tiny_llama, tiny_tokenizer, requests, metrics=["bleu"])
     with pytest.raises(ValueError, match="perplexity_texts"):

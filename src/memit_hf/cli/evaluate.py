@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from transformers import HfArgumentParser
 
 
-EVALUATION_CHOICES = ("counterfact", "zsre", "generation", "generative", "multihop", "perplexity")
+EVALUATION_CHOICES = ("counterfact", "zsre", "generation", "generative", "wild", "multihop", "perplexity")
 """`--metrics` choices of `memit-hf evaluate` (`memit_hf.evaluation.EVALUATION_METRICS`, kept here so that `--help`
 imports no torch)."""
 
@@ -50,8 +50,9 @@ class EvaluateScriptArguments:
         default_factory=lambda: ["counterfact"],
         metadata={
             "help": "Metric families: `counterfact` and `zsre` (teacher-forced), `generation` (sampled-text "
-            "fluency), `generative` (greedy answers, plain and through the chat template), `multihop` (MQuAKE "
-            "questions); `perplexity` needs --perplexity-corpus (which adds it).",
+            "fluency), `generative` (greedy answers, plain and through the chat template), `wild` (free answers to "
+            "questions in a task context, exact match), `multihop` (MQuAKE questions); `perplexity` needs "
+            "--perplexity-corpus (which adds it).",
             "choices": EVALUATION_CHOICES,
         },
     )
@@ -85,8 +86,8 @@ def make_parser(subparsers: Any | None = None) -> "HfArgumentParser":
         subparsers,
         "evaluate",
         [EvaluateScriptArguments, EditingArguments],
-        help_text="Evaluate a model on requests (CounterFact, zsRE, generation, generative, multi-hop, perplexity); "
-        "write JSON and Markdown.",
+        help_text="Evaluate a model on requests (CounterFact, zsRE, generation, generative, wild, multi-hop, "
+        "perplexity); write JSON and Markdown.",
         description="Evaluate the model on the requests, optionally after editing it with them (`--edit`: the "
         "unedited figures are reported beside the edited ones), and write `evaluation.json` and `evaluation.md` to "
         "--output-dir.",
@@ -121,36 +122,46 @@ def _cell(value: float | None) -> str:
 
 
 COMPARISON_ROWS = (
-    ("efficacy", "efficacy_success", "gen_efficacy_prefix", "chat_efficacy_contains"),
-    ("paraphrase", "paraphrase_success", "gen_paraphrase_prefix", "chat_paraphrase_contains"),
-    ("neighborhood kept", "neighborhood_success", "gen_neighborhood_first_word", "chat_neighborhood_unchanged"),
-    ("neighborhood bleed", None, "gen_neighborhood_bleed", "chat_neighborhood_bleed"),
-    ("multi-hop", "multihop_success", "gen_multihop_accuracy", "chat_multihop_accuracy"),
+    ("efficacy", "efficacy_success", "gen_efficacy_prefix", "chat_efficacy_contains", "wild_efficacy_exact"),
+    ("efficacy, answer contains", None, "gen_efficacy_contains", None, "wild_efficacy_contains"),
+    ("paraphrase", "paraphrase_success", "gen_paraphrase_prefix", "chat_paraphrase_contains", "wild_paraphrase_exact"),
+    (
+        "neighborhood kept",
+        "neighborhood_success",
+        "gen_neighborhood_first_word",
+        "chat_neighborhood_unchanged",
+        "wild_neighborhood_unchanged",
+    ),
+    ("neighborhood bleed", None, "gen_neighborhood_bleed", "chat_neighborhood_bleed", "wild_neighborhood_bleed"),
+    ("multi-hop", "multihop_success", "gen_multihop_accuracy", "chat_multihop_accuracy", None),
 )
-"""Rows of [`comparison_table`]: `(row, teacher-forced key, greedy key, chat key)`, `None` where no metric fits."""
+"""Rows of [`comparison_table`]: `(row, teacher-forced key, greedy key, chat key, wild key)`, `None` where no metric
+fits."""
 
 
 def comparison_table(metrics: dict[str, float]) -> str:
-    """A Markdown table putting the teacher-forced, greedy and chat figures of the same question side by side.
+    """A Markdown table putting the teacher-forced, greedy, chat and wild figures of the same question side by side.
 
     Each cell shows the edited figure, preceded by the unedited one (`unedited -> edited`) when the `pre_*` figures
     are present. Rows whose metrics are all absent are left out. Teacher-forced: `*_success` (P(new) > P(true), or
     for neighbors P(true) > P(new); multi-hop: P(new answer) > P(old answer)); greedy: the continuation starts with
     the new object (neighborhood: same first word as the unedited model; bleed: names the new object; multi-hop:
     the answer names the new answer or an alias); chat: the assistant's answer names the new object (neighborhood:
-    identical to the unedited model's answer).
+    identical to the unedited model's answer); wild: the answer to the question, asked in a task context, is exactly
+    the new object (or contains it, on the `efficacy, answer contains` row; neighborhood: the same answer as the
+    unedited model's).
 
     Args:
-        metrics (`dict[str, float]`): the output of [`Editor.evaluate`] with the `"generative"` (and `"multihop"`)
-            families.
+        metrics (`dict[str, float]`): the output of [`Editor.evaluate`] with the `"generative"`, `"wild"` or
+            `"multihop"` families.
 
     Returns:
-        `str`: the table ending with a newline, or `""` when `metrics` has no greedy or chat figure.
+        `str`: the table ending with a newline, or `""` when `metrics` has no greedy, chat or wild figure.
     """
     rows = [row for row in COMPARISON_ROWS if any(key in metrics for key in row[2:])]
     if not rows:
         return ""
-    lines = ["| | teacher-forced | greedy | chat |", "| --- | --- | --- | --- |"]
+    lines = ["| | teacher-forced | greedy | chat | wild |", "| --- | --- | --- | --- | --- |"]
     for name, *keys in rows:
         lines.append(f"| {name} | " + " | ".join(_comparison_cell(metrics, key) for key in keys) + " |")
     return "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
-"""Evaluation of edited models: the CounterFact, zsRE, generation, generative, multi-hop and perplexity metric families.
+"""Evaluation of edited models: the CounterFact, zsRE, generation, generative, wild, multi-hop and perplexity metric
+families.
 
 The package imports one way, leaves first:
 
@@ -10,8 +11,9 @@ The package imports one way, leaves first:
 - the metric families, which import only the leaves: `counterfact` ([`counterfact_scores`],
   [`evaluate_counterfact`]), `zsre` ([`zsre_scores`], [`evaluate_zsre`]), `generation` ([`generation_entropy`],
   [`reference_score`], [`evaluate_generation`]: fluency of sampled text), `generative` ([`evaluate_generative`]:
-  whether greedy answers state the new object and leave the neighbors alone), `multihop` ([`evaluate_multihop`]:
-  MQuAKE multi-hop questions) and `perplexity` ([`perplexity`]);
+  whether greedy answers state the new object and leave the neighbors alone), `wild` ([`evaluate_wild`]: free
+  answers to questions in a task context, after the WILD protocol of "The Mirage of Model Editing"), `multihop`
+  ([`evaluate_multihop`]: MQuAKE multi-hop questions) and `perplexity` ([`perplexity`]);
 - `families`: the read-only registry of the families (`METRIC_FAMILIES`, `EVALUATION_METRICS`) and
   [`evaluate_model`], which runs the chosen ones.
 
@@ -41,6 +43,7 @@ from .generative import GENERATIVE_METRIC_KEYS, evaluate_generative
 from .multihop import MULTIHOP_METRIC_KEYS, MULTIHOP_QUESTION_TEMPLATE, evaluate_multihop, multihop_cases
 from .perplexity import perplexity
 from .scoring import target_nlls, target_token_hits
+from .wild import WILD_CONTEXT, WILD_METRIC_KEYS, answer_position, cut_answer, evaluate_wild, exact_match
 from .zsre import ZSRE_METRIC_KEYS, evaluate_zsre, zsre_scores
 
 
@@ -60,19 +63,25 @@ __all__ = [
     "PROMPT_KINDS",
     "REWRITE",
     "TfidfVectorizer",
+    "WILD_CONTEXT",
+    "WILD_METRIC_KEYS",
     "ZSRE_METRIC_KEYS",
+    "answer_position",
     "answer_words",
     "chat_texts",
     "check_groups",
     "consistency_texts",
     "contains_answer",
     "counterfact_scores",
+    "cut_answer",
     "evaluate_counterfact",
     "evaluate_generation",
     "evaluate_generative",
     "evaluate_model",
     "evaluate_multihop",
+    "evaluate_wild",
     "evaluate_zsre",
+    "exact_match",
     "first_word",
     "leading_word",
     "generate_texts",

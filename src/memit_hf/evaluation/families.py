@@ -20,6 +20,7 @@ from .generation import evaluate_generation
 from .generative import evaluate_generative
 from .multihop import evaluate_multihop
 from .perplexity import perplexity
+from .wild import evaluate_wild
 from .zsre import evaluate_zsre
 
 
@@ -48,6 +49,10 @@ def _generative(model, tokenizer, requests, *, batch_size: int, unedited, **_: A
     return evaluate_generative(model, tokenizer, requests, unedited=unedited, batch_size=batch_size)
 
 
+def _wild(model, tokenizer, requests, *, batch_size: int, unedited, **_: Any) -> dict[str, float]:
+    return evaluate_wild(model, tokenizer, requests, unedited=unedited, batch_size=batch_size)
+
+
 def _multihop(model, tokenizer, requests, *, batch_size: int, **_: Any) -> dict[str, float]:
     return evaluate_multihop(model, tokenizer, requests, batch_size=batch_size)
 
@@ -64,6 +69,7 @@ METRIC_FAMILIES: Mapping[str, MetricFamily] = MappingProxyType(
         "zsre": _zsre,
         "generation": _generation,
         "generative": _generative,
+        "wild": _wild,
         "multihop": _multihop,
         "perplexity": _perplexity,
     }
@@ -71,12 +77,13 @@ METRIC_FAMILIES: Mapping[str, MetricFamily] = MappingProxyType(
 """Family name -> runner (read-only): CounterFact probabilities ([`~memit_hf.evaluation.evaluate_counterfact`]),
 zsRE token accuracy ([`~memit_hf.evaluation.evaluate_zsre`]), CounterFact generation entropy and reference score of
 sampled text ([`~memit_hf.evaluation.evaluate_generation`]), greedy answers, plain and through the chat template
-([`~memit_hf.evaluation.evaluate_generative`]), MQuAKE multi-hop questions
+([`~memit_hf.evaluation.evaluate_generative`]), free answers to questions in a task context, scored by exact match
+([`~memit_hf.evaluation.evaluate_wild`]), MQuAKE multi-hop questions
 ([`~memit_hf.evaluation.evaluate_multihop`]) and corpus perplexity ([`~memit_hf.evaluation.perplexity`])."""
 
 EVALUATION_METRICS = tuple(METRIC_FAMILIES)
 """The metric families [`evaluate_model`] runs, in its order: `("counterfact", "zsre", "generation", "generative",
-"multihop", "perplexity")`."""
+"wild", "multihop", "perplexity")`."""
 
 
 def evaluate_model(
@@ -107,8 +114,8 @@ def evaluate_model(
             Families from `EVALUATION_METRICS` (or one name). `"perplexity"` is added when `perplexity_texts` is
             given.
         batch_size (`int`, *optional*, defaults to 64):
-            Sequences per forward pass (prompts per `generate` call for `"generation"`, `"generative"` and
-            `"multihop"`).
+            Sequences per forward pass (prompts per `generate` call for `"generation"`, `"generative"`, `"wild"`
+            and `"multihop"`).
         perplexity_texts (`list[str]`, `datasets.Dataset` or text file paths, *optional*):
             Held-out corpus for `"perplexity"`.
         perplexity_num_tokens (`int`, *optional*):
@@ -120,12 +127,12 @@ def evaluate_model(
             Seed of the sampled generations and of the perplexity's text order.
         unedited (`Callable[[], AbstractContextManager]`, *optional*):
             A factory of context managers inside which `model` has its unedited weights (e.g.
-            [`~memit_hf.Editor.unedited`]): the reference of the `"generative"` neighborhood stability. By default
+            [`~memit_hf.Editor.unedited`]): the reference of the `"generative"` and `"wild"` neighborhood stability. By default
             the model as it is is its own reference.
 
     Returns:
         `dict[str, float]`: the union of the families' keys: `METRIC_KEYS`, `ZSRE_METRIC_KEYS`, `generation_entropy`
-        (and `reference_score`), `GENERATIVE_METRIC_KEYS`, `MULTIHOP_METRIC_KEYS`, `perplexity`.
+        (and `reference_score`), `GENERATIVE_METRIC_KEYS`, `WILD_METRIC_KEYS`, `MULTIHOP_METRIC_KEYS`, `perplexity`.
 
     Raises:
         ValueError: for an unknown family, or `"perplexity"` without `perplexity_texts`.
