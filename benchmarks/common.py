@@ -31,11 +31,12 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(device: str):
-    """SmolLM2-135M-Instruct in float32 on `device`, and its tokenizer."""
-    from memit_hf.models import load_default_model
+def load_model(device: str, path: str | None = None):
+    """SmolLM2-135M-Instruct (or the model at `path`: a `.gguf` file, a folder or a Hub id) in float32 on `device`,
+    and its tokenizer."""
+    from memit_hf.models import load_model_and_tokenizer
 
-    model, tokenizer = load_default_model()
+    model, tokenizer = load_model_and_tokenizer(path)
     return model.to(device), tokenizer
 
 

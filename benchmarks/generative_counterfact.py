@@ -28,12 +28,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(common.SHARED / "counterfact.jsonl"), help="CounterFact records.")
     parser.add_argument("--num-records", type=int, default=100, help="Evaluate (and edit) the first n records.")
+    parser.add_argument(
+        "--model", default=None, help="A `.gguf` file, folder or Hub id (default: the embedded SmolLM2-135M-Instruct)."
+    )
     parser.add_argument("--no-edit", action="store_true", help="Evaluate the unedited model only.")
     common.add_statistics_options(parser)
     parser.add_argument("--mquake", default=str(common.SHARED / "mquake_cf_akew.jsonl"), help="MQuAKE records.")
     parser.add_argument("--mquake-cases", type=int, default=0, help="Also run the multi-hop test on m cases.")
     parser.add_argument("--examples", type=int, default=5, help="Save the continuations of this many records.")
     parser.add_argument("--batch-size", type=int, default=64, help="Sequences per forward pass / generate call.")
+    parser.add_argument(
+        "--metrics",
+        nargs="+",
+        default=["counterfact", "generative", "wild"],
+        help="Metric families (`zsre` instead of `counterfact` for zsRE records; `wild` needs questions).",
+    )
+    parser.add_argument(
+        "--perplexity-corpus",
+        nargs="+",
+        default=common.HELD_OUT,
+        help="Held-out perplexity corpus files (not used for the statistics); `none` to skip the perplexity.",
+    )
+    parser.add_argument("--perplexity-tokens", type=int, default=20_000, help="Token budget of the perplexity.")
     parser.add_argument(
         "--variant",
         nargs="+",
@@ -73,8 +89,14 @@ VARIANT_COLUMNS = {
     "chat ES": "chat_efficacy_contains",
     "chat PS": "chat_paraphrase_contains",
     "chat bleed": "chat_neighborhood_bleed",
+    "wild ES (contains)": "wild_efficacy_contains",
+    "wild PS (contains)": "wild_paraphrase_contains",
+    "wild ES (exact)": "wild_efficacy_exact",
+    "wild NS unchanged": "wild_neighborhood_unchanged",
+    "wild bleed": "wild_neighborhood_bleed",
+    "perplexity": "perplexity",
 }
-"""The columns of the variants table: teacher-forced, greedy and chat figures."""
+"""The columns of the variants table: teacher-forced, greedy, chat and wild figures, and the held-out perplexity."""
 
 
 def variant_row(name: str, metrics: dict) -> str:
@@ -100,7 +122,7 @@ def main(argv=None) -> dict:
     from memit_hf.evaluation import evaluate_model
 
     device = options.device or common.default_device()
-    model, tokenizer = common.load_model(device)
+    model, tokenizer = common.load_model(device, options.model)
     requests = load_requests(options.data)[: options.num_records]
     corpus = common.corpus_option(options.corpus)
     base = {
@@ -110,12 +132,14 @@ def main(argv=None) -> dict:
     }
     variants = {name: common.parse_settings(settings) for name, *settings in options.variant or [["default"]]}
     editor = Editor(model, args=EditingArguments.from_flat(base), processing_class=tokenizer, stats_dataset=corpus)
-    metrics = ["counterfact", "generative"]
+    metrics = list(options.metrics)
+    held_out = None if options.perplexity_corpus == ["none"] else common.corpus_option(options.perplexity_corpus)
+    perplexity = dict(perplexity_texts=held_out, perplexity_num_tokens=options.perplexity_tokens)
     timings: dict[str, float] = {}
     shown = requests[: options.examples]
 
     tick = time.perf_counter()
-    pre = evaluate_model(model, tokenizer, requests, metrics=metrics, batch_size=options.batch_size)
+    pre = evaluate_model(model, tokenizer, requests, metrics=metrics, batch_size=options.batch_size, **perplexity)
     timings["evaluate_unedited_s"] = time.perf_counter() - tick
     result = dict(pre) if options.no_edit else {f"pre_{key}": value for key, value in pre.items()}
     before = examples(model, tokenizer, shown)
@@ -133,7 +157,9 @@ def main(argv=None) -> dict:
         variant_edit = editor.edit(requests).metrics
         edit_seconds = time.perf_counter() - tick
         tick = time.perf_counter()
-        post = editor.evaluate(requests, metrics=metrics, batch_size=options.batch_size, include_pre=False)
+        post = editor.evaluate(
+            requests, metrics=metrics, batch_size=options.batch_size, include_pre=False, **perplexity
+        )
         evaluate_seconds = time.perf_counter() - tick
         by_variant[name] = {
             "settings": settings,

@@ -888,21 +888,36 @@ def test_v_autocast_dtype_runs_the_z_tail_in_bfloat16(tokenizer, tmp_path):
     assert low.targets.dtype == torch.float32
 
 
-def test_context_template_chat_adds_the_chat_template_group(tmp_path):
-    """With a tokenizer that has a chat template, `context_template_chat` adds a third group of context templates: the
-    prompt as the user turn with the assistant's turn opened. The z optimisation runs over it too: the same block-z
-    output of the bare prompt, another loss and other targets than without the setting."""
+def test_context_template_chat_adds_the_chat_template_groups(tmp_path):
+    """With a tokenizer that has a chat template, the default (`context_template_chat=None`) adds one group per chat
+    form: the prompt as the user turn with the assistant's turn opened (`"question"`), and the same with the prompt
+    restated by the assistant (`"answer"`); `False` adds none, as a tokenizer without a chat template. The z
+    optimisation runs over them too: the same block-z output of the bare prompt, another loss and other targets."""
     tokenizer = build_tiny_chat_tokenizer()
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
     requests = subject_final_requests()
-    plain = make_editor(model, tokenizer, tmp_path, v_num_grad_steps=3)
-    chat = make_editor(model, tokenizer, tmp_path, v_num_grad_steps=3, context_template_chat=True)
+    plain = make_editor(model, tokenizer, tmp_path, v_num_grad_steps=3, context_template_chat=False)
+    chat = make_editor(model, tokenizer, tmp_path, v_num_grad_steps=3)
     assert len(plain.context_templates) == 2 and chat.context_templates[:2] == plain.context_templates
-    assert chat.context_templates[2] == ["<s>user: {}\n<s>assistant:"]
+    question = "<s>user: {}\n<s>assistant:"
+    assert chat.context_templates[2:] == [[question], [question + "{}"]]
+    answer_only = make_editor(
+        model,
+        tokenizer,
+        tmp_path,
+        v_num_grad_steps=3,
+        context_template_chat=True,
+        context_template_chat_forms=["answer"],
+    )
+    assert answer_only.context_templates[2:] == [[question + "{}"]]
+    no_template = make_editor(model, build_tiny_tokenizer(), tmp_path, v_num_grad_steps=3)
+    assert len(no_template.context_templates) == 2
     plain_values, chat_values = plain.compute_values(requests), chat.compute_values(requests)
     assert torch.equal(chat_values.initial, plain_values.initial)
     assert (chat_values.initial_loss != plain_values.initial_loss).all()
     assert not torch.equal(chat_values.targets, plain_values.targets)
+    with pytest.raises(ValueError, match="context_template_chat_forms"):
+        tiny_editing_arguments(tmp_path, context_template_chat_forms=["statement"])
 
 
 def test_model_init_kwargs_reach_from_pretrained(tokenizer, tmp_path):

@@ -101,6 +101,23 @@ def test_greedy_continuations_match_unbatched_greedy_decoding_on_a_real_model(mo
     assert model.training  # mode restored
 
 
+def test_stop_strings_end_each_text_at_its_first_stop_and_keep_what_comes_before():
+    """With `stop_strings`, each continuation is the one decoded without them, cut just after the first stop string
+    (or the whole of it when none occurs): the wild family's early stop changes no answer."""
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    prompts = ["The Eiffel Tower is located in the city of", "I think", "Lionel Messi plays the sport of", "Rome"]
+    full = greedy_continuations(model, tokenizer, prompts, max_new_tokens=24, batch_size=3)
+    stops = sorted({text[len(text) // 3 : len(text) // 3 + 2] for text in full if len(text) > 6})[:2]
+    assert stops  # two-character pieces of the texts themselves, so that some decodings do stop early
+    stopped = greedy_continuations(model, tokenizer, prompts, max_new_tokens=24, batch_size=3, stop_strings=stops)
+    assert any(len(s) < len(f) for s, f in zip(stopped, full))
+    for short, text in zip(stopped, full):
+        assert text.startswith(short)
+        ends = [text.find(stop) + len(stop) for stop in stops if stop in text]
+        assert len(short) >= (min(ends) if ends else len(text))  # nothing before the first stop is lost
+
+
 def test_greedy_continuations_validate():
     tokenizer = build_tiny_tokenizer()
     model = scripted_lm(tokenizer, {})

@@ -9,6 +9,8 @@ from memit_hf.architectures import get_layout
 from memit_hf.keys import (
     CONTEXT_STARTERS,
     chat_context_template,
+    chat_context_templates,
+    check_request_lengths,
     compute_keys_and_outputs,
     contextualise,
     continues_a_word,
@@ -193,20 +195,56 @@ CHAT_TEMPLATE = (
 
 
 def test_chat_context_template_group(template_model):
-    """With `chat=True` a third group holds the prompt as the user turn of the chat template, the assistant's turn
-    opened; a BOS that the tokenizer adds itself is not repeated; no chat template, no group."""
+    """With `chat=True` one more group per chat form holds the prompt as the user turn of the chat template, the
+    assistant's turn opened (`"question"`) or restating the prompt (`"answer"`, the default form); a BOS that the
+    tokenizer adds itself is not repeated; no chat template, no group; `chat=None` adds them when there is one."""
     model, tokenizer = template_model
     assert chat_context_template(tokenizer) is None
     assert generate_context_templates(model, tokenizer, num_templates=2, chat=True)[2:] == []
+    assert generate_context_templates(model, tokenizer, num_templates=2, chat=None)[2:] == []
     chatty = copy.deepcopy(tokenizer)
     chatty.chat_template = "{{ bos_token }}" + CHAT_TEMPLATE
-    assert chat_context_template(chatty) == "<|user|>{}\n<|assistant|>\n"
+    question = "<|user|>{}\n<|assistant|>\n"
+    assert chat_context_template(chatty) == question
+    assert chat_context_templates(chatty, ["question", "answer"]) == [question, question + "{}"]
     templates = generate_context_templates(model, chatty, num_templates=2, chat=True)
-    assert len(templates) == 3 and templates[2] == ["<|user|>{}\n<|assistant|>\n"]
+    assert len(templates) == 3 and templates[2] == [question + "{}"]
+    assert generate_context_templates(model, chatty, num_templates=2, chat=None) == templates
+    both = generate_context_templates(model, chatty, num_templates=2, chat=True, chat_forms=("question", "answer"))
+    assert both[2:] == [[question], [question + "{}"]]
     assert templates[:2] == generate_context_templates(model, chatty, num_templates=2)
-    assert continues_a_word(templates[1][0]) and not continues_a_word(templates[2][0])
+    assert continues_a_word(templates[1][0]) and not continues_a_word(both[2][0]) and continues_a_word(both[3][0])
+    with pytest.raises(ValueError, match="Unknown chat context forms"):
+        chat_context_templates(chatty, ["statement"])
     chatty.chat_template = "{{ '{' }}" + CHAT_TEMPLATE  # braces of its own would break the template format
-    assert chat_context_template(chatty) is None
+    assert chat_context_template(chatty) is None and chat_context_templates(chatty) == []
+
+
+def test_fill_restates_the_prompt_and_keys_the_last_subject(requests):
+    """A template with several `{}` (the chat answer form) gets the prompt at each; the subject end is the one of the
+    last (the restated statement, which the target completes)."""
+    template = "<|user|>{}\n<|assistant|>\n{}"
+    text, end = fill(template, requests[0])
+    prompt = requests[0].text
+    assert text == f"<|user|>{prompt}\n<|assistant|>\n{prompt}"
+    assert text[:end] == f"<|user|>{prompt}\n<|assistant|>\n" + prompt[: prompt.index("Tower") + len("Tower")]
+    for plain in ("{}", "I think. {}"):  # one slot: as before
+        filled, subject_end = fill(plain, requests[0])
+        assert filled == plain.replace("{}", prompt) and filled[:subject_end].endswith(requests[0].subject)
+
+
+def test_length_check_counts_a_restated_prompt_twice():
+    """The row-length check counts the prompt once per `{}` of a template."""
+    from types import SimpleNamespace
+
+    tokenizer = build_tiny_tokenizer()
+    request = load_requests([{"prompt": "The city " * 20 + "of {} is", "subject": "Rome", "target_new": "Paris"}])
+    one = len(tokenizer(request[0].text)["input_ids"])
+    check_request_lengths(tokenizer, request, [["{}"]], SimpleNamespace(max_position_embeddings=one + 4))
+    with pytest.raises(ValueError, match="Request 0"):
+        check_request_lengths(
+            tokenizer, request, [["{}"], ["{} {}"]], SimpleNamespace(max_position_embeddings=one + 4)
+        )
 
 
 def test_requests_longer_than_the_model_are_refused_before_any_weight_changes(tmp_path):

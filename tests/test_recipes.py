@@ -64,6 +64,8 @@ def test_recipe_parses_into_editing_arguments(name):
         v_early_stop_margin=None,
         num_context_templates=5,
         context_template_length=10,
+        # the papers' models: no chat context templates, as in the references; SmolLM2: the library default
+        context_template_chat=None if name == "smollm2-135m.yaml" else False,
         stats_num_tokens=num_tokens,
         stats_max_length=max_length,
         stats_batch_tokens=batch_tokens,

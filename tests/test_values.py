@@ -20,9 +20,11 @@ from memit_hf.values import (
     default_chunk_size,
     optimise_target_values,
     plan_chunks,
+    plan_row_buckets,
     prefix_cache_error,
     prefix_cache_matches,
     prefix_cache_tolerance,
+    row_bucket_overhead,
     suffix_lengths,
     target_margins,
 )
@@ -326,8 +328,8 @@ def test_prefix_cache_check_accepts_rounding_and_refuses_a_misplaced_cache(dtype
     with caplog.at_level("WARNING", logger="memit_hf.values"):
         assert prefix_cache_matches(chunk)
     assert not caplog.records
-    rows = chunk.hidden_full.shape[0]
-    chunk.cache.batch_select_indices(torch.arange(rows).flip(0))  # every row now sees another row's prefix
+    bucket = max(chunk.buckets, key=lambda b: len(b.rows))
+    bucket.cache.batch_select_indices(torch.arange(len(bucket.rows)).flip(0))  # rows see another row's prefix
     with caplog.at_level("WARNING", logger="memit_hf.values"):
         assert not prefix_cache_matches(chunk)
     (warning,) = caplog.records
@@ -404,6 +406,27 @@ def test_a_chat_template_row_learns_the_target_without_its_leading_space(tokeniz
         model, tokenizer, get_layout(model), requests, templates, 1, **dict(SETTINGS, num_steps=4)
     )
     assert torch.isfinite(result.targets).all() and (result.final_loss < result.initial_loss).any()
+
+
+@pytest.mark.parametrize("weight", [1.0, 3.0])
+def test_first_token_weight_scales_the_first_target_token(tokenizer, weight):
+    """`first_token_weight` weighs each target's first token `weight` times each later token; a prompt's weights
+    still sum to 1 / n_prompts (1.0: every token 1 / (len(target) * n_prompts), the reference's mean)."""
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    requests = load_requests(tiny_requests())
+    flat = ["{}", "I think it will. {}"]
+    rows = ZChunk.build(
+        BlockRunner(model, get_layout(model), 1), tokenizer, requests, flat, first_token_weight=weight
+    ).rows
+    assert any(len(labels) > 1 for labels in rows.labels)  # some target has several tokens
+    for labels in rows.labels[: len(requests) * len(flat)]:
+        weights = [w for _, _, w in labels]
+        assert sum(weights) == pytest.approx(1 / len(flat), rel=1e-12)
+        if len(weights) > 1:
+            assert weights[0] / weights[1] == pytest.approx(weight, rel=1e-12)
+            assert len(set(weights[1:])) == 1
+    with pytest.raises(ValueError, match="first_token_weight"):
+        compute_target_values(model, tokenizer, get_layout(model), requests, [flat], 1, first_token_weight=0.0)
 
 
 def test_kl_prompt_is_the_subject_alone_and_shares_the_bare_row_when_it_can(tokenizer):
@@ -494,3 +517,50 @@ def test_bad_keyword_settings_raise_naming_them(tokenizer, keyword, value, named
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
     with pytest.raises(ValueError, match=f"`{named}`"):
         run(model, tokenizer, load_requests(tiny_requests()), **{keyword: value})
+
+
+def _bucket_cost(buckets, lengths, overhead):
+    return sum(len(b) * max(lengths[i] for i in b) + overhead for b in buckets)
+
+
+@pytest.mark.parametrize("overhead", [0, 3, 8, 1000])
+def test_row_buckets_are_the_cheapest_partition_by_length(overhead):
+    """`plan_row_buckets` finds the least `sum(rows * longest + overhead)` over every cut of the length-sorted rows
+    (checked against all 2^(k-1) cuts), covers every row once, and gives one bucket when forwards cost too much."""
+    import itertools
+    import random
+
+    generator = random.Random(0)
+    for _ in range(20):
+        lengths = [generator.choice([3, 4, 5, 6, 12, 13, 20]) for _ in range(generator.randint(1, 9))]
+        buckets = plan_row_buckets(lengths, overhead)
+        assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+        assert all(b == sorted(b) for b in buckets)
+        order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+        best = min(
+            _bucket_cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))], lengths, overhead)
+            for k in range(len(order))
+            for cuts in itertools.combinations(range(1, len(order)), k)
+        )
+        assert _bucket_cost(buckets, lengths, overhead) == best
+    assert plan_row_buckets([5, 3, 20, 4], 1000) == [[0, 1, 2, 3]] and plan_row_buckets([], 8) == []
+    assert plan_row_buckets([4, 4, 20, 20], 0) == [[0, 1], [2, 3]]
+    assert row_bucket_overhead(torch.device("cpu")) == 8 and row_bucket_overhead(torch.device("cuda")) == 256
+
+
+def test_bucketed_forward_equals_one_forward(tokenizer):
+    """Rows run in length buckets (chat rows much longer than the others) give the same outputs and the same z as
+    every row in one forward, to float rounding, also after requests stop (`select` keeps each bucket's rows and
+    cache rows)."""
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    requests = load_requests(tiny_requests())
+    flat = ["{}", "I think it will. {}", "<s>user: {}\nassistant: a longer turn to pad with\n{}"]
+    runner = BlockRunner(model, get_layout(model), 1)
+    bucketed = ZChunk.build(runner, tokenizer, requests, flat, bucket_overhead=0)
+    single = ZChunk.build(runner, tokenizer, requests, flat, bucket_overhead=10**9)
+    assert len(bucketed.buckets) > 1 and len(single.buckets) == 1
+    delta = torch.randn(len(requests), D_MODEL, generator=torch.Generator().manual_seed(0))
+    for chunk_a, chunk_b in ((bucketed, single), (bucketed.select([2, 0]), single.select([2, 0]))):
+        rows = chunk_a.num_requests
+        for a, b in zip(chunk_a.forward(delta[:rows]), chunk_b.forward(delta[:rows])):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

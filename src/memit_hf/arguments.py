@@ -10,7 +10,7 @@ import yaml
 from .algorithms.config import AlgorithmConfig
 from .algorithms.registry import ALGORITHM_NAMES, get_config_class, method_field_names
 from .redaction import redact
-from .settings import StatisticsSettings, ValueOptimisation
+from .settings import CHAT_FORMS, StatisticsSettings, ValueOptimisation
 
 
 CALLER_FIELDS = (
@@ -93,15 +93,22 @@ class EditingArguments:
             Run the blocks after the z layer and the LM head under `torch.autocast` with this dtype (`"bfloat16"` or
             `"float16"`) during the z optimisation; the delta, the loss and the Adam state stay float32. Off by
             default: on a CPU with AMX it made the z optimisation slower, not faster (`benchmarks/README.md`).
+        v_first_token_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of a target's first token in the z loss relative to each later token (a prompt's token weights
+            still sum to one); see [`~memit_hf.settings.ValueOptimisation`].
         num_context_templates (`int`, *optional*, defaults to `5`):
             Sampled prefixes added to the bare prompt.
         context_template_length (`int`, *optional*, defaults to `10`):
             Token length of each sampled prefix, the start word included.
-        context_template_chat (`bool`, *optional*, defaults to `False`):
-            Add a third group of context templates: the prompt sent as a user turn through the tokenizer's chat
-            template, the assistant's turn opened (the target then follows without a leading space). The edit is then
-            also keyed and optimised where an instruct model meets it in chat use. Ignored for tokenizers without a
-            chat template.
+        context_template_chat (`bool`, *optional*):
+            Add the chat groups of context templates (`context_template_chat_forms`): the prompt sent as a user turn
+            through the tokenizer's chat template, so the edit is also keyed and optimised where an instruct model
+            meets it in chat use. Default (`None`): on when the tokenizer has a chat template; ignored for tokenizers
+            without one.
+        context_template_chat_forms (`list[str]`, *optional*, defaults to `["question", "answer"]`):
+            The chat groups, one per form (see [`~memit_hf.settings.CHAT_FORMS`]): `"question"` (the target opens the
+            assistant's answer) and `"answer"` (the assistant restates the prompt and completes it with the target,
+            where a chat answer usually names the object).
 
     > Parameters that control how the edits are applied
 
@@ -211,10 +218,21 @@ class EditingArguments:
         default=ValueOptimisation.autocast_dtype,
         metadata={"help": "Autocast dtype of the z forward after the z layer (bfloat16/float16)."},
     )
+    v_first_token_weight: float = field(
+        default=ValueOptimisation.first_token_weight,
+        metadata={"help": "Weight of a target's first token in the z loss relative to each later token."},
+    )
     num_context_templates: int = field(default=5, metadata={"help": "Number of sampled context prefixes."})
     context_template_length: int = field(default=10, metadata={"help": "Token length of each context prefix."})
-    context_template_chat: bool = field(
-        default=False, metadata={"help": "Also key and optimise the edit inside the tokenizer's chat template."}
+    context_template_chat: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Also key and optimise the edit inside the tokenizer's chat template (default: when it has one)."
+        },
+    )
+    context_template_chat_forms: list[str] = field(
+        default_factory=lambda: ["question", "answer"],
+        metadata={"help": "Chat context forms: `answer` (the assistant restates the prompt) and/or `question`."},
     )
     # application
     merge_edits: bool = field(
@@ -327,6 +345,11 @@ class EditingArguments:
             self.redact_keys = [str(key) for key in self.redact_keys]
         if self.v_early_stop_patience < 0:
             raise ValueError(f"`v_early_stop_patience` must be >= 0, got {self.v_early_stop_patience}.")
+        unknown_forms = [form for form in self.context_template_chat_forms if form not in CHAT_FORMS]
+        if unknown_forms:
+            raise ValueError(
+                f"`context_template_chat_forms` has unknown forms {unknown_forms}; choose from {list(CHAT_FORMS)}."
+            )
         if self.num_context_templates < 0:
             raise ValueError(f"`num_context_templates` must be >= 0, got {self.num_context_templates}.")
         for name in ("v_lr", "v_weight_decay", "clamp_norm_factor"):
@@ -361,6 +384,7 @@ class EditingArguments:
             early_stop_patience=self.v_early_stop_patience,
             chunk_size=self.v_batch_size,
             autocast_dtype=self.v_autocast_dtype,
+            first_token_weight=self.v_first_token_weight,
         )
 
     def statistics_settings(self) -> StatisticsSettings:

@@ -171,6 +171,7 @@ class Editor(EditExportMixin, EditorStateMixin):
                     length=a.context_template_length,
                     seed=a.seed,
                     chat=a.context_template_chat,
+                    chat_forms=a.context_template_chat_forms,
                 )
         return self._templates
 

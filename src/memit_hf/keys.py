@@ -11,6 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .architectures import ModelLayout
 from .requests import EditRequest
+from .settings import CHAT_FORMS
 from .tokenization import encode_targets, encode_texts, last_token_indices, pad_batch, pad_token_id
 from .tracing import capture, run_until_stopped
 
@@ -25,27 +26,59 @@ def generate_context_templates(
     num_templates: int = 5,
     length: int = 10,
     seed: int = 42,
-    chat: bool = False,
+    chat: bool | None = False,
+    chat_forms: tuple[str, ...] | list[str] = ("answer",),
 ) -> list[list[str]]:
     """Sample the context templates `[["{}"], [t_1, ..., t_k]]` used to average keys and to optimise z; with `chat`,
-    a third group holds the prompt sent through the tokenizer's chat template ([`chat_context_template`]), so the
-    edit is also keyed and optimised where an instruct model meets it in chat use.
+    one more group per form of `chat_forms` holds the prompt inside the tokenizer's chat template
+    ([`chat_context_templates`]), so the edit is also keyed and optimised where an instruct model meets it in chat use.
 
     Each prefix starts from one of "The", "Therefore", "Because", "I", "You" (cycled) and is sampled with top-k = 5
     up to `length` tokens in total; braces become spaces and `". {}"` is appended, as in the reference. Unlike the
     reference, sampling is seeded (a private `torch.Generator`), so templates are reproducible, and special tokens
     (a BOS string) never leak into the text.
 
+    Args:
+        model (`PreTrainedModel`), tokenizer (`PreTrainedTokenizerBase`): the (unedited) model and its tokenizer.
+        num_templates (`int`, *optional*, defaults to 5): sampled prefixes.
+        length (`int`, *optional*, defaults to 10): tokens per sampled prefix, its start word included.
+        seed (`int`, *optional*, defaults to 42): the sampling seed.
+        chat (`bool`, *optional*, defaults to `False`): add the chat groups; `None`: add them when the tokenizer has
+            a chat template (with `True` too, a tokenizer without one adds none).
+        chat_forms (`tuple[str, ...]`, *optional*, defaults to `("answer",)`): the chat forms, from `CHAT_FORMS`.
+
     Returns:
-        `list[list[str]]`: the bare template group and the sampled group.
+        `list[list[str]]`: the bare template group, the sampled group (when `num_templates > 0`) and one group per
+        chat form.
     """
     groups = [["{}"]]
-    chat_template = chat_context_template(tokenizer) if chat else None
+    chat_groups = (
+        [[template] for template in chat_context_templates(tokenizer, chat_forms)] if chat is not False else []
+    )
     if num_templates > 0:
         groups.append(_sampled_templates(model, tokenizer, num_templates, length, seed))
-    if chat_template is not None:
-        groups.append([chat_template])
-    return groups
+    return groups + chat_groups
+
+
+def chat_context_templates(
+    tokenizer: PreTrainedTokenizerBase, forms: tuple[str, ...] | list[str] = ("answer",)
+) -> list[str]:
+    """The chat context templates of `forms` (see `CHAT_FORMS`), in that order: `"question"` is
+    [`chat_context_template`] (`"...user...{}...assistant..."`, the target opens the answer), `"answer"` the same
+    followed by the prompt again (`"...user...{}...assistant...{}"`: the key and the delta sit at the subject of the
+    restated prompt, which the target completes with a leading space). Empty when the tokenizer has no usable chat
+    template.
+
+    Raises:
+        ValueError: naming a form that is not in `CHAT_FORMS`.
+    """
+    unknown = [form for form in forms if form not in CHAT_FORMS]
+    if unknown:
+        raise ValueError(f"Unknown chat context forms {unknown}; choose from {list(CHAT_FORMS)}.")
+    question = chat_context_template(tokenizer)
+    if question is None:
+        return []
+    return [question + "{}" if form == "answer" else question for form in forms]
 
 
 def _sampled_templates(
@@ -96,10 +129,14 @@ def continues_a_word(template: str) -> bool:
 
 
 def fill(template: str, request: EditRequest) -> tuple[str, int]:
-    """`template` with the request's prompt and subject filled in, and the character end of the subject."""
-    prompt = template.replace("{}", request.prompt, 1)
-    start = prompt.index("{}")
-    return prompt[:start] + request.subject + prompt[start + 2 :], start + len(request.subject)
+    """`template` with the request's prompt (subject filled in) at every `{}`, and the character end of the subject
+    in the last one: a template may restate the prompt (a chat answer that repeats the question's statement), and
+    the key is read where the statement is completed."""
+    text = request.text
+    pieces = template.split("{}")
+    filled = text.join(pieces)
+    end = len(filled) - len(pieces[-1]) - len(text) + request.prompt.index("{}") + len(request.subject)
+    return filled, end
 
 
 def contextualise(
@@ -148,11 +185,12 @@ def check_request_lengths(
     if not isinstance(limit, int) or limit <= 0 or not requests:
         return
     flat = [template for group in templates for template in group] or ["{}"]
-    longest = max(len(ids) for ids in encode_texts(tokenizer, [t.replace("{}", "") for t in flat]))
+    lengths = [len(ids) for ids in encode_texts(tokenizer, [t.replace("{}", "") for t in flat])]
+    slots = [max(1, t.count("{}")) for t in flat]  # a chat answer template restates the prompt
     prompts = encode_texts(tokenizer, [request.text for request in requests])
     targets = encode_targets(tokenizer, [request.target_new for request in requests])
     for request, prompt, target in zip(requests, prompts, targets):
-        length = longest + len(prompt) + len(target)
+        length = max(n + k * len(prompt) for n, k in zip(lengths, slots)) + len(target)
         if length > limit:
             raise ValueError(
                 f"Request {request.record_index}: fields `prompt` and `target_new` give rows of up to {length} tokens "

@@ -13,6 +13,12 @@ from numbers import Integral, Real
 AUTOCAST_DTYPES = ("bfloat16", "float16")
 """The dtypes the z optimisation can run its blocks after the z layer in (`torch.autocast`)."""
 
+CHAT_FORMS = ("answer", "question")
+"""The chat context templates [`~memit_hf.keys.chat_context_templates`] can build: `"answer"`, the prompt sent as a user turn and
+restated by the assistant, which completes it with the target (where a chat answer usually names the new object:
+"The Eiffel Tower is located in ..."); `"question"`, the prompt sent as a user turn and the target opening the
+assistant's answer."""
+
 
 @dataclass(frozen=True)
 class ValueOptimisation:
@@ -47,6 +53,9 @@ class ValueOptimisation:
         use_prefix_cache (`bool`, *optional*, defaults to `True`):
             Run only the tokens from the subject's last token on in the blocks after the z layer, with a KV cache of
             the tokens before it (exact; checked on the first chunk and switched off if an architecture fails it).
+        first_token_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of a target's first token in its prompt's NLL relative to each later token (the weights of a
+            prompt's tokens still sum to one): above 1 favours the token greedy decoding must pick first.
 
     Raises:
         ValueError: naming the field, when a value is out of its range.
@@ -63,10 +72,13 @@ class ValueOptimisation:
     chunk_size: int | None = None
     autocast_dtype: str | None = None
     use_prefix_cache: bool = True
+    first_token_weight: float = 1.0
 
     def __post_init__(self):
         if not isinstance(self.num_steps, Integral) or self.num_steps <= 0:
             raise ValueError(f"`num_steps` must be a positive integer, got {self.num_steps!r}.")
+        if not isinstance(self.first_token_weight, Real) or not self.first_token_weight > 0:
+            raise ValueError(f"`first_token_weight` must be a positive number, got {self.first_token_weight!r}.")
         for name in ("lr", "weight_decay", "clamp_norm_factor", "kl_factor"):
             value = getattr(self, name)
             if not isinstance(value, Real) or not value >= 0:

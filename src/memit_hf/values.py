@@ -129,7 +129,12 @@ class _Batch:
         return self.label_cols - self.lookup[self.label_rows]
 
 
-def _rows(tokenizer: PreTrainedTokenizerBase, requests: list[EditRequest], templates: list[str]) -> _Rows:
+def _rows(
+    tokenizer: PreTrainedTokenizerBase,
+    requests: list[EditRequest],
+    templates: list[str],
+    first_token_weight: float = ValueOptimisation.first_token_weight,
+) -> _Rows:
     n, n_prompts = len(requests), len(templates)
     spaced = encode_targets(tokenizer, [r.target_new for r in requests])
     unspaced = encode_targets(tokenizer, [r.target_new for r in requests], leading_space=False)
@@ -141,10 +146,11 @@ def _rows(tokenizer: PreTrainedTokenizerBase, requests: list[EditRequest], templ
     for i in range(n):
         for j in range(n_prompts):
             target = spaced[i] if continues_a_word(templates[j]) else unspaced[i]
-            weight = 1.0 / (len(target) * n_prompts)
+            total = first_token_weight + len(target) - 1
+            weights = [(first_token_weight if k == 0 else 1.0) / (total * n_prompts) for k in range(len(target))]
             ids = prompt_ids[i * n_prompts + j]
             # Position p predicts token p + 1: the last prompt token predicts the first target token.
-            rows.labels.append([(len(ids) - 1 + k, t, weight) for k, t in enumerate(target)])
+            rows.labels.append([(len(ids) - 1 + k, t, w) for k, (t, w) in enumerate(zip(target, weights))])
             rows.sequences.append(ids + target[:-1])
             rows.lookup.append(prompt_idx[i * n_prompts + j])
             rows.row_request.append(i)
@@ -329,14 +335,16 @@ class ZChunk:
         hidden_full: torch.Tensor,
         pad: int,
         use_cache: bool,
-        cache=None,
+        buckets: list[tuple[list[int], object]] | None = None,
         prefix_width: int | None = None,
+        bucket_overhead: int | None = None,
     ):
         device = runner.model.device
         self.runner, self.rows, self.pad, self.use_cache = runner, rows, pad, use_cache
         self.batch = _batch(rows, pad, device, prefix_width)
         self.hidden_full = hidden_full  # (rows, T, d) block-L output of `rows`
         b = self.batch
+        self.buckets: list[RowBucket] = []
         if use_cache:
             columns = (b.lookup[:, None] + torch.arange(b.suffix_ids.shape[1], device=b.lookup.device)).clamp(
                 max=hidden_full.shape[1] - 1
@@ -345,13 +353,37 @@ class ZChunk:
             self.delta_cols = torch.zeros_like(b.lookup)
             self.label_cols = b.suffix_label_cols
             self.kl_cols = torch.zeros_like(b.kl_rows)
-            self.cache = runner.prefix_cache(b) if prefix_width is None else cache
+            if buckets is None:
+                overhead = row_bucket_overhead(device) if bucket_overhead is None else bucket_overhead
+                lengths = [len(seq) - start for seq, start in zip(rows.sequences, rows.lookup)]
+                buckets = [(members, None) for members in plan_row_buckets(lengths, overhead)]
+            self.buckets = [self._bucket(members, cache) for members, cache in buckets]
+            order = torch.tensor([row for bucket in self.buckets for row in bucket.rows.tolist()], device=device)
+            self.inverse = None  # the rows in bucket order are the chunk's rows in order (one bucket)
+            if not torch.equal(order, torch.arange(len(order), device=device)):
+                self.inverse = torch.empty_like(order)
+                self.inverse[order] = torch.arange(len(order), device=device)
         else:
             self.hidden = hidden_full[:, : b.input_ids.shape[1]]
             self.delta_cols = b.lookup
             self.label_cols = b.label_cols
             self.kl_cols = b.lookup[b.kl_rows]
-            self.cache = None
+
+    def _bucket(self, members: list[int], cache) -> "RowBucket":
+        """The bucket of rows `members`: their prefixes, their suffixes cut to the longest of them, and their prefix
+        cache (computed when `cache` is None)."""
+        b = self.batch
+        index = torch.tensor(members, device=b.lookup.device)
+        width = max(1, int(b.suffix_mask[index].sum(1).max()))
+        batch = replace(
+            b,
+            prefix_ids=b.prefix_ids[index],
+            prefix_mask=b.prefix_mask[index],
+            suffix_ids=b.suffix_ids[index, :width],
+            suffix_mask=b.suffix_mask[index, :width],
+            suffix_positions=b.suffix_positions[index, :width],
+        )
+        return RowBucket(index, width, batch, self.runner.prefix_cache(batch) if cache is None else cache)
 
     @classmethod
     def build(
@@ -361,6 +393,8 @@ class ZChunk:
         requests: list[EditRequest],
         templates: list[str],
         use_cache: bool = True,
+        first_token_weight: float = ValueOptimisation.first_token_weight,
+        bucket_overhead: int | None = None,
     ) -> "ZChunk":
         """The chunk of `requests` with the (flat) context `templates`; runs blocks `0..L` once over its prompts.
 
@@ -371,11 +405,17 @@ class ZChunk:
             templates (`list[str]`): the context templates, flattened.
             use_cache (`bool`, *optional*, defaults to `True`): run only the tokens from the subject on, with a KV
                 cache of the tokens before it.
+            first_token_weight (`float`, *optional*, defaults to `1.0`): weight of each target's first token in its
+                prompt's NLL relative to each later token (see [`~memit_hf.settings.ValueOptimisation`]).
+            bucket_overhead (`int`, *optional*): the cost of one more forward in tokens, which [`plan_row_buckets`]
+                trades against padding (default: [`row_bucket_overhead`] of the model's device; a very large value
+                runs every row in one forward).
         """
-        rows = _rows(tokenizer, requests, templates)
+        rows = _rows(tokenizer, requests, templates, first_token_weight)
         pad = pad_token_id(tokenizer)
         full = _batch(rows, pad, runner.model.device)
-        return cls(runner, rows, runner.block_output(full.input_ids, full.attention_mask), pad, use_cache)
+        hidden = runner.block_output(full.input_ids, full.attention_mask)
+        return cls(runner, rows, hidden, pad, use_cache, bucket_overhead=bucket_overhead)
 
     @property
     def num_requests(self) -> int:
@@ -383,27 +423,109 @@ class ZChunk:
 
     def select(self, requests: list[int]) -> "ZChunk":
         """The chunk of `requests` (indices into this chunk, renumbered in the given order), sharing this chunk's
-        block-L outputs and prefix cache rows."""
+        block-L outputs, row buckets and prefix cache rows."""
         rows, keep = self.rows.select(requests)
         index = torch.tensor(keep, device=self.hidden_full.device)
-        cache = None
-        if self.cache is not None:
-            cache = cache_view(self.cache)
-            cache.batch_select_indices(index)
-        width = self.batch.prefix_ids.shape[1] if self.use_cache else None
-        return ZChunk(self.runner, rows, self.hidden_full[index], self.pad, self.use_cache, cache, width)
+        if not self.use_cache:
+            return ZChunk(self.runner, rows, self.hidden_full[index], self.pad, self.use_cache)
+        position = {old: new for new, old in enumerate(keep)}
+        buckets = []
+        for bucket in self.buckets:
+            local = [k for k, old in enumerate(bucket.rows.tolist()) if old in position]
+            if not local:
+                continue
+            cache = None
+            if bucket.cache is not None:
+                cache = cache_view(bucket.cache)
+                cache.batch_select_indices(torch.tensor(local, device=bucket.rows.device))
+            buckets.append(([position[int(bucket.rows[k])] for k in local], cache))
+        width = self.batch.prefix_ids.shape[1]
+        return ZChunk(self.runner, rows, self.hidden_full[index], self.pad, True, buckets, width)
 
     def forward(self, delta_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Final hidden states at the label positions `(labels, d)` and at the KL positions `(n, d)` when each
-        request's delta `(n, d)` is added to block L's output at its rows' subject-last tokens."""
+        request's delta `(n, d)` is added to block L's output at its rows' subject-last tokens. With the prefix
+        cache, each row bucket runs as its own forward, padded to its own longest suffix."""
         b = self.batch
         rows = torch.arange(len(b.lookup), device=b.lookup.device)
         hidden = self.hidden.to(delta_rows.dtype).index_put(
             (rows, self.delta_cols), delta_rows[b.row_request], accumulate=True
         )
-        final = self.runner.final_hidden(b, hidden.to(self.hidden.dtype), self.cache, self.use_cache)
-        final = final.to(hidden.device)  # from the last block's device (a dispatched model) to the inputs'
+        hidden = hidden.to(self.hidden.dtype)
+        if not self.use_cache:
+            final = self.runner.final_hidden(b, hidden, None, use_cache=False).to(hidden.device)
+        else:
+            pieces = []
+            for bucket in self.buckets:
+                piece = self.runner.final_hidden(bucket.batch, hidden[bucket.rows, : bucket.width], bucket.cache)
+                # From the last block's device (a dispatched model) to the inputs', padded back to the chunk's width.
+                pieces.append(
+                    torch.nn.functional.pad(piece.to(hidden.device), (0, 0, 0, hidden.shape[1] - bucket.width))
+                )
+            final = torch.cat(pieces) if self.inverse is None else torch.cat(pieces)[self.inverse]
         return final[b.label_rows, self.label_cols], final[b.kl_rows, self.kl_cols]
+
+
+@dataclass
+class RowBucket:
+    """Rows of a [`ZChunk`] that run together in the blocks after the z layer (see [`plan_row_buckets`]).
+
+    Args:
+        rows (`torch.Tensor`): `(r,)` the rows (indices into the chunk's rows).
+        width (`int`): the suffix tokens they are padded to (the longest of their suffixes).
+        batch (`_Batch`): their prefix tensors and their suffix tensors cut to `width`.
+        cache: their prefix KV cache (`None` when no row has a prefix).
+    """
+
+    rows: torch.Tensor
+    width: int
+    batch: _Batch
+    cache: object = None
+
+
+def row_bucket_overhead(device: torch.device) -> int:
+    """The cost of one more forward in the z optimisation, in tokens, that [`plan_row_buckets`] trades against
+    padding: 8 on a CPU (where the time of a forward is nearly proportional to its tokens), 256 on an accelerator
+    (where a forward has a fixed launch cost and padding is cheap).
+
+    Args:
+        device (`torch.device`): the model's device.
+
+    Returns:
+        `int`: the overhead in tokens.
+    """
+    return 8 if device.type == "cpu" else 256
+
+
+def plan_row_buckets(lengths: list[int], overhead: int) -> list[list[int]]:
+    """Group rows into buckets, each run as one forward padded to its longest row, with the least total cost
+    `sum(rows_in_bucket * longest_in_bucket + overhead)` (a dynamic programme over the rows sorted by length, cut only
+    between different lengths). Chat rows, whose suffix after the subject runs through the turn markers, are much
+    longer than the other rows of a request: in one forward every row would be padded to them.
+
+    Args:
+        lengths (`list[int]`): per row, the tokens it runs (its suffix from the subject's last token on).
+        overhead (`int`): the cost of one more forward, in tokens (>= 0).
+
+    Returns:
+        `list[list[int]]`: the buckets (row indices, increasing), shortest rows first; one bucket of every row when
+        the overhead outweighs every saving, none when `lengths` is empty.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    if not order:
+        return []
+    ordered = [lengths[i] for i in order]
+    ends = [k + 1 for k in range(len(order)) if k + 1 == len(order) or ordered[k + 1] != ordered[k]]
+    cost, previous = {0: 0}, {0: 0}
+    for end in ends:
+        cost[end], previous[end] = min(
+            (cost[start] + (end - start) * ordered[end - 1] + overhead, start) for start in cost if start < end
+        )
+    cuts, end = [], len(order)
+    while end:
+        cuts.append((previous[end], end))
+        end = previous[end]
+    return [sorted(order[start:end]) for start, end in reversed(cuts)]
 
 
 def default_chunk_size(device: torch.device) -> int:
@@ -504,6 +626,7 @@ def compute_target_values(
     show_progress: bool = True,
     chunks: list[int] | None = None,
     autocast_dtype: torch.dtype | str | None = None,
+    first_token_weight: float = ValueOptimisation.first_token_weight,
 ) -> ValueResult:
     """Optimise the target vector z of every request at block `z_layer`, with the settings as keyword arguments:
     [`optimise_target_values`] with the [`~memit_hf.settings.ValueOptimisation`] of these values (the defaults are
@@ -511,7 +634,7 @@ def compute_target_values(
 
     Args:
         num_steps, lr, weight_decay, clamp_norm_factor, kl_factor, early_stop_loss, early_stop_margin,
-            early_stop_patience, use_prefix_cache: see [`~memit_hf.settings.ValueOptimisation`].
+            early_stop_patience, use_prefix_cache, first_token_weight: see [`~memit_hf.settings.ValueOptimisation`].
         templates (`list[list[str]]`): context templates from [`~memit_hf.keys.generate_context_templates`].
         batch_size (`int`, *optional*): requests per chunk (`ValueOptimisation.chunk_size`); `None`: the
             [`default_chunk_size`] of the model's device.
@@ -545,6 +668,7 @@ def compute_target_values(
         chunk_size=batch_size,
         autocast_dtype=autocast_dtype,
         use_prefix_cache=use_prefix_cache,
+        first_token_weight=first_token_weight,
     )
     if chunks is None:
         return optimise_target_values(
@@ -658,7 +782,14 @@ def _optimise_members(
     split in halves (down to single requests) and each half is optimised on its own, which gives the same z
     (requests are independent)."""
     try:
-        chunk = ZChunk.build(runner, tokenizer, requests, templates, use_cache=settings.use_prefix_cache)
+        chunk = ZChunk.build(
+            runner,
+            tokenizer,
+            requests,
+            templates,
+            use_cache=settings.use_prefix_cache,
+            first_token_weight=settings.first_token_weight,
+        )
         return _optimise_chunk(chunk, settings)
     except torch.cuda.OutOfMemoryError:
         if len(requests) == 1:

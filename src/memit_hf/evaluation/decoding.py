@@ -82,6 +82,7 @@ def greedy_continuations(
     batch_size: int = 32,
     chat: bool = False,
     chat_message: str = DEFAULT_CHAT_MESSAGE,
+    stop_strings: Sequence[str] | None = None,
 ) -> list[str]:
     """Greedy continuation of each prompt, decoded without the prompt and without special tokens.
 
@@ -108,6 +109,10 @@ def greedy_continuations(
             Send each prompt as a user turn through the chat template ([`chat_texts`]).
         chat_message (`str`, *optional*, defaults to `"{prompt}"`):
             The user message of the chat variant, with `{prompt}` where the prompt goes.
+        stop_strings (`Sequence[str]`, *optional*):
+            Also stop a prompt's decoding once its new text holds one of these strings (`GenerationConfig`'s
+            `stop_strings`; the text then ends with it): for callers that cut the text there anyway, it saves the
+            tokens after it.
 
     Returns:
         `list[str]`: one continuation per prompt, in input order: the generated tokens up to (not including) the
@@ -144,7 +149,9 @@ def greedy_continuations(
         max_new_tokens=max_new_tokens,
         pad_token_id=pad,
         eos_token_id=eos or None,
+        stop_strings=list(stop_strings) if stop_strings else None,
     )
+    extra = {"tokenizer": tokenizer} if stop_strings else {}
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     continuations = [""] * len(encoded)
     device = model.device
@@ -158,7 +165,7 @@ def greedy_continuations(
             mask = torch.tensor(
                 [[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in batch], device=device
             )
-            output = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
+            output = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config, **extra)
             for row, i in enumerate(batch):
                 new_tokens = output[row, width:].tolist()
                 stops = [position for position, token in enumerate(new_tokens) if token in eos]

@@ -64,6 +64,10 @@ WILD_METRIC_KEYS = (
 )
 """The keys of the dictionary returned by [`evaluate_wild`], in its order."""
 
+ANSWER_STOP_STRINGS = ("\n", ". ")
+"""Where the decoding of a wild answer may stop: past the first line break or sentence end, which [`cut_answer`]
+cuts at."""
+
 _SENTENCE_STOP = re.compile(r"\n|\.(?=\s|$)")
 
 
@@ -217,8 +221,16 @@ def evaluate_wild(
 
     def answers(questions: list[str]) -> list[str]:
         texts = questions if chat else [context.replace("{question}", question) for question in questions]
+        # Decoding stops at the first "\n" or ". ": every cut `cut_answer` makes lies before them, so the answers are
+        # those of decoding to EOS, at a fraction of the tokens.
         decoded = greedy_continuations(
-            model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size, **options
+            model,
+            tokenizer,
+            texts,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            stop_strings=ANSWER_STOP_STRINGS,
+            **options,
         )
         return [cut_answer(text) for text in decoded]
 
