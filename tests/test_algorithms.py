@@ -404,23 +404,33 @@ def emmet_equation():
     assert relative_error(delta @ (rho * system + keys.T @ keys), residuals.T @ keys) < 1e-10
 
 
+def reference_alphaedit_update(covariance, threshold, l2, keys, residuals, earlier_gram):
+    """The reference's formula (jianghoucheng/AlphaEdit: `get_project` in `experiments/evaluate.py`, the solve in
+    `AlphaEdit_main.py`), transcribed in float64 with the reference's shapes: `P = U_s U_s^T` for the singular vectors
+    of `C0` whose singular value is below `threshold`, then `solve(P (K K^T + cache_c) + L2 I, P K R^T)`, which is
+    `Delta^T` (`K` is `(d_in, n)`, `R` is `(d_out, n)`)."""
+    U, S, _ = torch.linalg.svd(covariance, full_matrices=False)
+    small = (S < threshold).nonzero(as_tuple=True)[0]
+    P = U[:, small] @ U[:, small].T
+    layer_ks, resid = keys.T, residuals.T
+    eye = torch.eye(layer_ks.shape[0], dtype=torch.float64)
+    upd_matrix = torch.linalg.solve(P @ (layer_ks @ layer_ks.T + earlier_gram) + l2 * eye, P @ layer_ks @ resid.T)
+    return upd_matrix.T, P
+
+
 def alphaedit_equation():
-    """With `P` the projector onto the eigenvectors of `C0` below `nullspace_threshold` times the largest eigenvalue
-    and `alpha = alphaedit_l2 * trace(C0) / d_in`: `Delta (I - P) = 0` (the preserved directions are untouched) and
-    the normal equations `(P (K1 K1^T + K K^T) + alpha I) Delta^T = P K R^T`."""
-    threshold, l2 = 0.3, 0.5
+    """As published: `P` spans the eigenvectors of `C0` with eigenvalue below the absolute `nullspace_threshold`,
+    `alpha = alphaedit_l2` absolute, and the update equals the reference's formula with the first batch's keys in
+    `cache_c` (float64, to 1e-12); `Delta (I - P) = 0` (the preserved directions are untouched)."""
+    threshold, l2 = 0.6, 0.5  # inside the spectrum of the test's C0 (about 0.2 .. 3)
     delta, _, (k1, _), (keys, residuals), c0 = two_batches(
         "alphaedit", 1.0, nullspace_threshold=threshold, alphaedit_l2=l2
     )
-    eigenvalues, eigenvectors = torch.linalg.eigh(c0)
-    null = eigenvectors[:, eigenvalues < threshold * eigenvalues[-1]]
-    assert 0 < null.shape[1] < len(c0)  # a proper subspace, so both conditions say something
-    projector = null @ null.T
+    expected, projector = reference_alphaedit_update(c0, threshold, l2, keys, residuals, k1.T @ k1)
+    assert 0 < int(torch.linalg.matrix_rank(projector)) < len(c0)  # a proper subspace: both conditions say something
+    assert relative_error(delta, expected) < 1e-12
     eye = torch.eye(len(c0), dtype=torch.float64)
-    assert float((delta @ (eye - projector)).norm() / delta.norm()) < 1e-10
-    alpha = l2 * eigenvalues.mean()
-    lhs = (projector @ (k1.T @ k1 + keys.T @ keys) + alpha * eye) @ delta.T
-    assert relative_error(lhs, projector @ keys.T @ residuals) < 1e-10
+    assert float((delta @ (eye - projector)).norm() / delta.norm()) < 1e-12
 
 
 DEFINING_EQUATIONS = {
@@ -437,6 +447,108 @@ DEFINING_EQUATIONS = {
 def test_every_registered_method_satisfies_its_defining_equation(name):
     assert name in DEFINING_EQUATIONS, f"`{name}` is registered without a check of its defining equation here."
     DEFINING_EQUATIONS[name]()
+
+
+def test_alphaedit_defaults_are_the_published_ones():
+    config = get_config_class("alphaedit")()
+    assert (config.nullspace_threshold, config.effective_nullspace_rule, config.alphaedit_l2_relative) == (
+        2e-2,
+        "absolute",
+        False,
+    )
+    assert config.alphaedit_l2 is None and config.ridge_l2 == 10.0  # None: per model, 10 unless a model says else
+
+
+def test_alphaedit_relative_threshold_and_ridge_options():
+    """`nullspace_rule="relative"`: eigenvalues below `threshold` times the largest; `alphaedit_l2_relative`: `alpha
+    = alphaedit_l2 * trace(C0) / d_in`. The normal equations `(P (K1 K1^T + K K^T) + alpha I) Delta^T = P K R^T`."""
+    threshold, l2 = 0.3, 0.5
+    delta, _, (k1, _), (keys, residuals), c0 = two_batches(
+        "alphaedit",
+        1.0,
+        nullspace_threshold=threshold,
+        nullspace_rule="relative",
+        alphaedit_l2=l2,
+        alphaedit_l2_relative=True,
+    )
+    eigenvalues, eigenvectors = torch.linalg.eigh(c0)
+    null = eigenvectors[:, eigenvalues < threshold * eigenvalues[-1]]
+    assert 0 < null.shape[1] < len(c0)
+    projector = null @ null.T
+    eye = torch.eye(len(c0), dtype=torch.float64)
+    assert float((delta @ (eye - projector)).norm() / delta.norm()) < 1e-10
+    alpha = l2 * eigenvalues.mean()
+    lhs = (projector @ (k1.T @ k1 + keys.T @ keys) + alpha * eye) @ delta.T
+    assert relative_error(lhs, projector @ keys.T @ residuals) < 1e-10
+    # The published rule with the threshold that selects the same eigenvalues, and the ridge in absolute units: equal.
+    published, *_ = two_batches(
+        "alphaedit", 1.0, nullspace_threshold=float(threshold * eigenvalues[-1]), alphaedit_l2=float(alpha)
+    )
+    assert relative_error(published, delta) < 1e-12
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"nullspace_rule": "energy"}, "needs `nullspace_energy`"),
+        ({"nullspace_rule": "relative", "nullspace_energy": 0.1}, "use `nullspace_rule='energy'`"),
+        ({"nullspace_rule": "relative", "nullspace_threshold": 2.0}, r"must be in \(0, 1\) for rule 'relative'"),
+        ({"nullspace_threshold": 0.0}, "nullspace_threshold"),
+        ({"nullspace_rule": "largest"}, "must be one of"),
+        ({"alphaedit_l2": 0.0}, "alphaedit_l2"),
+    ],
+)
+def test_alphaedit_config_refuses_inconsistent_rules(values, message):
+    with pytest.raises(ValueError, match=message):
+        get_config_class("alphaedit")(**values)
+
+
+def test_alphaedit_configuration_saved_before_the_published_defaults_keeps_its_meaning():
+    """A saved configuration without `nullspace_rule` was solved with the relative threshold and ridge: continuing it
+    keeps them; today's configurations pass unchanged."""
+    config_class = get_config_class("alphaedit")
+    legacy = {"nullspace_threshold": 0.01, "nullspace_energy": None, "alphaedit_l2": 10.0}
+    assert config_class.upgrade_saved(legacy) == legacy | {"nullspace_rule": "relative", "alphaedit_l2_relative": True}
+    energy = {"nullspace_threshold": 0.01, "nullspace_energy": 0.05, "alphaedit_l2": 10.0}
+    assert config_class.upgrade_saved(energy)["nullspace_rule"] == "energy"
+    today = config_class().to_dict()
+    assert config_class.upgrade_saved(today) == today
+    assert get_config_class("memit").upgrade_saved({"mom2_update_weight": 1.0}) == {"mom2_update_weight": 1.0}
+
+
+def test_published_emmet_is_the_reference_formula():
+    """`PUBLISHED_EMMET` (scalable-model-editing/unified-model-editing `emmet_main.py`): `C = lambda C0 (+ mu I)`,
+    `D = K^T C^-1 K + emmet_lambda I` (only for more than one edit), `Delta = R D^-1 K^T C^-1`, with no earlier keys
+    in `C`; transcribed with the reference's shapes, float64, to 1e-12."""
+    from memit_hf.algorithms.emmet import PUBLISHED_EMMET
+
+    lam, mu = 2.0, 0.3
+    delta, _, _, (keys, residuals), c0 = two_batches("emmet", lam, update_norm_weight=mu, **PUBLISHED_EMMET)
+    layer_ks, resid = keys.T, residuals.T  # (d_in, n), (d_out, n)
+    cov = lam * c0 + mu * torch.eye(len(c0), dtype=torch.float64)
+    C_inv = torch.inverse(cov)
+    D = layer_ks.T @ C_inv @ layer_ks + 0.1 * torch.eye(layer_ks.shape[1], dtype=torch.float64)
+    adj_k = (torch.inverse(D) @ layer_ks.T @ C_inv).T
+    assert relative_error(delta, resid @ adj_k.T) < 1e-12
+    # One edit: the reference adds no ridge (ROME's exact write).
+    algorithm = get_algorithm("emmet", {"mom2_update_weight": lam, **PUBLISHED_EMMET})
+    statistics = statistics_of(c0)
+    single = torch.matmul(*algorithm.solve(LayerProblem("m", 0, keys[:1], residuals[:1], statistics)))
+    assert relative_error(keys[:1] @ single.T, residuals[:1]) < 1e-12
+
+
+def test_update_norm_weight_adds_mu_identity_to_the_preserved_term():
+    """ENCORE's norm constraint: `Delta (lambda C0 + mu I + sum_p K_p K_p^T + K K^T) = R K^T` (memit_seq), and the
+    update is smaller than without it."""
+    lam, mu = 2.0, 5.0
+    delta, _, (k1, _), (keys, residuals), c0 = two_batches("memit_seq", lam, update_norm_weight=mu)
+    eye = torch.eye(len(c0), dtype=torch.float64)
+    assert relative_error(delta @ (lam * c0 + mu * eye + k1.T @ k1 + keys.T @ keys), residuals.T @ keys) < 1e-10
+    plain, *_ = two_batches("memit_seq", lam)
+    assert float(delta.norm()) < float(plain.norm())
+    with pytest.raises(ValueError, match="update_norm_weight"):
+        get_config_class("memit_seq")(update_norm_weight=-1.0)
+    assert "update_norm_weight" not in get_config_class("memit").field_names()  # the published MEMIT has no mu
 
 
 def test_rome_and_emmet_share_the_equality_constrained_solve():

@@ -739,9 +739,19 @@ def test_evaluate_an_adapter(saved_tiny_llama, tmp_path):
 
 def test_method_flags_parse_for_the_chosen_method():
     _, args = cli.parse_args(["stats", "--algorithm", "emmet", "--emmet_ridge", "0.5", "--accumulate_keys", "false"])
-    assert args.algorithm_config == {"mom2_update_weight": None, "emmet_ridge": 0.5, "accumulate_keys": False}
+    assert args.algorithm_config == {
+        "mom2_update_weight": None,
+        "emmet_ridge": 0.5,
+        "accumulate_keys": False,
+        "emmet_ridge_relative": True,
+        "update_norm_weight": 0.0,
+    }
     with pytest.raises(SystemExit):
         cli.parse_args(["stats", "--algorithm", "memit", "--emmet_ridge", "0.5"])
+    _, args = cli.parse_args(["stats", "--algorithm", "alphaedit", "--nullspace_rule", "relative"])
+    assert args.method_config.effective_nullspace_rule == "relative"
+    with pytest.raises(SystemExit):  # not one of the rules: argparse's choices
+        cli.parse_args(["stats", "--algorithm", "alphaedit", "--nullspace_rule", "largest"])
 
 
 def test_edit_with_a_state_dir_continues_the_saved_state(saved_tiny_llama, tmp_path, capsys):

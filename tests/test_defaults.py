@@ -91,11 +91,13 @@ def test_the_recipes_agree_with_the_defaults(name):
 
 
 def test_alphaedit_on_llama3_takes_the_alphaedit_settings():
-    """hparams/AlphaEdit/Llama3-8B.json: layers 4..8, v_lr 0.1; the null-space threshold and ridge stay relative."""
+    """hparams/AlphaEdit/Llama3-8B.json: layers 4..8, v_lr 0.1, the absolute null-space threshold 2e-2 (the config's
+    default) and ridge `L2` 10."""
     args = resolved("llama3-8b", "alphaedit")
     assert args.layers == [4, 5, 6, 7, 8] and args.v_lr == 0.1 and args.v_num_grad_steps == 25
     assert (args.v_weight_decay, args.clamp_norm_factor) == (0.5, 0.75)
-    assert args.algorithm_config == EditingArguments(algorithm="alphaedit").algorithm_config
+    assert args.algorithm_config == EditingArguments(algorithm="alphaedit").algorithm_config | {"alphaedit_l2": 10.0}
+    assert args.method_config.nullspace_threshold == 2e-2 and args.method_config.effective_nullspace_rule == "absolute"
     assert find_model_defaults(meta_model("llama3-8b").config, "alphaedit").source.endswith("AlphaEdit/Llama3-8B.json")
 
 

@@ -556,3 +556,38 @@ def test_state_and_adapter_files_get_the_permissions_of_the_umask(tokenizer, tmp
     ]
     assert len(files) == 5  # the state's tensors, its adapter, batch 0's adapter, the adapter, the checkpoint
     assert {str(path): stat.S_IMODE(path.stat().st_mode) for path in files} == dict.fromkeys(map(str, files), 0o644)
+
+
+@pytest.mark.parametrize("method", ["alphaedit", "memit_seq"])
+def test_a_state_saved_before_new_method_fields_continues_with_their_old_meaning(method, tokenizer, tmp_path):
+    """A state written before AlphaEdit's published rules (no `nullspace_rule`: its threshold and ridge were relative)
+    or before `update_norm_weight` existed continues with the settings it was made with, and its next edit equals the
+    one an editor that never saved would make."""
+    legacy = {"nullspace_threshold": 0.5, "nullspace_rule": "relative", "alphaedit_l2_relative": True}
+    flat = {"algorithm": method, "v_num_grad_steps": 3, **(legacy if method == "alphaedit" else {})}
+    requests = subject_final_requests()
+    editor = make_editor(tokenizer, tmp_path / "stats", **flat)
+    editor.edit(requests[:2])
+    editor.save_state(tmp_path / "state")
+
+    def drop_new_fields(tensors, manifest):
+        new_fields = ("nullspace_rule", "alphaedit_l2_relative", "update_norm_weight")
+        for config in (manifest["algorithm_config"], manifest["arguments"]["algorithm_config"]):
+            for name in new_fields:
+                config.pop(name, None)
+
+    rewrite_state(tmp_path / "state", drop_new_fields)
+    assert (
+        "nullspace_rule" not in json.loads((tmp_path / "state" / "editor_state.json").read_text())["algorithm_config"]
+    )
+    continued = Editor.from_state(
+        build_tiny_causal_lm("llama", vocab_size=len(tokenizer)),
+        tmp_path / "state",
+        processing_class=tokenizer,
+        stats_dataset=tiny_corpus(),
+        args=continue_args(tmp_path, **flat),
+    )
+    assert continued.resolved_args.algorithm_config == editor.resolved_args.algorithm_config
+    expected, actual = editor.edit(requests[2:]), continued.edit(requests[2:])
+    for a, b in zip(expected.deltas, actual.deltas):
+        assert torch.equal(a.lora_B, b.lora_B) and torch.equal(a.lora_A, b.lora_A)

@@ -4,7 +4,7 @@ of earlier batches, its atomicity, and exact rollback."""
 import pytest
 import torch
 
-from memit_hf.algorithms import LayerProblem, get_algorithm
+from memit_hf.algorithms import AlphaEdit, LayerProblem, get_algorithm
 from memit_hf.editor import Editor, EditorCallback
 from memit_hf.keys import compute_keys_and_outputs
 from memit_hf.statistics import LayerStatistics, SecondMoment
@@ -74,7 +74,7 @@ def test_alphaedit_leaves_preserved_keys_unchanged():
     keys, residuals = batch(4, d_in, d_out, 4)
     delta = torch.matmul(*alphaedit.solve(LayerProblem("m", 0, keys, residuals, statistics)))
     eigenvalues, eigenvectors = torch.linalg.eigh(statistics.covariance())
-    preserved = eigenvectors[:, eigenvalues >= 0.5 * eigenvalues[-1]]  # (d_in, d_in - rank)
+    preserved = eigenvectors[:, eigenvalues >= 0.5]  # (d_in, d_in - rank): the published, absolute rule
     assert preserved.shape[1] == d_in - rank
     assert float((delta @ preserved).norm() / delta.norm()) < 1e-12
     assert torch.linalg.matrix_rank(delta) <= len(keys)
@@ -105,7 +105,14 @@ def test_alphaedit_energy_rule_keeps_the_smallest_directions_within_the_energy_s
 METHODS = {
     "memit_seq": {},
     "emmet": {"emmet_ridge": 0.0},
-    "alphaedit": {"nullspace_threshold": 0.5, "alphaedit_l2": 1e-3},  # a light ridge: the tiny model has few keys
+    # A light ridge (the tiny model has few keys) and the relative rules (the tiny model's activation scale is not a
+    # real model's, so the published absolute threshold and ridge mean nothing there).
+    "alphaedit": {
+        "nullspace_threshold": 0.5,
+        "nullspace_rule": "relative",
+        "alphaedit_l2": 1e-3,
+        "alphaedit_l2_relative": True,
+    },
 }
 
 
@@ -148,11 +155,70 @@ def test_sequential_methods_edit_a_tiny_model(method, tokenizer, tmp_path):
     assert next_token_argmax(model, tokenizer, prompts) == targets
 
 
+class RecordingAlphaEdit(AlphaEdit):
+    """AlphaEdit that keeps every layer problem it solved (the keys and residuals the editor computed) and its float64
+    factors."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.problems: list[tuple[LayerProblem, torch.Tensor]] = []
+
+    def solve(self, problem):
+        lora_B, lora_A = super().solve(problem)
+        self.problems.append((problem, lora_B @ lora_A))
+        return lora_B, lora_A
+
+
+def test_published_alphaedit_on_a_tiny_model_is_the_reference_formula(tokenizer, tmp_path):
+    """Two sequential batches on the tiny Llama with the published rules (absolute threshold, absolute ridge): every
+    layer's update equals the reference's `solve(P (K K^T + cache_c) + L2 I, P K R^T)^T`, with `P` from the SVD of the
+    layer's `C0`, `cache_c` the first batch's keys at that layer, and `K`, `R` the keys and residuals the editor
+    computed (float64, 1e-12 against the update's size; the applied float32 factors to float32 rounding)."""
+    probe = Editor(
+        build_tiny_causal_lm("llama", vocab_size=len(tokenizer)),
+        args=tiny_editing_arguments(tmp_path, algorithm="alphaedit"),
+        processing_class=tokenizer,
+        stats_dataset=tiny_corpus(),
+    )
+    statistics = probe.get_statistics(probe.resolved_args.layers)
+    spectra = [torch.linalg.eigvalsh(s.covariance()) for s in statistics.values()]
+    threshold = float(torch.cat(spectra).median())  # cuts a proper null space at every layer
+    l2 = float(torch.cat(spectra).mean())
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    args = tiny_editing_arguments(
+        tmp_path, algorithm="alphaedit", nullspace_threshold=threshold, alphaedit_l2=l2, v_num_grad_steps=5
+    )
+    editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=tiny_corpus())
+    assert editor.resolved_args.method_config.effective_nullspace_rule == "absolute"
+    recording = RecordingAlphaEdit(editor.resolved_args.method_config)
+    editor.algorithm = recording
+    requests = subject_final_requests()
+    editor.edit(requests[:2])
+    first = {problem.module_name: problem.keys for problem, _ in recording.problems}
+    recording.problems.clear()
+    output = editor.edit(requests[2:])
+    deltas = {delta.module_name: delta for delta in output.deltas}
+    for problem, solved in recording.problems:
+        covariance = problem.statistics.covariance()
+        U, S, _ = torch.linalg.svd(covariance, full_matrices=False)
+        small = (S < threshold).nonzero(as_tuple=True)[0]
+        assert 0 < len(small) < len(S)
+        P = U[:, small] @ U[:, small].T
+        layer_ks, resid = problem.keys.T, problem.residuals.T
+        cache_c = first[problem.module_name].T @ first[problem.module_name]
+        eye = torch.eye(layer_ks.shape[0], dtype=torch.float64)
+        upd_matrix = torch.linalg.solve(P @ (layer_ks @ layer_ks.T + cache_c) + l2 * eye, P @ layer_ks @ resid.T)
+        assert float((solved - upd_matrix.T).norm() / upd_matrix.norm()) < 1e-12, problem.module_name
+        delta = deltas[problem.module_name]
+        applied = delta.lora_B.double() @ delta.lora_A.double()
+        assert float((applied - upd_matrix.T).norm() / upd_matrix.norm()) < 1e-6, problem.module_name
+
+
 @pytest.mark.parametrize("method", ["memit", "memit_seq", "emmet", "alphaedit"])
 def test_rollback_is_bit_exact_for_weights_and_state(method, tokenizer, tmp_path):
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
     flat = {"algorithm": method, "v_num_grad_steps": 5}
-    flat.update({"nullspace_threshold": 0.5} if method == "alphaedit" else {})  # the others take lambda 1
+    flat.update({"nullspace_threshold": 0.5, "nullspace_rule": "relative"} if method == "alphaedit" else {})
     editor = Editor(
         model, args=tiny_editing_arguments(tmp_path, **flat), processing_class=tokenizer, stats_dataset=tiny_corpus()
     )
@@ -268,7 +334,8 @@ def test_switching_the_method_while_state_is_held_is_refused(tokenizer, tmp_path
     held = editor.algorithm
     weights = parameters_snapshot(model)
     message = (
-        r"`args` changed the method from `memit_seq` \{'mom2_update_weight': 1\.0\} while it holds state from "
+        r"`args` changed the method from `memit_seq` \{'mom2_update_weight': 1\.0, 'update_norm_weight': 0\.0\} while it "
+        r"holds state from "
         r"earlier edits; call `restore\(\)` first\."
     )
     for other in (

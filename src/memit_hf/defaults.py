@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import PretrainedConfig, PreTrainedModel
 
+from .algorithms.alphaedit.config import PUBLISHED_L2
 from .algorithms.registry import get_config_class
 from .architectures import ModelLayout, num_layers
 from .arguments import EditingArguments
@@ -21,6 +22,7 @@ GENERIC_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         v_lr=ValueOptimisation.lr,
         v_weight_decay=ValueOptimisation.weight_decay,
         clamp_norm_factor=ValueOptimisation.clamp_norm_factor,
+        alphaedit_l2=PUBLISHED_L2,
     )
 )
 """What a model without an entry in [`MODEL_DEFAULTS`] gets: the values measured on SmolLM2-135M
@@ -126,6 +128,7 @@ MODEL_DEFAULTS: tuple[ModelDefaults, ...] = (
             v_lr=0.1,
             v_weight_decay=0.5,
             clamp_norm_factor=0.75,
+            alphaedit_l2=10.0,
         ),
         source="jianghoucheng/AlphaEdit hparams/AlphaEdit/Llama3-8B.json",
     ),
@@ -137,9 +140,9 @@ Llama-3-8B / -Instruct (llama, 32 layers, width 4096, vocabulary 128256) edited 
 settings (for Llama-3, those the AlphaEdit repository publishes for MEMIT), and AlphaEdit on Llama-3-8B gets the
 AlphaEdit paper's; every other model (SmolLM2 is `llama` too), and every other method, gets [`GENERIC_DEFAULTS`] and
 [`default_layers`]. Fields whose library default already is the paper's (`kl_factor`, the context templates, the
-loss-only early stop) are not repeated. AlphaEdit's published `nullspace_threshold` (2e-2) and `L2` (10) are absolute
-values on the reference's activation scale; `AlphaEditConfig` measures both relative to the spectrum, so they are not
-copied."""
+loss-only early stop, AlphaEdit's absolute `nullspace_threshold` 2e-2) are not repeated. AlphaEdit's ridge `L2`
+(`alphaedit_l2`, absolute) is 10 in every published AlphaEdit setting and the generic default; an entry may
+override it (EasyEdit's Qwen2.5-7B setting uses 1)."""
 
 
 def find_model_defaults(config: PretrainedConfig, algorithm: str = "memit") -> ModelDefaults | None:

@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .algorithms import get_algorithm
+from .algorithms import ALGORITHM_NAMES, get_algorithm, get_config_class
 from .arguments import EditingArguments
 from .callbacks import EditorCallback
 from .deltas import LayerDelta, make_delta
@@ -448,12 +448,19 @@ def _state_from_manifest(path: Path, manifest: dict[str, Any]) -> EditorState:
             raise StateMismatchError(f"The consolidated batches of the editor state in `{path}` are malformed.")
         records = [batch_record(b, f"A consolidated batch of the editor state in `{path}`") for b in entry["batches"]]
         floor = HistoryFloor(prefixed("floor.weights."), prefixed("floor.algorithm."), floor_deltas, records)
+    algorithm = str(manifest["algorithm"])
+    algorithm_config, arguments = manifest["algorithm_config"], manifest["arguments"]
+    if algorithm in ALGORITHM_NAMES:  # an unknown method is refused later, naming it
+        upgrade = get_config_class(algorithm).upgrade_saved
+        algorithm_config = upgrade(algorithm_config)
+        if isinstance(arguments.get("algorithm_config"), dict):
+            arguments = arguments | {"algorithm_config": upgrade(arguments["algorithm_config"])}
     return EditorState(
         model=manifest["model"],
         original_weights=manifest["original_weights"],
-        algorithm=str(manifest["algorithm"]),
-        algorithm_config=manifest["algorithm_config"],
-        arguments=manifest["arguments"],
+        algorithm=algorithm,
+        algorithm_config=algorithm_config,
+        arguments=arguments,
         context_templates=[[str(t) for t in group] for group in manifest["context_templates"]],
         statistics=manifest["statistics"],
         batches=batches,

@@ -34,9 +34,19 @@ def cholesky_factor(matrix: torch.Tensor, what: str) -> torch.Tensor:
     return factor
 
 
-def preserved_term(statistics: LayerStatistics, weight: float) -> torch.Tensor:
-    """`weight * C0` of one layer's statistics, float64 `(d_in, d_in)`, from the sum (one division by the count)."""
-    return statistics.moment.total * (weight / statistics.moment.count)
+def preserved_term(statistics: LayerStatistics, weight: float, norm_weight: float = 0.0) -> torch.Tensor:
+    """`weight * C0 (+ norm_weight * I)` of one layer's statistics, float64 `(d_in, d_in)`, from the sum (one
+    division by the count).
+
+    Args:
+        statistics ([`~memit_hf.statistics.LayerStatistics`]): the preserved keys' second moment.
+        weight (`float`): lambda.
+        norm_weight (`float`, *optional*, defaults to `0.0`): mu, the Frobenius-norm penalty on the update.
+    """
+    term = statistics.moment.total * (weight / statistics.moment.count)
+    if norm_weight:
+        term = term + norm_weight * torch.eye(len(term), dtype=term.dtype, device=term.device)
+    return term
 
 
 def check_preserved_term(statistics: LayerStatistics, weight: float) -> None:
@@ -49,17 +59,19 @@ def check_preserved_term(statistics: LayerStatistics, weight: float) -> None:
 
 
 def equality_constrained_update(
-    keys: torch.Tensor, residuals: torch.Tensor, factor: torch.Tensor, ridge: float = 0.0
+    keys: torch.Tensor, residuals: torch.Tensor, factor: torch.Tensor, ridge: float = 0.0, relative: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The minimum-disturbance update that writes the residuals: `Delta = R (K^T C^-1 K + rho I)^-1 K^T C^-1` with
-    `rho = ridge * mean(diag(K^T C^-1 K))`. With `ridge = 0` every residual is written exactly (ROME's form, the
-    minimum `C`-norm solution of `Delta K = R`); a positive ridge relaxes the constraints (EMMET).
+    `rho = ridge * mean(diag(K^T C^-1 K))` (or `rho = ridge` when not `relative`). With `ridge = 0` every residual is
+    written exactly (ROME's form, the minimum `C`-norm solution of `Delta K = R`); a positive ridge relaxes the
+    constraints (EMMET).
 
     Args:
         keys (`torch.Tensor`): `(n, d_in)` float64 keys.
         residuals (`torch.Tensor`): `(n, d_out)` float64 residuals.
         factor (`torch.Tensor`): the lower Cholesky factor of `C`, `(d_in, d_in)`.
-        ridge (`float`, *optional*, defaults to `0.0`): `rho` relative to the mean diagonal of `K^T C^-1 K`.
+        ridge (`float`, *optional*, defaults to `0.0`): `rho`, relative to the mean diagonal of `K^T C^-1 K`.
+        relative (`bool`, *optional*, defaults to `True`): `False` takes `ridge` as the absolute `rho`.
 
     Returns:
         `tuple[torch.Tensor, torch.Tensor]`: `B = R (K^T C^-1 K + rho I)^-1` `(d_out, n)` and `A = (C^-1 K)^T`
@@ -71,7 +83,8 @@ def equality_constrained_update(
     c_inv_k = torch.cholesky_solve(keys.T, factor)  # (d_in, n)
     gram = keys @ c_inv_k  # (n, n) = K^T C^-1 K
     if ridge:
-        gram = gram + ridge * gram.diagonal().mean() * torch.eye(len(keys), dtype=gram.dtype, device=gram.device)
+        rho = ridge * gram.diagonal().mean() if relative else ridge
+        gram = gram + rho * torch.eye(len(keys), dtype=gram.dtype, device=gram.device)
         what = "K^T C^-1 K + rho I (are two requests' keys identical?)"
     else:
         what = "K^T C^-1 K (are two requests' keys identical?)"

@@ -1,7 +1,7 @@
 """The base classes of the algorithms' configurations (torch-free, so that argument parsing stays light)."""
 
 import importlib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 
@@ -64,6 +64,21 @@ class AlgorithmConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def upgrade_saved(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """A configuration saved by an earlier memit-hf (an editor state's), in today's fields, with the meaning it had
+        when it was saved: a method whose defaults changed meaning fills the fields added since with the old one.
+
+        Args:
+            values (`dict[str, Any]`): the saved fields.
+
+        Returns:
+            `dict[str, Any]`: a copy to build the configuration from: fields added since it was saved take their
+            defaults (which keep the old behaviour unless a method overrides this).
+        """
+        added = {f.name: f.default for f in fields(cls) if f.name not in values and f.default is not MISSING}
+        return dict(values) | added
+
 
 @dataclass
 class CovarianceConfig(AlgorithmConfig):
@@ -84,3 +99,23 @@ class CovarianceConfig(AlgorithmConfig):
     def __post_init__(self):
         if self.mom2_update_weight is not None and not self.mom2_update_weight > 0:
             raise ValueError(f"`mom2_update_weight` must be positive, got {self.mom2_update_weight}.")
+
+
+def update_norm_field() -> Any:
+    """The `update_norm_weight` field of the sequential methods (memit_seq, EMMET): mu, a Frobenius-norm penalty on
+    each update (`mu ||Delta||_F^2`, so `mu I` joins the preserved term), the norm constraint of ENCORE
+    (https://huggingface.co/papers/2502.01636, mu = 20 on Llama-3-8B) and EMMET's `update_norm_lambda`. Absolute, on
+    the scale of `lambda C0`; 0 (the default) is the published method."""
+    return field(
+        default=0.0, metadata={"help": "mu: Frobenius-norm penalty on each update (ENCORE's norm constraint)."}
+    )
+
+
+def check_update_norm_weight(value: float) -> None:
+    """Refuse a negative `update_norm_weight`.
+
+    Raises:
+        ValueError: naming the field.
+    """
+    if not value >= 0:
+        raise ValueError(f"`update_norm_weight` must be non-negative, got {value}.")

@@ -194,6 +194,7 @@ def add_method_flags(parser: argparse.ArgumentParser) -> None:
                 dest=item.name,
                 type=kind,
                 default=None,
+                choices=item.metadata.get("choices"),
                 help=f"[{', '.join(owners)}] {item.metadata.get('help', '')}",
             )
 

@@ -8,10 +8,14 @@ from .config import AlphaEditConfig
 
 
 class AlphaEdit(EditAlgorithm):
-    """`Delta^T = (P (K K^T + sum_p K_p K_p^T) + alpha I)^-1 P K R^T`, with `P` the projector onto the span of the
-    eigenvectors of `C0` whose eigenvalues are below `nullspace_threshold` times the largest (or, with
-    `nullspace_energy`, the smallest ones summing to at most that share of the trace) and `alpha =
-    alphaedit_l2 * trace(C0) / d_in` (both prepared once per statistics fingerprint; the eigendecomposition of `C0` is cached beside the statistics). For a preserved key `x` (`P x = 0`), `Delta x = 0` exactly.
+    """`Delta^T = (P (K K^T + sum_p K_p K_p^T) + alpha I)^-1 P K R^T` (the reference's `AlphaEdit_main.py`), with `P`
+    the projector onto the eigenvectors of `C0` that span its null space and `alpha` the ridge `L2`.
+
+    As published: the null space holds the eigenvalues of `C0` below `nullspace_threshold` (2e-2, absolute) and
+    `alpha = alphaedit_l2` (10, absolute). Options: a threshold relative to the largest eigenvalue, an energy share
+    of the trace, and `alpha` in units of `trace(C0) / d_in` (see [`AlphaEditConfig`]). Both are prepared once per
+    statistics fingerprint; the eigendecomposition of `C0` is cached beside the statistics. For a preserved key `x`
+    (`P x = 0`), `Delta x = 0` exactly.
 
     Returned as `B = R` and `A = ((P G + alpha I)^-1 P K)^T`, so the update stays rank <= n.
     """
@@ -26,15 +30,20 @@ class AlphaEdit(EditAlgorithm):
     def derive(self, statistics):
         # The spectrum is cached beside the statistics (any threshold reuses it): eigh of a 14336-wide float64
         # matrix takes minutes on a CPU.
-        eigenvalues, eigenvectors = statistics.spectrum()  # ascending
-        if self.config.nullspace_energy is not None:
+        eigenvalues, eigenvectors = statistics.spectrum()  # ascending, of C0 = E[k k^T]
+        rule = self.config.effective_nullspace_rule
+        if rule == "energy":
             in_null = torch.cumsum(eigenvalues, 0) <= self.config.nullspace_energy * eigenvalues.sum()
-        else:
+        elif rule == "relative":
             in_null = eigenvalues < self.config.nullspace_threshold * eigenvalues[-1]
+        else:  # the reference: an absolute threshold
+            in_null = eigenvalues < self.config.nullspace_threshold
         null = eigenvectors[:, in_null]  # (d_in, r)
         self._ranks[statistics.module_name] = null.shape[1]
         self._energies[statistics.module_name] = float(eigenvalues[in_null].sum() / eigenvalues.sum())
-        alpha = self.config.alphaedit_l2 * float(eigenvalues.mean())  # relative to trace(C0) / d_in
+        alpha = self.config.ridge_l2
+        if self.config.alphaedit_l2_relative:
+            alpha *= float(eigenvalues.mean())  # in units of trace(C0) / d_in
         return null @ null.T, alpha  # (d_in, d_in) projector, absolute ridge
 
     def solve(self, problem: LayerProblem) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,6 @@
 """EMMET: batched equality-constrained editing with a ridge."""
 
-from .config import EMMETConfig
+from .config import PUBLISHED_EMMET, EMMETConfig
 
 
-__all__ = ["EMMETConfig"]
+__all__ = ["PUBLISHED_EMMET", "EMMETConfig"]

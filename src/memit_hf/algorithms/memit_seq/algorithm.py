@@ -3,19 +3,20 @@ the current (edited) model; the Gram matrix of the earlier keys is the method's 
 
 import torch
 
-from ..base import LayerProblem
+from ..base import LayerProblem, preserved_term
 from ..memit.algorithm import MEMIT
 from .config import MEMITSeqConfig
 
 
 class MEMITSeq(MEMIT):
-    """MEMIT that preserves the keys of earlier edits (state `key_gram` per layer, `sum_p K_p K_p^T`, float64)."""
+    """MEMIT that preserves the keys of earlier edits (state `key_gram` per layer, `sum_p K_p K_p^T`, float64), with
+    ENCORE's norm constraint `mu I` when `update_norm_weight` is set."""
 
     config_class = MEMITSeqConfig
 
     def preserved(self, problem: LayerProblem) -> torch.Tensor:
-        """`lambda C0 + sum_p K_p K_p^T`; stages this edit's keys for the next one."""
-        term = super().preserved(problem)
+        """`lambda C0 (+ mu I) + sum_p K_p K_p^T`; stages this edit's keys for the next one."""
+        term = preserved_term(problem.statistics, self.config.mom2_update_weight, self.config.update_norm_weight)
         earlier = self.layer_state(problem.module_name).get("key_gram")
         self.accumulate_gram(problem.module_name, "key_gram", problem.keys)
         return term if earlier is None else term + earlier
