@@ -22,6 +22,8 @@ VALUE_ARGUMENTS = {  # ValueOptimisation field -> EditingArguments field with th
     "early_stop_margin": "v_early_stop_margin",
     "early_stop_patience": "v_early_stop_patience",
     "autocast_dtype": "v_autocast_dtype",
+    "norm_anchor": "v_norm_anchor",
+    "norm_anchor_skip": "v_norm_anchor_skip",
 }
 STATISTICS_ARGUMENTS = {  # StatisticsSettings field -> EditingArguments field
     "num_tokens": "stats_num_tokens",
@@ -69,6 +71,8 @@ def test_value_optimisation_reads_every_z_argument():
         v_early_stop_patience=2,
         v_batch_size=7,
         v_autocast_dtype="bfloat16",
+        v_norm_anchor=3.5,
+        v_norm_anchor_skip=None,
     )
     assert args.value_optimisation() == ValueOptimisation(
         num_steps=9,
@@ -81,6 +85,8 @@ def test_value_optimisation_reads_every_z_argument():
         early_stop_patience=2,
         chunk_size=7,
         autocast_dtype="bfloat16",
+        norm_anchor=3.5,
+        norm_anchor_skip=None,
     )
     unresolved = EditingArguments()
     unresolved.v_num_grad_steps = None  # per-model defaults still missing: the generic defaults

@@ -96,6 +96,13 @@ class EditingArguments:
         v_first_token_weight (`float`, *optional*, defaults to `1.0`):
             Weight of a target's first token in the z loss relative to each later token (a prompt's token weights
             still sum to one); see [`~memit_hf.settings.ValueOptimisation`].
+        v_norm_anchor (`float`, *optional*):
+            Norm-Anchor Scaling (NAS) for long sequences of edits: each solved value vector (the edited projection's
+            output plus the z delta) is rescaled to this norm, the original model's mean (compute it with
+            [`~memit_hf.Editor.value_norm_anchor`]). `None` (the default): off.
+        v_norm_anchor_skip (`float`, *optional*, defaults to `2.0`):
+            With `v_norm_anchor`: a request whose value norm exceeds this multiple of the anchor is left unchanged
+            at this edit (NAS's rule); `None`: rescale them all.
         num_context_templates (`int`, *optional*, defaults to `5`):
             Sampled prefixes added to the bare prompt.
         context_template_length (`int`, *optional*, defaults to `10`):
@@ -221,6 +228,14 @@ class EditingArguments:
     v_first_token_weight: float = field(
         default=ValueOptimisation.first_token_weight,
         metadata={"help": "Weight of a target's first token in the z loss relative to each later token."},
+    )
+    v_norm_anchor: float | None = field(
+        default=ValueOptimisation.norm_anchor,
+        metadata={"help": "NAS: rescale each value vector (projection output + z delta) to this norm (off: None)."},
+    )
+    v_norm_anchor_skip: float | None = field(
+        default=ValueOptimisation.norm_anchor_skip,
+        metadata={"help": "NAS: leave a request whose value norm exceeds this multiple of the anchor unchanged."},
     )
     num_context_templates: int = field(default=5, metadata={"help": "Number of sampled context prefixes."})
     context_template_length: int = field(default=10, metadata={"help": "Token length of each context prefix."})
@@ -385,6 +400,8 @@ class EditingArguments:
             chunk_size=self.v_batch_size,
             autocast_dtype=self.v_autocast_dtype,
             first_token_weight=self.v_first_token_weight,
+            norm_anchor=self.v_norm_anchor,
+            norm_anchor_skip=self.v_norm_anchor_skip,
         )
 
     def statistics_settings(self) -> StatisticsSettings:

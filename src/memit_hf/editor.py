@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from .modes import eval_mode
 from .requests import EDIT_RECORD_KEYS, EditRequest, check_edit_targets, load_requests
 from .statistics import LayerStatistics, StatisticsProvider, model_identity
 from .updates import LayerUpdates, edit_metrics, solve_layers
+from .value_norms import mean_value_norm, projection_outputs
 from .values import ValueResult, optimise_target_values
 
 
@@ -232,6 +234,33 @@ class Editor(EditExportMixin, EditorStateMixin):
             process_state=self.state,
             show_progress=self.state.is_main_process,
         )
+
+    def value_norm_anchor(
+        self, requests: Any, values: ValueResult | None = None, upper_quantile: float = 0.95
+    ) -> float:
+        """The reference norm of Norm-Anchor Scaling (`EditingArguments.v_norm_anchor`): the mean norm of the value
+        vectors `v* = v0 + delta` of `requests` solved on the original model (the edits held are switched off
+        meanwhile), the norms above their `upper_quantile` quantile dropped, as NAS's reference computes it over
+        1,000 CounterFact requests.
+
+        Args:
+            requests: as in [`edit`] (requests of the kind to be edited; they are not edited).
+            values ([`~memit_hf.values.ValueResult`], *optional*): their raw target values on the original model
+                (from [`compute_values`] on an editor holding no edit and without `v_norm_anchor`), to reuse them;
+                computed when `None`.
+            upper_quantile (`float`, *optional*, defaults to `0.95`): the norms above this quantile are dropped.
+
+        Returns:
+            `float`: the anchor.
+        """
+        requests = self._checked_requests(requests)
+        args = replace(self.resolved_args, v_norm_anchor=None)
+        z_layer = args.layers[-1]
+        with self.unedited(), eval_mode(self.model):
+            if values is None:
+                values = self._target_values(requests, self.context_templates, z_layer, args)
+            v0 = projection_outputs(self.model, self.tokenizer, self.layout, requests, z_layer)
+        return mean_value_norm(values.targets, values.initial, v0, upper_quantile)
 
     # ------------------------------------------------------------------------------------------------------ edit
     def edit(self, requests: Any, values: ValueResult | None = None) -> EditOutput:

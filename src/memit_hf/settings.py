@@ -56,6 +56,15 @@ class ValueOptimisation:
         first_token_weight (`float`, *optional*, defaults to `1.0`):
             Weight of a target's first token in its prompt's NLL relative to each later token (the weights of a
             prompt's tokens still sum to one): above 1 favours the token greedy decoding must pick first.
+        norm_anchor (`float`, *optional*):
+            Norm-Anchor Scaling (NAS, https://huggingface.co/papers/2602.02543): rescale each solved value vector
+            `v* = v0 + delta` (`v0`: the edited projection's output at the z layer at the subject's last token of the
+            bare prompt) to this norm, the mean `||v*||` of the original model (see
+            [`~memit_hf.Editor.value_norm_anchor`]), so value norms cannot feed back into the weights edit after
+            edit. `None` (the default): off.
+        norm_anchor_skip (`float`, *optional*, defaults to `2.0`):
+            With `norm_anchor`, a request whose `||v*||` exceeds this multiple of the anchor keeps `v* = v0` (no
+            change of its value, as the reference does); `None`: rescale every request.
 
     Raises:
         ValueError: naming the field, when a value is out of its range.
@@ -73,6 +82,8 @@ class ValueOptimisation:
     autocast_dtype: str | None = None
     use_prefix_cache: bool = True
     first_token_weight: float = 1.0
+    norm_anchor: float | None = None
+    norm_anchor_skip: float | None = 2.0
 
     def __post_init__(self):
         if not isinstance(self.num_steps, Integral) or self.num_steps <= 0:
@@ -91,6 +102,10 @@ class ValueOptimisation:
             raise ValueError(f"`early_stop_patience` must be >= 0, got {self.early_stop_patience!r}.")
         if self.chunk_size is not None and (not isinstance(self.chunk_size, Integral) or self.chunk_size <= 0):
             raise ValueError(f"`chunk_size` must be a positive integer or None, got {self.chunk_size!r}.")
+        for name in ("norm_anchor", "norm_anchor_skip"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, Real) or not value > 0):
+                raise ValueError(f"`{name}` must be a positive number or None, got {value!r}.")
         if self.autocast_dtype is not None and self.autocast_dtype not in AUTOCAST_DTYPES:
             raise ValueError(
                 f"`autocast_dtype` must be one of {list(AUTOCAST_DTYPES)} or None, got {self.autocast_dtype!r}."

@@ -139,5 +139,18 @@ def edit_metrics(
         "z_mean_steps": float(values.steps.float().mean()),
         "residual_achieved": updates.residual_achieved(values.targets.double()),
         "merge_rounding_error": max(updates.rounding),
+        **value_norm_metrics(values),
         **diagnostics,
+    }
+
+
+def value_norm_metrics(values: ValueResult) -> dict[str, float]:
+    """With Norm-Anchor Scaling: the mean `||v*||` over the anchor before rescaling (`value_norm_ratio`) and the number
+    of requests left unchanged (`value_norm_skipped`, `||v*||` above the skip multiple); empty without it."""
+    if values.value_norm_ratio is None:
+        return {}
+    unchanged = (values.targets == values.initial).all(dim=1)
+    return {
+        "value_norm_ratio": float(values.value_norm_ratio.mean()),
+        "value_norm_skipped": float(unchanged.sum()),
     }

@@ -33,6 +33,7 @@ from .requests import EditRequest
 from .settings import ValueOptimisation
 from .tokenization import encode_targets, encode_texts, last_token_indices, pad_batch, pad_token_id
 from .tracing import capture, run_until_stopped, skip_blocks
+from .value_norms import anchor_value_norms, projection_outputs
 
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,9 @@ class ValueResult:
         chunks (`list[list[int]]`): the requests (indices into the `requests` given) of every chunk optimised, in
             the order of `schedule` (see [`plan_chunks`]).
         z_layer (`int`, *optional*): the block whose output the targets are.
+        value_norm_ratio (`torch.Tensor`, *optional*): `(n,)` with Norm-Anchor Scaling
+            (`ValueOptimisation.norm_anchor`), each request's `||v*||` over the anchor before rescaling (see
+            [`~memit_hf.value_norms.anchor_value_norms`]); `None` without it.
     """
 
     targets: torch.Tensor
@@ -73,6 +77,7 @@ class ValueResult:
     schedule: list = field(default_factory=list, repr=False)
     chunks: list = field(default_factory=list, repr=False)
     z_layer: int | None = None
+    value_norm_ratio: torch.Tensor | None = None
 
 
 @dataclass
@@ -588,7 +593,7 @@ def optimise_target_values(
             model, tokenizer, layout, requests, templates, z_layer, settings, selected, show_progress=show_progress
         )
     if single:
-        return _in_request_order(local, plan)
+        return with_norm_anchor(model, tokenizer, layout, requests, _in_request_order(local, plan), z_layer, settings)
     from accelerate.utils import gather_object
 
     indices = [i for chunk in mine for i in plan[chunk]]
@@ -602,7 +607,32 @@ def optimise_target_values(
         logger.info(
             "Optimised the target values of %d requests on %d processes.", len(requests), process_state.num_processes
         )
-    return ValueResult(**full, schedule=[s for _, s in pieces], chunks=[c for c, _ in pieces], z_layer=z_layer)
+    result = ValueResult(**full, schedule=[s for _, s in pieces], chunks=[c for c, _ in pieces], z_layer=z_layer)
+    return with_norm_anchor(model, tokenizer, layout, requests, result, z_layer, settings)
+
+
+def with_norm_anchor(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    layout: ModelLayout,
+    requests: list[EditRequest],
+    values: ValueResult,
+    z_layer: int,
+    settings: ValueOptimisation,
+) -> ValueResult:
+    """`values` (in request order, at block `z_layer`) with Norm-Anchor Scaling applied when `settings.norm_anchor` is set (see
+    [`~memit_hf.value_norms.anchor_value_norms`]), else `values` itself.
+
+    Raises:
+        ValueError: for an architecture whose projection output is normalised before the residual stream.
+    """
+    if settings.norm_anchor is None:
+        return values
+    v0 = projection_outputs(model, tokenizer, layout, requests, z_layer)
+    targets, ratio = anchor_value_norms(
+        values.targets, values.initial, v0, settings.norm_anchor, settings.norm_anchor_skip
+    )
+    return replace(values, targets=targets, value_norm_ratio=ratio)
 
 
 def compute_target_values(
@@ -627,6 +657,8 @@ def compute_target_values(
     chunks: list[int] | None = None,
     autocast_dtype: torch.dtype | str | None = None,
     first_token_weight: float = ValueOptimisation.first_token_weight,
+    norm_anchor: float | None = ValueOptimisation.norm_anchor,
+    norm_anchor_skip: float | None = ValueOptimisation.norm_anchor_skip,
 ) -> ValueResult:
     """Optimise the target vector z of every request at block `z_layer`, with the settings as keyword arguments:
     [`optimise_target_values`] with the [`~memit_hf.settings.ValueOptimisation`] of these values (the defaults are
@@ -634,14 +666,16 @@ def compute_target_values(
 
     Args:
         num_steps, lr, weight_decay, clamp_norm_factor, kl_factor, early_stop_loss, early_stop_margin,
-            early_stop_patience, use_prefix_cache, first_token_weight: see [`~memit_hf.settings.ValueOptimisation`].
+            early_stop_patience, use_prefix_cache, first_token_weight, norm_anchor, norm_anchor_skip: see
+            [`~memit_hf.settings.ValueOptimisation`].
         templates (`list[list[str]]`): context templates from [`~memit_hf.keys.generate_context_templates`].
         batch_size (`int`, *optional*): requests per chunk (`ValueOptimisation.chunk_size`); `None`: the
             [`default_chunk_size`] of the model's device.
         chunks (`list[int]`, *optional*): optimise only these chunks of the plan (indices into [`plan_chunks`] with
             `batch_size`); the result then holds their requests in the order of the chunks' members, not in request
             order. A chunk's result does not depend on which other chunks run, so processes can share the chunks
-            (see [`~memit_hf.distributed.owned_chunks`], or let [`optimise_target_values`] do it).
+            (see [`~memit_hf.distributed.owned_chunks`], or let [`optimise_target_values`] do it). Not with
+            `norm_anchor` (the anchoring applies to whole results: call [`with_norm_anchor`] on them).
         autocast_dtype (`torch.dtype` or `str`, *optional*): `torch.bfloat16` / `torch.float16` (or their names):
             run blocks `L+1..` and the LM head under `torch.autocast` with this dtype (see [`BlockRunner`]); the
             delta, the loss and the Adam state stay float32.
@@ -669,11 +703,15 @@ def compute_target_values(
         autocast_dtype=autocast_dtype,
         use_prefix_cache=use_prefix_cache,
         first_token_weight=first_token_weight,
+        norm_anchor=norm_anchor,
+        norm_anchor_skip=norm_anchor_skip,
     )
     if chunks is None:
         return optimise_target_values(
             model, tokenizer, layout, requests, templates, z_layer, settings, show_progress=show_progress
         )
+    if norm_anchor is not None:
+        raise ValueError("`norm_anchor` applies to whole results, not to `chunks`: call `with_norm_anchor` on them.")
     chunk_size = batch_size if batch_size is not None else default_chunk_size(model.device)
     with frozen_parameters(model):
         selected = [plan_chunks(tokenizer, requests, chunk_size)[i] for i in chunks]
