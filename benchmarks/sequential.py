@@ -362,6 +362,8 @@ def main(argv: list[str] | None = None) -> dict:
     if options.resume:
         results = load_results(run_dir / "results.json", protocol)
     else:
+        if (run_dir / "results.json").is_file():
+            print(f"starting afresh (no --resume): the run in {run_dir} is replaced", flush=True)
         results = {
             "benchmark": "sequential",
             "protocol": protocol,
@@ -465,9 +467,7 @@ def main(argv: list[str] | None = None) -> dict:
         editor.restore()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    results["complete"] = (
-        all(results["variants"].get(name, {}).get("status") == "done" for name in specs) and not stopped
-    )
+    results["complete"] = all(results["variants"].get(name, {}).get("status") == "done" for name in specs)
     results["table"] = table(results)
     save_results(results, run_dir, options.output)
     print()
