@@ -413,6 +413,7 @@ def main(argv: list[str] | None = None) -> dict:
             editor = Editor.from_state(model, state_dir, args=args, processing_class=tokenizer, stats_dataset=corpus)
             held = editor.edit_history.num_edits // options.batch_size
             if held > len(runs):  # saved the state, then stopped before the results
+                print(f"{name}: the state holds {held} batches, the results {len(runs)}: rolled back", flush=True)
                 editor.rollback(held - len(runs))
             del runs[held:]  # saved the results of a batch whose state was lost
             print(f"{name}: resumed from {state_dir} after batch {len(runs)}", flush=True)
