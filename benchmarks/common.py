@@ -80,9 +80,14 @@ def corpus_option(values: list[str]) -> list[str] | None:
     return values
 
 
-def write_json(path: str, data: Any) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write `data` as indented JSON to `path`, atomically: a temporary file beside it, then `os.replace`, so that a
+    run killed while writing leaves the previous file whole (what the resumable benchmarks rely on)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
 
 
 def previous_runs(path: str, append: bool, replaced: set[int]) -> list[dict]:
@@ -106,6 +111,34 @@ def pyplot():
 
 def fmt(value: float | None, digits: int = 1) -> str:
     return "" if value is None else f"{value:.{digits}f}"
+
+
+def parse_value(text: str) -> Any:
+    """A command-line `FIELD=VALUE` value: `true` / `false` (any case) as booleans, `none` / `null` as `None`, integers,
+    floats (`1e-2` included), a `[...]` or `{...}` as YAML (lists such as `layers=[3,4,5]`), anything else as the
+    string itself.
+
+    Args:
+        text (`str`): the value as typed.
+
+    Returns:
+        `Any`: the parsed value.
+    """
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    if text.strip().startswith(("[", "{")):
+        import yaml
+
+        return yaml.safe_load(text)
+    return text
 
 
 def parse_settings(settings: list[str]) -> dict[str, Any]:
