@@ -110,3 +110,23 @@ def test_value_norm_anchoring_refuses_a_normalised_projection_output(tokenizer, 
     )
     with pytest.raises(ValueError, match="`v_norm_anchor` \\(NAS\\) needs the edited projection's output"):
         editor.compute_values(subject_final_requests())
+
+
+def test_edit_metrics_count_the_requests_nas_left_unchanged():
+    """`value_norm_skipped` counts exactly the requests above the skip multiple, `value_norm_ratio` is their mean
+    ratio; without NAS neither metric exists."""
+    from dataclasses import replace
+
+    from memit_hf.updates import value_norm_metrics
+    from memit_hf.values import ValueResult
+
+    targets, initial, v0 = random_values()
+    zeros = torch.zeros(len(targets))
+    raw = ValueResult(targets, initial, zeros, zeros, zeros, zeros.long())
+    assert value_norm_metrics(raw) == {}
+    norms = value_vectors(targets, initial, v0).norm(dim=1)
+    anchor = float(norms.median())
+    anchored, ratio = anchor_value_norms(targets, initial, v0, anchor, skip=1.5)
+    metrics = value_norm_metrics(replace(raw, targets=anchored, value_norm_ratio=ratio))
+    assert metrics["value_norm_skipped"] == float((norms > 1.5 * anchor).sum()) > 0
+    assert metrics["value_norm_ratio"] == pytest.approx(float((norms / anchor).mean()), rel=1e-6)
