@@ -21,18 +21,27 @@ Resumable: after every batch the editor state of the variant in progress is save
 `--resume` continues: finished variants are skipped and the one in progress is reloaded with `Editor.from_state`
 onto the freshly loaded model and continued from its next batch. `--max-seconds` stops cleanly after the batch that
 passes the limit, so a session with a time limit runs part of a long benchmark and the next one resumes it.
+`--resume --extend` with a larger `--num-batches` continues finished variants to the longer stream: the unedited
+row is measured again on the longer stream, and the held-out records (the ones after the stream) move with it, so
+every evaluation records the `held_out` record range it used.
+
+Norm-Anchor Scaling with the anchor measured on the stream itself: `v_norm_anchor=auto` anchors to the mean value
+norm of batch 1's requests solved on the unedited model (`Editor.value_norm_anchor`, top 5 % dropped; NAS's
+reference uses 1,000 CounterFact requests), from batch 1's z, which the variant then edits with (anchored).
 
     python benchmarks/sequential.py --methods memit memit_seq emmet alphaedit \\
         --output benchmarks/results/sequential_alphaedit_protocol.json --plot benchmarks/results/sequential.png
     python benchmarks/sequential.py --variant alphaedit_published alphaedit \\
         --variant alphaedit_chatless alphaedit context_template_chat=false --max-seconds 500 --output /tmp/seq.json
     python benchmarks/sequential.py ... --resume   # the same options: continues where the last session stopped
+    python benchmarks/sequential.py ... --num-batches 20 --resume --extend   # the finished variants go on to 2,000
+    python benchmarks/sequential.py --variant alphaedit_nas alphaedit v_norm_anchor=auto
 """
 
 import argparse
 import json
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -132,6 +141,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--resume", action="store_true", help="Continue the run in --run-dir (same options) instead of starting anew."
     )
     parser.add_argument(
+        "--extend",
+        action="store_true",
+        help="With --resume and a larger --num-batches: continue the finished variants to the longer stream (the "
+        "unedited row and the held-out records move with it).",
+    )
+    parser.add_argument(
         "--max-seconds",
         type=float,
         default=None,
@@ -146,6 +161,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--held-out-records must be at least 1 (the held-out NS).")
     if options.generative_records < 0:
         parser.error("--generative-records must be 0 or more.")
+    if options.extend and not options.resume:
+        parser.error("--extend continues a run: give --resume too.")
     for variant in options.variant or []:
         if len(variant) < 2:
             parser.error(f"--variant {' '.join(variant)}: give a name and a method, then optional FIELD=VALUE.")
@@ -205,13 +222,18 @@ def variant_specs(options: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return specs
 
 
-def variant_arguments(name: str, spec: dict[str, Any], base: dict[str, Any]):
+AUTO_ANCHOR = "auto"
+"""`v_norm_anchor=auto`: the anchor is measured on batch 1 (see the module docstring)."""
+
+
+def variant_arguments(name: str, spec: dict[str, Any], base: dict[str, Any], anchor: float | None = None):
     """The `EditingArguments` of a variant: `base` (statistics and seed), then its fields, with its method.
 
     Args:
         name (`str`): the variant's name (for errors).
         spec (`dict`): `{"method": ..., "fields": ...}` from [`variant_specs`].
         base (`dict`): the flat fields every variant shares.
+        anchor (`float`, *optional*): the measured anchor of a `v_norm_anchor=auto` variant (`None`: no anchoring).
 
     Returns:
         [`~memit_hf.EditingArguments`]
@@ -224,6 +246,8 @@ def variant_arguments(name: str, spec: dict[str, Any], base: dict[str, Any]):
     from memit_hf.algorithms import get_config_class
 
     flat = {**base, **spec["fields"], "algorithm": spec["method"]}
+    if flat.get("v_norm_anchor") == AUTO_ANCHOR:
+        flat["v_norm_anchor"] = anchor
     try:
         return EditingArguments.from_flat(flat, where=f"variant `{name}`")
     except (TypeError, ValueError) as error:
@@ -285,6 +309,7 @@ def evaluate(
         **kwargs,
     )
     metrics["held_out_neighborhood_success"] = held["neighborhood_success"]
+    metrics["held_out"] = [held_out[0].record_index, held_out[-1].record_index + 1]
     if perplexity:
         metrics["perplexity"] = held["perplexity"]
     if sample:
@@ -296,12 +321,15 @@ def evaluate(
     return metrics
 
 
-def load_results(path: Path, protocol: dict[str, Any]) -> dict[str, Any]:
+def load_results(path: Path, protocol: dict[str, Any], extend: bool = False) -> dict[str, Any]:
     """The partial results of the run to resume, checked against this command line's protocol.
 
     Args:
         path (`Path`): the run's `results.json`.
         protocol (`dict`): the values of `PROTOCOL_KEYS` now.
+        extend (`bool`, *optional*, defaults to `False`): accept a larger `num_batches` (`--extend`): the finished
+            variants go back to running, the unedited row is dropped (to be measured on the longer stream) and the
+            earlier protocol and unedited row are kept under `extended_from`.
 
     Returns:
         `dict`: the saved results.
@@ -313,6 +341,17 @@ def load_results(path: Path, protocol: dict[str, Any]) -> dict[str, Any]:
         raise SystemExit(f"--resume: no run to resume in {path.parent} (start it without --resume).")
     results = json.loads(path.read_text(encoding="utf-8"))
     saved = results.get("protocol", {})
+    if extend and saved.get("num_batches", protocol["num_batches"]) < protocol["num_batches"]:
+        start = saved["num_batches"] * saved["batch_size"]
+        held_out = [start, start + saved["held_out_records"]]  # for results written before runs recorded it
+        unedited = results.pop("unedited", None)
+        for run in [unedited or {}] + [run for entry in results["variants"].values() for run in entry["runs"]]:
+            if "held_out_neighborhood_success" in run:
+                run.setdefault("held_out", held_out)
+        results.setdefault("extended_from", []).append({"protocol": saved, "unedited": unedited})
+        for entry in results["variants"].values():
+            entry["status"] = "running"
+        results["protocol"] = saved = {**saved, "num_batches": protocol["num_batches"]}
     changed = {key: (saved.get(key), value) for key, value in protocol.items() if saved.get(key) != value}
     if changed:
         detail = "; ".join(f"{key}: saved {old!r}, now {new!r}" for key, (old, new) in changed.items())
@@ -354,13 +393,13 @@ def main(argv: list[str] | None = None) -> dict:
     cache_dir = options.stats_cache_dir or str(run_dir / "statistics")
     base = dict(stats_num_tokens=options.stats_tokens, stats_cache_dir=cache_dir, seed=options.seed)
     for name, spec in specs.items():  # every variant checked before any work
-        variant_arguments(name, spec, base)
+        variant_arguments(name, spec, base, anchor=1.0)
     protocol = {key: getattr(options, key) for key in PROTOCOL_KEYS}
     protocol.update(corpus=corpus, perplexity_corpus=perplexity, generative_records=len(sample))
 
     session = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "resumed": options.resume}
     if options.resume:
-        results = load_results(run_dir / "results.json", protocol)
+        results = load_results(run_dir / "results.json", protocol, options.extend)
     else:
         if (run_dir / "results.json").is_file():
             print(f"starting afresh (no --resume): the run in {run_dir} is replaced", flush=True)
@@ -406,7 +445,20 @@ def main(argv: list[str] | None = None) -> dict:
         if entry is not None and entry["status"] == "done":
             print(f"{name}: done in an earlier session, skipped", flush=True)
             continue
-        args = variant_arguments(name, spec, base)
+        auto_anchor = spec["fields"].get("v_norm_anchor") == AUTO_ANCHOR
+        # batch 1's z are shared by the variants whose z settings match; an auto-anchored variant edits with the
+        # unanchored ones (the edit anchors them), so it shares them with the variants without an anchor
+        anchor = entry.get("v_norm_anchor") if entry is not None else None
+        if auto_anchor and anchor is None:
+            scout_args = variant_arguments(name, spec, base)
+            scout = Editor(model, scout_args, processing_class=tokenizer, stats_dataset=corpus)
+            scout_key = z_settings(scout.resolved_args)
+            if scout_key not in first_values:
+                tick = time.perf_counter()
+                first_values[scout_key] = (scout.compute_values(first_batch), time.perf_counter() - tick)
+            anchor = scout.value_norm_anchor(first_batch, values=first_values[scout_key][0])
+            print(f"{name}: value-norm anchor {anchor:.4f} (batch 1 on the unedited model)", flush=True)
+        args = variant_arguments(name, spec, base, anchor=anchor)
         state_dir = run_dir / name / "state"
         runs = entry["runs"] if entry is not None else []
         if runs and is_state_dir(state_dir):
@@ -428,8 +480,11 @@ def main(argv: list[str] | None = None) -> dict:
             "status": "running",
             "runs": runs,
         }
+        if auto_anchor:
+            entry["v_norm_anchor"] = anchor
         results["variants"][name] = entry
-        key = z_settings(editor.resolved_args)
+        resolved = editor.resolved_args
+        key = z_settings(replace(resolved, v_norm_anchor=None) if auto_anchor else resolved)
         for t in range(len(runs), options.num_batches):
             batch = stream[t * options.batch_size : (t + 1) * options.batch_size]
             common.reset_peak_memory(device)

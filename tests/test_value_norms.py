@@ -92,8 +92,16 @@ def test_value_norm_anchoring_on_a_tiny_model(tokenizer, tmp_path):
         torch.full((len(requests),), anchor, dtype=torch.float64),
         rtol=1e-5,
     )
+    assert torch.equal(editor.compute_values(requests).targets, values.targets)  # deterministic
+    from_raw = editor.edit(requests, values=raw)  # raw values get the editor's anchor, as its own z would
+    assert torch.equal(from_raw.values.targets, values.targets)
+    editor.restore()
     output = editor.edit(requests, values=values)
     assert output.metrics["value_norm_skipped"] == 0.0
+    assert all(
+        torch.equal(a.lora_B, b.lora_B) and torch.equal(a.lora_A, b.lora_A)
+        for a, b in zip(from_raw.deltas, output.deltas, strict=True)
+    )
     assert output.metrics["value_norm_ratio"] == pytest.approx(float(values.value_norm_ratio.mean()))
     prompts = [r["prompt"].replace("{}", r["subject"]) for r in requests]
     targets = [tokenizer(" " + r["target_new"], add_special_tokens=False)["input_ids"][0] for r in requests]

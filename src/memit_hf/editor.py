@@ -33,7 +33,7 @@ from .requests import EDIT_RECORD_KEYS, EditRequest, check_edit_targets, load_re
 from .statistics import LayerStatistics, StatisticsProvider, model_identity
 from .updates import LayerUpdates, edit_metrics, solve_layers
 from .value_norms import mean_value_norm, projection_outputs
-from .values import ValueResult, optimise_target_values
+from .values import ValueResult, optimise_target_values, with_norm_anchor
 
 
 logger = logging.getLogger(__name__)
@@ -273,7 +273,8 @@ class Editor(EditExportMixin, EditorStateMixin):
                 Fact edits in any accepted record shape (see [`~memit_hf.requests.load_requests`]).
             values ([`~memit_hf.values.ValueResult`], *optional*):
                 Target values of these requests from [`compute_values`] on the model as it is now; computed when
-                `None`.
+                `None`. With `v_norm_anchor` set, values computed without an anchor (`value_norm_ratio` is `None`)
+                are anchored first, exactly as this editor's own z optimisation would anchor them.
 
         Returns:
             [`EditOutput`]: the deltas and metrics.
@@ -364,6 +365,11 @@ class Editor(EditExportMixin, EditorStateMixin):
             raise ValueError(
                 f"`values` hold {values.targets.shape[0]} requests at layer {values.z_layer}, but the edit has "
                 f"{len(requests)} requests at layer {z_layer}: compute them with `compute_values(requests)`."
+            )
+        elif args.v_norm_anchor is not None and values.value_norm_ratio is None:
+            # raw values (computed without an anchor) get this editor's Norm-Anchor Scaling, as its own z would
+            values = with_norm_anchor(
+                self.model, self.tokenizer, self.layout, requests, values, z_layer, args.value_optimisation()
             )
         if not torch.isfinite(values.targets).all():
             bad = (~torch.isfinite(values.targets).all(1)).nonzero().squeeze(1).tolist()
