@@ -20,6 +20,7 @@ from memit_hf.evaluation import (
     evaluate_zsre,
     harmonic_mean,
     per_case_mean,
+    per_case_rate,
     perplexity,
     target_nlls,
     target_token_hits,
@@ -377,6 +378,12 @@ def test_per_case_mean_weighs_cases_equally():
     assert math.isnan(per_case_mean([], []))
     with pytest.raises(ValueError, match="same length"):
         per_case_mean([1.0], [0, 1])
+
+
+def test_per_case_rate_is_the_per_case_share_in_percent():
+    # case 0: 1 of 2, case 1: 1 of 1 -> (50 + 100) / 2
+    assert per_case_rate(iter([True, False, True]), [0, 0, 1]) == pytest.approx(75.0)
+    assert math.isnan(per_case_rate([], []))
 
 
 def test_harmonic_mean():

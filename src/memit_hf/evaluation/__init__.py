@@ -4,7 +4,7 @@ families.
 The package imports one way, leaves first:
 
 - `scoring`: teacher-forced scoring of `(prompt, target)` pairs ([`target_nlls`], [`target_token_hits`]);
-- `aggregation`: the prompt kinds and the per-case aggregation ([`per_case_mean`], [`harmonic_mean`]);
+- `aggregation`: the prompt kinds and the per-case aggregation ([`per_case_mean`], [`per_case_rate`], [`harmonic_mean`]);
 - `answers`: matching generated text against answers ([`normalize_answer`], [`starts_with_answer`],
   [`contains_answer`], [`first_word`]);
 - `decoding`: greedy decoding, plain or through the chat template ([`greedy_continuations`], [`chat_texts`]);
@@ -21,7 +21,16 @@ This module re-exports their public names. Note that the name `perplexity` here 
 `memit_hf.evaluation.perplexity` in `sys.modules` (`from memit_hf.evaluation.perplexity import perplexity` works).
 """
 
-from .aggregation import NEIGHBORHOOD, PARAPHRASE, PROMPT_KINDS, REWRITE, check_groups, harmonic_mean, per_case_mean
+from .aggregation import (
+    NEIGHBORHOOD,
+    PARAPHRASE,
+    PROMPT_KINDS,
+    REWRITE,
+    check_groups,
+    harmonic_mean,
+    per_case_mean,
+    per_case_rate,
+)
 from .answers import answer_words, contains_answer, first_word, leading_word, normalize_answer, starts_with_answer
 from .counterfact import METRIC_KEYS, counterfact_scores, evaluate_counterfact
 from .decoding import DEFAULT_CHAT_MESSAGE, chat_texts, greedy_continuations, has_chat_template
@@ -93,6 +102,7 @@ __all__ = [
     "ngram_entropy",
     "normalize_answer",
     "per_case_mean",
+    "per_case_rate",
     "perplexity",
     "reference_score",
     "starts_with_answer",

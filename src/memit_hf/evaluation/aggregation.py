@@ -8,7 +8,7 @@ efficacy, paraphrase and neighborhood figures. Items are labelled by `(case, kin
 """
 
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 
 import torch
 
@@ -64,6 +64,19 @@ def per_case_mean(values: torch.Tensor | Sequence[float], cases: Sequence[Hashab
     sums = torch.zeros(len(positions), dtype=torch.float64).index_add_(0, case_index, values)
     counts = torch.bincount(case_index, minlength=len(positions)).double()
     return float((sums / counts).mean())
+
+
+def per_case_rate(values: Iterable[bool], cases: Sequence[Hashable]) -> float:
+    """[`per_case_mean`] of yes/no outcomes, in percent (how the generative and wild families report rates).
+
+    Args:
+        values (`Iterable[bool]`): one outcome per item.
+        cases (`Sequence[Hashable]`): the case each item belongs to.
+
+    Returns:
+        `float`: the mean over cases of each case's share of `True`, times 100 (NaN when there is no item).
+    """
+    return per_case_mean([float(value) for value in values], cases) * 100.0
 
 
 def harmonic_mean(values: Sequence[float]) -> float:

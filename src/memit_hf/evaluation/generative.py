@@ -35,13 +35,13 @@ construction, which is right for an unedited model.
 """
 
 import logging
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..requests import EditRequest
-from .aggregation import PARAPHRASE, REWRITE, per_case_mean
+from .aggregation import PARAPHRASE, REWRITE, per_case_rate
 from .answers import contains_answer, first_word, leading_word, starts_with_answer
 from .decoding import DEFAULT_CHAT_MESSAGE, greedy_continuations, has_chat_template
 
@@ -67,11 +67,6 @@ GENERATIVE_METRIC_KEYS = (
 """The keys of the dictionary returned by [`evaluate_generative`], in its order."""
 
 _CHAT_KEYS = tuple(key for key in GENERATIVE_METRIC_KEYS if key.startswith("chat_"))
-
-
-def _rate(values: Iterable[bool], cases: Sequence[Hashable]) -> float:
-    """Per-case mean of 0/1 values, times 100."""
-    return per_case_mean([float(value) for value in values], cases) * 100.0
 
 
 def _same_first_word(text: str, reference: str) -> bool:
@@ -174,22 +169,22 @@ def evaluate_generative(
         cases = [edited_items[i][0] for i in selected]
         targets = [edited_items[i][2] for i in selected]
         texts = [answers[i] for i in selected]
-        results[f"gen_{name}_prefix"] = _rate(map(starts_with_answer, texts, targets), cases)
-        results[f"gen_{name}_contains"] = _rate(map(contains_answer, texts, targets), cases)
+        results[f"gen_{name}_prefix"] = per_case_rate(map(starts_with_answer, texts, targets), cases)
+        results[f"gen_{name}_contains"] = per_case_rate(map(contains_answer, texts, targets), cases)
         if chat:
             chat_texts = [chat_answers[i] for i in selected]
-            results[f"chat_{name}_contains"] = _rate(map(contains_answer, chat_texts, targets), cases)
+            results[f"chat_{name}_contains"] = per_case_rate(map(contains_answer, chat_texts, targets), cases)
         else:
             results[f"chat_{name}_contains"] = nan
     cases = [case for case, _ in neighbor_items]
     targets = [target for _, target in neighbor_items]
-    results["gen_neighborhood_first_word"] = _rate(map(_same_first_word, neighbors, references), cases)
-    results["gen_neighborhood_leading_word"] = _rate(map(_same_leading_word, neighbors, references), cases)
-    results["gen_neighborhood_unchanged"] = _rate(map(str.__eq__, neighbors, references), cases)
-    results["gen_neighborhood_bleed"] = _rate(map(contains_answer, neighbors, targets), cases)
+    results["gen_neighborhood_first_word"] = per_case_rate(map(_same_first_word, neighbors, references), cases)
+    results["gen_neighborhood_leading_word"] = per_case_rate(map(_same_leading_word, neighbors, references), cases)
+    results["gen_neighborhood_unchanged"] = per_case_rate(map(str.__eq__, neighbors, references), cases)
+    results["gen_neighborhood_bleed"] = per_case_rate(map(contains_answer, neighbors, targets), cases)
     if chat:
-        results["chat_neighborhood_unchanged"] = _rate(map(str.__eq__, chat_neighbors, chat_references), cases)
-        results["chat_neighborhood_bleed"] = _rate(map(contains_answer, chat_neighbors, targets), cases)
+        results["chat_neighborhood_unchanged"] = per_case_rate(map(str.__eq__, chat_neighbors, chat_references), cases)
+        results["chat_neighborhood_bleed"] = per_case_rate(map(contains_answer, chat_neighbors, targets), cases)
     else:
         results["chat_neighborhood_unchanged"] = results["chat_neighborhood_bleed"] = nan
     return {key: results[key] for key in GENERATIVE_METRIC_KEYS}

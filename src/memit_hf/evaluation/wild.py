@@ -33,13 +33,13 @@ Requests without a `question` are left out. The neighborhood's reference is deco
 
 import logging
 import re
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..requests import EditRequest
-from .aggregation import per_case_mean
+from .aggregation import per_case_mean, per_case_rate
 from .answers import ARTICLES, answer_words, contains_answer, normalize_answer
 from .decoding import greedy_continuations, has_chat_template
 
@@ -130,11 +130,6 @@ def answer_position(answer: str, target: str) -> int | None:
         if words[start : start + len(expected)] == expected:
             return start
     return None
-
-
-def _rate(values: Iterable[bool], cases: Sequence[Hashable]) -> float:
-    """Per-case mean of 0/1 values, times 100."""
-    return per_case_mean([float(value) for value in values], cases) * 100.0
 
 
 def evaluate_wild(
@@ -248,8 +243,8 @@ def evaluate_wild(
         cases = [edited_items[i][0] for i in selected]
         targets = [edited_items[i][2] for i in selected]
         texts = [edited_answers[i] for i in selected]
-        results[f"wild_{name}_exact"] = _rate(map(exact_match, texts, targets), cases)
-        results[f"wild_{name}_contains"] = _rate(map(contains_answer, texts, targets), cases)
+        results[f"wild_{name}_exact"] = per_case_rate(map(exact_match, texts, targets), cases)
+        results[f"wild_{name}_contains"] = per_case_rate(map(contains_answer, texts, targets), cases)
         if efficacy:
             positions = [(case, answer_position(text, target)) for case, text, target in zip(cases, texts, targets)]
             found = [(case, float(position)) for case, position in positions if position is not None]
@@ -257,7 +252,7 @@ def evaluate_wild(
     cases = [case for case, _ in neighbor_items]
     targets = [target for _, target in neighbor_items]
     same = [_exact_form(answer) == _exact_form(reference) for answer, reference in zip(neighbor_answers, references)]
-    results["wild_neighborhood_unchanged"] = _rate(same, cases)
-    results["wild_neighborhood_bleed"] = _rate(map(contains_answer, neighbor_answers, targets), cases)
+    results["wild_neighborhood_unchanged"] = per_case_rate(same, cases)
+    results["wild_neighborhood_bleed"] = per_case_rate(map(contains_answer, neighbor_answers, targets), cases)
     results["wild_questions"] = float(len(edited_questions))
     return {key: results[key] for key in WILD_METRIC_KEYS}
