@@ -162,3 +162,17 @@ def add_statistics_options(parser) -> None:
     )
     parser.add_argument("--stats-tokens", type=int, default=408_567, help="Token budget of the statistics.")
     parser.add_argument("--stats-cache-dir", default=None, help="Reuse statistics from here (default: a fresh dir).")
+
+
+def z_settings(args) -> str:
+    """What the target values z depend on besides the model and the requests: every resolved editing argument but the
+    method and its hyperparameters (so the z layer, the z optimisation and the context templates), as a JSON key.
+
+    Args:
+        args ([`~memit_hf.EditingArguments`]): the resolved arguments of an editor (`editor.resolved_args`).
+
+    Returns:
+        `str`: equal for two variants exactly when the z one computed on a model can be reused by the other.
+    """
+    values = {key: value for key, value in args.to_dict().items() if key not in ("algorithm", "algorithm_config")}
+    return json.dumps(values, sort_keys=True, default=str)

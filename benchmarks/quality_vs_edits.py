@@ -7,11 +7,21 @@ every stage, then restores the weights before the next size. The covariance stat
 from `--stats-cache-dir`). It prints a Markdown table, writes JSON and, with `--plot`, a PNG;
 `benchmarks/time_per_stage.py` turns the same JSON into the time-per-stage table and plot.
 
+Variants (`--variant NAME [FIELD=VALUE ...]`, over the `--set` settings of every run) compare update settings at the
+same sizes: the z of a size are computed once per z settings and shared by the variants (the z optimisation is the
+costly stage), and with `--values-dir` they are saved there and read back by later runs (one session computes the z of
+1,000 edits, the next edits with them under several settings). Results are written after every run, and
+`--append` keeps the runs of other (size, variant) pairs already in `--output`.
+
     python benchmarks/quality_vs_edits.py --num-edits 10 100 400 1000 4000 \\
         --output benchmarks/results/quality_vs_edits.json --plot benchmarks/results/quality_vs_edits.png
+    python benchmarks/quality_vs_edits.py --num-edits 1000 --set context_template_chat=false \\
+        --variant lambda_1000 --variant lambda_10000 mom2_update_weight=10000 --values-dir /tmp/z --append
 """
 
 import argparse
+import hashlib
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -50,9 +60,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--append",
         action="store_true",
-        help="Keep the runs of other sizes already in --output (measure sizes in separate calls).",
+        help="Keep the runs of other (size, variant) pairs already in --output (measure them in separate calls).",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="Flat `EditingArguments` settings of every run (e.g. `context_template_chat=false`, "
+        "`algorithm=emmet`, `mom2_update_weight=5000`).",
+    )
+    parser.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        default=None,
+        metavar=("NAME", "FIELD=VALUE"),
+        help="A named variant: settings over --set (repeatable; default one variant, `defaults`).",
+    )
+    parser.add_argument(
+        "--values-dir",
+        default=None,
+        help="Save the z of every (size, z settings) here and read them back when present (`memit_hf.value_files`).",
     )
     return parser.parse_args(argv)
+
+
+def settings(items: list[str], where: str) -> dict:
+    """`FIELD=VALUE` items as a flat mapping (values parsed by `common.parse_value`)."""
+    values = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"{where}: `{item}` is not FIELD=VALUE.")
+        values[name] = common.parse_value(text)
+    return values
+
+
+def values_file(values_dir: str, requests: list, key: str) -> Path:
+    """Where the z of `requests` under the z settings `key` are kept (named by a digest of both)."""
+    digest = hashlib.sha256(json.dumps([[r.to_dict() for r in requests], key], sort_keys=True).encode()).hexdigest()
+    return Path(values_dir) / f"values-{len(requests)}-{digest[:16]}.safetensors"
 
 
 def main(argv=None) -> dict:
@@ -61,6 +109,7 @@ def main(argv=None) -> dict:
     import torch
 
     from memit_hf import EditingArguments, Editor, load_requests
+    from memit_hf.value_files import load_values, load_values_metadata, save_values
 
     device = options.device or common.default_device()
     records = load_requests(options.data)
@@ -72,11 +121,18 @@ def main(argv=None) -> dict:
     cache_dir = options.stats_cache_dir or tempfile.mkdtemp(prefix="memit-stats-")
     had_cache = any(Path(cache_dir).rglob("*.safetensors"))
 
-    model, tokenizer = common.load_model(device)
-    fields = dict(stats_num_tokens=options.stats_tokens, stats_cache_dir=cache_dir, seed=options.seed)
+    base = dict(stats_num_tokens=options.stats_tokens, stats_cache_dir=cache_dir, seed=options.seed)
     if options.v_batch_size is not None:
-        fields["v_batch_size"] = options.v_batch_size
-    editor = Editor(model, args=EditingArguments(**fields), processing_class=tokenizer, stats_dataset=corpus)
+        base["v_batch_size"] = options.v_batch_size
+    base.update(settings(options.set, "--set"))
+    variants = {name: settings(items, f"--variant {name}") for name, *items in options.variant or [["defaults"]]}
+    arguments = {
+        name: EditingArguments.from_flat({**base, **fields}, where=f"variant `{name}`")
+        for name, fields in variants.items()
+    }  # every variant checked before any work
+
+    model, tokenizer = common.load_model(device)
+    editor = Editor(model, args=next(iter(arguments.values())), processing_class=tokenizer, stats_dataset=corpus)
     resolved = editor.resolved_args
     tick = time.perf_counter()
     statistics = editor.get_statistics(resolved.layers)
@@ -97,45 +153,79 @@ def main(argv=None) -> dict:
         "generation_records": options.generation_records,
         "runs": [],
     }
+    measured = {(n, name) for n in sizes for name in variants}
+    previous = [
+        run
+        for run in common.previous_runs(options.output, options.append, set())
+        if (run["num_edits"], run.get("variant", "defaults")) not in measured
+    ]
+
+    def write() -> None:
+        key = lambda run: (run["num_edits"], run.get("variant", "defaults"))  # noqa: E731
+        results["runs"] = sorted(previous + runs, key=key)
+        common.write_json(options.output, results)
+
+    runs = []
     for n in sizes:
         requests = records[:n]
-        common.reset_peak_memory(device)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        tick = time.perf_counter()
-        output = editor.edit(requests)
-        edit_seconds = time.perf_counter() - tick
-        edit_peak = common.peak_memory_gb(device)
+        computed: dict[str, tuple] = {}  # this size's z and their seconds, by z settings
+        unedited: dict[str, float] = {}  # the unedited figures, measured with the first variant
+        for name, args in arguments.items():
+            editor.args = args
+            key = common.z_settings(editor.resolved_args)
+            common.reset_peak_memory(device)
+            if key not in computed:
+                path = values_file(options.values_dir, requests, key) if options.values_dir else None
+                tick = time.perf_counter()
+                if path is not None and path.is_file():
+                    computed[key] = (load_values(path), load_values_metadata(path)["seconds"], True)
+                else:
+                    values = editor.compute_values(requests)
+                    computed[key] = (values, time.perf_counter() - tick, False)
+                    if path is not None:
+                        save_values(values, path, metadata={"seconds": computed[key][1], "z_settings": key})
+            values, values_seconds, loaded = computed[key]
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            tick = time.perf_counter()
+            output = editor.edit(requests, values=values)
+            edit_seconds = time.perf_counter() - tick + values_seconds
+            edit_peak = common.peak_memory_gb(device)
 
-        tick = time.perf_counter()
-        metrics = editor.evaluate(requests, batch_size=options.eval_batch_size)
-        num_generated = min(n, options.generation_records)
-        if num_generated or held_out:
-            metrics.update(
-                editor.evaluate(
-                    requests[:num_generated] if num_generated else requests[:1],
-                    batch_size=options.eval_batch_size,
-                    metrics=["generation"] if num_generated else [],
-                    perplexity_texts=held_out,
-                    perplexity_num_tokens=options.perplexity_tokens,
+            tick = time.perf_counter()
+            metrics = editor.evaluate(requests, batch_size=options.eval_batch_size, include_pre=not unedited)
+            num_generated = min(n, options.generation_records)
+            if num_generated or held_out:
+                metrics.update(
+                    editor.evaluate(
+                        requests[:num_generated] if num_generated else requests[:1],
+                        batch_size=options.eval_batch_size,
+                        metrics=["generation"] if num_generated else [],
+                        perplexity_texts=held_out,
+                        perplexity_num_tokens=options.perplexity_tokens,
+                        include_pre=not unedited,
+                    )
                 )
-            )
-        run = {
-            "num_edits": n,
-            "edit_seconds": edit_seconds,
-            **output.metrics,
-            "z_seconds_per_edit": output.metrics["values_seconds"] / n,
-            "evaluation_seconds": time.perf_counter() - tick,
-            "peak_memory_gb": edit_peak,
-            **metrics,
-        }
-        editor.restore()
-        results["runs"].append(run)
-        print(f"{n} edits: {_summary(run)}", flush=True)
+            unedited = unedited or {k: v for k, v in metrics.items() if k.startswith("pre_")}
+            run = {
+                "num_edits": n,
+                "variant": name,
+                "fields": variants[name],
+                "edit_seconds": edit_seconds,
+                **output.metrics,
+                "values_seconds": values_seconds,
+                "values_loaded": loaded,
+                "z_seconds_per_edit": values_seconds / n,
+                "evaluation_seconds": time.perf_counter() - tick,
+                "peak_memory_gb": edit_peak,
+                **unedited,
+                **metrics,
+            }
+            editor.restore()
+            runs.append(run)
+            write()
+            print(f"{n} edits, {name}: {_summary(run)}", flush=True)
 
-    previous = common.previous_runs(options.output, options.append, set(sizes))
-    results["runs"] = sorted(previous + results["runs"], key=lambda run: run["num_edits"])
-    common.write_json(options.output, results)
     print()
     print(table(results))
     if options.plot:
@@ -157,11 +247,11 @@ def table(results: dict) -> str:
     """The Markdown table of a results dictionary (pre / post for each metric)."""
     fmt = common.fmt
     lines = [
-        "| edits | ES | PS | NS | Score | GE | perplexity | edit s | peak GB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| edits | variant | ES | PS | NS | Score | GE | perplexity | edit s | peak GB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in results["runs"]:
-        cells = [str(run["num_edits"])]
+        cells = [str(run["num_edits"]), run.get("variant", "defaults")]
         for key in ("efficacy_success", "paraphrase_success", "neighborhood_success", "score", "generation_entropy"):
             cells.append(f"{fmt(run.get('pre_' + key))} / {fmt(run.get(key))}" if key in run else "")
         ppl = "perplexity"

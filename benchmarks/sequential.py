@@ -258,20 +258,6 @@ def variant_arguments(name: str, spec: dict[str, Any], base: dict[str, Any], anc
         ) from error
 
 
-def z_settings(args) -> str:
-    """What the target values z depend on besides the model and the requests: every resolved editing argument but the
-    method and its hyperparameters (so the z layer, the z optimisation and the context templates), as a JSON key.
-
-    Args:
-        args ([`~memit_hf.EditingArguments`]): the resolved arguments of an editor (`editor.resolved_args`).
-
-    Returns:
-        `str`: equal for two variants exactly when batch 1's z of one can be reused by the other.
-    """
-    values = {key: value for key, value in args.to_dict().items() if key not in ("algorithm", "algorithm_config")}
-    return json.dumps(values, sort_keys=True, default=str)
-
-
 def evaluate(
     editor,
     edited: list,
@@ -452,7 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
         if auto_anchor and anchor is None:
             scout_args = variant_arguments(name, spec, base)
             scout = Editor(model, scout_args, processing_class=tokenizer, stats_dataset=corpus)
-            scout_key = z_settings(scout.resolved_args)
+            scout_key = common.z_settings(scout.resolved_args)
             if scout_key not in first_values:
                 tick = time.perf_counter()
                 first_values[scout_key] = (scout.compute_values(first_batch), time.perf_counter() - tick)
@@ -484,7 +470,7 @@ def main(argv: list[str] | None = None) -> dict:
             entry["v_norm_anchor"] = anchor
         results["variants"][name] = entry
         resolved = editor.resolved_args
-        key = z_settings(replace(resolved, v_norm_anchor=None) if auto_anchor else resolved)
+        key = common.z_settings(replace(resolved, v_norm_anchor=None) if auto_anchor else resolved)
         for t in range(len(runs), options.num_batches):
             batch = stream[t * options.batch_size : (t + 1) * options.batch_size]
             common.reset_peak_memory(device)
@@ -509,6 +495,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "peak_memory_gb": common.peak_memory_gb(device),
             }
             run.update({k: v for k, v in output.metrics.items() if k.startswith("nullspace_rank/")})
+            run.update(
+                {k: output.metrics[k] for k in ("value_norm_ratio", "value_norm_skipped") if k in output.metrics}
+            )
             if (t + 1) % options.eval_every == 0 or t + 1 == options.num_batches:
                 edited = stream[: run["num_edits"]]
                 run.update(evaluate(editor, edited, first_batch, sample, held_out, perplexity, options))
