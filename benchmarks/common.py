@@ -176,3 +176,38 @@ def z_settings(args) -> str:
     """
     values = {key: value for key, value in args.to_dict().items() if key not in ("algorithm", "algorithm_config")}
     return json.dumps(values, sort_keys=True, default=str)
+
+
+def values_file(values_dir: str | os.PathLike, requests: list, key: str) -> Path:
+    """Where the z of `requests` under the z settings `key` (see [`z_settings`]) are kept: a file in `values_dir` named
+    by a digest of both."""
+    import hashlib
+
+    text = json.dumps([[request.to_dict() for request in requests], key], sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return Path(values_dir) / f"values-{len(requests)}-{digest[:16]}.safetensors"
+
+
+def cached_values(editor, requests: list, values_dir: str | os.PathLike | None) -> tuple[Any, float, bool]:
+    """The z of `requests` on `editor`'s model as it is now: read from `values_dir` when saved there for the same
+    requests and z settings, else computed (and saved there when `values_dir` is given).
+
+    Only for z of the unedited model (a file does not say which edits the model held).
+
+    Returns:
+        `tuple`: the [`~memit_hf.values.ValueResult`], the seconds its z optimisation took (when it was computed,
+        possibly in an earlier session) and whether it was read from a file.
+    """
+    import time
+
+    from memit_hf.value_files import load_values, load_values_metadata, save_values
+
+    path = values_file(values_dir, requests, z_settings(editor.resolved_args)) if values_dir else None
+    if path is not None and path.is_file():
+        return load_values(path), load_values_metadata(path)["seconds"], True
+    tick = time.perf_counter()
+    values = editor.compute_values(requests)
+    seconds = time.perf_counter() - tick
+    if path is not None:
+        save_values(values, path, metadata={"seconds": seconds, "z_settings": z_settings(editor.resolved_args)})
+    return values, seconds, False

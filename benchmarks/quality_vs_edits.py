@@ -20,8 +20,6 @@ costly stage), and with `--values-dir` they are saved there and read back by lat
 """
 
 import argparse
-import hashlib
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -97,19 +95,12 @@ def settings(items: list[str], where: str) -> dict:
     return values
 
 
-def values_file(values_dir: str, requests: list, key: str) -> Path:
-    """Where the z of `requests` under the z settings `key` are kept (named by a digest of both)."""
-    digest = hashlib.sha256(json.dumps([[r.to_dict() for r in requests], key], sort_keys=True).encode()).hexdigest()
-    return Path(values_dir) / f"values-{len(requests)}-{digest[:16]}.safetensors"
-
-
 def main(argv=None) -> dict:
     options = parse_args(argv)
     common.setup()
     import torch
 
     from memit_hf import EditingArguments, Editor, load_requests
-    from memit_hf.value_files import load_values, load_values_metadata, save_values
 
     device = options.device or common.default_device()
     records = load_requests(options.data)
@@ -175,15 +166,7 @@ def main(argv=None) -> dict:
             key = common.z_settings(editor.resolved_args)
             common.reset_peak_memory(device)
             if key not in computed:
-                path = values_file(options.values_dir, requests, key) if options.values_dir else None
-                tick = time.perf_counter()
-                if path is not None and path.is_file():
-                    computed[key] = (load_values(path), load_values_metadata(path)["seconds"], True)
-                else:
-                    values = editor.compute_values(requests)
-                    computed[key] = (values, time.perf_counter() - tick, False)
-                    if path is not None:
-                        save_values(values, path, metadata={"seconds": computed[key][1], "z_settings": key})
+                computed[key] = common.cached_values(editor, requests, options.values_dir)
             values, values_seconds, loaded = computed[key]
             if device.startswith("cuda"):
                 torch.cuda.synchronize()

@@ -153,6 +153,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Stop cleanly (everything saved) after the first batch that ends past this many seconds; continue "
         "later with --resume.",
     )
+    parser.add_argument(
+        "--values-dir",
+        default=None,
+        help="Save batch 1's z (the unedited model's) here and read them back in later runs with the same z settings.",
+    )
     parser.add_argument("--plot", default=None, help="Write a PNG of the curves here.")
     options = parser.parse_args(argv)
     if options.num_batches < 1 or options.batch_size < 1 or options.eval_every < 1:
@@ -440,8 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
             scout = Editor(model, scout_args, processing_class=tokenizer, stats_dataset=corpus)
             scout_key = common.z_settings(scout.resolved_args)
             if scout_key not in first_values:
-                tick = time.perf_counter()
-                first_values[scout_key] = (scout.compute_values(first_batch), time.perf_counter() - tick)
+                first_values[scout_key] = common.cached_values(scout, first_batch, options.values_dir)[:2]
             anchor = scout.value_norm_anchor(first_batch, values=first_values[scout_key][0])
             print(f"{name}: value-norm anchor {anchor:.4f} (batch 1 on the unedited model)", flush=True)
         args = variant_arguments(name, spec, base, anchor=anchor)
@@ -476,10 +480,11 @@ def main(argv: list[str] | None = None) -> dict:
             common.reset_peak_memory(device)
             tick = time.perf_counter()
             # Batch 1 meets the same unedited model under every variant: its z are computed once per z settings and
-            # reused (exact); their time counts for every variant that uses them.
+            # reused (exact; also from --values-dir); their time counts for every variant that uses them.
             reused = t == 0 and key in first_values
             if t == 0 and not reused:
-                first_values[key] = (editor.compute_values(batch), time.perf_counter() - tick)
+                values, values_seconds, reused = common.cached_values(editor, batch, options.values_dir)
+                first_values[key] = (values, values_seconds)
             values, values_seconds = first_values[key] if t == 0 else (None, 0.0)
             output = editor.edit(batch, values=values)
             run = {
