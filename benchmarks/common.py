@@ -141,6 +141,28 @@ def parse_value(text: str) -> Any:
     return text
 
 
+def field_values(items: list[str], where: str) -> dict[str, Any]:
+    """`FIELD=VALUE` items of the command line as a flat mapping, each value read by [`parse_value`].
+
+    Raises:
+        SystemExit: naming `where` and the item when one is not `FIELD=VALUE`.
+    """
+    values = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"{where}: `{item}` is not FIELD=VALUE.")
+        values[name] = parse_value(text)
+    return values
+
+
+def add_variant_option(parser, help: str) -> None:
+    """`--variant NAME [FIELD=VALUE ...]`, repeatable (a list of lists, `None` when not given)."""
+    parser.add_argument(
+        "--variant", nargs="+", action="append", default=None, metavar=("NAME", "FIELD=VALUE"), help=help
+    )
+
+
 def parse_settings(settings: list[str]) -> dict[str, Any]:
     """`FIELD=VALUE` pairs as a flat `EditingArguments` mapping (numbers, booleans, lists and `None` parsed as YAML)."""
     import yaml

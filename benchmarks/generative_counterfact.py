@@ -50,13 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Held-out perplexity corpus files (not used for the statistics); `none` to skip the perplexity.",
     )
     parser.add_argument("--perplexity-tokens", type=int, default=20_000, help="Token budget of the perplexity.")
-    parser.add_argument(
-        "--variant",
-        nargs="+",
-        action="append",
-        default=None,
-        metavar=("NAME", "FIELD=VALUE"),
-        help="A named variant of the editing arguments (repeatable; default: one variant, the defaults).",
+    common.add_variant_option(
+        parser, "A named variant of the editing arguments (repeatable; default: one variant, the defaults)."
     )
     parser.add_argument("--device", default=None, help="`cuda` or `cpu` (default: cuda when available).")
     parser.add_argument("--seed", type=int, default=42, help="The editing seed (the library default).")

@@ -68,13 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Flat `EditingArguments` settings of every run (e.g. `context_template_chat=false`, "
         "`algorithm=emmet`, `mom2_update_weight=5000`).",
     )
-    parser.add_argument(
-        "--variant",
-        nargs="+",
-        action="append",
-        default=None,
-        metavar=("NAME", "FIELD=VALUE"),
-        help="A named variant: settings over --set (repeatable; default one variant, `defaults`).",
+    common.add_variant_option(
+        parser, "A named variant: settings over --set (repeatable; default one variant, `defaults`)."
     )
     parser.add_argument(
         "--values-dir",
@@ -82,17 +77,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Save the z of every (size, z settings) here and read them back when present (`memit_hf.value_files`).",
     )
     return parser.parse_args(argv)
-
-
-def settings(items: list[str], where: str) -> dict:
-    """`FIELD=VALUE` items as a flat mapping (values parsed by `common.parse_value`)."""
-    values = {}
-    for item in items:
-        name, sep, text = item.partition("=")
-        if not sep or not name:
-            raise SystemExit(f"{where}: `{item}` is not FIELD=VALUE.")
-        values[name] = common.parse_value(text)
-    return values
 
 
 def main(argv=None) -> dict:
@@ -115,8 +99,10 @@ def main(argv=None) -> dict:
     base = dict(stats_num_tokens=options.stats_tokens, stats_cache_dir=cache_dir, seed=options.seed)
     if options.v_batch_size is not None:
         base["v_batch_size"] = options.v_batch_size
-    base.update(settings(options.set, "--set"))
-    variants = {name: settings(items, f"--variant {name}") for name, *items in options.variant or [["defaults"]]}
+    base.update(common.field_values(options.set, "--set"))
+    variants = {
+        name: common.field_values(items, f"--variant {name}") for name, *items in options.variant or [["defaults"]]
+    }
     arguments = {
         name: EditingArguments.from_flat({**base, **fields}, where=f"variant `{name}`")
         for name, fields in variants.items()

@@ -192,14 +192,9 @@ def variant_specs(options: argparse.Namespace) -> dict[str, dict[str, Any]]:
     from memit_hf.algorithms import ALGORITHM_NAMES, get_config_class, method_field_names
 
     def settings(items: list[str], where: str) -> dict[str, Any]:
-        values = {}
-        for item in items:
-            name, sep, text = item.partition("=")
-            if not sep or not name:
-                raise SystemExit(f"{where}: `{item}` is not FIELD=VALUE.")
-            if name == "algorithm":
-                raise SystemExit(f"{where}: the method is the variant's second word, not a field.")
-            values[name] = common.parse_value(text)
+        values = common.field_values(items, where)
+        if "algorithm" in values:
+            raise SystemExit(f"{where}: the method is the variant's second word, not a field.")
         return values
 
     argument_fields = {f.name for f in fields(EditingArguments)}
