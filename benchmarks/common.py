@@ -224,12 +224,13 @@ def cached_values(editor, requests: list, values_dir: str | os.PathLike | None) 
 
     from memit_hf.value_files import load_values, load_values_metadata, save_values
 
-    path = values_file(values_dir, requests, z_settings(editor.resolved_args)) if values_dir else None
+    key = z_settings(editor.resolved_args)
+    path = values_file(values_dir, requests, key) if values_dir else None
     if path is not None and path.is_file():
         return load_values(path), load_values_metadata(path)["seconds"], True
     tick = time.perf_counter()
     values = editor.compute_values(requests)
     seconds = time.perf_counter() - tick
     if path is not None:
-        save_values(values, path, metadata={"seconds": seconds, "z_settings": z_settings(editor.resolved_args)})
+        save_values(values, path, metadata={"seconds": seconds, "z_settings": key})
     return values, seconds, False
