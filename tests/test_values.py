@@ -16,9 +16,11 @@ from memit_hf.values import (
     BlockRunner,
     StopRule,
     ZChunk,
+    block_outputs,
     compute_target_values,
     default_chunk_size,
     optimise_target_values,
+    plan_chunk_buckets,
     plan_chunks,
     plan_row_buckets,
     prefix_cache_error,
@@ -349,14 +351,16 @@ def test_a_chunk_that_runs_out_of_memory_is_split_and_gives_the_same_values(toke
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
     requests = load_requests(subject_final_requests())
     expected = run(model, tokenizer, requests, batch_size=4)
-    rows_per_request = 1 + sum(len(group) for group in TEMPLATES)  # the rewriting prompts and the KL prompt
+    # Rows run in length buckets, so no forward of the blocks holds a whole chunk; the LM head's KL logits do: one row
+    # per active request (its label logits have at least one row per prompt and request, more than 4 for 2 requests).
+    prompts = sum(len(group) for group in TEMPLATES)
+    assert 2 * prompts > len(requests) == 4
 
-    def refuse_more_than_two_requests(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if hidden.shape[0] > 2 * rows_per_request:
+    def refuse_more_than_two_requests(module, args):
+        if 2 < args[0].shape[0] <= len(requests):
             raise torch.cuda.OutOfMemoryError("simulated: the chunk does not fit")
 
-    handle = model.model.layers[0].register_forward_pre_hook(refuse_more_than_two_requests, with_kwargs=True)
+    handle = model.lm_head.register_forward_pre_hook(refuse_more_than_two_requests)
     try:
         with caplog.at_level("WARNING", logger="memit_hf.values"):
             split = run(model, tokenizer, requests, batch_size=4)
@@ -545,7 +549,56 @@ def test_row_buckets_are_the_cheapest_partition_by_length(overhead):
         assert _bucket_cost(buckets, lengths, overhead) == best
     assert plan_row_buckets([5, 3, 20, 4], 1000) == [[0, 1, 2, 3]] and plan_row_buckets([], 8) == []
     assert plan_row_buckets([4, 4, 20, 20], 0) == [[0, 1], [2, 3]]
-    assert row_bucket_overhead(torch.device("cpu")) == 8 and row_bucket_overhead(torch.device("cuda")) == 256
+    assert row_bucket_overhead(torch.device("cpu")) == 40 and row_bucket_overhead(torch.device("cuda")) == 256
+    # SmolLM2-135M's 3.5M-parameter blocks: 40 tokens; a 0.5B model's 15M: 9; tiny or huge blocks: the bounds.
+    assert row_bucket_overhead(torch.device("cpu"), 3_500_000) == 40
+    assert row_bucket_overhead(torch.device("cpu"), 15_000_000) == 9
+    assert (
+        row_bucket_overhead(torch.device("cpu"), 1_000) == 256 and row_bucket_overhead(torch.device("cpu"), 10**9) == 8
+    )
+    assert row_bucket_overhead(torch.device("cuda"), 3_500_000) == 256
+
+
+def test_chunk_buckets_part_long_prefixes_and_pad_each_to_its_own():
+    """Chat rows (a long system prompt before the subject) and plain rows of the same suffix lengths are planned into
+    different buckets when the padded prefix tokens saved outweigh one more forward at every step; each group is then
+    cut by suffix length; every row is in exactly one bucket."""
+    plain, chat = [3, 5, 4, 2] * 6, [40, 44, 41, 45]
+    prefixes = plain + chat
+    suffixes = [2, 3, 4, 2] * 6 + [2, 3, 4, 2]
+    buckets = plan_chunk_buckets(prefixes, suffixes, overhead=8)
+    assert sorted(i for b in buckets for i in b) == list(range(len(prefixes)))
+    assert all(b == sorted(b) for b in buckets)
+    long_rows = set(range(len(plain), len(prefixes)))
+    assert all(set(b) <= long_rows or not set(b) & long_rows for b in buckets)
+    # Too few plain rows to pay for another forward at every step: one prefix group, cut by suffix only.
+    assert plan_chunk_buckets([3, 40], [2, 2], overhead=8) == [[0, 1]]
+    assert plan_chunk_buckets([], [], overhead=8) == []
+
+
+def test_bucket_prefix_caches_hold_only_their_own_rows_padding(tokenizer):
+    """Each bucket's prefix cache is as wide as its own longest prefix (not the chunk's), also after `select`; the
+    block-L outputs computed in length buckets equal one forward over every row at every real position."""
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    requests = load_requests(tiny_requests())
+    flat = ["{}", "I think. {}", "<s>system: a long system prompt to pad the prefix with\nuser: {}\nassistant:"]
+    runner = BlockRunner(model, get_layout(model), 1)
+    chunk = ZChunk.build(runner, tokenizer, requests, flat, bucket_overhead=0)
+    for piece in (chunk, chunk.select([2, 0])):
+        widths = [bucket.batch.prefix_ids.shape[1] for bucket in piece.buckets]
+        longest = [int(bucket.batch.prefix_mask.sum(1).max()) for bucket in piece.buckets]
+        assert widths[: len(chunk.buckets)] <= [int(piece.batch.prefix_ids.shape[1])] * len(widths)
+        assert min(widths) < piece.batch.prefix_ids.shape[1]
+        assert all(w >= real for w, real in zip(widths, longest))
+    assert [b.batch.prefix_ids.shape[1] for b in chunk.buckets] == [
+        int(b.batch.prefix_mask.sum(1).max()) for b in chunk.buckets
+    ]
+    full = chunk.batch
+    bucketed = block_outputs(runner, full.input_ids, full.attention_mask, overhead=0)
+    single = block_outputs(runner, full.input_ids, full.attention_mask, overhead=10**9)
+    real = full.attention_mask.bool()
+    torch.testing.assert_close(bucketed[real], single[real], rtol=1e-5, atol=1e-6)
+    assert torch.equal(bucketed[~real], torch.zeros_like(bucketed[~real]))
 
 
 def test_bucketed_forward_equals_one_forward(tokenizer):

@@ -245,6 +245,13 @@ class BlockRunner:
         self.autocast_dtype = autocast_dtype
         self.template_output = None
 
+    @property
+    def bucket_overhead(self) -> int:
+        """The cost of one more forward of the blocks, in tokens: [`row_bucket_overhead`] of the model's device and
+        block size."""
+        block_parameters = sum(p.numel() for p in self.blocks[-1].parameters())
+        return row_bucket_overhead(self.model.device, block_parameters)
+
     def autocast(self):
         """The autocast context of the blocks after `z_layer` (a no-op without `autocast_dtype`)."""
         device_type = self.model.device.type
@@ -340,7 +347,7 @@ class ZChunk:
         hidden_full: torch.Tensor,
         pad: int,
         use_cache: bool,
-        buckets: list[tuple[list[int], object]] | None = None,
+        buckets: list[tuple] | None = None,  # (rows, prefix cache[, its prefix width]) per bucket
         prefix_width: int | None = None,
         bucket_overhead: int | None = None,
     ):
@@ -359,10 +366,10 @@ class ZChunk:
             self.label_cols = b.suffix_label_cols
             self.kl_cols = torch.zeros_like(b.kl_rows)
             if buckets is None:
-                overhead = row_bucket_overhead(device) if bucket_overhead is None else bucket_overhead
+                overhead = runner.bucket_overhead if bucket_overhead is None else bucket_overhead
                 lengths = [len(seq) - start for seq, start in zip(rows.sequences, rows.lookup)]
-                buckets = [(members, None) for members in plan_row_buckets(lengths, overhead)]
-            self.buckets = [self._bucket(members, cache) for members, cache in buckets]
+                buckets = [(members, None) for members in plan_chunk_buckets(rows.lookup, lengths, overhead)]
+            self.buckets = [self._bucket(*bucket) for bucket in buckets]
             order = torch.tensor([row for bucket in self.buckets for row in bucket.rows.tolist()], device=device)
             self.inverse = None  # the rows in bucket order are the chunk's rows in order (one bucket)
             if not torch.equal(order, torch.arange(len(order), device=device)):
@@ -374,21 +381,31 @@ class ZChunk:
             self.label_cols = b.label_cols
             self.kl_cols = b.lookup[b.kl_rows]
 
-    def _bucket(self, members: list[int], cache) -> "RowBucket":
-        """The bucket of rows `members`: their prefixes, their suffixes cut to the longest of them, and their prefix
-        cache (computed when `cache` is None)."""
+    def _bucket(self, members: list[int], cache, prefix_width: int | None = None) -> "RowBucket":
+        """The bucket of rows `members`: their prefixes left-padded to the longest of them (`prefix_width` when given:
+        that of `cache`), their suffixes cut to the longest of them, and their prefix cache (computed when `cache` is
+        None). Chat rows' prefixes (system prompt, turn markers) are several times longer than the other rows': padded
+        to the chunk's longest prefix, the other buckets' caches would run mostly padding."""
         b = self.batch
         index = torch.tensor(members, device=b.lookup.device)
         width = max(1, int(b.suffix_mask[index].sum(1).max()))
+        if prefix_width is None:
+            prefix_width = int(b.prefix_mask[index].sum(1).max()) if len(members) else 0
+        start = b.prefix_ids.shape[1] - prefix_width  # the prefixes are left-padded: their tokens end every row
         batch = replace(
             b,
-            prefix_ids=b.prefix_ids[index],
-            prefix_mask=b.prefix_mask[index],
+            prefix_ids=b.prefix_ids[index, start:],
+            prefix_mask=b.prefix_mask[index, start:],
             suffix_ids=b.suffix_ids[index, :width],
             suffix_mask=b.suffix_mask[index, :width],
             suffix_positions=b.suffix_positions[index, :width],
         )
         return RowBucket(index, width, batch, self.runner.prefix_cache(batch) if cache is None else cache)
+
+    @property
+    def prefix_tokens(self) -> int:
+        """The prefix tokens (padding included) whose KV cache the chunk's buckets hold."""
+        return sum(int(bucket.batch.prefix_ids.numel()) for bucket in self.buckets)
 
     @classmethod
     def build(
@@ -413,13 +430,15 @@ class ZChunk:
             first_token_weight (`float`, *optional*, defaults to `1.0`): weight of each target's first token in its
                 prompt's NLL relative to each later token (see [`~memit_hf.settings.ValueOptimisation`]).
             bucket_overhead (`int`, *optional*): the cost of one more forward in tokens, which [`plan_row_buckets`]
-                trades against padding (default: [`row_bucket_overhead`] of the model's device; a very large value
+                trades against padding (default: the runner's [`BlockRunner.bucket_overhead`]; a very large value
                 runs every row in one forward).
         """
         rows = _rows(tokenizer, requests, templates, first_token_weight)
         pad = pad_token_id(tokenizer)
-        full = _batch(rows, pad, runner.model.device)
-        hidden = runner.block_output(full.input_ids, full.attention_mask)
+        device = runner.model.device
+        full = _batch(rows, pad, device)
+        overhead = runner.bucket_overhead if bucket_overhead is None else bucket_overhead
+        hidden = block_outputs(runner, full.input_ids, full.attention_mask, overhead)
         return cls(runner, rows, hidden, pad, use_cache, bucket_overhead=bucket_overhead)
 
     @property
@@ -443,7 +462,7 @@ class ZChunk:
             if bucket.cache is not None:
                 cache = cache_view(bucket.cache)
                 cache.batch_select_indices(torch.tensor(local, device=bucket.rows.device))
-            buckets.append(([position[int(bucket.rows[k])] for k in local], cache))
+            buckets.append(([position[int(bucket.rows[k])] for k in local], cache, bucket.batch.prefix_ids.shape[1]))
         width = self.batch.prefix_ids.shape[1]
         return ZChunk(self.runner, rows, self.hidden_full[index], self.pad, True, buckets, width)
 
@@ -471,6 +490,37 @@ class ZChunk:
         return final[b.label_rows, self.label_cols], final[b.kl_rows, self.kl_cols]
 
 
+def block_outputs(
+    runner: BlockRunner, input_ids: torch.Tensor, attention_mask: torch.Tensor, overhead: int
+) -> torch.Tensor:
+    """Block-`z_layer` outputs `(rows, T, d)` of right-padded rows, the rows run in length buckets
+    ([`plan_row_buckets`]) so that short rows are not padded to the longest (chat rows). Positions past a row's end
+    are masked wherever they are used: they hold zeros when the rows ran in several buckets, the padding tokens'
+    outputs otherwise.
+
+    Args:
+        runner ([`BlockRunner`]): the model runner at the z layer.
+        input_ids (`torch.Tensor`), attention_mask (`torch.Tensor`): `(rows, T)` right-padded rows.
+        overhead (`int`): the cost of one more forward, in tokens (see [`row_bucket_overhead`]).
+
+    Returns:
+        `torch.Tensor`: `(rows, T, d)` block-`z_layer` outputs.
+    """
+    lengths = attention_mask.sum(1).tolist()
+    buckets = plan_row_buckets(lengths, overhead)
+    if len(buckets) <= 1:
+        return runner.block_output(input_ids, attention_mask)
+    hidden = None
+    for members in buckets:
+        index = torch.tensor(members, device=input_ids.device)
+        width = max(1, max(lengths[i] for i in members))
+        output = runner.block_output(input_ids[index, :width], attention_mask[index, :width])
+        if hidden is None:
+            hidden = output.new_zeros(input_ids.shape[0], input_ids.shape[1], output.shape[2])
+        hidden[index, :width] = output
+    return hidden
+
+
 @dataclass
 class RowBucket:
     """Rows of a [`ZChunk`] that run together in the blocks after the z layer (see [`plan_row_buckets`]).
@@ -488,18 +538,31 @@ class RowBucket:
     cache: object = None
 
 
-def row_bucket_overhead(device: torch.device) -> int:
+CPU_FORWARD_OVERHEAD = 1.4e8
+"""The fixed cost of one forward of the blocks on a CPU, in tokens times parameters of a block: measured on
+SmolLM2-135M (3.5M parameters a block) on 2 cores, a forward of 22 blocks takes about 50 ms plus 1.2 ms a token, so
+one more forward costs as much as 40 tokens."""
+
+
+def row_bucket_overhead(device: torch.device, block_parameters: int | None = None) -> int:
     """The cost of one more forward in the z optimisation, in tokens, that [`plan_row_buckets`] trades against
-    padding: 8 on a CPU (where the time of a forward is nearly proportional to its tokens), 256 on an accelerator
-    (where a forward has a fixed launch cost and padding is cheap).
+    padding. On a CPU, where the time of a forward is a fixed dispatch cost plus a cost per token that grows with the
+    size of a block: `CPU_FORWARD_OVERHEAD / block_parameters` within [8, 256] (40 for SmolLM2-135M, about 9 for a
+    0.5B model), 40 when the block size is not given; 256 on an accelerator (where a forward has a fixed launch cost
+    and padding is cheap).
 
     Args:
         device (`torch.device`): the model's device.
+        block_parameters (`int`, *optional*): the parameters of one transformer block.
 
     Returns:
         `int`: the overhead in tokens.
     """
-    return 8 if device.type == "cpu" else 256
+    if device.type != "cpu":
+        return 256
+    if not block_parameters:
+        return 40
+    return max(8, min(256, round(CPU_FORWARD_OVERHEAD / block_parameters)))
 
 
 def plan_row_buckets(lengths: list[int], overhead: int) -> list[list[int]]:
@@ -531,6 +594,32 @@ def plan_row_buckets(lengths: list[int], overhead: int) -> list[list[int]]:
         cuts.append((previous[end], end))
         end = previous[end]
     return [sorted(order[start:end]) for start, end in reversed(cuts)]
+
+
+PREFIX_PASSES = 50
+"""How many times a row's suffix runs through the blocks (forward and backward of every z step, up to 25 steps) for
+each time its prefix runs (once, into the KV cache): a padded suffix token costs about this many padded prefix tokens."""
+
+
+def plan_chunk_buckets(prefix_lengths: list[int], suffix_lengths: list[int], overhead: int) -> list[list[int]]:
+    """The row buckets of a z chunk: rows are first grouped by prefix length ([`plan_row_buckets`] with the overhead
+    of a bucket over all the z steps, `PREFIX_PASSES * overhead`, so only very different prefixes part: chat rows,
+    whose system prompt and turn markers precede the subject, from plain ones), then each group by suffix length. A
+    bucket's prefix cache is padded to its longest prefix; its suffix, run at every step, to its longest suffix.
+
+    Args:
+        prefix_lengths (`list[int]`): per row, the tokens before its subject's last token (its prefix).
+        suffix_lengths (`list[int]`): per row, the tokens from its subject's last token on (its suffix).
+        overhead (`int`): the cost of one more forward, in tokens (see [`row_bucket_overhead`]).
+
+    Returns:
+        `list[list[int]]`: the buckets (row indices, increasing within a bucket); every row is in exactly one.
+    """
+    buckets = []
+    for group in plan_row_buckets(prefix_lengths, PREFIX_PASSES * overhead):
+        for members in plan_row_buckets([suffix_lengths[i] for i in group], overhead):
+            buckets.append([group[k] for k in members])
+    return buckets
 
 
 def default_chunk_size(device: torch.device) -> int:
