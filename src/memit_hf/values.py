@@ -390,7 +390,7 @@ class ZChunk:
         index = torch.tensor(members, device=b.lookup.device)
         width = max(1, int(b.suffix_mask[index].sum(1).max()))
         if prefix_width is None:
-            prefix_width = int(b.prefix_mask[index].sum(1).max()) if len(members) else 0
+            prefix_width = int(b.prefix_mask[index].sum(1).max())
         start = b.prefix_ids.shape[1] - prefix_width  # the prefixes are left-padded: their tokens end every row
         batch = replace(
             b,
@@ -439,7 +439,7 @@ class ZChunk:
         full = _batch(rows, pad, device)
         overhead = runner.bucket_overhead if bucket_overhead is None else bucket_overhead
         hidden = block_outputs(runner, full.input_ids, full.attention_mask, overhead)
-        return cls(runner, rows, hidden, pad, use_cache, bucket_overhead=bucket_overhead)
+        return cls(runner, rows, hidden, pad, use_cache, bucket_overhead=overhead)
 
     @property
     def num_requests(self) -> int:
