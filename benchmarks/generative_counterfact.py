@@ -115,10 +115,18 @@ def main(argv=None) -> dict:
     from memit_hf import EditingArguments, Editor, load_requests
     from memit_hf.cli.evaluate import comparison_table, markdown_table
     from memit_hf.evaluation import evaluate_model
+    from memit_hf.requests import changes_nothing
 
     device = options.device or common.default_device()
     model, tokenizer = common.load_model(device, options.model)
-    requests = load_requests(options.data)[: options.num_records]
+    # Records whose edit would change nothing (zsRE's 90th: its alternative answer is its answer) cannot be edited:
+    # the first n editable records are used, and the skipped ones are reported.
+    records = load_requests(options.data)
+    editable = [request for request in records if not changes_nothing(request)]
+    requests = editable[: options.num_records]
+    skipped = [
+        request.record_index for request in records[: requests[-1].record_index + 1] if changes_nothing(request)
+    ]
     corpus = common.corpus_option(options.corpus)
     base = {
         "stats_num_tokens": options.stats_tokens,
@@ -200,13 +208,16 @@ def main(argv=None) -> dict:
     table = comparison_table(result) + "\n" + markdown_table(result)
     if len(by_variant) > 1:
         table += "\n" + variants_table(by_variant, pre)
-    print(f"{len(requests)} CounterFact records from {options.data}" + (" (unedited only)" if options.no_edit else ""))
+    print(f"{len(requests)} records from {options.data}" + (" (unedited only)" if options.no_edit else ""))
+    if skipped:
+        print(f"Skipped records whose edit would change nothing: {skipped}")
     print(table)
     common.write_json(
         options.output,
         {
             "data": options.data,
             "num_records": len(requests),
+            "skipped_records": skipped,
             "edited": not options.no_edit,
             "machine": common.machine(device),
             "args": editor.resolved_args.to_dict(),

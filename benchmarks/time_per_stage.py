@@ -1,4 +1,6 @@
-"""Time per editing stage against the number of edits, from the runs of `benchmarks/quality_vs_edits.py`.
+"""Time per editing stage against the number of edits, from the runs of `benchmarks/quality_vs_edits.py` or
+`benchmarks/z_vs_batch_size.py` (whose runs also hold every z chunk: its requests, iterations, build and total
+seconds, printed as a per-chunk table).
 
 Stages, as `Editor.edit` reports them: context templates (sampled once per editor, so only in the first run),
 covariance statistics (computed once before the runs, then read from memory), the batched z optimisation, and the
@@ -41,9 +43,11 @@ def stage_times(quality: dict) -> dict:
     for run in quality["runs"]:
         n = run["num_edits"]
         row = {"num_edits": n, **{key: run[key] for key in STAGES if key in run}}
+        row.setdefault("total_seconds", run.get("edit_seconds"))
         row["z_seconds_per_edit"] = run["values_seconds"] / n
-        row["edit_seconds_per_edit"] = run["total_seconds"] / n
+        row["edit_seconds_per_edit"] = row["total_seconds"] / n
         row["peak_memory_gb"] = run.get("peak_memory_gb")
+        row["chunks"] = run.get("chunks", [])
         rows.append(row)
     return {
         "benchmark": "time_per_stage",
@@ -66,6 +70,19 @@ def table(times: dict) -> str:
             fmt(row["peak_memory_gb"], 2),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    chunked = [row for row in times["runs"] if row.get("chunks")]
+    if chunked:
+        lines += [
+            "",
+            "| edits | chunk | requests | iterations | build s | total s | s / request |",
+            "|" + " --- |" * 7,
+        ]
+        for row in chunked:
+            for k, chunk in enumerate(row["chunks"]):
+                cells = [str(row["num_edits"]), str(k), str(chunk["requests"]), str(chunk["iterations"])]
+                cells += [fmt(chunk.get("build_seconds"), 2), fmt(chunk.get("seconds"), 1)]
+                cells.append(fmt(chunk["seconds"] / chunk["requests"] if chunk.get("seconds") else None, 2))
+                lines.append("| " + " | ".join(cells) + " |")
     statistics = times.get("statistics") or {}
     if statistics:
         lines.append(

@@ -868,10 +868,32 @@ def test_v_batch_size_sets_the_chunks_of_the_z_optimisation(tokenizer, tmp_path)
     editor = make_editor(model, tokenizer, tmp_path, v_num_grad_steps=2, v_batch_size=3)
     values = editor.compute_values(requests)
     assert values.chunks == plan_chunks(tokenizer, load_requests(requests), 3)
-    assert [len(chunk) for chunk in values.chunks] == [3, 1] and len(values.schedule) == 2
+    assert [len(chunk) for chunk in values.chunks] == [2, 2] and len(values.schedule) == 2
     editor.args = tiny_editing_arguments(tmp_path, v_num_grad_steps=2)
     assert editor.resolved_args.v_batch_size is None  # the z optimisation picks the device's chunk size
     assert [len(chunk) for chunk in editor.compute_values(requests).chunks] == [4]
+
+
+def test_editor_checks_the_prefix_cache_shortcut_once(tokenizer, tmp_path):
+    """The KV-cache shortcut's self-check (a chunk of two requests built and run twice) runs at an editor's first z
+    optimisation only: a second call runs fewer forwards of the model and gives the same z."""
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    requests = subject_final_requests()
+    editor = make_editor(model, tokenizer, tmp_path, v_num_grad_steps=2)
+    templates = editor.context_templates  # sampled before counting (they run the model too)
+    assert templates
+    forwards = []
+    handle = model.base_model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    try:
+        first = editor.compute_values(requests)
+        first_forwards = len(forwards)
+        forwards.clear()
+        second = editor.compute_values(requests)
+    finally:
+        handle.remove()
+    # The check: block outputs, the template prefixes, the prefix caches and the plain and cached forwards of a chunk.
+    assert first_forwards >= len(forwards) + 4
+    assert torch.equal(first.targets, second.targets)
 
 
 def test_v_autocast_dtype_runs_the_z_tail_in_bfloat16(tokenizer, tmp_path):

@@ -2,6 +2,7 @@
 step against a plain forward, early stopping and the norm clamp."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from memit_hf.values import (
     BlockRunner,
     StopRule,
     ZChunk,
+    balanced_chunks,
     block_outputs,
     compute_target_values,
     default_chunk_size,
@@ -254,15 +256,15 @@ def test_clamp(clamp, tokenizer):
 def test_schedule_shrinks_as_requests_stop(tokenizer):
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
     requests = load_requests(subject_final_requests())
-    plan = plan_chunks(tokenizer, requests, 3)
+    plan = plan_chunks(tokenizer, requests, 2)
     first_requests = [requests[i] for i in plan[0]]
     threshold = splitting_threshold(loss_trajectories(model, tokenizer, first_requests, 6))  # splits the first chunk
-    result = run(model, tokenizer, requests, num_steps=6, early_stop_loss=threshold, batch_size=3)
+    result = run(model, tokenizer, requests, num_steps=6, early_stop_loss=threshold, batch_size=2)
     assert result.chunks == plan and len(result.schedule) == 2  # one schedule per chunk
     steps = [result.steps[members] for members in plan]  # result rows are in request order
     assert [len(chunk) for chunk in result.schedule] == [int(s.max()) + 1 for s in steps]
     first = result.schedule[0]
-    assert first[0] == [0, 1, 2] and len(first[-1]) < 3  # some requests of the first chunk stopped
+    assert first[0] == [0, 1] and len(first[-1]) < 2  # some requests of the first chunk stopped
     for earlier, later in zip(first, first[1:]):
         assert set(later) <= set(earlier)
     # The request at position i of a chunk is active at iteration `it` exactly while it <= its steps.
@@ -283,12 +285,28 @@ def test_chunks_group_requests_by_suffix_length(tokenizer):
     assert lengths == [t - u + 1 + len(g) - 1 for t, u, g in zip(through, until, targets)]  # from the subject-last
     plan = plan_chunks(tokenizer, requests, 3)
     order = [i for members in plan for i in members]
-    assert sorted(order) == list(range(len(requests))) and [len(m) for m in plan] == [3, 3, 2]
+    assert sorted(order) == list(range(len(requests))) and [len(m) for m in plan] == [3, 3, 2]  # 8 in chunks of 3
     assert [lengths[i] for i in order] == sorted(lengths) and len(set(lengths)) > 1
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
     chunked = run(model, tokenizer, requests, batch_size=3)
     singles = torch.cat([run(model, tokenizer, [r]).targets for r in requests])
     assert max_relative(chunked.targets, singles) <= z_rounding(6)
+
+
+def test_chunk_plan_has_the_fewest_chunks_of_even_sizes():
+    """A batch runs in `ceil(n / size)` chunks whose sizes differ by at most one (the larger first), every request in
+    exactly one, in order: a small remainder never runs as a chunk of its own (16 + 16 + 16 + 2 for 50 requests),
+    whose fixed cost (build and every step's forwards) would be paid for one or two requests."""
+    assert [len(piece) for piece in balanced_chunks(list(range(50)), 16)] == [13, 13, 12, 12]
+    assert [len(piece) for piece in balanced_chunks(list(range(100)), 16)] == [15, 15, 14, 14, 14, 14, 14]
+    assert balanced_chunks([], 16) == [] and balanced_chunks([7], 16) == [[7]]
+    for n in range(1, 80):
+        for size in (1, 2, 3, 5, 16, 32):
+            pieces = balanced_chunks(list(range(n)), size)
+            lengths = [len(piece) for piece in pieces]
+            assert len(pieces) == -(-n // size), (n, size)
+            assert max(lengths) <= size and max(lengths) - min(lengths) <= 1, (n, size, lengths)
+            assert lengths == sorted(lengths, reverse=True) and sum(pieces, []) == list(range(n))
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma3_text"])
@@ -576,23 +594,36 @@ def test_chunk_buckets_part_long_prefixes_and_pad_each_to_its_own():
     assert plan_chunk_buckets([], [], overhead=8) == []
 
 
-def test_bucket_prefix_caches_hold_only_their_own_rows_padding(tokenizer):
-    """Each bucket's prefix cache is as wide as its own longest prefix (not the chunk's), also after `select`; the
-    block-L outputs computed in length buckets equal one forward over every row at every real position."""
+def test_bucket_prefix_caches_share_the_templates_tokens(tokenizer):
+    """The templates' own text runs once ([`TemplatePrefixes`]): every row that opens with it takes its keys and values
+    from that cache, and each bucket runs only its rows' own prefix tokens, as wide as the longest of them (a row's
+    shared columns hold exactly its template's tokens), also after `select`; the block-L outputs computed in length
+    buckets equal one forward over every row at every real position."""
     model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
     requests = load_requests(tiny_requests())
     flat = ["{}", "I think. {}", "<s>system: a long system prompt to pad the prefix with\nuser: {}\nassistant:"]
     runner = BlockRunner(model, get_layout(model), 1)
     chunk = ZChunk.build(runner, tokenizer, requests, flat, bucket_overhead=0)
+    prefixes = chunk.prefixes
+    assert prefixes.ids[0] == [] and prefixes.cache_row == [-1, 0, 1] and len(prefixes.ids[2]) == prefixes.width
+    assert all(chunk.shared[r] == len(prefixes.ids[t]) for r, t in enumerate(chunk.rows.template) if t > 0)
+    assert any(bucket.prefix_layout[0] for bucket in chunk.buckets)
+    assert prefix_cache_error(chunk) <= z_rounding(1)  # the shared cache reproduces the plain forward
     for piece in (chunk, chunk.select([2, 0])):
-        widths = [bucket.batch.prefix_ids.shape[1] for bucket in piece.buckets]
-        longest = [int(bucket.batch.prefix_mask.sum(1).max()) for bucket in piece.buckets]
-        assert all(w <= piece.batch.prefix_ids.shape[1] for w in widths)
-        assert min(widths) < piece.batch.prefix_ids.shape[1]
-        assert all(w >= real for w, real in zip(widths, longest))
-    assert [b.batch.prefix_ids.shape[1] for b in chunk.buckets] == [
-        int(b.batch.prefix_mask.sum(1).max()) for b in chunk.buckets
-    ]
+        for bucket in piece.buckets:
+            shared_width, own_width = bucket.prefix_layout
+            assert bucket.batch.prefix_ids.shape[1] == shared_width + own_width and shared_width in (0, prefixes.width)
+            members = bucket.rows.tolist()
+            shared = [piece.shared[r] if shared_width else 0 for r in members]
+            own = [piece.rows.lookup[r] - s for r, s in zip(members, shared)]
+            assert own_width >= max(own) and (piece is not chunk or own_width == max(own))
+            for k, (r, s) in enumerate(zip(members, shared)):
+                columns = bucket.batch.prefix_ids[k, shared_width - s : shared_width].tolist()
+                assert columns == (prefixes.ids[piece.rows.template[r]] if s else [])
+                assert bucket.batch.prefix_mask[k].sum() == piece.rows.lookup[r]
+    # A row that does not open with its template's tokens keeps its whole prefix as its own.
+    mismatched = replace(prefixes, ids=[[], [1, 2, 3], prefixes.ids[2]])
+    assert all(count == 0 for count, t in zip(mismatched.shared_tokens(chunk.rows), chunk.rows.template) if t == 1)
     full = chunk.batch
     bucketed = block_outputs(runner, full.input_ids, full.attention_mask, overhead=0)
     single = block_outputs(runner, full.input_ids, full.attention_mask, overhead=10**9)

@@ -33,7 +33,7 @@ from .requests import EDIT_RECORD_KEYS, EditRequest, check_edit_targets, load_re
 from .statistics import LayerStatistics, StatisticsProvider, model_identity
 from .updates import LayerUpdates, edit_metrics, solve_layers
 from .value_norms import mean_value_norm, projection_outputs
-from .values import ValueResult, optimise_target_values, with_norm_anchor
+from .values import ValueResult, optimise_target_values, prefix_cache_supported, with_norm_anchor
 
 
 logger = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ class Editor(EditExportMixin, EditorStateMixin):
         self._statistics_key: tuple | None = None  # (StatisticsSettings, id(stats_dataset)) of `_statistics`
         self._templates: list[list[str]] | None = None
         self._base_model_info: dict[str, Any] | None = None
+        self._prefix_cache_support: dict[tuple, bool] = {}  # z optimisation's KV-cache check, per layer/dtype/device
 
     # --------------------------------------------------------------------------------------------------- stages
     def _log(self, message: str, *values: Any) -> None:
@@ -223,6 +224,15 @@ class Editor(EditExportMixin, EditorStateMixin):
     ) -> ValueResult:
         """The z optimisation of `requests` with the settings of `args`, its chunks shared among the processes (see
         [`~memit_hf.values.optimise_target_values`])."""
+        settings = args.value_optimisation()
+        if settings.use_prefix_cache:
+            # Whether the KV-cache shortcut is exact depends on the architecture, dtype and device: checked once.
+            key = (z_layer, self.model.dtype, str(self.model.device))
+            if key not in self._prefix_cache_support:
+                self._prefix_cache_support[key] = prefix_cache_supported(
+                    self.model, self.tokenizer, self.layout, requests, templates, z_layer
+                )
+            settings = replace(settings, use_prefix_cache=self._prefix_cache_support[key])
         return optimise_target_values(
             self.model,
             self.tokenizer,
@@ -230,9 +240,10 @@ class Editor(EditExportMixin, EditorStateMixin):
             requests,
             templates,
             z_layer,
-            args.value_optimisation(),
+            settings,
             process_state=self.state,
             show_progress=self.state.is_main_process,
+            prefix_cache_checked=True,
         )
 
     def value_norm_anchor(

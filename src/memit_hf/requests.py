@@ -642,6 +642,21 @@ def load_requests(data: RequestsInput) -> list[EditRequest]:
     return [request for index, record in enumerate(records) for request in _normalise(record, index)]
 
 
+def changes_nothing(request: EditRequest) -> bool:
+    """Whether editing `request` would change nothing: its `target_new` equals its `target_true` (compared without
+    surrounding whitespace and case; a record such as zsRE's 90th, whose alternative answer is its answer).
+
+    Args:
+        request ([`EditRequest`]): the request.
+
+    Returns:
+        `bool`: `True` when the edit would change nothing (never when `target_true` is unknown).
+    """
+    return (
+        request.target_true is not None and request.target_new.strip().lower() == request.target_true.strip().lower()
+    )
+
+
 def check_edit_targets(requests: Sequence[EditRequest]) -> None:
     """Refuse edits that would change nothing: a `target_new` equal to the request's `target_true` (compared without
     surrounding whitespace and case).
@@ -650,10 +665,7 @@ def check_edit_targets(requests: Sequence[EditRequest]) -> None:
         ValueError: naming the request (its record index) and both fields.
     """
     for request in requests:
-        if (
-            request.target_true is not None
-            and request.target_new.strip().lower() == request.target_true.strip().lower()
-        ):
+        if changes_nothing(request):
             raise ValueError(
                 f"Request {request.record_index}: field `target_new` ({request.target_new!r}) equals `target_true` "
                 f"({request.target_true!r}): the edit would change nothing."

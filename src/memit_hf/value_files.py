@@ -20,7 +20,7 @@ from .values import ValueResult
 
 VALUES_FORMAT = "memit_hf.values/1"
 """The `format` entry of a saved file's header."""
-_LIST_FIELDS = ("schedule", "chunks")
+_LIST_FIELDS = ("schedule", "chunks", "chunk_seconds", "chunk_build_seconds")
 
 
 def save_values(values: ValueResult, path: str | os.PathLike, metadata: dict | None = None) -> None:

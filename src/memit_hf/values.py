@@ -17,6 +17,7 @@ architecture's cache handling does not reproduce it.
 import copy
 import logging
 import math
+import time
 from dataclasses import dataclass, field, replace
 from numbers import Integral
 
@@ -62,6 +63,9 @@ class ValueResult:
         chunks (`list[list[int]]`): the requests (indices into the `requests` given) of every chunk optimised, in
             the order of `schedule` (see [`plan_chunks`]).
         z_layer (`int`, *optional*): the block whose output the targets are.
+        chunk_seconds (`list[float]`): per entry of `chunks`, the seconds its optimisation took (its build included).
+        chunk_build_seconds (`list[float]`): per entry of `chunks`, the seconds of its build (tokenising its rows,
+            blocks `0..L` over them and the prefix caches) before its first step.
         value_norm_ratio (`torch.Tensor`, *optional*): `(n,)` with Norm-Anchor Scaling
             (`ValueOptimisation.norm_anchor`), each request's `||v*||` over the anchor before rescaling (see
             [`~memit_hf.value_norms.anchor_value_norms`]); `None` without it.
@@ -78,6 +82,8 @@ class ValueResult:
     chunks: list = field(default_factory=list, repr=False)
     z_layer: int | None = None
     value_norm_ratio: torch.Tensor | None = None
+    chunk_seconds: list = field(default_factory=list, repr=False)
+    chunk_build_seconds: list = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -92,6 +98,7 @@ class _Rows:
     is_kl: list[bool]  # a row of its own for a KL prompt
     n_prompts: int
     kl_row: list[int] = field(default_factory=list)  # per request, the row whose subject-last logits give the KL
+    template: list[int] = field(default_factory=list)  # per row, its (flat) context template; -1 for a KL row
 
     def select(self, requests: list[int]) -> tuple["_Rows", list[int]]:
         """Rows of `requests` (renumbered 0..len-1 in the given order) and their indices in this object."""
@@ -106,6 +113,7 @@ class _Rows:
             is_kl=[self.is_kl[k] for k in keep],
             n_prompts=self.n_prompts,
             kl_row=[new_row[self.kl_row[r]] for r in requests],
+            template=[self.template[k] for k in keep],
         )
         return sub, keep
 
@@ -160,6 +168,7 @@ def _rows(
             rows.lookup.append(prompt_idx[i * n_prompts + j])
             rows.row_request.append(i)
             rows.is_kl.append(False)
+            rows.template.append(j)
     bare = templates.index("{}") if "{}" in templates else None
     for i in range(n):
         # The KL logits are those at the subject-last token of "{subject} is a": when the bare prompt has the same
@@ -176,6 +185,7 @@ def _rows(
         rows.row_request.append(i)
         rows.labels.append([])
         rows.is_kl.append(True)
+        rows.template.append(-1)
     return rows
 
 
@@ -276,14 +286,24 @@ class BlockRunner:
         return store["out:" + self.layer_name].to(input_ids.device)  # block L may sit on another device
 
     @torch.no_grad()
-    def prefix_cache(self, batch: _Batch):
-        """KV cache of every block over the prefix tokens (None when no row has a prefix)."""
-        if batch.prefix_ids.shape[1] == 0:
+    def prefix_cache(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, past=None):
+        """KV cache of every block over `(rows, P)` prefix tokens and their mask (None when `P == 0`). With `past`, a
+        cache of their first columns (see [`TemplatePrefixes`]), only the columns after them run, attending to it; the
+        result holds every column."""
+        width = prefix_ids.shape[1]
+        if width == 0:
             return None
-        positions = (batch.prefix_mask.cumsum(1) - 1).clamp_min(0)
+        past_width = past.get_seq_length() if past is not None else 0
+        if past_width == width:
+            return past
+        positions = (prefix_mask.cumsum(1) - 1).clamp_min(0)
         with self.autocast():
             output = self.model.base_model(
-                input_ids=batch.prefix_ids, attention_mask=batch.prefix_mask, position_ids=positions, use_cache=True
+                input_ids=prefix_ids[:, past_width:],
+                attention_mask=prefix_mask,
+                position_ids=positions[:, past_width:],
+                past_key_values=past,
+                use_cache=True,
             )
         return output.past_key_values
 
@@ -332,6 +352,77 @@ def _adam_update(delta, grad, exp_avg, exp_avg_sq, step: int, lr: float, betas=(
     delta.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 
 
+@dataclass
+class TemplatePrefixes:
+    """The KV cache of the context templates' own text, before the prompt (a sampled prefix, or the system prompt and
+    turn markers of a chat template): every request's row of a template opens with the same tokens, so their keys and
+    values are computed once per z optimisation and shared by the prefix caches of every chunk (only each row's own
+    prefix tokens, from the prompt on, then run). A row whose tokens do not open with its template's tokens (a
+    tokenizer that merges across the boundary) keeps its whole prefix as its own.
+
+    Build it with [`TemplatePrefixes.build`].
+
+    Args:
+        ids (`list[list[int]]`): per (flat) template, the tokens of its text before the first `{}` (trailing white
+            space removed, so the prompt's first word keeps its leading space); empty when not shared.
+        cache_row (`list[int]`): per template, its row in `cache` (-1 when not shared; templates with the same text
+            share a row).
+        width (`int`): the columns of `cache`: the longest shared text, the shorter ones left-padded.
+        cache: the KV cache of every block over the shared texts.
+    """
+
+    ids: list[list[int]]
+    cache_row: list[int]
+    width: int
+    cache: object
+
+    @classmethod
+    def build(
+        cls, runner: "BlockRunner", tokenizer: PreTrainedTokenizerBase, templates: list[str]
+    ) -> "TemplatePrefixes | None":
+        """The shared prefixes of the (flat) `templates` on `runner`'s model; `None` when no template has text of at
+        least two tokens before its prompt (nothing worth sharing)."""
+        texts = [template.split("{}")[0].rstrip() for template in templates]
+        encoded = [encode_texts(tokenizer, [text])[0] if text else [] for text in texts]
+        distinct: dict[tuple[int, ...], int] = {}
+        ids, cache_row = [], []
+        for tokens in encoded:
+            if len(tokens) < 2:
+                ids.append([])
+                cache_row.append(-1)
+                continue
+            ids.append(tokens)
+            cache_row.append(distinct.setdefault(tuple(tokens), len(distinct)))
+        if not distinct:
+            return None
+        width = max(map(len, distinct))
+        pad = pad_token_id(tokenizer)
+        device = runner.model.device
+        rows = list(distinct)
+        prefix_ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], device=device)
+        prefix_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        return cls(ids, cache_row, width, runner.prefix_cache(prefix_ids, prefix_mask))
+
+    def shared_tokens(self, rows: _Rows) -> list[int]:
+        """Per row of `rows`, how many of its first tokens are its template's shared tokens (0 when it does not open
+        with them, or has none)."""
+        counts = []
+        for sequence, lookup, template in zip(rows.sequences, rows.lookup, rows.template):
+            tokens = self.ids[template] if template >= 0 else []
+            shared = len(tokens) if tokens and len(tokens) <= lookup and sequence[: len(tokens)] == tokens else 0
+            counts.append(shared)
+        return counts
+
+
+def sliding_window_binds(model: PreTrainedModel, row_width: int, prefixes: TemplatePrefixes) -> bool:
+    """Whether a sliding-window attention layer of `model` could mask a real token of a row laid out with shared
+    template tokens (their cache is as wide as the longest shared text, so a row's own tokens may sit further from
+    its shared ones than in the text, and a window counts cache columns): true when the model's `sliding_window` is
+    not wider than the row's full width plus the shared cache's."""
+    window = getattr(model.config, "sliding_window", None)
+    return isinstance(window, int) and window <= row_width + prefixes.width
+
+
 class ZChunk:
     """The z problem of one chunk of requests: its prompts (per request the context-formatted rewriting prompts and
     the KL prompt), their block-L outputs, and a forward from block L+1 with a delta per request.
@@ -347,12 +438,21 @@ class ZChunk:
         hidden_full: torch.Tensor,
         pad: int,
         use_cache: bool,
-        buckets: list[tuple] | None = None,  # (rows, prefix cache[, its prefix width]) per bucket
+        buckets: list[tuple] | None = None,  # (rows, prefix cache[, its prefix layout]) per bucket
         prefix_width: int | None = None,
         bucket_overhead: int | None = None,
+        prefixes: TemplatePrefixes | None = None,
     ):
         device = runner.model.device
         self.runner, self.rows, self.pad, self.use_cache = runner, rows, pad, use_cache
+        self.shared = [0] * len(rows.lookup)
+        if (
+            prefixes is not None
+            and use_cache
+            and not sliding_window_binds(runner.model, hidden_full.shape[1], prefixes)
+        ):
+            self.shared = prefixes.shared_tokens(rows)
+        self.prefixes = prefixes
         self.batch = _batch(rows, pad, device, prefix_width)
         self.hidden_full = hidden_full  # (rows, T, d) block-L output of `rows`
         b = self.batch
@@ -381,26 +481,53 @@ class ZChunk:
             self.label_cols = b.label_cols
             self.kl_cols = b.lookup[b.kl_rows]
 
-    def _bucket(self, members: list[int], cache, prefix_width: int | None = None) -> "RowBucket":
-        """The bucket of rows `members`: their prefixes left-padded to the longest of them (`prefix_width` when given:
-        that of `cache`), their suffixes cut to the longest of them, and their prefix cache (computed when `cache` is
-        None). Chat rows' prefixes (system prompt, turn markers) are several times longer than the other rows': padded
-        to the chunk's longest prefix, the other buckets' caches would run mostly padding."""
-        b = self.batch
+    def _bucket(self, members: list[int], cache, layout: tuple[int, int] | None = None) -> "RowBucket":
+        """The bucket of rows `members`: their suffixes cut to the longest of them; their prefixes in two left-padded
+        parts, the template's shared tokens (as wide as the [`TemplatePrefixes`] cache, whose rows the bucket's cache
+        starts from; width 0 when no row of the bucket shares any) and each row's own tokens (as wide as the longest);
+        and their prefix cache (computed when `cache` is None; `layout`, the two widths, is then that of `cache`).
+        Chat rows' prefixes (system prompt, turn markers) are several times longer than the other rows': padded to the
+        chunk's longest prefix, the other buckets' caches would run mostly padding."""
+        b, rows = self.batch, self.rows
         index = torch.tensor(members, device=b.lookup.device)
         width = max(1, int(b.suffix_mask[index].sum(1).max()))
-        if prefix_width is None:
-            prefix_width = int(b.prefix_mask[index].sum(1).max())
-        start = b.prefix_ids.shape[1] - prefix_width  # the prefixes are left-padded: their tokens end every row
+        shared = [self.shared[r] for r in members]
+        if layout is None:
+            shared_width = self.prefixes.width if any(shared) else 0
+            own_width = max(rows.lookup[r] - (s if shared_width else 0) for r, s in zip(members, shared))
+        else:
+            shared_width, own_width = layout
+        if not shared_width:
+            shared = [0] * len(members)
+        prefix_ids, prefix_mask = [], []
+        for r, s in zip(members, shared):
+            prefix = rows.sequences[r][: rows.lookup[r]]
+            own = len(prefix) - s
+            prefix_ids.append(
+                [self.pad] * (shared_width - s) + prefix[:s] + [self.pad] * (own_width - own) + prefix[s:]
+            )
+            prefix_mask.append([0] * (shared_width - s) + [1] * s + [0] * (own_width - own) + [1] * own)
+        device = b.lookup.device
+        prefix_ids = torch.tensor(prefix_ids, dtype=torch.long, device=device).reshape(len(members), -1)
+        prefix_mask = torch.tensor(prefix_mask, dtype=torch.long, device=device).reshape(len(members), -1)
         batch = replace(
             b,
-            prefix_ids=b.prefix_ids[index, start:],
-            prefix_mask=b.prefix_mask[index, start:],
+            prefix_ids=prefix_ids,
+            prefix_mask=prefix_mask,
             suffix_ids=b.suffix_ids[index, :width],
             suffix_mask=b.suffix_mask[index, :width],
             suffix_positions=b.suffix_positions[index, :width],
         )
-        return RowBucket(index, width, batch, self.runner.prefix_cache(batch) if cache is None else cache)
+        if cache is None:
+            past = None
+            if shared_width:
+                past = cache_view(self.prefixes.cache)
+                template_rows = [
+                    self.prefixes.cache_row[rows.template[r]] if s else 0 for r, s in zip(members, shared)
+                ]
+                past.batch_select_indices(torch.tensor(template_rows, device=device))
+            cache = self.runner.prefix_cache(prefix_ids, prefix_mask, past)
+        return RowBucket(index, width, batch, cache, (shared_width, own_width))
 
     @property
     def prefix_tokens(self) -> int:
@@ -417,6 +544,7 @@ class ZChunk:
         use_cache: bool = True,
         first_token_weight: float = ValueOptimisation.first_token_weight,
         bucket_overhead: int | None = None,
+        prefixes: TemplatePrefixes | None = None,
     ) -> "ZChunk":
         """The chunk of `requests` with the (flat) context `templates`; runs blocks `0..L` once over its prompts.
 
@@ -432,6 +560,8 @@ class ZChunk:
             bucket_overhead (`int`, *optional*): the cost of one more forward in tokens, which [`plan_row_buckets`]
                 trades against padding (default: the runner's [`BlockRunner.bucket_overhead`]; a very large value
                 runs every row in one forward).
+            prefixes ([`TemplatePrefixes`], *optional*): the shared prefixes of `templates` on this model (computed
+                once by the caller for all its chunks); built here when `None` and `use_cache`.
         """
         rows = _rows(tokenizer, requests, templates, first_token_weight)
         pad = pad_token_id(tokenizer)
@@ -439,7 +569,9 @@ class ZChunk:
         full = _batch(rows, pad, device)
         overhead = runner.bucket_overhead if bucket_overhead is None else bucket_overhead
         hidden = block_outputs(runner, full.input_ids, full.attention_mask, overhead)
-        return cls(runner, rows, hidden, pad, use_cache, bucket_overhead=overhead)
+        if use_cache and prefixes is None:
+            prefixes = TemplatePrefixes.build(runner, tokenizer, templates)
+        return cls(runner, rows, hidden, pad, use_cache, bucket_overhead=overhead, prefixes=prefixes)
 
     @property
     def num_requests(self) -> int:
@@ -462,9 +594,11 @@ class ZChunk:
             if bucket.cache is not None:
                 cache = cache_view(bucket.cache)
                 cache.batch_select_indices(torch.tensor(local, device=bucket.rows.device))
-            buckets.append(([position[int(bucket.rows[k])] for k in local], cache, bucket.batch.prefix_ids.shape[1]))
+            buckets.append(([position[int(bucket.rows[k])] for k in local], cache, bucket.prefix_layout))
         width = self.batch.prefix_ids.shape[1]
-        return ZChunk(self.runner, rows, self.hidden_full[index], self.pad, True, buckets, width)
+        return ZChunk(
+            self.runner, rows, self.hidden_full[index], self.pad, True, buckets, width, prefixes=self.prefixes
+        )
 
     def forward(self, delta_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Final hidden states at the label positions `(labels, d)` and at the KL positions `(n, d)` when each
@@ -530,12 +664,15 @@ class RowBucket:
         width (`int`): the suffix tokens they are padded to (the longest of their suffixes).
         batch (`_Batch`): their prefix tensors and their suffix tensors cut to `width`.
         cache: their prefix KV cache (`None` when no row has a prefix).
+        prefix_layout (`tuple[int, int]`): the widths of the two parts of their prefixes: the templates' shared tokens
+            (0 when none is shared) and each row's own tokens.
     """
 
     rows: torch.Tensor
     width: int
     batch: _Batch
     cache: object = None
+    prefix_layout: tuple[int, int] = (0, 0)
 
 
 CPU_FORWARD_OVERHEAD = 1.4e8
@@ -646,6 +783,7 @@ def optimise_target_values(
     *,
     process_state: PartialState | None = None,
     show_progress: bool = True,
+    prefix_cache_checked: bool = False,
 ) -> ValueResult:
     """Optimise the target vector z of every request at block `z_layer` (algorithm.md section 4).
 
@@ -667,6 +805,9 @@ def optimise_target_values(
             (dealt whole by [`~memit_hf.distributed.owned_chunks`]) and every process gets all results; each chunk is
             computed exactly as a single process computes it. `None`: this process optimises every chunk.
         show_progress (`bool`, *optional*, defaults to `True`): show a progress bar.
+        prefix_cache_checked (`bool`, *optional*, defaults to `False`): `settings.use_prefix_cache` was already
+            checked for this model by [`prefix_cache_supported`] (an editor checks once, not at every call); by
+            default the KV-cache shortcut is checked on the first two requests and switched off if it fails.
 
     Returns:
         [`ValueResult`]: the per-request tensors in the order of `requests`, on every process; `schedule` and
@@ -678,6 +819,9 @@ def optimise_target_values(
         plan = plan_chunks(tokenizer, requests, chunk_size)
         mine = list(range(len(plan))) if single else owned_chunks(len(plan), process_state)
         selected = [plan[i] for i in mine]
+        if settings.use_prefix_cache and not prefix_cache_checked and requests:
+            supported = prefix_cache_supported(model, tokenizer, layout, requests, templates, z_layer)
+            settings = replace(settings, use_prefix_cache=supported)
         local = _optimise_chunks(
             model, tokenizer, layout, requests, templates, z_layer, settings, selected, show_progress=show_progress
         )
@@ -691,12 +835,21 @@ def optimise_target_values(
     for name in ("targets", "initial"):
         tensors[name] = tensors[name].reshape(len(indices), hidden)
     full = assemble_rows(len(requests), indices, tensors, process_state)
-    pieces = sorted(gather_object(list(zip(local.chunks, local.schedule))))
+    pieces = sorted(
+        gather_object(list(zip(local.chunks, local.schedule, local.chunk_seconds, local.chunk_build_seconds)))
+    )
     if process_state.is_main_process:
         logger.info(
             "Optimised the target values of %d requests on %d processes.", len(requests), process_state.num_processes
         )
-    result = ValueResult(**full, schedule=[s for _, s in pieces], chunks=[c for c, _ in pieces], z_layer=z_layer)
+    result = ValueResult(
+        **full,
+        schedule=[piece[1] for piece in pieces],
+        chunks=[piece[0] for piece in pieces],
+        z_layer=z_layer,
+        chunk_seconds=[piece[2] for piece in pieces],
+        chunk_build_seconds=[piece[3] for piece in pieces],
+    )
     return with_norm_anchor(model, tokenizer, layout, requests, result, z_layer, settings)
 
 
@@ -804,6 +957,9 @@ def compute_target_values(
     chunk_size = batch_size if batch_size is not None else default_chunk_size(model.device)
     with frozen_parameters(model):
         selected = [plan_chunks(tokenizer, requests, chunk_size)[i] for i in chunks]
+        if settings.use_prefix_cache and requests:
+            supported = prefix_cache_supported(model, tokenizer, layout, requests, templates, z_layer)
+            settings = replace(settings, use_prefix_cache=supported)
         return _optimise_chunks(
             model, tokenizer, layout, requests, templates, z_layer, settings, selected, show_progress=show_progress
         )
@@ -818,17 +974,42 @@ def suffix_lengths(tokenizer: PreTrainedTokenizerBase, requests: list[EditReques
 
 def plan_chunks(tokenizer: PreTrainedTokenizerBase, requests: list[EditRequest], batch_size: int) -> list[list[int]]:
     """The chunks the z optimisation runs: the requests ordered by the number of tokens from their subject's last
-    token to the end of prompt and target (ties by position), cut into chunks of `batch_size`. The blocks after the
-    z layer run only those tokens, padded to the longest row of the chunk: chunks of equal lengths pad almost nothing
-    (on the first 100 CounterFact records in request order, 1.7 times the real tokens were run). A request's z does
-    not depend on its chunk (every loss term is per request), so this changes no result beyond float rounding.
+    token to the end of prompt and target (ties by position), cut into the fewest chunks of at most `batch_size`
+    (`ceil(n / batch_size)`), whose sizes differ by at most one (the larger ones first): 50 requests in chunks of
+    16 run as 13 + 13 + 12 + 12, not 16 + 16 + 16 + 2 (a chunk's fixed cost, its build and every step's forwards,
+    is paid whatever its size). The blocks after the z layer run only those tokens, padded within row buckets
+    ([`plan_chunk_buckets`]): chunks of similar lengths pad almost nothing. A request's z does not depend on its
+    chunk (every loss term is per request), so the plan changes no result beyond float rounding.
 
     Returns:
         `list[list[int]]`: per chunk, the indices of its requests.
     """
     lengths = suffix_lengths(tokenizer, requests)
     order = sorted(range(len(requests)), key=lambda i: (lengths[i], i))
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    return balanced_chunks(order, batch_size)
+
+
+def balanced_chunks(items: list, size: int) -> list[list]:
+    """`items` cut in order into the fewest pieces of at most `size` (`ceil(len(items) / size)`), whose sizes differ
+    by at most one, the larger ones first.
+
+    Args:
+        items (`list`): the items, in order.
+        size (`int`): the largest piece (> 0).
+
+    Returns:
+        `list[list]`: the pieces (none for no items).
+    """
+    count = -(-len(items) // size)
+    if count == 0:
+        return []
+    base, larger = divmod(len(items), count)
+    pieces, start = [], 0
+    for k in range(count):
+        end = start + base + (k < larger)
+        pieces.append(items[start:end])
+        start = end
+    return pieces
 
 
 def _optimise_chunks(
@@ -848,16 +1029,13 @@ def _optimise_chunks(
     flat = [t for group in templates for t in group]
     autocast_dtype = getattr(torch, settings.autocast_dtype) if settings.autocast_dtype else None
     runner = BlockRunner(model, layout, z_layer, autocast_dtype)
-    if settings.use_prefix_cache and selected:
-        # Checked without autocast: this is about the architecture's cache handling, not rounding.
-        plain_runner = BlockRunner(model, layout, z_layer)
-        first = [requests[i] for i in selected[0][:2]]
-        if not prefix_cache_matches(ZChunk.build(plain_runner, tokenizer, first, flat, use_cache=True)):
-            settings = replace(settings, use_prefix_cache=False)
+    # The templates' shared prefix tokens run once for every chunk (the model does not change during the optimisation).
+    prefixes = TemplatePrefixes.build(runner, tokenizer, flat) if settings.use_prefix_cache and selected else None
     parts = []
     progress = tqdm(total=sum(map(len, selected)), desc="z optimisation", disable=not show_progress)
     for members in selected:
-        parts.append(_optimise_members(runner, tokenizer, [requests[i] for i in members], flat, settings))
+        chunk_requests = [requests[i] for i in members]
+        parts.append(_optimise_members(runner, tokenizer, chunk_requests, flat, settings, prefixes))
         progress.update(len(members))
     progress.close()
     if not parts:
@@ -875,7 +1053,8 @@ def _optimise_chunks(
 def _concatenated(parts: list[ValueResult]) -> dict:
     """The per-request tensors and the schedules of `parts`, one after another."""
     tensors = {name: torch.cat([getattr(p, name) for p in parts]) for name in PER_REQUEST_FIELDS}
-    return {**tensors, "schedule": [schedule for p in parts for schedule in p.schedule]}
+    timings = {name: [t for p in parts for t in getattr(p, name)] for name in ("chunk_seconds", "chunk_build_seconds")}
+    return {**tensors, "schedule": [schedule for p in parts for schedule in p.schedule], **timings}
 
 
 def _in_request_order(result: ValueResult, plan: list[list[int]]) -> ValueResult:
@@ -904,11 +1083,14 @@ def _optimise_members(
     requests: list[EditRequest],
     templates: list[str],
     settings: ValueOptimisation,
+    prefixes: TemplatePrefixes | None = None,
 ) -> ValueResult:
-    """Optimise one chunk (with the flat context `templates`); when the accelerator runs out of memory, the chunk is
+    """Optimise one chunk (with the flat context `templates` and their shared `prefixes`); when the accelerator runs
+    out of memory, the chunk is
     split in halves (down to single requests) and each half is optimised on its own, which gives the same z
     (requests are independent)."""
     try:
+        tick = time.perf_counter()
         chunk = ZChunk.build(
             runner,
             tokenizer,
@@ -916,8 +1098,11 @@ def _optimise_members(
             templates,
             use_cache=settings.use_prefix_cache,
             first_token_weight=settings.first_token_weight,
+            prefixes=prefixes,
         )
-        return _optimise_chunk(chunk, settings)
+        built = time.perf_counter() - tick
+        result = _optimise_chunk(chunk, settings)
+        return replace(result, chunk_seconds=[time.perf_counter() - tick], chunk_build_seconds=[built])
     except torch.cuda.OutOfMemoryError:
         if len(requests) == 1:
             raise
@@ -927,10 +1112,39 @@ def _optimise_members(
     half = len(requests) // 2
     logger.warning("Out of memory in the z optimisation of %d requests: splitting the chunk.", len(requests))
     parts = [
-        _optimise_members(runner, tokenizer, requests[:half], templates, settings),
-        _optimise_members(runner, tokenizer, requests[half:], templates, settings),
+        _optimise_members(runner, tokenizer, requests[:half], templates, settings, prefixes),
+        _optimise_members(runner, tokenizer, requests[half:], templates, settings, prefixes),
     ]
     return ValueResult(**_concatenated(parts))
+
+
+def prefix_cache_supported(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    layout: ModelLayout,
+    requests: list[EditRequest],
+    templates: list[list[str]],
+    z_layer: int,
+) -> bool:
+    """Whether the z optimisation's KV-cache shortcut reproduces the plain forward for `model` ([`prefix_cache_matches`]
+    on a chunk of the first two of `requests` with the context `templates`, without autocast: this is about the
+    architecture's cache handling, not rounding). The answer depends on the architecture, its dtype and device, not on
+    the requests or the weights, so an editor asks once.
+
+    Args:
+        model (`PreTrainedModel`), tokenizer (`PreTrainedTokenizerBase`): the model and its tokenizer.
+        layout ([`~memit_hf.architectures.ModelLayout`]): the model's module layout.
+        requests (`list[EditRequest]`): requests to check with (the first two are used).
+        templates (`list[list[str]]`): the context templates.
+        z_layer (`int`): the z layer.
+
+    Returns:
+        `bool`: `True` when the shortcut is exact to the dtype's rounding (else a warning says why not).
+    """
+    flat = [t for group in templates for t in group]
+    with frozen_parameters(model):
+        runner = BlockRunner(model, layout, z_layer)
+        return prefix_cache_matches(ZChunk.build(runner, tokenizer, requests[:2], flat, use_cache=True))
 
 
 @torch.no_grad()
