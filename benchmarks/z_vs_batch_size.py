@@ -3,7 +3,7 @@ of a one-fact edit.
 
 For each n of `--num-edits` (default 1 10 30 100 300) the first n CounterFact records are edited at once with one
 editor (statistics from the cache, context templates sampled once before the runs; the model restored after each
-run), and it reports the seconds of every stage, the z optimisation per edit (and its ratio to the largest n and to
+run), and it reports the seconds of every stage, the z optimisation per edit (and its ratio to that of 100 edits and to
 the MEMIT reference's per-edit time on this CPU), the chunk plan with each chunk's requests, steps and seconds,
 teacher-forced ES / PS / NS and the greedy figures of the `generative` family (plain prompts, on the first
 `--greedy-records` edited records). Then the end-to-end latency of one-fact edits: a fresh `Editor` (templates
@@ -12,10 +12,13 @@ sampled, statistics read from the disk cache) editing one fact, and the same edi
     python benchmarks/z_vs_batch_size.py --stats-cache-dir /tmp/bench_stats \\
         --output benchmarks/results/z_vs_batch_size.json
     python benchmarks/z_vs_batch_size.py --num-edits 10 100 --set v_batch_size=32 --no-greedy
+    python benchmarks/z_vs_batch_size.py --num-edits 300 --no-latency --append  # one more size, same JSON
 """
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import common
 
@@ -35,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=True, help="Greedy figures.")
     parser.add_argument("--greedy-records", type=int, default=100, help="Greedy figures on this many edited records.")
     parser.add_argument("--latency", action=argparse.BooleanOptionalAction, default=True, help="One-fact latency.")
+    parser.add_argument(
+        "--append", action="store_true", help="Keep the runs of other sizes (and the latency) already in --output."
+    )
     parser.add_argument("--reference-seconds-per-edit", type=float, default=REFERENCE_SECONDS_PER_EDIT)
     parser.add_argument("--device", default=None, help="`cuda` or `cpu` (default: cuda when available).")
     parser.add_argument("--output", default=str(common.REPO / "benchmarks" / "results" / "z_vs_batch_size.json"))
@@ -110,14 +116,15 @@ STAGES = ("templates_seconds", "statistics_seconds", "values_seconds", "update_s
 def table(results: dict) -> str:
     fmt = common.fmt
     runs = results["runs"]
-    largest = max(runs, key=lambda run: run["num_edits"])
+    # Per-edit cost relative to the 100-edit run (the issue's yardstick), or to the largest run without one.
+    base = next((run for run in runs if run["num_edits"] == 100), max(runs, key=lambda run: run["num_edits"]))
     reference = results["reference_seconds_per_edit"]
     header = [
         "edits",
         "chunks",
         "z s",
         "z s / edit",
-        "/ largest n",
+        f"/ n={base['num_edits']}",
         "reference / ours",
         "steps",
         "keys+solves s",
@@ -135,7 +142,7 @@ def table(results: dict) -> str:
             "+".join(str(chunk["requests"]) for chunk in run["chunks"]),
             fmt(run["values_seconds"], 1),
             fmt(per_edit, 2),
-            fmt(per_edit / largest["z_seconds_per_edit"], 2),
+            fmt(per_edit / base["z_seconds_per_edit"], 2),
             fmt(reference / per_edit, 1),
             fmt(run["mean_steps"], 1),
             fmt(run["update_seconds"], 1),
@@ -185,11 +192,14 @@ def main(argv=None) -> dict:
         "args": editor.resolved_args.to_dict(),
         "reference_seconds_per_edit": options.reference_seconds_per_edit,
         "context_templates": templates,
-        "runs": [],
+        "runs": common.previous_runs(options.output, options.append, set(options.num_edits)),
     }
+    if options.append and not options.latency and Path(options.output).exists():
+        results["latency"] = json.loads(Path(options.output).read_text(encoding="utf-8")).get("latency")
     for n in options.num_edits:
         run = run_size(editor, records[:n], options)
         results["runs"].append(run)
+        results["runs"].sort(key=lambda entry: entry["num_edits"])
         print({key: run[key] for key in ("num_edits", "values_seconds", "z_seconds_per_edit")}, flush=True)
         common.write_json(options.output, results)
     if options.latency:

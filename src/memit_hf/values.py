@@ -7,7 +7,8 @@ weight-decay denominator and early stop, which reproduces the reference's one-re
 - blocks `0..L` run once per chunk; a step runs only blocks `L+1..` (their forward is swapped for the cached output);
 - the positions before each prompt's subject-last token cannot see the delta (causal attention), so their keys and
   values in blocks `L+1..` are computed once and passed as a KV cache; a step runs only the tokens from the
-  subject-last token on;
+  subject-last token on (and the context templates' own text, which every request's row of a template shares, runs
+  once per optimisation into a cache that every chunk's prefix caches start from);
 - the LM head runs only at the label positions and at the KL position.
 
 The KV-cache shortcut is checked against a plain forward on the first chunk and switched off (with a warning) if an
