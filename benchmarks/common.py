@@ -186,6 +186,15 @@ def add_statistics_options(parser) -> None:
     parser.add_argument("--stats-cache-dir", default=None, help="Reuse statistics from here (default: a fresh dir).")
 
 
+def statistics_arguments(options) -> dict[str, Any]:
+    """The flat editing arguments of the statistics options of [`add_statistics_options`]: the token budget and the
+    cache folder (a fresh temporary one when `--stats-cache-dir` is not given)."""
+    import tempfile
+
+    cache_dir = options.stats_cache_dir or tempfile.mkdtemp(prefix="memit-stats-")
+    return {"stats_num_tokens": options.stats_tokens, "stats_cache_dir": cache_dir}
+
+
 def z_settings(args) -> str:
     """What the target values z depend on besides the model and the requests: every resolved editing argument but the
     method and its hyperparameters (so the z layer, the z optimisation and the context templates), as a JSON key.

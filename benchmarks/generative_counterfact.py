@@ -110,8 +110,6 @@ def variants_table(by_variant: dict[str, dict], pre: dict) -> str:
 def main(argv=None) -> dict:
     options = parse_args(argv)
     common.setup()
-    import tempfile
-
     from memit_hf import EditingArguments, Editor, load_requests
     from memit_hf.cli.evaluate import comparison_table, markdown_table
     from memit_hf.evaluation import evaluate_model
@@ -128,11 +126,7 @@ def main(argv=None) -> dict:
         request.record_index for request in records[: requests[-1].record_index + 1] if changes_nothing(request)
     ]
     corpus = common.corpus_option(options.corpus)
-    base = {
-        "stats_num_tokens": options.stats_tokens,
-        "seed": options.seed,
-        "stats_cache_dir": options.stats_cache_dir or tempfile.mkdtemp(prefix="memit-stats-"),
-    }
+    base = {**common.statistics_arguments(options), "seed": options.seed}
     variants = {name: common.parse_settings(settings) for name, *settings in options.variant or [["default"]]}
     editor = Editor(model, args=EditingArguments.from_flat(base), processing_class=tokenizer, stats_dataset=corpus)
     metrics = list(options.metrics)

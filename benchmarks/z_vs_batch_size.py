@@ -167,20 +167,13 @@ def table(results: dict) -> str:
 def main(argv=None) -> dict:
     options = parse_args(argv)
     common.setup()
-    import tempfile
-
     from memit_hf import EditingArguments, Editor, load_requests
 
     device = options.device or common.default_device()
     model, tokenizer = common.load_model(device, options.model)
-    records = load_requests(options.data)
-    corpus = common.corpus_option(options.corpus)
-    flat = {
-        "stats_num_tokens": options.stats_tokens,
-        "stats_cache_dir": options.stats_cache_dir or tempfile.mkdtemp(prefix="memit-stats-"),
-        **common.parse_settings(options.set),
-    }
+    flat = {**common.statistics_arguments(options), **common.parse_settings(options.set)}
     args = EditingArguments.from_flat(flat)
+    records, corpus = load_requests(options.data), common.corpus_option(options.corpus)
     editor = Editor(model, args=args, processing_class=tokenizer, stats_dataset=corpus)
     editor.get_statistics(editor.resolved_args.layers)  # collected or read once, before the timed runs
     templates = editor.context_templates  # sampled once, before the timed runs

@@ -33,7 +33,7 @@ from .requests import EDIT_RECORD_KEYS, EditRequest, check_edit_targets, load_re
 from .statistics import LayerStatistics, StatisticsProvider, model_identity
 from .updates import LayerUpdates, edit_metrics, solve_layers
 from .value_norms import mean_value_norm, projection_outputs
-from .values import ValueResult, optimise_target_values, prefix_cache_supported, with_norm_anchor
+from .values import BlockRunner, ValueResult, optimise_target_values, prefix_cache_supported, with_norm_anchor
 
 
 logger = logging.getLogger(__name__)
@@ -229,9 +229,8 @@ class Editor(EditExportMixin, EditorStateMixin):
             # Whether the KV-cache shortcut is exact depends on the architecture, dtype and device: checked once.
             key = (z_layer, self.model.dtype, str(self.model.device))
             if key not in self._prefix_cache_support:
-                self._prefix_cache_support[key] = prefix_cache_supported(
-                    self.model, self.tokenizer, self.layout, requests, templates, z_layer
-                )
+                runner = BlockRunner(self.model, self.layout, z_layer)
+                self._prefix_cache_support[key] = prefix_cache_supported(runner, self.tokenizer, requests, templates)
             settings = replace(settings, use_prefix_cache=self._prefix_cache_support[key])
         return optimise_target_values(
             self.model,

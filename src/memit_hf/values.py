@@ -821,7 +821,7 @@ def optimise_target_values(
         mine = list(range(len(plan))) if single else owned_chunks(len(plan), process_state)
         selected = [plan[i] for i in mine]
         if settings.use_prefix_cache and not prefix_cache_checked and requests:
-            supported = prefix_cache_supported(model, tokenizer, layout, requests, templates, z_layer)
+            supported = prefix_cache_supported(BlockRunner(model, layout, z_layer), tokenizer, requests, templates)
             settings = replace(settings, use_prefix_cache=supported)
         local = _optimise_chunks(
             model, tokenizer, layout, requests, templates, z_layer, settings, selected, show_progress=show_progress
@@ -959,7 +959,7 @@ def compute_target_values(
     with frozen_parameters(model):
         selected = [plan_chunks(tokenizer, requests, chunk_size)[i] for i in chunks]
         if settings.use_prefix_cache and requests:
-            supported = prefix_cache_supported(model, tokenizer, layout, requests, templates, z_layer)
+            supported = prefix_cache_supported(BlockRunner(model, layout, z_layer), tokenizer, requests, templates)
             settings = replace(settings, use_prefix_cache=supported)
         return _optimise_chunks(
             model, tokenizer, layout, requests, templates, z_layer, settings, selected, show_progress=show_progress
@@ -1120,31 +1120,24 @@ def _optimise_members(
 
 
 def prefix_cache_supported(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    layout: ModelLayout,
-    requests: list[EditRequest],
-    templates: list[list[str]],
-    z_layer: int,
+    runner: BlockRunner, tokenizer: PreTrainedTokenizerBase, requests: list[EditRequest], templates: list[list[str]]
 ) -> bool:
-    """Whether the z optimisation's KV-cache shortcut reproduces the plain forward for `model` ([`prefix_cache_matches`]
-    on a chunk of the first two of `requests` with the context `templates`, without autocast: this is about the
-    architecture's cache handling, not rounding). The answer depends on the architecture, its dtype and device, not on
-    the requests or the weights, so an editor asks once.
+    """Whether the z optimisation's KV-cache shortcut reproduces the plain forward for the runner's model
+    ([`prefix_cache_matches`] on a chunk of the first two of `requests` with the context `templates`; pass a runner
+    without autocast: this is about the architecture's cache handling, not rounding). The answer depends on the
+    architecture, its dtype and device, not on the requests or the weights, so an editor asks once.
 
     Args:
-        model (`PreTrainedModel`), tokenizer (`PreTrainedTokenizerBase`): the model and its tokenizer.
-        layout ([`~memit_hf.architectures.ModelLayout`]): the model's module layout.
+        runner ([`BlockRunner`]): the model runner at the z layer.
+        tokenizer (`PreTrainedTokenizerBase`): the tokenizer.
         requests (`list[EditRequest]`): requests to check with (the first two are used).
         templates (`list[list[str]]`): the context templates.
-        z_layer (`int`): the z layer.
 
     Returns:
         `bool`: `True` when the shortcut is exact to the dtype's rounding (else a warning says why not).
     """
     flat = [t for group in templates for t in group]
-    with frozen_parameters(model):
-        runner = BlockRunner(model, layout, z_layer)
+    with frozen_parameters(runner.model):
         return prefix_cache_matches(ZChunk.build(runner, tokenizer, requests[:2], flat, use_cache=True))
 
 
