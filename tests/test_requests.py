@@ -742,3 +742,18 @@ def test_an_edit_to_the_true_target_is_refused():
     with pytest.raises(ValueError, match=r"Request 1: field `target_new` \('Italy'\) equals `target_true`"):
         check_edit_targets(requests)
     check_edit_targets(requests[:1])
+
+
+def test_changes_nothing_compares_the_targets_without_case_and_space():
+    """`changes_nothing` (what `check_edit_targets` refuses, and what the benchmarks skip): `target_new` equal to
+    `target_true` up to case and surrounding white space; never when `target_true` is unknown."""
+    from memit_hf.requests import changes_nothing
+
+    same, other, unknown = load_requests(
+        [
+            {"prompt": "{} is in", "subject": "Rome", "target_new": " Italy ", "target_true": "italy"},
+            {"prompt": "{} is in", "subject": "Paris", "target_new": "France", "target_true": "Spain"},
+            {"prompt": "{} is in", "subject": "Oslo", "target_new": "Norway"},
+        ]
+    )
+    assert changes_nothing(same) and not changes_nothing(other) and not changes_nothing(unknown)
