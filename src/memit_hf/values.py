@@ -820,9 +820,8 @@ def optimise_target_values(
         plan = plan_chunks(tokenizer, requests, chunk_size)
         mine = list(range(len(plan))) if single else owned_chunks(len(plan), process_state)
         selected = [plan[i] for i in mine]
-        if settings.use_prefix_cache and not prefix_cache_checked and requests:
-            supported = prefix_cache_supported(BlockRunner(model, layout, z_layer), tokenizer, requests, templates)
-            settings = replace(settings, use_prefix_cache=supported)
+        if not prefix_cache_checked:
+            settings = with_checked_prefix_cache(model, tokenizer, layout, requests, templates, z_layer, settings)
         local = _optimise_chunks(
             model, tokenizer, layout, requests, templates, z_layer, settings, selected, show_progress=show_progress
         )
@@ -958,9 +957,7 @@ def compute_target_values(
     chunk_size = batch_size if batch_size is not None else default_chunk_size(model.device)
     with frozen_parameters(model):
         selected = [plan_chunks(tokenizer, requests, chunk_size)[i] for i in chunks]
-        if settings.use_prefix_cache and requests:
-            supported = prefix_cache_supported(BlockRunner(model, layout, z_layer), tokenizer, requests, templates)
-            settings = replace(settings, use_prefix_cache=supported)
+        settings = with_checked_prefix_cache(model, tokenizer, layout, requests, templates, z_layer, settings)
         return _optimise_chunks(
             model, tokenizer, layout, requests, templates, z_layer, settings, selected, show_progress=show_progress
         )
@@ -1117,6 +1114,23 @@ def _optimise_members(
         _optimise_members(runner, tokenizer, requests[half:], templates, settings, prefixes),
     ]
     return ValueResult(**_concatenated(parts))
+
+
+def with_checked_prefix_cache(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    layout: ModelLayout,
+    requests: list[EditRequest],
+    templates: list[list[str]],
+    z_layer: int,
+    settings: ValueOptimisation,
+) -> ValueOptimisation:
+    """`settings` with `use_prefix_cache` switched off when [`prefix_cache_supported`] says the shortcut is not exact
+    for `model` (unchanged when it is off already or there are no requests)."""
+    if not settings.use_prefix_cache or not requests:
+        return settings
+    supported = prefix_cache_supported(BlockRunner(model, layout, z_layer), tokenizer, requests, templates)
+    return replace(settings, use_prefix_cache=supported)
 
 
 def prefix_cache_supported(
