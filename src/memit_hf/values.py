@@ -821,7 +821,9 @@ def optimise_target_values(
         mine = list(range(len(plan))) if single else owned_chunks(len(plan), process_state)
         selected = [plan[i] for i in mine]
         if not prefix_cache_checked:
-            settings = with_checked_prefix_cache(model, tokenizer, layout, requests, templates, z_layer, settings)
+            settings = with_checked_prefix_cache(
+                BlockRunner(model, layout, z_layer), tokenizer, requests, templates, settings
+            )
         local = _optimise_chunks(
             model, tokenizer, layout, requests, templates, z_layer, settings, selected, show_progress=show_progress
         )
@@ -957,7 +959,9 @@ def compute_target_values(
     chunk_size = batch_size if batch_size is not None else default_chunk_size(model.device)
     with frozen_parameters(model):
         selected = [plan_chunks(tokenizer, requests, chunk_size)[i] for i in chunks]
-        settings = with_checked_prefix_cache(model, tokenizer, layout, requests, templates, z_layer, settings)
+        settings = with_checked_prefix_cache(
+            BlockRunner(model, layout, z_layer), tokenizer, requests, templates, settings
+        )
         return _optimise_chunks(
             model, tokenizer, layout, requests, templates, z_layer, settings, selected, show_progress=show_progress
         )
@@ -1117,20 +1121,17 @@ def _optimise_members(
 
 
 def with_checked_prefix_cache(
-    model: PreTrainedModel,
+    runner: BlockRunner,
     tokenizer: PreTrainedTokenizerBase,
-    layout: ModelLayout,
-    requests: list[EditRequest],
-    templates: list[list[str]],
-    z_layer: int,
+    requests: list,
+    templates: list,
     settings: ValueOptimisation,
 ) -> ValueOptimisation:
     """`settings` with `use_prefix_cache` switched off when [`prefix_cache_supported`] says the shortcut is not exact
-    for `model` (unchanged when it is off already or there are no requests)."""
+    for the runner's model (unchanged when it is off already or there are no requests)."""
     if not settings.use_prefix_cache or not requests:
         return settings
-    supported = prefix_cache_supported(BlockRunner(model, layout, z_layer), tokenizer, requests, templates)
-    return replace(settings, use_prefix_cache=supported)
+    return replace(settings, use_prefix_cache=prefix_cache_supported(runner, tokenizer, requests, templates))
 
 
 def prefix_cache_supported(
