@@ -1,6 +1,7 @@
 """Tests of `memit_hf.keys`: context templates, the subject-last index, template weights and the keys themselves."""
 
 import copy
+import unicodedata
 
 import pytest
 import torch
@@ -181,6 +182,55 @@ def test_context_templates_are_seeded(template_model):
     assert first != other
     for i, starter in enumerate(CONTEXT_STARTERS):
         assert first[1][i].startswith(starter) and other[1][i].startswith(starter)
+
+
+def _templates_by_recompute(model, tokenizer, num_templates, length, seed):
+    """The sampled group drawn the plain way: the whole prefix through the model at every step, no cache."""
+    generator = torch.Generator().manual_seed(seed)
+    texts = []
+    for i in range(num_templates):
+        starter = CONTEXT_STARTERS[i % len(CONTEXT_STARTERS)]
+        ids = tokenizer(starter)["input_ids"]
+        n_special = len(ids) - len(tokenizer(starter, add_special_tokens=False)["input_ids"])
+        input_ids = torch.tensor([ids])
+        for _ in range(length - (len(ids) - n_special)):
+            logits = model(input_ids=input_ids, use_cache=False).logits[0, -1].float()
+            top = torch.topk(logits, k=5)
+            choice = torch.multinomial(torch.softmax(top.values, dim=-1), 1, generator=generator)
+            input_ids = torch.cat([input_ids, top.indices[choice][None]], dim=1)
+        text = tokenizer.decode(input_ids[0, n_special:], skip_special_tokens=True)
+        text = unicodedata.normalize("NFKD", text)
+        texts.append(text.replace("\n\n", " ").replace("{", " ").replace("}", " ") + ". {}")
+    return texts
+
+
+class _NoCacheModel(torch.nn.Module):
+    """A model that returns logits only (no `past_key_values`), like a remote-code model without a cache."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    @property
+    def device(self):
+        return self.inner.device
+
+    def forward(self, input_ids, **kwargs):
+        assert kwargs.get("past_key_values") is None  # the whole prefix comes back every step
+        return type("Output", (), {"logits": self.inner(input_ids=input_ids, use_cache=False).logits})()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma3_text"])
+def test_context_templates_sampled_with_the_cache_equal_the_plain_draws(model_type):
+    """Incremental decoding (the new token against cached keys and values) draws the same templates as running the
+    whole prefix every step, and a model that returns no cache gets the same templates through the plain path."""
+    tokenizer = build_tiny_tokenizer(add_bos=True)
+    model = build_tiny_causal_lm(model_type, vocab_size=len(tokenizer))
+    expected = _templates_by_recompute(model, tokenizer, num_templates=5, length=9, seed=7)
+    assert generate_context_templates(model, tokenizer, num_templates=5, length=9, seed=7)[1] == expected
+    assert (
+        generate_context_templates(_NoCacheModel(model), tokenizer, num_templates=5, length=9, seed=7)[1] == expected
+    )
 
 
 def test_zero_context_templates(template_model):

@@ -92,12 +92,18 @@ def _sampled_templates(
         ids = encode_texts(tokenizer, [starter])[0]
         n_special = len(ids) - len(tokenizer(starter, add_special_tokens=False)["input_ids"])
         input_ids = torch.tensor([ids], device=device)
+        step_ids, past = input_ids, None
         for _ in range(max(0, length - (len(ids) - n_special))):
-            logits = model(input_ids=input_ids).logits[0, -1].float().cpu()
+            # incremental decoding: each step runs the new token against the cached keys and values (the whole
+            # prefix again only for a model that returns no cache); the seeded draws are the same either way
+            output = model(input_ids=step_ids, past_key_values=past, use_cache=True)
+            logits = output.logits[0, -1].float().cpu()
+            past = getattr(output, "past_key_values", None)
             top = torch.topk(logits, k=min(5, logits.numel()))
             choice = torch.multinomial(torch.softmax(top.values, dim=-1), 1, generator=generator)
             next_id = top.indices[choice].to(device)
             input_ids = torch.cat([input_ids, next_id[None]], dim=1)
+            step_ids = input_ids if past is None else next_id[None]
         text = tokenizer.decode(input_ids[0, n_special:], skip_special_tokens=True)
         text = unicodedata.normalize("NFKD", text).replace("\n\n", " ").replace("{", " ").replace("}", " ")
         templates.append(text + ". {}")
