@@ -25,9 +25,11 @@ from memit_hf.evaluation import (
     target_nlls,
     target_token_hits,
 )
+from memit_hf.evaluation.scoring import LogitsAtPositions
 from memit_hf.requests import EditRequest, load_requests
 from memit_hf.tokenization import encode_targets, encode_texts
 from tests.testing_utils import (
+    TINY_MODEL_TYPES,
     OracleLM,
     build_tiny_causal_lm,
     build_tiny_tokenizer,
@@ -181,6 +183,60 @@ def test_target_nlls_matches_per_pair_loop(model_type, tiny_tokenizer):
         assert nll.dtype == torch.float32 and ok.dtype == torch.bool
         torch.testing.assert_close(nll, expected_nll, atol=1e-6, rtol=0)
         assert torch.equal(ok, expected_ok)
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_logits_at_positions_runs_the_head_only_at_the_positions(model_type, tiny_tokenizer):
+    """The decoder's hidden states through the head at the chosen positions equal the model's own logits there; after
+    the first call's comparison, the head runs only those positions; `target_nlls` keeps the per-pair figures."""
+    model = build_tiny_causal_lm(model_type, vocab_size=len(tiny_tokenizer))
+    torch.manual_seed(0)
+    input_ids = torch.randint(3, len(tiny_tokenizer), (4, 9))
+    mask = torch.ones_like(input_ids)
+    positions = torch.tensor([[8, 7], [3, 3], [0, 5], [2, 6]])
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits.gather(
+            1, positions[..., None].expand(-1, -1, len(tiny_tokenizer))
+        )
+        logits_at = LogitsAtPositions(model)
+        first = logits_at(input_ids, mask, positions)
+        assert logits_at.head_only is True
+        head_rows = []
+        hook = model.get_output_embeddings().register_forward_hook(
+            lambda m, args, out: head_rows.append(args[0].shape)
+        )
+        second = logits_at(input_ids, mask, positions)
+        hook.remove()
+    torch.testing.assert_close(first, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(second, expected, atol=1e-5, rtol=1e-5)
+    assert head_rows == [torch.Size([4, 2, model.config.hidden_size])]  # 8 positions, not 36
+    expected_nll, expected_ok = reference_nlls(model, tiny_tokenizer, PROMPTS, TARGETS)
+    nll, ok = target_nlls(model, tiny_tokenizer, PROMPTS, TARGETS, batch_size=3)
+    torch.testing.assert_close(nll, expected_nll, atol=1e-5, rtol=0)
+    assert torch.equal(ok, expected_ok)
+
+
+def test_logits_at_positions_uses_the_models_logits_when_they_are_not_its_heads(tiny_tokenizer):
+    """A model that scales its logits after the head (as Cohere and Granite do) is caught by the first comparison and
+    scored from its own logits."""
+    model = build_tiny_causal_lm("llama", vocab_size=len(tiny_tokenizer))
+
+    def scale_logits(module, args, output):
+        output.logits.mul_(0.25)
+
+    model.register_forward_hook(scale_logits)
+    logits_at = LogitsAtPositions(model)
+    input_ids = torch.randint(3, len(tiny_tokenizer), (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        picked = logits_at(input_ids, torch.ones_like(input_ids), torch.tensor([[5], [2]]))
+        logits = model(input_ids=input_ids).logits
+        expected = torch.stack([logits[0, 5], logits[1, 2]])[:, None]
+    assert logits_at.head_only is False
+    torch.testing.assert_close(picked, expected)
+    expected_nll, expected_ok = reference_nlls(model, tiny_tokenizer, PROMPTS, TARGETS)
+    nll, ok = target_nlls(model, tiny_tokenizer, PROMPTS, TARGETS, batch_size=3)
+    torch.testing.assert_close(nll, expected_nll, atol=1e-6, rtol=0)
+    assert torch.equal(ok, expected_ok)
 
 
 def test_target_nlls_padding_side_independent(tiny_tokenizer, tiny_llama):

@@ -3,6 +3,7 @@ from memit-hf). The per-model hyperparameters live in [`~memit_hf.defaults`]."""
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
@@ -109,3 +110,27 @@ def is_transposed(module: nn.Module) -> bool:
     """Whether the module stores its weight as `(in, out)`: GPT-2's `Conv1D` (the only such module among the
     supported architectures)."""
     return isinstance(module, Conv1D)
+
+
+def output_logits(model: PreTrainedModel, hidden: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Next-token logits of final (normed) hidden states: the model's LM head and, where the model has one, its final
+    logit soft-capping (Gemma 2/3). Running the head on chosen positions only is what the z
+    optimisation and the teacher-forced scores need; a causal LM that does more after its head (a logit scale) is not
+    covered, so callers that cannot vouch for the model compare with its own logits first.
+
+    Args:
+        model (`PreTrainedModel`): a causal language model.
+        hidden (`torch.Tensor`): `(..., d_model)` outputs of its decoder (`model.base_model(...).last_hidden_state`).
+        dtype (`torch.dtype`, *optional*): cast the head's output to this dtype before the soft-capping (default:
+            the head's dtype).
+
+    Returns:
+        `torch.Tensor`: `(..., vocab)` logits.
+    """
+    logits = model.get_output_embeddings()(hidden)
+    if dtype is not None:
+        logits = logits.to(dtype)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits

@@ -27,7 +27,7 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .architectures import ModelLayout
+from .architectures import ModelLayout, output_logits
 from .distributed import assemble_rows, owned_chunks
 from .keys import contextualise, continues_a_word
 from .modes import frozen_parameters
@@ -335,12 +335,9 @@ class BlockRunner:
 
 
 def lm_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """LM-head logits (float32) for final hidden states, with the model's logit soft-capping if it has one."""
-    logits = model.get_output_embeddings()(hidden).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    """LM-head logits (float32) for final hidden states, with the model's logit soft-capping if it has one
+    ([`~memit_hf.architectures.output_logits`] in float32)."""
+    return output_logits(model, hidden, torch.float32)
 
 
 def _adam_update(delta, grad, exp_avg, exp_avg_sq, step: int, lr: float, betas=(0.9, 0.999), eps=1e-8):

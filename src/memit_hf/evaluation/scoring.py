@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..architectures import output_logits
 from ..tokenization import encode_targets, encode_texts, pad_batch, pad_token_id
 
 
@@ -39,6 +40,62 @@ def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
     return torch.float64 if parameter is not None and parameter.dtype == torch.float64 else torch.float32
 
 
+class LogitsAtPositions:
+    """A causal LM's logits at chosen positions of each row, the LM head run only there.
+
+    The decoder runs the whole batch (`model.base_model`) and the head ([`~memit_hf.architectures.output_logits`])
+    only the gathered positions: a teacher-forced score needs one position per target token, and the head over every
+    position of every row is a fifth of the forward's work on a small model (more with a large vocabulary) and its
+    largest tensor. The first call also runs the model itself and compares: a model whose logits are not its head's
+    (a logit scale, a wrapper without `base_model`) is scored from its own full logits from then on.
+
+    Args:
+        model (`PreTrainedModel`): the causal language model.
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+        self.head_only: bool | None = None  # unknown until the first call compares
+
+    def full(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The logits at `positions` taken from the model's own output (every position through the head)."""
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return torch.gather(logits, 1, positions.to(logits.device)[..., None].expand(-1, -1, logits.shape[-1]))
+
+    def head(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor):
+        """The logits at `positions` from the decoder's hidden states and the head, or `None` when the model does
+        not split that way."""
+        decoder = getattr(self.model, "base_model", None)
+        if decoder is None or decoder is self.model or self.model.get_output_embeddings() is None:
+            return None
+        try:
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        except (AttributeError, TypeError):
+            return None
+        index = positions.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1])
+        return output_logits(self.model, torch.gather(hidden, 1, index))
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits `(rows, positions, vocab)` at `positions` `(rows, k)` of the right-padded batch."""
+        if self.head_only is False:
+            return self.full(input_ids, attention_mask, positions)
+        picked = self.head(input_ids, attention_mask, positions)
+        if self.head_only is None:
+            full = self.full(input_ids, attention_mask, positions)
+            self.head_only = picked is not None and same_logits(picked, full)
+            return picked if self.head_only else full
+        return picked
+
+
+def same_logits(candidate: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Whether `candidate` equals `reference` up to rounding: shapes equal and every entry within 16 units of the
+    reference dtype's precision of the largest logit (float32: ~4e-5 on logits of ~20; a logit scale is far out)."""
+    if candidate.shape != reference.shape:
+        return False
+    tolerance = 16 * torch.finfo(reference.dtype).eps * float(reference.abs().max().clamp_min(1.0))
+    return bool(((candidate.double() - reference.double()).abs() <= tolerance).all())
+
+
 def _teacher_forced(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -56,6 +113,7 @@ def _teacher_forced(
     compute_dtype = _compute_dtype(model)
     pad_id = pad_token_id(tokenizer)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(target_ids[i]), reverse=True)
+    logits_at = LogitsAtPositions(model)
     was_training = model.training
     model.eval()
     try:
@@ -63,7 +121,6 @@ def _teacher_forced(
             batch = order[start : start + batch_size]
             sequences = [prompt_ids[i] + target_ids[i] for i in batch]
             input_ids, attention_mask = pad_batch(sequences, pad_id, device=device)
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
 
             prompt_lens = torch.tensor([len(prompt_ids[i]) for i in batch], device=device)
             target_lens = torch.tensor([len(target_ids[i]) for i in batch], device=device)
@@ -74,8 +131,7 @@ def _teacher_forced(
             token_pos = torch.where(valid, prompt_lens[:, None] + offsets[None, :], prompt_lens[:, None] - 1)
             logit_pos = torch.where(valid, token_pos - 1, token_pos)
 
-            picked = torch.gather(logits, 1, logit_pos[..., None].expand(-1, -1, logits.shape[-1]))
-            picked = picked.to(compute_dtype)
+            picked = logits_at(input_ids, attention_mask, logit_pos).to(compute_dtype)
             wanted = torch.gather(input_ids, 1, token_pos)
             log_probs = torch.log_softmax(picked, dim=-1)
             token_nll = -torch.gather(log_probs, 2, wanted[..., None]).squeeze(-1)
