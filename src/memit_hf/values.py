@@ -1120,8 +1120,8 @@ def _optimise_members(
 def with_checked_prefix_cache(
     runner: BlockRunner,
     tokenizer: PreTrainedTokenizerBase,
-    requests: list,
-    templates: list,
+    requests: list[EditRequest],
+    templates: list[list[str]],
     settings: ValueOptimisation,
 ) -> ValueOptimisation:
     """`settings` with `use_prefix_cache` switched off when [`prefix_cache_supported`] says the shortcut is not exact
