@@ -44,6 +44,7 @@ from memit_hf.statistics import (
     statistics_fingerprint,
     temporary_owner,
     temporary_path,
+    tensor_digest,
     token_pieces,
     upstream_parameters,
     weights_digest,
@@ -374,6 +375,28 @@ def test_fingerprint_changes_when_one_upstream_weight_changes(model, tokenizer, 
     assert after["weights_digest"] != before.fingerprint["weights_digest"]
     again = make_editor(model, tokenizer, tmp_path).get_statistics([1])["model.layers.1.mlp.down_proj"]
     assert again.source == "collected"
+
+
+def test_fingerprints_with_a_memo_digest_each_tensor_once_and_see_in_place_writes(model, tokenizer, tmp_path):
+    """The digest memo (one per statistics provider) digests the embeddings once for every layer's fingerprint, not
+    once per layer, and still sees an in-place write and a new tensor at a freed tensor's address."""
+    layout = get_layout(model)
+    settings = make_editor(model, tokenizer, tmp_path).statistics.settings
+    memo = {}
+    fingerprints = [statistics_fingerprint(model, tokenizer, layout, layer, "c", settings, memo) for layer in (0, 1)]
+    assert fingerprints == [statistics_fingerprint(model, tokenizer, layout, layer, "c", settings) for layer in (0, 1)]
+    assert len(memo) == len(upstream_parameters(model, layout, 1))  # every upstream tensor digested once
+    embedding = model.model.embed_tokens.weight
+    assert fingerprints[0]["embedding_digest"] == tensor_digest(embedding)
+    with torch.no_grad():
+        embedding.view(-1)[7] += 1e-3
+    changed = statistics_fingerprint(model, tokenizer, layout, 0, "c", settings, memo)
+    assert changed["embedding_digest"] == tensor_digest(embedding) != fingerprints[0]["embedding_digest"]
+    assert changed["weights_digest"] != fingerprints[0]["weights_digest"]
+    for seed in range(20):  # freed tensors' addresses are reused: a new tensor is never taken for the old one
+        values = torch.randn(64, 64, generator=torch.Generator().manual_seed(seed))
+        assert weights_digest([("w", values)], memo) == weights_digest([("w", values)])
+        del values
 
 
 def fine_tune_step(model, tokenizer):

@@ -3,6 +3,7 @@ weight the module's inputs depend on), the tokenizer, the corpus and the collect
 
 import hashlib
 import json
+import weakref
 from typing import Any
 
 import torch
@@ -74,26 +75,47 @@ def weights_digest(parameters: list[tuple[str, torch.Tensor]], memo: dict | None
     """
     h = hashlib.sha256()
     for name, parameter in parameters:
-        key = (parameter.data_ptr(), parameter._version, tuple(parameter.shape), parameter.dtype)
-        if memo is None or key not in memo:
-            digest = tensor_digest(parameter)
-            if memo is not None:
-                memo[key] = digest
-        else:
-            digest = memo[key]
-        h.update(f"{name}={digest};".encode())
+        h.update(f"{name}={_memoised_digest(parameter, memo)};".encode())
     return h.hexdigest()[:24]
 
 
-def model_identity(model: PreTrainedModel) -> dict[str, Any]:
-    """Name, revision, type, size and dtype of `model` (what exported edit metadata records about the base model)."""
+def _memoised_digest(tensor: torch.Tensor, memo: dict | None) -> str:
+    """[`tensor_digest`] of `tensor`, read from `memo` while the same tensor object is alive with the same storage
+    and in-place version counter (a value read afresh from an offload folder is a new object: digested again, never
+    matched with a freed tensor's address). One entry per tensor object; entries of freed tensors are dropped as the
+    memo grows."""
+    if memo is None:
+        return tensor_digest(tensor)
+    state = (tensor.data_ptr(), tensor._version, tuple(tensor.shape), tensor.dtype)
+    held = memo.get(id(tensor))
+    if held is not None and held[0]() is tensor and held[1] == state:
+        return held[2]
+    if len(memo) >= MEMO_PRUNE_SIZE:
+        for key in [key for key, entry in memo.items() if entry[0]() is None]:
+            del memo[key]
+    digest = tensor_digest(tensor)
+    memo[id(tensor)] = (weakref.ref(tensor), state, digest)
+    return digest
+
+
+MEMO_PRUNE_SIZE = 1024
+"""The size at which a digest memo drops the entries of freed tensors."""
+
+
+def model_identity(model: PreTrainedModel, memo: dict | None = None) -> dict[str, Any]:
+    """Name, revision, type, size and dtype of `model` (what exported edit metadata records about the base model).
+
+    Args:
+        memo (`dict`, *optional*): tensor digests to reuse for the input embeddings (see [`weights_digest`]): a
+            large vocabulary's embedding digest costs a fraction of a second on a CPU, once per edited layer without it.
+    """
     return {
         "model": getattr(model.config, "_name_or_path", "") or "",
         "revision": getattr(model.config, "_commit_hash", None),
         "model_type": model.config.model_type,
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(model.dtype).removeprefix("torch."),
-        "embedding_digest": tensor_digest(read_parameter(model.get_input_embeddings())),
+        "embedding_digest": _memoised_digest(read_parameter(model.get_input_embeddings()), memo),
     }
 
 
@@ -123,7 +145,7 @@ def statistics_fingerprint(
         )
     return {
         "format_version": STATS_FORMAT_VERSION,
-        **model_identity(model),
+        **model_identity(model, memo),
         "weights_digest": weights_digest(upstream_parameters(model, layout, layer), memo),
         "module": layout.edit_name(layer),
         "tokenizer": getattr(tokenizer, "name_or_path", "") or "",
