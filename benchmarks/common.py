@@ -197,15 +197,18 @@ def statistics_arguments(options) -> dict[str, Any]:
 
 def z_settings(args) -> str:
     """What the target values z depend on besides the model and the requests: every resolved editing argument but the
-    method and its hyperparameters (so the z layer, the z optimisation and the context templates), as a JSON key.
+    method and its hyperparameters, and of the edited layers only the last (the z layer), so the z optimisation and
+    the context templates, as a JSON key.
 
     Args:
         args ([`~memit_hf.EditingArguments`]): the resolved arguments of an editor (`editor.resolved_args`).
 
     Returns:
-        `str`: equal for two variants exactly when the z one computed on a model can be reused by the other.
+        `str`: equal for two variants exactly when the z one computed on a model can be reused by the other (two
+        layer ranges that end at the same layer share their z).
     """
     values = {key: value for key, value in args.to_dict().items() if key not in ("algorithm", "algorithm_config")}
+    values["layers"] = list(values["layers"])[-1:]  # z is optimised at the last edited layer only
     return json.dumps(values, sort_keys=True, default=str)
 
 
