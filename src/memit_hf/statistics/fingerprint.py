@@ -69,14 +69,18 @@ def weights_digest(parameters: list[tuple[str, torch.Tensor]], memo: dict | None
     """One digest of named parameters (see [`tensor_digest`]).
 
     Args:
-        memo (`dict`, *optional*): digests of earlier calls, reused for a tensor whose storage and in-place version
-            counter are unchanged (every in-place write bumps the counter), so overlapping layers digest each tensor
-            once.
+        memo (`dict`, *optional*): digests of earlier calls, reused for the same tensor object while its storage
+            and in-place version counter are unchanged (every in-place write bumps the counter), so overlapping
+            layers digest each tensor once.
     """
     h = hashlib.sha256()
     for name, parameter in parameters:
         h.update(f"{name}={_memoised_digest(parameter, memo)};".encode())
     return h.hexdigest()[:24]
+
+
+MEMO_PRUNE_SIZE = 1024
+"""The size at which a digest memo drops the entries of freed tensors."""
 
 
 def _memoised_digest(tensor: torch.Tensor, memo: dict | None) -> str:
@@ -96,10 +100,6 @@ def _memoised_digest(tensor: torch.Tensor, memo: dict | None) -> str:
     digest = tensor_digest(tensor)
     memo[id(tensor)] = (weakref.ref(tensor), state, digest)
     return digest
-
-
-MEMO_PRUNE_SIZE = 1024
-"""The size at which a digest memo drops the entries of freed tensors."""
 
 
 def model_identity(model: PreTrainedModel, memo: dict | None = None) -> dict[str, Any]:

@@ -137,7 +137,7 @@ class StatisticsProvider:
         self._memory: dict[str, LayerStatistics] = {}
         self._pieces: list[list[int]] | None = None
         self._corpus_id: str | None = None
-        self._digests: dict = {}  # tensor digests by (storage, in-place version): see `weights_digest`
+        self._digests: dict = {}  # tensor digests by tensor object and in-place version: see `weights_digest`
         self._repo_fingerprints: dict[str, dict[str, Any]] = {}  # by the model's fingerprint key (`stats_repo`)
         self._provenance: dict[str, dict[str, Any]] = {}  # by the fetched statistics' key (`stats_repo`)
         self.num_collections = 0
