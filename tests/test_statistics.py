@@ -383,10 +383,13 @@ def test_fingerprints_with_a_memo_digest_each_tensor_once_and_see_in_place_write
     layout = get_layout(model)
     settings = make_editor(model, tokenizer, tmp_path).statistics.settings
     memo = {}
+    embedding = model.model.embed_tokens.weight
+    assert model_identity(model, memo) == model_identity(model)
+    entry = memo[id(embedding)]  # the embeddings' digest, taken by the model's identity
     fingerprints = [statistics_fingerprint(model, tokenizer, layout, layer, "c", settings, memo) for layer in (0, 1)]
     assert fingerprints == [statistics_fingerprint(model, tokenizer, layout, layer, "c", settings) for layer in (0, 1)]
+    assert memo[id(embedding)] is entry  # reused by both layers' identity and weights digests, not taken again
     assert len(memo) == len(upstream_parameters(model, layout, 1))  # every upstream tensor digested once
-    embedding = model.model.embed_tokens.weight
     assert fingerprints[0]["embedding_digest"] == tensor_digest(embedding)
     with torch.no_grad():
         embedding.view(-1)[7] += 1e-3
