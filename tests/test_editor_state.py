@@ -1,5 +1,6 @@
 """The persisted editor state: save, continue in another process, refuse a foreign state, roll back across it."""
 
+import copy
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 from memit_hf.editor import Editor
 from memit_hf.editor_state import StateMismatchError, is_state_dir, read_state
+from memit_hf.statistics import legacy_fingerprint_key
 from tests.testing_utils import (
     build_tiny_causal_lm,
     build_tiny_tokenizer,
@@ -197,6 +199,39 @@ def test_a_state_for_another_model_is_refused(tokenizer, tmp_path):
         Editor.from_state(base, tmp_path / "state", args=tiny_editing_arguments(tmp_path / "stats"), **kwargs)
     with pytest.raises(FileNotFoundError, match="No editor state"):
         Editor.from_state(base, tmp_path / "nothing", **continuing)
+
+
+def test_a_state_continues_wherever_the_model_and_tokenizer_were_loaded_from(tokenizer, tmp_path):
+    """The statistics key leaves out where the model and tokenizer were loaded from, so a state continues with the
+    same weights and tokenizer loaded from another place (before, a benchmark's state saved on a first run, which
+    read the tokenizer from the GGUF file, was refused by the next, which read it from the converted copy); a state
+    an earlier version saved, whose keys hashed the load locations too, continues as well."""
+    editor = saved_two_batches(tokenizer, tmp_path)
+    edited = parameters_snapshot(editor.model)
+    layers = editor.resolved_args.layers
+    moved = copy.deepcopy(tokenizer)
+    moved.name_or_path = "/somewhere/else"
+    fresh = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    fresh.config._name_or_path = "/somewhere/else/model"
+    kwargs = dict(args=continue_args(tmp_path), stats_dataset=tiny_corpus())
+    continued = Editor.from_state(fresh, tmp_path / "state", processing_class=moved, **kwargs)
+    assert changed_tensors(fresh, edited) == [] and len(continued.history) == 2
+    assert continued.statistics.num_collections == 0
+
+    base = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    unedited = Editor(base, processing_class=tokenizer, **kwargs)  # the statistics' fingerprints are of the base
+    fingerprints = unedited.statistics.fingerprints(layers)
+    legacy = {editor.layout.edit_name(layer): legacy_fingerprint_key(fp) for layer, fp in fingerprints.items()}
+    assert set(legacy.values()).isdisjoint(read_state(tmp_path / "state").statistics.values())
+    rewrite_state(tmp_path / "state", lambda tensors, manifest: manifest.update(statistics=legacy))
+    continued = Editor.from_state(base, tmp_path / "state", processing_class=tokenizer, **kwargs)
+    assert changed_tensors(base, edited) == [] and len(continued.history) == 2
+    # A legacy key names the load location: the state of an earlier version made elsewhere is refused, untouched.
+    other = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    snapshot = parameters_snapshot(other)
+    with pytest.raises(StateMismatchError, match="statistics of `model.layers.0.mlp.down_proj`"):
+        Editor.from_state(other, tmp_path / "state", processing_class=moved, **kwargs)
+    assert changed_tensors(other, snapshot) == []
 
 
 def test_a_stateful_method_refuses_new_statistics_mid_sequence(tokenizer, tmp_path):

@@ -25,6 +25,7 @@ from memit_hf.architectures import get_layout
 from memit_hf.editor import Editor
 from memit_hf.files import host_name
 from memit_hf.statistics import (
+    PROVENANCE_FIELDS,
     STATS_FORMAT_VERSION,
     CollectionProgress,
     LayerStatistics,
@@ -37,6 +38,7 @@ from memit_hf.statistics import (
     corpus_texts,
     entry_lock,
     fingerprint_key,
+    legacy_fingerprint_key,
     model_identity,
     read_second_moment,
     remove_stale_temporary_files,
@@ -46,6 +48,7 @@ from memit_hf.statistics import (
     temporary_path,
     tensor_digest,
     token_pieces,
+    tokenizer_digest,
     upstream_parameters,
     weights_digest,
 )
@@ -253,6 +256,79 @@ def test_cache_is_written_and_reused(model, tokenizer, tmp_path):
     # A subset of the cached layers is served from the cache as well.
     subset = make_editor(model, tokenizer, tmp_path).get_statistics([1])
     assert torch.equal(subset[names[1]].moment.total, first[names[1]].moment.total)
+
+
+def test_cache_is_found_wherever_the_model_and_tokenizer_were_loaded_from(model, tokenizer, tmp_path):
+    """The same weights and tokenizer loaded from another place (a Hub id, a local copy, a converted GGUF file) find
+    the statistics: the key leaves out the load locations, which the stored fingerprint still records."""
+    first = make_editor(model, tokenizer, tmp_path).get_statistics([1])["model.layers.1.mlp.down_proj"]
+    moved_tokenizer = copy.deepcopy(tokenizer)
+    moved_tokenizer.name_or_path = "/somewhere/else/tokenizer"
+    moved_model = copy.deepcopy(model)
+    moved_model.config._name_or_path = "/somewhere/else/model"
+    again = make_editor(moved_model, moved_tokenizer, tmp_path)
+    found = again.get_statistics([1])["model.layers.1.mlp.down_proj"]
+    assert found.source == "cache" and again.statistics.num_collections == 0
+    assert torch.equal(found.moment.total, first.moment.total) and found.key == first.key
+    differing = {name for name in first.fingerprint if first.fingerprint[name] != found.fingerprint[name]}
+    assert differing == {"model", "tokenizer"} and differing <= set(PROVENANCE_FIELDS)
+    assert legacy_fingerprint_key(found.fingerprint) != legacy_fingerprint_key(first.fingerprint)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1  # no second entry
+    # What does count still misses: another weight upstream of the module.
+    changed = copy.deepcopy(moved_model)
+    with torch.no_grad():
+        changed.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0
+    other = make_editor(changed, moved_tokenizer, tmp_path)
+    assert other.get_statistics([1])["model.layers.1.mlp.down_proj"].source == "collected"
+    assert other.statistics.num_collections == 1
+
+
+def test_cache_entry_of_the_legacy_key_is_adopted(model, tokenizer, tmp_path):
+    """An entry an earlier version wrote under the key that hashed the load locations too is found, given its
+    current name (the legacy files stay) with its spectrum, and verified like any entry."""
+    editor = make_editor(model, tokenizer, tmp_path)
+    layer = editor.get_statistics([1])["model.layers.1.mlp.down_proj"]
+    eigenvalues, _ = layer.spectrum()
+    cache = StatisticsCache(tmp_path)
+    current, legacy = cache.paths(layer.fingerprint), cache.legacy_paths(layer.fingerprint)
+    assert current[0].name != legacy[0].name
+    assert legacy[0].name.endswith(legacy_fingerprint_key(layer.fingerprint) + ".safetensors")
+    for source, target in zip(current, legacy):
+        os.replace(source, target)
+    spectrum = cache.spectrum_path(layer.fingerprint)
+    os.replace(spectrum, legacy[0].with_name(f"{legacy[0].stem}.spectrum.safetensors"))
+    again = make_editor(model, tokenizer, tmp_path)
+    found = again.get_statistics([1])["model.layers.1.mlp.down_proj"]
+    assert found.source == "cache" and again.statistics.num_collections == 0
+    assert torch.equal(found.moment.total, layer.moment.total) and found.key == layer.key
+    assert all(path.exists() for path in current + legacy)
+    assert torch.equal(cache.load_spectrum(layer.fingerprint)[0], eigenvalues)
+    # A damaged legacy entry is adopted, refused on load like any damaged entry, and recomputed.
+    for path in current:
+        path.unlink()
+    damage_flip(legacy[0])
+    fresh = make_editor(model, tokenizer, tmp_path)
+    assert fresh.get_statistics([1])["model.layers.1.mlp.down_proj"].source == "collected"
+
+
+def test_model_sampled_corpus_is_identified_by_the_tokenizer_content(model, tokenizer, tmp_path):
+    """Without a corpus the model samples its own text, which the tokenizer shapes: its content digest, not its
+    path, is in the corpus identity."""
+    settings = tiny_editing_arguments(tmp_path).statistics_settings()
+    layout = get_layout(model)
+    sampled = StatisticsProvider(model, tokenizer, layout, settings, None).corpus_id()
+    assert sampled.startswith("model-samples:") and sampled.endswith(":" + tokenizer_digest(tokenizer))
+    moved = copy.deepcopy(tokenizer)
+    moved.name_or_path = "/somewhere/else"
+    assert tokenizer_digest(moved) == tokenizer_digest(tokenizer)
+    assert StatisticsProvider(model, moved, layout, settings, None).corpus_id() == sampled
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens(["<extra>"])
+    assert tokenizer_digest(other) != tokenizer_digest(tokenizer)
+    assert StatisticsProvider(model, other, layout, settings, None).corpus_id() != sampled
+    special = copy.deepcopy(tokenizer)
+    special.eos_token = "<s>"
+    assert tokenizer_digest(special) != tokenizer_digest(tokenizer)
 
 
 def damage_truncate(path: Path):

@@ -51,7 +51,7 @@ from .export import ExportReport, edit_metadata, save_adapter_files, write_edit_
 from .files import entry_lock, file_sha256, save_tensors
 from .history import BatchRecord, EditHistory, EditOutput, HistoryFloor, StateMismatchError
 from .requests import load_requests
-from .statistics import fingerprint_key, tensor_digest
+from .statistics import fingerprint_key, legacy_fingerprint_key, tensor_digest
 from .weights import read_parameter
 
 
@@ -498,19 +498,24 @@ def check_model(state: EditorState, model_info: dict[str, Any], original_weights
             )
 
 
-def check_statistics(state: EditorState, keys: dict[str, str], where: str) -> None:
+def check_statistics(
+    state: EditorState, keys: dict[str, str], where: str, legacy_keys: dict[str, str] | None = None
+) -> None:
     """Refuse to continue a state with other statistics than the ones its edits used.
 
     Args:
         state ([`EditorState`]): the saved state.
         keys (`dict[str, str]`): the fingerprint keys of the statistics at hand, by module.
         where (`str`): the state's folder, for messages.
+        legacy_keys (`dict[str, str]`, *optional*): their keys as earlier versions wrote them in states, by module
+            (see [`~memit_hf.statistics.legacy_fingerprint_key`]), accepted too.
 
     Raises:
         StateMismatchError: naming the module and both keys.
     """
+    legacy_keys = legacy_keys or {}
     for module, key in state.statistics.items():
-        if keys.get(module) != key:
+        if key not in (keys.get(module), legacy_keys.get(module)) or key is None:
             raise StateMismatchError(
                 f"The statistics of `{module}` (key {keys.get(module)}) are not those the editor state in `{where}` "
                 f"was made with (key {key}): pass the same `stats_dataset` and `stats_*` arguments."
@@ -800,7 +805,8 @@ class EditorStateMixin:
         if state.statistics:
             fingerprints = self.statistics.fingerprints(saved_layers(state))
             keys = {self.layout.edit_name(layer): fingerprint_key(fp) for layer, fp in fingerprints.items()}
-            check_statistics(state, keys, where)
+            legacy = {self.layout.edit_name(layer): legacy_fingerprint_key(fp) for layer, fp in fingerprints.items()}
+            check_statistics(state, keys, where, legacy)
         model_info = self.base_model_info
         batches = [
             EditOutput(batch.deltas, dict(batch.record.metrics), batch_requests, None, batch.record, model_info)

@@ -30,12 +30,15 @@ from .collection import CollectionInterrupted, SecondMoment, collect_second_mome
 from .corpus import MODEL_SAMPLES, corpus_description, corpus_texts, sample_corpus, text_digest, token_pieces
 from .fingerprint import (
     MODEL_FIELDS,
+    PROVENANCE_FIELDS,
     STATS_FORMAT_VERSION,
     fingerprint_differences,
     fingerprint_key,
+    legacy_fingerprint_key,
     model_identity,
     statistics_fingerprint,
     tensor_digest,
+    tokenizer_digest,
     upstream_parameters,
     weights_digest,
 )
@@ -61,6 +64,7 @@ __all__ = [
     "LOCK_SUFFIX",
     "MODEL_FIELDS",
     "MODEL_SAMPLES",
+    "PROVENANCE_FIELDS",
     "STALE_TEMPORARY_SECONDS",
     "STATISTICS_REPO_TYPE",
     "STATS_FORMAT_VERSION",
@@ -93,6 +97,7 @@ __all__ = [
     "gram_edges",
     "host_name",
     "input_dim",
+    "legacy_fingerprint_key",
     "mirror_gram",
     "model_identity",
     "new_file_mode",
@@ -114,6 +119,7 @@ __all__ = [
     "tensor_digest",
     "text_digest",
     "token_pieces",
+    "tokenizer_digest",
     "upstream_parameters",
     "weights_digest",
 ]

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from ..files import LOCK_SUFFIX, entry_lock, file_sha256, remove_stale_temporary_files, save_tensors, temporary_folder
 from .collection import SecondMoment
-from .fingerprint import fingerprint_key
+from .fingerprint import fingerprint_key, legacy_fingerprint_key
 
 
 logger = logging.getLogger(__name__)
@@ -149,17 +149,21 @@ class StatisticsCache:
 
     def load(self, fingerprint: dict[str, Any], dim: int | None = None) -> SecondMoment | None:
         """The cached statistic of `fingerprint`, or `None` when absent, truncated, corrupted, stale or unsound
-        (logged with the reason; see [`statistics_problems`]).
+        (logged with the reason; see [`statistics_problems`]). An entry matches when its fingerprint has the same
+        key (see [`~memit_hf.statistics.fingerprint_key`]: where the model and tokenizer were loaded from does not
+        count); an entry an earlier version wrote under its legacy key is adopted first (see
+        [`adopt_legacy_entry`]).
 
         Args:
             dim (`int`, *optional*): the input size `d_in` of the module, which the statistic's side must equal.
         """
         tensor_path, meta_path = self.paths(fingerprint)
         if not tensor_path.exists() or not meta_path.exists():
-            return None
+            if not self.adopt_legacy_entry(fingerprint):
+                return None
         try:
             meta = json.loads(meta_path.read_text())
-            if meta["fingerprint"] != fingerprint:
+            if fingerprint_key(meta["fingerprint"]) != fingerprint_key(fingerprint):
                 raise ValueError("fingerprint mismatch")
             if file_sha256(tensor_path) != meta["sha256"]:
                 raise ValueError("checksum mismatch")
@@ -171,6 +175,33 @@ class StatisticsCache:
         except Exception as error:  # any damage means recompute, never silent use
             logger.warning("Ignoring damaged statistics cache %s (%s); recomputing.", tensor_path, error)
             return None
+
+    def legacy_paths(self, fingerprint: dict[str, Any]) -> tuple[Path, Path]:
+        """The tensor file and the JSON file an earlier version named `fingerprint`'s entry by (see
+        [`~memit_hf.statistics.legacy_fingerprint_key`])."""
+        stem = fingerprint["module"].replace("/", "_") + "-" + legacy_fingerprint_key(fingerprint)
+        return self.directory / f"{stem}.safetensors", self.directory / f"{stem}.json"
+
+    def adopt_legacy_entry(self, fingerprint: dict[str, Any]) -> bool:
+        """Give an entry an earlier version wrote under its legacy name (see [`legacy_paths`]) its current name, with
+        [`add`] (hard links, or copies, renamed into place under the entry's lock); [`load`] then verifies it as any
+        entry. The legacy files stay where they are, for the earlier version.
+
+        Returns:
+            `bool`: whether there was such an entry.
+        """
+        tensor_path, meta_path = self.legacy_paths(fingerprint)
+        if not tensor_path.exists() or not meta_path.exists() or tensor_path == self.paths(fingerprint)[0]:
+            return False
+        try:
+            self.add(tensor_path, meta_path)
+            spectrum = tensor_path.with_name(f"{tensor_path.stem}.spectrum.safetensors")
+            if spectrum.exists():  # tied to the statistics' checksum, which the new name keeps
+                link_or_copy(spectrum, self.spectrum_path(fingerprint))
+        except (OSError, ValueError, KeyError) as error:
+            logger.warning("Ignoring the statistics cache entry %s (%s); recomputing.", tensor_path, error)
+            return False
+        return True
 
     def save(self, fingerprint: dict[str, Any], moment: SecondMoment, info: dict[str, Any] | None = None) -> Path:
         """Write the statistic atomically (files in a temporary folder named by this process, then renamed into

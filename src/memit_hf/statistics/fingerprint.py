@@ -31,6 +31,11 @@ MODEL_FIELDS = (
 """The fingerprint fields a model must match to use statistics collected elsewhere (`stats_repo`): everything the
 module's inputs depend on. The others name where the model and tokenizer were loaded from or describe the corpus
 and the collection settings (`corpus`, `num_tokens`, `max_length`, `seed`), which the statistics bring with them."""
+PROVENANCE_FIELDS = ("model", "revision", "tokenizer")
+"""The fingerprint fields that say where the model and tokenizer were loaded from (a Hub id and commit, a local
+folder, a GGUF file): recorded with the statistics, but not part of their key (see [`fingerprint_key`]). The same
+weights and tokenizer loaded from another place have the same statistics: the weights are digested
+(`embedding_digest`, `weights_digest`) and the corpus is identified by its exact token pieces (`corpus`)."""
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
@@ -159,8 +164,32 @@ def statistics_fingerprint(
 
 
 def fingerprint_key(fingerprint: dict[str, Any]) -> str:
-    """A short hash of a statistics fingerprint: the cache file's key, also recorded in exported edit metadata."""
+    """A short hash of what determines a module's statistics: the fingerprint less its [`PROVENANCE_FIELDS`]. The
+    cache file's key, also recorded in editor states and exported edit metadata; the same model loaded from another
+    path (a Hub id, a local copy, a converted GGUF file) finds the same statistics."""
+    identity = {name: value for name, value in fingerprint.items() if name not in PROVENANCE_FIELDS}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def legacy_fingerprint_key(fingerprint: dict[str, Any]) -> str:
+    """The key of earlier development versions, which hashed the whole fingerprint, [`PROVENANCE_FIELDS`] included:
+    cache entries and editor states made with them are still found under it (see
+    [`~memit_hf.statistics.StatisticsCache.load`] and [`~memit_hf.Editor.load_state`])."""
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A digest of what a tokenizer does, independent of where it was loaded from: the fast tokenizer's full
+    serialisation (vocabulary, merges, normaliser, pre- and post-processing; a slow tokenizer's sorted vocabulary)
+    and its special tokens. The chat template is left out: it does not change how text is tokenised."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode("utf-8"))
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode("utf-8"))
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode("utf-8"))
+    return h.hexdigest()[:16]
 
 
 def fingerprint_differences(

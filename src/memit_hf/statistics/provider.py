@@ -15,7 +15,7 @@ from .cache import StatisticsCache
 from .checkpoint import StatisticsCheckpoint, collection_key
 from .collection import SecondMoment, collect_second_moments, input_dim
 from .corpus import MODEL_SAMPLES, corpus_description, corpus_texts, sample_corpus, text_digest, token_pieces
-from .fingerprint import fingerprint_key, statistics_fingerprint
+from .fingerprint import fingerprint_key, statistics_fingerprint, tokenizer_digest
 from .hub import fetch_statistics
 
 
@@ -154,14 +154,17 @@ class StatisticsProvider:
 
     def corpus_id(self) -> str:
         """The corpus identity in the fingerprint: a digest of the exact token pieces used, or the settings of the
-        model-sampled source (the model's own weights are in the fingerprint already)."""
+        model-sampled source and a digest of the tokenizer (see [`~memit_hf.statistics.tokenizer_digest`]; the
+        model's own weights are in the fingerprint already)."""
         if self._corpus_id is None:
             pieces = self.corpus_pieces()
             if self.settings.repo:
                 self._corpus_id = f"stats_repo:{self.settings.repo}"  # the statistics bring their own corpus
-            elif pieces is None:
+            elif pieces is None:  # the tokenizer shapes the sampled text: its digest, not its path, identifies it
                 a = self.settings
-                self._corpus_id = f"{MODEL_SAMPLES}:{a.sample_texts}x{a.sample_length}"
+                self._corpus_id = (
+                    f"{MODEL_SAMPLES}:{a.sample_texts}x{a.sample_length}:{tokenizer_digest(self.tokenizer)}"
+                )
             else:
                 self._corpus_id = "tokens:" + text_digest(",".join(map(str, piece)) for piece in pieces)
         return self._corpus_id
