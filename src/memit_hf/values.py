@@ -24,13 +24,13 @@ from numbers import Integral
 
 import torch
 from accelerate import PartialState
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .architectures import ModelLayout, output_logits
 from .distributed import assemble_rows, owned_chunks
 from .keys import contextualise, continues_a_word
 from .modes import frozen_parameters
+from .progress import progress_bar
 from .requests import EditRequest
 from .settings import ValueOptimisation
 from .tokenization import encode_targets, encode_texts, last_token_indices, pad_batch, pad_token_id
@@ -1031,7 +1031,7 @@ def _optimise_chunks(
     # The templates' shared prefix tokens run once for every chunk (the model does not change during the optimisation).
     prefixes = TemplatePrefixes.build(runner, tokenizer, flat) if settings.use_prefix_cache and selected else None
     parts = []
-    progress = tqdm(total=sum(map(len, selected)), desc="z optimisation", disable=not show_progress)
+    progress = progress_bar(show_progress, total=sum(map(len, selected)), desc="z optimisation")
     for members in selected:
         chunk_requests = [requests[i] for i in members]
         parts.append(_optimise_members(runner, tokenizer, chunk_requests, flat, settings, prefixes))

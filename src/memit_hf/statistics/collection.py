@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 from accelerate.utils import reduce
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..architectures import is_transposed
 from ..distributed import owned_chunks, process_state
+from ..progress import progress_bar
 from ..tokenization import pad_batch, pad_token_id
 from ..tracing import capture, run_until_stopped
 from .checkpoint import CollectionProgress, StatisticsCheckpoint
@@ -133,11 +133,11 @@ def collect_second_moments(
     if checkpoint is not None:
         checkpoint.start(progress.position)
     end = len(mine) if max_batches is None else min(len(mine), progress.position + max_batches)
-    bar = tqdm(
+    bar = progress_bar(
+        show_progress and state.is_main_process,
         total=len(mine),
         initial=progress.position,
         desc="covariance statistics",
-        disable=not show_progress or not state.is_main_process,
     )
     for position in range(progress.position, end):
         batch = batches[mine[position]]
