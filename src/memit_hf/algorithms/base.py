@@ -156,6 +156,11 @@ class EditAlgorithm(ABC):
         """What [`prepare`] cached for `module_name`."""
         return self._prepared[module_name][1]
 
+    def prepared_for(self, statistics: LayerStatistics) -> Any:
+        """What [`prepare`] cached for `statistics` (its module and fingerprint), or None when it was not prepared."""
+        cached = self._prepared.get(statistics.module_name)
+        return cached[1] if cached is not None and cached[0] == statistics.key else None
+
     # ---------------------------------------------------------------------------------------------------- solve
     @abstractmethod
     def solve(self, problem: LayerProblem) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,7 @@ the current (edited) model; the Gram matrix of the earlier keys is the method's 
 
 import torch
 
-from ..base import LayerProblem, preserved_term
+from ..base import LayerProblem, check_preserved_term, preserved_term
 from ..memit.algorithm import MEMIT
 from .config import MEMITSeqConfig
 
@@ -13,6 +13,11 @@ class MEMITSeq(MEMIT):
     ENCORE's norm constraint `mu I` when `update_norm_weight` is set."""
 
     config_class = MEMITSeqConfig
+
+    def derive(self, statistics):
+        """Nothing cached (the preserved term changes with every edit); `lambda C0` is checked."""
+        check_preserved_term(statistics, self.config.mom2_update_weight)
+        return None
 
     def preserved(self, problem: LayerProblem) -> torch.Tensor:
         """`lambda C0 (+ mu I) + sum_p K_p K_p^T`; stages this edit's keys for the next one."""
