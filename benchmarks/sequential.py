@@ -586,9 +586,20 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def held_out_segments(runs: list[dict]) -> list[list[dict]]:
+    """`runs` cut where the held-out record range (`held_out`) changes: held-out NS of different records is not one
+    curve."""
+    segments: list[list[dict]] = []
+    for run in runs:
+        if not segments or segments[-1][-1].get("held_out") != run.get("held_out"):
+            segments.append([])
+        segments[-1].append(run)
+    return segments
+
+
 def plot(results: dict, path: str) -> None:
     """ES, PS, NS, held-out NS, perplexity, batch-1 ES, greedy PS and chat ES against the number of edits so far,
-    one line per variant."""
+    one line per variant (held-out NS: one segment per held-out record range, see [`held_out_segments`])."""
     plt = common.pyplot()
     panels = {
         "efficacy_success": "ES (edits so far)",
@@ -604,14 +615,18 @@ def plot(results: dict, path: str) -> None:
     for axis, (key, title) in zip(axes.flat, panels.items()):
         for index, (name, entry) in enumerate(results["variants"].items()):
             runs = [run for run in entry["runs"] if key in run]
-            axis.plot(
-                [run["num_edits"] for run in runs],
-                [run[key] for run in runs],
-                "o-",
-                color=f"C{index}",
-                label=name,
-                markersize=3,
-            )
+            # Held-out NS of an extended run: one segment (and marker) per held-out record range.
+            segments = held_out_segments(runs) if key == "held_out_neighborhood_success" else [runs]
+            for number, segment in enumerate(segments):
+                axis.plot(
+                    [run["num_edits"] for run in segment],
+                    [run[key] for run in segment],
+                    "-",
+                    marker="osD^v"[number % 5],
+                    color=f"C{index}",
+                    label=name if number == 0 else None,
+                    markersize=3,
+                )
         if key in results["unedited"]:
             axis.axhline(results["unedited"][key], color="gray", linestyle="--", label="unedited")
         axis.set(title=title, xlabel="edits so far")
