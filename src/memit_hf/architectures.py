@@ -1,7 +1,10 @@
 """Where MEMIT looks inside each architecture: one table keyed by `config.model_type` (a leaf: it imports nothing
 from memit-hf). The per-model hyperparameters live in [`~memit_hf.defaults`]."""
 
+import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -134,3 +137,18 @@ def output_logits(model: PreTrainedModel, hidden: torch.Tensor, dtype: torch.dty
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def cache_keyword(module: nn.Module) -> str:
+    """The keyword under which `module`'s forward takes a KV cache: `cache` (transformers 5.25 and later) or
+    `past_key_values` (earlier versions, remote code, anything else)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward returned (`cache`, or `past_key_values` before transformers 5.25), or None."""
+    for name in ("cache", "past_key_values"):
+        value = output.get(name) if isinstance(output, Mapping) else getattr(output, name, None)
+        if value is not None:
+            return value
+    return None

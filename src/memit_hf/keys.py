@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .architectures import ModelLayout
+from .architectures import ModelLayout, cache_keyword, output_cache
 from .requests import EditRequest
 from .settings import CHAT_FORMS
 from .tokenization import encode_targets, encode_texts, last_token_indices, pad_batch, pad_token_id
@@ -98,9 +98,9 @@ def _sampled_templates(
         for _ in range(max(0, length - (len(ids) - n_special))):
             # incremental decoding: each step runs the new token against the cached keys and values (the whole
             # prefix again only for a model that returns no cache); the seeded draws are the same either way
-            output = model(input_ids=step_ids, past_key_values=past, use_cache=True)
+            output = model(input_ids=step_ids, use_cache=True, **{cache_keyword(model): past})
             logits = output.logits[0, -1].float().cpu()
-            past = getattr(output, "past_key_values", None)
+            past = output_cache(output)
             top = torch.topk(logits, k=min(5, logits.numel()))
             choice = torch.multinomial(torch.softmax(top.values, dim=-1), 1, generator=generator)
             next_id = top.indices[choice].to(device)

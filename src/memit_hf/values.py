@@ -26,7 +26,7 @@ import torch
 from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .architectures import ModelLayout, output_logits
+from .architectures import ModelLayout, cache_keyword, output_cache, output_logits
 from .distributed import assemble_rows, owned_chunks
 from .keys import contextualise, continues_a_word
 from .modes import frozen_parameters
@@ -299,14 +299,15 @@ class BlockRunner:
             return past
         positions = (prefix_mask.cumsum(1) - 1).clamp_min(0)
         with self.autocast():
-            output = self.model.base_model(
+            base_model = self.model.base_model
+            output = base_model(
                 input_ids=prefix_ids[:, past_width:],
                 attention_mask=prefix_mask,
                 position_ids=positions[:, past_width:],
-                past_key_values=past,
                 use_cache=True,
+                **{cache_keyword(base_model): past},
             )
-        return output.past_key_values
+        return output_cache(output)
 
     def final_hidden(self, batch: _Batch, hidden: torch.Tensor, cache=None, use_cache: bool = True) -> torch.Tensor:
         """Final (normed) hidden states when block `z_layer` outputs `hidden`.
@@ -320,12 +321,13 @@ class BlockRunner:
                     input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
                 ).last_hidden_state
             mask = torch.cat([batch.prefix_mask, batch.suffix_mask], dim=1)
-            return self.model.base_model(
+            base_model = self.model.base_model
+            return base_model(
                 input_ids=batch.suffix_ids,
                 attention_mask=mask if cache is not None else batch.suffix_mask,
                 position_ids=batch.suffix_positions,
-                past_key_values=cache_view(cache),
                 use_cache=cache is not None,
+                **{cache_keyword(base_model): cache_view(cache)},
             ).last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
