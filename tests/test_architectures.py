@@ -1,11 +1,21 @@
 """Tests of `memit_hf.architectures` (the layout table) and of `memit_hf.defaults` (default layers and hyperparameter
 resolution on tiny models; the papers' per-model settings are tested in `test_defaults.py`)."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
-from memit_hf.architectures import MODEL_TYPE_TO_LAYOUT, ModelLayout, get_layout, is_transposed, num_layers
+from memit_hf.architectures import (
+    MODEL_TYPE_TO_LAYOUT,
+    ModelLayout,
+    cache_keyword,
+    get_layout,
+    is_transposed,
+    num_layers,
+    output_cache,
+)
 from memit_hf.arguments import EditingArguments
 from memit_hf.defaults import default_layers, resolve_arguments
 from memit_hf.editor import Editor
@@ -191,3 +201,30 @@ def test_layout_of_wrong_architecture_is_detected(tokenizer):
     model.config.model_type = "llama"
     with pytest.raises(ValueError, match=r"Module `model\.layers\.0` not found in `GPT2LMHeadModel`"):
         get_layout(model)
+
+
+def test_kv_cache_keyword_and_output_follow_the_installed_transformers():
+    """transformers 5.25 takes and returns the KV cache as `cache` (`past_key_values` deprecated); earlier versions and
+    remote code use `past_key_values`. A real forward with the keyword `cache_keyword` names returns the cache that
+    `output_cache` finds, and a second forward continues it."""
+
+    class NewStyle(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, use_cache=None): ...
+
+    class OldStyle(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs): ...
+
+    assert cache_keyword(NewStyle()) == "cache" and cache_keyword(OldStyle()) == "past_key_values"
+    assert output_cache({"cache": 1}) == 1 and output_cache({"past_key_values": 2}) == 2
+    assert output_cache(type("Output", (), {"logits": 0})()) is None
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecation warning on any installed version
+        first = model(input_ids=ids[:, :3], use_cache=True)
+        cache = output_cache(first)
+        assert cache is not None and cache.get_seq_length() == 3
+        step = model(input_ids=ids[:, 3:], use_cache=True, **{cache_keyword(model): cache})
+    full = model(input_ids=ids).logits
+    torch.testing.assert_close(step.logits[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)
