@@ -34,8 +34,8 @@ class MEMIT(EditAlgorithm):
 
     Returned as `B = R` and `A = ((lambda C + K K^T)^-1 K)^T`, the reference's `resid` and `adj` factors. Stateless:
     each edit is solved on its own (the model's current weights carry the earlier edits). The Cholesky factor of
-    `lambda C` is computed once per statistics and kept (up to `MAX_CACHED_FACTOR_BYTES`): a batch of fewer keys than
-    a quarter of `d_in` is then solved through it ([`low_rank_solve`], the same solution in exact arithmetic, equal to
+    `lambda C` is computed once per statistics and kept (up to `MAX_CACHED_FACTOR_BYTES`): a batch of at most d_in / 4
+    keys is then solved through it ([`low_rank_solve`], the same solution in exact arithmetic, equal to
     about 1e-12 relative in float64) instead of factorising `lambda C + K K^T`.
     """
 
